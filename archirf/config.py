@@ -1,0 +1,274 @@
+"""Typed configuration: one dataclass schema, YAML recipes, dotted command-line overrides.
+
+    cfg = load_config("configs/digits.yaml", ["optim.lr=3e-4", "model.depth=4"])
+
+Unknown keys and ill-typed values raise ConfigError before anything starts, naming the key and
+what it accepts. Every schedule is counted in images, so a recipe survives changes of batch size
+and GPU count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the key and the remedy."""
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["dit"] = "dit"                 # network family
+    preset: Optional[str] = None                 # e.g. "DiT-XL/2": sets hidden_size/depth/num_heads/patch_size
+    patch_size: int = 4                          # pixels (or latent cells) per token side
+    hidden_size: int = 192                       # transformer width
+    depth: int = 6                               # number of transformer blocks
+    num_heads: int = 3                           # attention heads (hidden_size % num_heads == 0)
+    mlp_ratio: float = 4.0                       # MLP hidden = mlp_ratio * hidden_size
+    num_register_tokens: int = 4                 # learned extra tokens, dropped at the output
+    qk_norm: bool = False                        # RMSNorm of q and k per head (SD3 style)
+    class_dropout_prob: float = 0.1              # label dropout for classifier-free guidance
+    attn_impl: Literal["auto", "reference", "sdpa", "triton"] = "auto"  # auto: sdpa
+    kernels: Literal["auto", "reference", "triton"] = "auto"             # auto: triton on CUDA
+
+
+@dataclass
+class DataConfig:
+    source: Literal["digits", "folder", "synthetic"] = "digits"
+    root: Optional[str] = None                   # folder: ImageFolder root (class per sub-folder)
+    resolution: int = 16                         # images are resized/cropped to this square size
+    channels: int = 1                            # 1 (grey) or 3 (RGB); digits are grey
+    num_classes: int = 10                        # classes of the dataset (0 = unconditional)
+    random_flip: bool = False                    # horizontal flips (off for digits: a flipped 3 is no 3)
+    num_workers: int = 2                         # folder: DataLoader worker processes
+    synthetic_size: int = 4096                   # synthetic: number of distinct random samples
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["rectified_flow", "ddpm"] = "rectified_flow"
+    # rectified flow: x_t = (1-t) x + t eps, t=1 is noise
+    time_sampling: Literal["uniform", "logit_normal"] = "logit_normal"
+    logit_normal_mean: float = 0.0               # SD3: t = sigmoid(N(mean, std))
+    logit_normal_std: float = 1.0
+    time_shift: float = 1.0                      # resolution shift s: t' = s t / (1 + (s-1) t); 1 = none
+    # ddpm
+    beta_schedule: Literal["linear", "cosine"] = "linear"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass
+class SampleConfig:
+    sampler: Literal["auto", "euler", "heun", "ancestral", "ddim"] = "auto"  # auto: euler (RF) / ddim (DDPM)
+    steps: int = 50
+    cfg_scale: float = 2.0                       # 1 = no guidance
+    ddim_eta: float = 0.0
+    per_class: int = 8                           # grid: this many samples per class
+    classes: Optional[list[int]] = None          # None: every class (at most 10)
+    gif_frames: int = 25                         # frames of the sampling-trajectory GIF
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float = 1.0                       # max global grad norm; 0 disables clipping
+    lr_schedule: Literal["constant", "cosine", "inv_sqrt"] = "constant"
+    warmup_images: int = 5_000                   # linear warm-up from 0
+    decay_start_images: int = 0                  # inv_sqrt: lr * min(1, sqrt(decay_start / images)) (EDM2)
+    min_lr_ratio: float = 0.0                    # cosine: floor as a fraction of lr
+
+
+@dataclass
+class EMAConfig:
+    half_life_images: Optional[float] = 20_000   # weight of an update halves after this many images
+    decay: Optional[float] = None                # per-step decay; set this or half_life_images
+    start_images: int = 0                        # copy the weights (no averaging) until then
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/digits"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: Literal["auto", "on", "off"] = "auto"        # auto: on on CUDA, off on CPU
+    global_batch: int = 128                      # images per optimizer step, all ranks together
+    micro_batch: Optional[int] = None            # per rank per forward; None: global_batch / world size
+    total_images: int = 128_000
+    log_every: int = 5_120                       # images between metric lines
+    sample_every: int = 32_000                   # images between sample grids (0: only at the end)
+    checkpoint_every: int = 32_000               # images between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2                    # keep the newest K complete checkpoints
+    resume: str = "auto"                         # auto: newest complete checkpoint; none; or a path
+    nan_policy: Literal["stop", "skip"] = "stop"  # on a non-finite loss: stop, or skip the step (syncs)
+    progress: bool = True                        # rank-0 progress bar
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+
+
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _section_class(path: list[str]):
+    """The dataclass of a dotted section ("model" -> ModelConfig); stops at the deepest known one."""
+    cls = Config
+    for part in path:
+        sub = next((f for f in dataclasses.fields(cls) if f.name == part), None)
+        if sub is None or sub.default_factory is dataclasses.MISSING:
+            break
+        value = sub.default_factory()
+        if not dataclasses.is_dataclass(value):
+            break
+        cls = type(value)
+    return cls
+
+
+def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    msg = str(err).splitlines()[0]
+    if isinstance(err, ConfigKeyError):
+        parent = key.split(".")[:-1]
+        cls = _section_class(parent)
+        where = ".".join(parent) or "top level"
+        close = difflib.get_close_matches(key.split(".")[-1], _fields(cls), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return ConfigError(f"unknown config key '{key}' (from {source}); {hint}valid keys at {where}: "
+                           f"{', '.join(_fields(cls))}")
+    if isinstance(err, ValidationError):
+        return ConfigError(f"bad value for config key '{key}' (from {source}): {msg}")
+    return ConfigError(f"config error at '{key}' (from {source}): {msg}")
+
+
+def _merge(base, other, source: str):
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        raise _explain(err, source) from None
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Schema defaults <- YAML recipe <- `key.sub=value` overrides, validated; returns a Config."""
+    cfg = OmegaConf.structured(Config)
+    if path is not None:
+        try:
+            recipe = OmegaConf.load(path)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        cfg = _merge(cfg, recipe, path)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optim.lr=3e-4)")
+        try:
+            dot = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"cannot parse override '{item}': {err}") from None
+        cfg = _merge(cfg, dot, f"override '{item}'")
+    obj: Config = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Checks across keys that types alone cannot express."""
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise ConfigError(msg)
+
+    for key in ("global_batch", "total_images", "log_every"):
+        need(getattr(cfg, key) > 0, f"{key} must be > 0 (got {getattr(cfg, key)})")
+    for key in ("sample_every", "checkpoint_every"):
+        need(getattr(cfg, key) >= 0, f"{key} must be >= 0 (0 = only at the end)")
+    need(cfg.micro_batch is None or cfg.micro_batch > 0, "micro_batch must be > 0 or null")
+    need(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+    m = cfg.model
+    need(m.depth >= 1 and m.hidden_size >= 1 and m.num_heads >= 1, "model.depth, hidden_size, num_heads must be >= 1")
+    need(m.preset is not None or m.hidden_size % m.num_heads == 0,
+         f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
+    need(0.0 <= m.class_dropout_prob < 1.0, "model.class_dropout_prob must be in [0, 1)")
+    d = cfg.data
+    need(d.resolution % m.patch_size == 0 or m.preset is not None,
+         f"data.resolution ({d.resolution}) must be a multiple of model.patch_size ({m.patch_size})")
+    need(d.channels >= 1, "data.channels must be >= 1")
+    need(d.num_classes >= 0, "data.num_classes must be >= 0 (0 = unconditional)")
+    need(d.source != "folder" or d.root, "data.source=folder needs data.root=/path/to/images")
+    o = cfg.objective
+    need(o.logit_normal_std > 0, "objective.logit_normal_std must be > 0")
+    need(o.time_shift > 0, "objective.time_shift must be > 0")
+    need(o.num_timesteps >= 2, "objective.num_timesteps must be >= 2")
+    need(0 < o.beta_start < o.beta_end < 1, "need 0 < objective.beta_start < objective.beta_end < 1")
+    s = cfg.sample
+    rf_samplers, ddpm_samplers = ("auto", "euler", "heun"), ("auto", "ancestral", "ddim")
+    allowed = rf_samplers if o.name == "rectified_flow" else ddpm_samplers
+    need(s.sampler in allowed, f"sample.sampler={s.sampler} does not apply to objective.name={o.name}; "
+                               f"choose one of {', '.join(allowed)}")
+    need(s.steps >= 1, "sample.steps must be >= 1")
+    need(0.0 <= s.ddim_eta <= 1.0, "sample.ddim_eta must be in [0, 1]")
+    if s.classes is not None:
+        bad = [c for c in s.classes if not 0 <= c < max(d.num_classes, 1)]
+        need(not bad, f"sample.classes {bad} out of range for data.num_classes={d.num_classes}")
+    p = cfg.optim
+    need(p.lr > 0, "optim.lr must be > 0")
+    need(len(p.betas) == 2 and all(0 <= b < 1 for b in p.betas), "optim.betas must be two numbers in [0, 1)")
+    need(p.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables)")
+    need(p.lr_schedule != "inv_sqrt" or p.decay_start_images > 0,
+         "optim.lr_schedule=inv_sqrt needs optim.decay_start_images > 0 (EDM2 uses 70M images)")
+    e = cfg.ema
+    need((e.half_life_images is None) != (e.decay is None),
+         "set exactly one of ema.half_life_images and ema.decay (the other to null)")
+    need(e.decay is None or 0 <= e.decay < 1, "ema.decay must be in [0, 1)")
+    need(e.half_life_images is None or e.half_life_images > 0, "ema.half_life_images must be > 0")
+
+
+def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(micro_batch per rank, accumulation steps) so that micro * accum * world == global_batch."""
+    gb = cfg.global_batch
+    if gb % world_size:
+        raise ConfigError(f"global_batch={gb} is not divisible by the world size {world_size}; "
+                          f"use a multiple of {world_size}")
+    per_rank = gb // world_size
+    micro = cfg.micro_batch or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"micro_batch={micro} must divide the per-rank batch {per_rank} "
+                          f"(global_batch={gb} / world size {world_size})")
+    return micro, per_rank // micro
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml_text(text: str) -> Config:
+    """Parses a saved resolved config (run dir / snapshot) back into a validated Config."""
+    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(text), "saved config")
+    obj: Config = OmegaConf.to_object(cfg)
+    validate(obj)
+    return obj
+
+
+def parse_cli(argv: Optional[list[str]] = None) -> tuple[Config, bool]:
+    """`--config PATH`, `--print-config`, then key=value overrides."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="archirf.train", description="Train an ArchiRF model.")
+    ap.add_argument("--config", default=None, help="YAML recipe (default: the built-in digits recipe)")
+    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-4 model.depth=4")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    return load_config(args.config, args.overrides), args.print_config

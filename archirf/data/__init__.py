@@ -1,0 +1,38 @@
+"""Data loaders: an infinite, resumable, rank-sharded stream of (x, y) batches on the device.
+
+    loader = build_loader(cfg, batch_size, device, rank, world_size)
+    x, y = next(loader)            # x (B, C, R, R) float32 in [-1, 1], y (B,) long, both on device
+    state = loader.state_dict()    # {"epoch": int, "index": int}, the same on every rank
+    loader.load_state_dict(state)  # continues with exactly the batches (and flips) that would follow
+
+Every loader also has `num_samples` (dataset size), `num_classes` and `batch_size`; the folder
+loader adds `classes`, `num_skipped`, `skipped_files` and `close()`. The order is a function of
+(cfg.seed, epoch) only; see order.py for how epochs, ranks and epoch ends work.
+
+Sources (cfg.data.source): digits (scikit-learn's bundled 8x8 digits, kept on the device),
+folder (ImageFolder tree decoded by PIL in DataLoader workers), synthetic (random, benchmarks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class DataError(ValueError):
+    """A dataset problem a user can fix; the message names the path or key and the remedy."""
+
+
+def build_loader(cfg, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1):
+    """The loader for cfg.data.source, yielding per-rank batches of `batch_size` on `device`."""
+    # Imported here: the submodules import DataError from this module, and only the folder
+    # source needs PIL.
+    source = cfg.data.source
+    if source == "digits":
+        from archirf.data.digits import build_digits_loader as build
+    elif source == "folder":
+        from archirf.data.folder import build_folder_loader as build
+    elif source == "synthetic":
+        from archirf.data.synthetic import build_synthetic_loader as build
+    else:
+        raise DataError(f"unknown data.source={source}; choose one of digits, folder, synthetic")
+    return build(cfg, batch_size, torch.device(device), rank, world_size)

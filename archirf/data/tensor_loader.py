@@ -1,0 +1,61 @@
+"""A loader over a dataset that lives whole on the device (digits, synthetic).
+
+A step costs two index_selects on the device and no host work: each epoch's share of indices
+and flips is copied to the device once, and a batch is a slice of it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from archirf.data.order import ResumableOrder
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # one run (the usual case): no copy
+
+
+class DeviceTensorLoader:
+    """Yields (x, y) batches forever from `images` (N, C, R, R) in [-1, 1] and `labels` (N,) long."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int, *,
+                 seed: int, rank: int = 0, world_size: int = 1, random_flip: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        self.images = images                    # (N, C, R, R) float32 on the device
+        self.labels = labels                    # (N,) long on the device
+        self.num_samples = images.shape[0]
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.random_flip = random_flip
+        self._order = ResumableOrder(self.num_samples, seed, rank, world_size)
+        self._device_share: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _share_on_device(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if epoch not in self._device_share:
+            indices, flips = self._order.share(epoch)
+            # Once per epoch: the only host-to-device copy this loader makes.
+            self._device_share[epoch] = (indices.to(self.images.device), flips.to(self.images.device))
+        return self._device_share[epoch]
+
+    def __iter__(self) -> "DeviceTensorLoader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        runs = self._order.take(self.batch_size)
+        parts = [self._share_on_device(epoch) for epoch, _, _ in runs]
+        index = _cat([p[0][start:stop] for p, (_, start, stop) in zip(parts, runs)])       # (B,)
+        x = self.images.index_select(0, index)                                              # (B, C, R, R)
+        if self.random_flip:
+            flip = _cat([p[1][start:stop] for p, (_, start, stop) in zip(parts, runs)])     # (B,)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        y = self.labels.index_select(0, index)                                              # (B,)
+        self._device_share = {e: v for e, v in self._device_share.items() if e >= self._order.epoch}
+        return x, y
+
+    def state_dict(self) -> dict:
+        return self._order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._order.load_state_dict(state)
+        self._device_share = {}

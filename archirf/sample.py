@@ -1,0 +1,137 @@
+"""Sampling: a library function the trainer uses, and the command line.
+
+    python -m archirf.sample RUN_DIR_OR_SNAPSHOT --classes 0,1,2 --steps 50 --cfg 2.0 --out x.png [--gif]
+
+A run dir samples from its newest complete checkpoint (EMA weights unless --weights raw); a
+.safetensors snapshot samples from the weights it holds. The command says which weights it used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .config import Config, from_yaml_text
+
+
+def autocast_model_fn(model: nn.Module, device: torch.device, dtype: Optional[torch.dtype]) -> Callable:
+    """model_fn for the objectives: network in `dtype` autocast (None = fp32), output in fp32."""
+    def model_fn(x, t, y):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return model(x, t, y).float()
+    return model_fn
+
+
+def sample_classes(cfg: Config, classes: Optional[list[int]], per_class: int) -> torch.Tensor:
+    """Labels for a grid: each requested class `per_class` times (one row per class)."""
+    n = cfg.data.num_classes
+    if n == 0:
+        return torch.zeros(per_class, dtype=torch.long)
+    classes = list(range(min(n, 10))) if classes is None else classes
+    bad = [c for c in classes if not 0 <= c < n]
+    if bad:
+        raise ValueError(f"classes {bad} out of range: this model has {n} classes (0..{n - 1})")
+    return torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, objective, cfg: Config, labels: torch.Tensor, *, device: torch.device,
+             dtype: Optional[torch.dtype], steps: int, cfg_scale: float, sampler: str = "auto",
+             seed: int = 0, return_trajectory: bool = False):
+    """Samples one image per label, in [-1, 1], with fixed noise from `seed`."""
+    model.eval()
+    c, r = cfg.data.channels, cfg.data.resolution
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(labels), c, r, r, generator=gen).to(device)
+    null = cfg.data.num_classes if cfg.data.num_classes > 0 else None
+    return objective.sample(autocast_model_fn(model, device, dtype), noise, labels.to(device), steps=steps,
+                            sampler=sampler, cfg_scale=cfg_scale if null is not None else 1.0,
+                            null_class=null, ddim_eta=cfg.sample.ddim_eta,
+                            return_trajectory=return_trajectory)
+
+
+def trajectory_frames(trajectory: list[torch.Tensor], frames: int) -> list[torch.Tensor]:
+    """At most `frames` evenly spaced states of a trajectory, always including the last one."""
+    if len(trajectory) <= frames:
+        return list(trajectory)
+    idx = torch.linspace(0, len(trajectory) - 1, frames).round().long().tolist()
+    return [trajectory[i] for i in idx]
+
+
+def load_for_sampling(path: str | Path, weights: str = "ema") -> tuple[nn.Module, Config, str]:
+    """(model with weights loaded, its config, a sentence saying which weights) from a run dir or snapshot."""
+    from .checkpoint import latest_checkpoint, load_checkpoint, load_snapshot
+    from .models import build_model
+
+    path = Path(path)
+    if path.is_file():
+        tensors, meta = load_snapshot(path)
+        cfg = from_yaml_text(meta["config"])
+        model = build_model(cfg)
+        model.load_state_dict(tensors)
+        return model, cfg, f"{meta.get('weights', '?')} weights from snapshot {path} (images seen {meta.get('images_seen')})"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such run dir or snapshot file")
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path} holds no complete checkpoint (checkpoints/images-*/COMPLETE); "
+                                f"train longer or pass a snapshot .safetensors file")
+    cfg = from_yaml_text((path / "config.yaml").read_text())
+    model = build_model(cfg)
+    key = "ema" if weights == "ema" else "model"
+    sd = {n: p.detach().clone().float() for n, p in model.named_parameters()} if key == "ema" else model.state_dict()
+    state = load_checkpoint(ckpt, {key: sd})
+    model.load_state_dict(state[key], strict=key == "model")  # EMA holds parameters; buffers are rebuilt
+    return model, cfg, f"{'EMA' if key == 'ema' else 'raw (non-EMA)'} weights from checkpoint {ckpt}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from .objectives import build_objective
+    from .visualize import save_gif, save_grid
+
+    ap = argparse.ArgumentParser(prog="archirf.sample", description="Sample images from an ArchiRF run or snapshot.")
+    ap.add_argument("source", help="run dir (newest checkpoint) or a .safetensors snapshot")
+    ap.add_argument("--classes", default=None, help="comma-separated class ids, e.g. 0,1,2 (default: first 10)")
+    ap.add_argument("--per-class", type=int, default=8, help="samples per class (one grid row each)")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
+    ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--sampler", default=None, help="euler|heun (RF), ancestral|ddim (DDPM); default: the run's")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", choices=["ema", "raw"], default="ema", help="run dir only: EMA or raw weights")
+    ap.add_argument("--out", default="samples.png", help="output PNG grid")
+    ap.add_argument("--gif", default=None, nargs="?", const="", help="also write the trajectory as a GIF (path)")
+    ap.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    model, cfg, which = load_for_sampling(args.source, args.weights)
+    print(f"archirf.sample: using {which}")
+    model.to(device)
+    classes = None if args.classes is None else [int(c) for c in args.classes.split(",") if c.strip()]
+    labels = sample_classes(cfg, classes, args.per_class)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    out = generate(model, build_objective(cfg), cfg, labels, device=device, dtype=dtype,
+                   steps=args.steps or cfg.sample.steps,
+                   cfg_scale=cfg.sample.cfg_scale if args.cfg is None else args.cfg,
+                   sampler=args.sampler or cfg.sample.sampler, seed=args.seed,
+                   return_trajectory=args.gif is not None)
+    final, traj = out if args.gif is not None else (out, None)
+    upscale = max(1, 64 // cfg.data.resolution)
+    save_grid(final.cpu(), args.out, nrow=args.per_class, upscale=upscale)
+    print(f"archirf.sample: wrote {args.out}")
+    if traj is not None:
+        gif = args.gif or str(Path(args.out).with_suffix(".gif"))
+        save_gif([f.cpu() for f in trajectory_frames(traj, cfg.sample.gif_frames)], gif,
+                 nrow=args.per_class, upscale=upscale)
+        print(f"archirf.sample: wrote {gif}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="archirf",
+    version="0.1.0",
+    description="Training library for rectified-flow and diffusion image models with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The kernel library installs as `archirf_kernels`: PyPI already has an unrelated `kernels`.
+    packages=find_packages(include=["archirf", "archirf.*"]) + ["archirf_kernels"],
+    package_dir={"archirf_kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.2; platform_system == 'Linux'",
+        "einops",
+        "omegaconf>=2.3",
+        # Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU kernel tests) breaks on numpy 2.4.
+        "numpy<2.4",
+        "pillow",
+        "safetensors",
+        "tqdm",
+        "scikit-learn",   # ships the embedded digits dataset
+        "matplotlib",     # loss curves
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "dali": ["nvidia-dali-cuda120"],
+        "eval": ["scipy"],
+    },
+)

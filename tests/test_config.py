@@ -1,0 +1,65 @@
+import pytest
+
+from archirf.config import Config, ConfigError, batch_split, from_yaml_text, load_config, parse_cli, to_yaml
+
+
+def test_defaults_are_the_digits_recipe():
+    assert load_config("configs/digits.yaml") == load_config(None)
+
+
+def test_yaml_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr: 0.01\nmodel:\n  depth: 3\n")
+    cfg = load_config(str(recipe), ["optim.lr=3e-4", "model.qk_norm=true", "sample.classes=[1,2]"])
+    assert cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.model.depth == 3 and cfg.model.qk_norm is True and cfg.sample.classes == [1, 2]
+
+
+@pytest.mark.parametrize("override, words", [
+    (["model.dept=4"], ["model.dept", "depth", "hidden_size"]),
+    (["optimizer.lr=1"], ["optimizer", "optim", "top level"]),
+    (["model.depth=four"], ["model.depth", "four"]),
+    (["model.attn_impl=flash"], ["model.attn_impl", "sdpa", "reference"]),
+    (["objective.name=edm"], ["objective.name", "rectified_flow", "ddpm"]),
+    (["lr"], ["key=value"]),
+])
+def test_bad_keys_and_values_name_the_problem(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, override)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_cross_key_validation():
+    with pytest.raises(ConfigError, match="divisible by model.num_heads"):
+        load_config(None, ["model.hidden_size=100", "model.num_heads=3"])
+    with pytest.raises(ConfigError, match="does not apply"):
+        load_config(None, ["sample.sampler=ddim"])
+    with pytest.raises(ConfigError, match="exactly one of ema"):
+        load_config(None, ["ema.decay=0.999"])
+    with pytest.raises(ConfigError, match="data.root"):
+        load_config(None, ["data.source=folder"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("nope.yaml")
+
+
+def test_batch_split():
+    cfg = load_config(None, ["global_batch=256"])
+    assert batch_split(cfg, 1) == (256, 1)
+    assert batch_split(cfg, 2) == (128, 1)
+    cfg = load_config(None, ["global_batch=256", "micro_batch=32"])
+    assert batch_split(cfg, 2) == (32, 4)
+    with pytest.raises(ConfigError, match="divisible by the world size"):
+        batch_split(load_config(None, ["global_batch=10"]), 3)
+    with pytest.raises(ConfigError, match="micro_batch=48 must divide"):
+        batch_split(load_config(None, ["global_batch=128", "micro_batch=48"]), 1)
+
+
+def test_yaml_round_trip():
+    cfg = load_config(None, ["model.depth=2", "sample.classes=[3]"])
+    assert from_yaml_text(to_yaml(cfg)) == cfg
+
+
+def test_cli(capsys):
+    cfg, show = parse_cli(["--print-config", "optim.lr=0.5"])
+    assert show and cfg.optim.lr == 0.5 and isinstance(cfg, Config)

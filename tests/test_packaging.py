@@ -1,0 +1,44 @@
+"""The README's commands are the ones CI runs; both packages import under their names."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```bash\n(python3 -m venv .+?)\n```", text)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    main_job, tests = readme_commands()[:2]
+    assert "archirf.train" in main_job and "pytest" in tests
+    assert tests in (ROOT / ".ci/run").read_text().splitlines()
+
+
+def test_both_packages_import():
+    import archirf
+    import archirf_kernels
+
+    assert archirf.__version__ and hasattr(archirf_kernels, "reference")
+    for f in (ROOT / "kernels").glob("*.py"):  # the kernel library stands alone
+        assert not re.search(r"^\s*(from|import)\s+archirf(\.|\s|$)", f.read_text(), re.M), f
+
+
+def test_readme_documents_every_config_key():
+    import dataclasses
+
+    from archirf.config import Config
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            if dataclasses.is_dataclass(default):
+                yield from keys(type(default), f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [k for k in keys(Config) if f"| `{k}` |" not in readme]
+    assert not missing, f"README config reference lacks {missing}"
