@@ -1,0 +1,113 @@
+"""archirf_kernels: fused Triton kernels for diffusion/flow models, usable without the trainer.
+
+Every op has a pure-PyTorch specification in `archirf_kernels.reference`. The functional API picks
+the implementation per call with `impl`:
+
+    "auto"       Triton on CUDA tensors when triton is installed, else the reference
+    "triton"     the Triton kernels; a ValueError on CPU tensors (unless the kernels run in Triton's
+                 interpreter, TRITON_INTERPRET=1 set before import, as the CPU tests do)
+    "reference"  the pure-PyTorch spec
+
+    import archirf_kernels as K
+    h = K.ada_layer_norm(x, shift, scale)                                # LN(x) * (1 + scale) + shift
+    x, h = K.gated_residual_ada_layer_norm(x, attn_out, gate, shift2, scale2)
+    x = K.gated_residual(x, mlp_out, gate2)                              # x + gate * y
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn as nn
+
+from . import reference
+
+IMPLS = ("auto", "reference", "triton")
+
+# Checked without importing triton here: importing it decides once whether the kernels are built for
+# the interpreter (TRITON_INTERPRET), and a broken install should fail loudly, not fall back silently.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON:
+    from . import ada_norm
+
+__all__ = ["reference", "HAS_TRITON", "IMPLS", "ada_layer_norm", "gated_residual",
+           "gated_residual_ada_layer_norm", "AdaLayerNorm", "GatedResidualAdaLayerNorm"]
+
+
+def _use_triton(impl: str, x: torch.Tensor) -> bool:
+    if impl == "reference":
+        return False
+    if impl == "auto":
+        return HAS_TRITON and x.is_cuda
+    if impl == "triton":
+        if not HAS_TRITON:
+            raise ValueError("impl='triton': triton is not installed; use impl='auto' or 'reference'")
+        if not x.is_cuda and not ada_norm.INTERPRETED:
+            raise ValueError(f"impl='triton' needs CUDA tensors, got a tensor on {x.device}; use impl='auto' "
+                             "(reference off CUDA) or 'reference'")
+        return True
+    raise ValueError(f"unknown impl '{impl}'; choose one of {', '.join(IMPLS)}")
+
+
+def ada_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   eps: float = 1e-6, norm: str = "layer", impl: str = "auto") -> torch.Tensor:
+    """N(x) * (1 + scale) + shift; N = LayerNorm ("layer") or RMSNorm ("rms") over C, optional affine.
+    x (B, N, C); shift, scale (B, C) or (B, N, C). See reference.ada_layer_norm."""
+    if _use_triton(impl, x):
+        return ada_norm.ada_layer_norm(x, shift, scale, weight, bias, eps, norm)
+    return reference.ada_layer_norm(x, shift, scale, weight, bias, eps, norm)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """x + gate * y; gate (B, C) or (B, N, C). See reference.gated_residual."""
+    if _use_triton(impl, x):
+        return ada_norm.gated_residual(x, y, gate)
+    return reference.gated_residual(x, y, gate)
+
+
+def gated_residual_ada_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+                                  shift: torch.Tensor, scale: torch.Tensor,
+                                  weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                                  eps: float = 1e-6, norm: str = "layer",
+                                  impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_new, h) = (x + gate * y, ada_layer_norm(x_new, shift, scale, ...)) in one pass: the DiT block
+    boundary. See reference.gated_residual_ada_layer_norm."""
+    if _use_triton(impl, x):
+        return ada_norm.gated_residual_ada_layer_norm(x, y, gate, shift, scale, weight, bias, eps, norm)
+    return reference.gated_residual_ada_layer_norm(x, y, gate, shift, scale, weight, bias, eps, norm)
+
+
+class AdaLayerNorm(nn.Module):
+    """adaLN: forward(x, shift, scale) = N(x) * (1 + scale) + shift, N over the last dim C."""
+
+    def __init__(self,
+        num_channels: int,                      # C
+        eps: float = 1e-6,
+        norm: str = "layer",                    # layer | rms
+        elementwise_affine: bool = False,       # learnable weight (and bias, LayerNorm only) inside N
+        impl: str = "auto",                     # auto | triton | reference
+    ):
+        super().__init__()
+        reference._check_norm(norm, None)
+        if impl not in IMPLS:
+            raise ValueError(f"unknown impl '{impl}'; choose one of {', '.join(IMPLS)}")
+        self.eps, self.norm, self.impl = eps, norm, impl
+        self.weight = nn.Parameter(torch.ones(num_channels)) if elementwise_affine else None
+        self.bias = nn.Parameter(torch.zeros(num_channels)) if elementwise_affine and norm == "layer" else None
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return ada_layer_norm(x, shift, scale, self.weight, self.bias, self.eps, self.norm, self.impl)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, norm={self.norm}, affine={self.weight is not None}, impl={self.impl}"
+
+
+class GatedResidualAdaLayerNorm(AdaLayerNorm):
+    """The DiT block boundary: forward(x, y, gate, shift, scale) = (x + gate * y, adaLN of that)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,   # type: ignore[override]
+                shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return gated_residual_ada_layer_norm(x, y, gate, shift, scale, self.weight, self.bias, self.eps,
+                                             self.norm, self.impl)

@@ -1,0 +1,161 @@
+"""Fused adaLN kernels on the GPU: bf16 / fp16 / fp32 numerics at DiT shapes, mixed dtypes, determinism,
+and a DiT under bf16 autocast. Runs only where CUDA is present (tests/conftest.py then leaves
+TRITON_INTERPRET unset, so these are the compiled kernels); the interpreter computes bf16 wrongly,
+which is why these checks cannot run on the CPU.
+
+Criterion, for every output and every gradient: the kernel's max error against the float64 spec is
+at most twice that of the spec itself run on the same low-precision inputs (fp32 math, outputs
+rounded to the storage dtype, i.e. what PyTorch would give), plus a few ulps.
+
+    pytest tests/test_kernels_gpu.py -q
+"""
+
+import pytest
+import torch
+
+import archirf_kernels as K
+from archirf_kernels import reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SHAPES = [(64, 256, 1152), (16, 1024, 1536), (5, 333, 1111)]       # DiT-XL/2 at 256², MMDiT-ish, odd
+DTYPES = {                                                         # (activations, modulation and affine)
+    "bf16": (torch.bfloat16, torch.bfloat16),
+    "fp16": (torch.float16, torch.float16),
+    "fp32": (torch.float32, torch.float32),
+    "bf16-act-fp32-mod": (torch.bfloat16, torch.float32),
+    "fp32-act-bf16-mod": (torch.float32, torch.bfloat16),          # DiT under autocast: fp32 stream
+}
+
+
+def _randn(shape, dtype, seed, std=1.0, mean=0.0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (mean + std * torch.randn(shape, generator=g, device="cuda")).to(dtype)
+
+
+def _conditioning(per_token, B, N, C, dtype, seed):
+    if per_token:
+        return _randn((B, N, C), dtype, seed, std=0.5)
+    return _randn((B, 1, 3 * C), dtype, seed, std=0.5)[..., C:2 * C]       # a chunk, as DiT passes it
+
+
+def _run(fn, inputs, cotangents, used):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = sum((outs[i].double() * cotangents[i]).sum() for i in used)
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None], materialize_grads=True)
+    return [o.detach() for o in outs], list(grads)
+
+
+def check(triton_fn, reference_fn, inputs, seed=0, used=None):
+    outs_t = None
+    probe = reference_fn(*inputs)
+    probe = probe if isinstance(probe, tuple) else (probe,)
+    used = range(len(probe)) if used is None else used
+    cots = {i: _randn(probe[i].shape, torch.float64, seed + 100 + i) for i in used}
+    outs_t, grads_t = _run(triton_fn, inputs, cots, used)
+    outs_l, grads_l = _run(reference_fn, inputs, cots, used)
+    outs_r, grads_r = _run(reference_fn, [t.double() if t is not None else None for t in inputs], cots, used)
+    names = [f"output {i}" for i in range(len(outs_t))] + [f"grad of input {i}" for i in range(len(grads_t))]
+    for name, got, low, want in zip(names, outs_t + grads_t, outs_l + grads_l, outs_r + grads_r):
+        assert got.dtype == low.dtype and got.shape == low.shape, (name, got.dtype, low.dtype)
+        assert torch.isfinite(got).all(), name
+        scale = max(1.0, want.abs().max().item())
+        err = (got.double() - want).abs().max().item()
+        err_low = (low.double() - want).abs().max().item()
+        bound = 2 * err_low + 4 * torch.finfo(got.dtype).eps * scale
+        assert err <= bound, f"{name} ({got.dtype}): kernel error {err:.3g} > {bound:.3g} (PyTorch's {err_low:.3g})"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtypes", DTYPES)
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-sample", "per-token"])
+def test_gated_residual_ada_layer_norm_gpu(shape, dtypes, per_token):
+    (act, mod), (B, N, C) = DTYPES[dtypes], shape
+    inputs = [_randn((B, N, C), act, 0, std=2.0, mean=0.5), _randn((B, N, C), act, 1),
+              _conditioning(not per_token, B, N, C, mod, 2),      # gate in the other layout
+              _conditioning(per_token, B, N, C, mod, 3), _conditioning(per_token, B, N, C, mod, 4)]
+    check(lambda *a: K.gated_residual_ada_layer_norm(*a, impl="triton"),
+          reference.gated_residual_ada_layer_norm, inputs)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtypes", DTYPES)
+@pytest.mark.parametrize("norm,affine", [("layer", False), ("layer", True), ("rms", True)])
+def test_ada_layer_norm_gpu(shape, dtypes, norm, affine):
+    (act, mod), (B, N, C) = DTYPES[dtypes], shape
+    weight = _randn((C,), mod, 5, std=0.3, mean=1.0) if affine else None
+    bias = _randn((C,), mod, 6, std=0.3) if affine and norm == "layer" else None
+    inputs = [_randn((B, N, C), act, 0, std=2.0, mean=0.5), _conditioning(False, B, N, C, mod, 3),
+              _conditioning(False, B, N, C, mod, 4), weight, bias]
+    check(lambda *a: K.ada_layer_norm(*a, norm=norm, impl="triton"),
+          lambda *a: reference.ada_layer_norm(*a, norm=norm), inputs)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtypes", DTYPES)
+@pytest.mark.parametrize("per_token", [False, True], ids=["per-sample", "per-token"])
+def test_gated_residual_gpu(shape, dtypes, per_token):
+    (act, mod), (B, N, C) = DTYPES[dtypes], shape
+    inputs = [_randn((B, N, C), act, 0), _randn((B, N, C), act, 1), _conditioning(per_token, B, N, C, mod, 2)]
+    check(lambda *a: K.gated_residual(*a, impl="triton"), reference.gated_residual, inputs)
+
+
+def test_backward_is_deterministic():
+    # Sums over tokens go through per-program partial rows and torch.sum, not atomics: same bits every run.
+    B, N, C = 64, 256, 1152
+    inputs = [_randn((B, N, C), torch.bfloat16, 0), _randn((B, N, C), torch.bfloat16, 1),
+              *(_conditioning(False, B, N, C, torch.float32, s) for s in (2, 3, 4))]
+    cots = {0: _randn((B, N, C), torch.float64, 7), 1: _randn((B, N, C), torch.float64, 8)}
+    def fn(*a):
+        return K.gated_residual_ada_layer_norm(*a, impl="triton")
+    first, second = _run(fn, inputs, cots, (0, 1)), _run(fn, inputs, cots, (0, 1))
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
+
+
+def test_dit_bf16_autocast_fused_is_as_accurate_as_reference():
+    # The training configuration: fp32 residual stream and parameters, bf16 autocast, so the kernels see
+    # fp32 x with bf16 y / gate / shift / scale. Ground truth: the reference model in fp32, no autocast.
+    from archirf.models import DiT
+
+    def model(kernels):
+        torch.manual_seed(0)
+        m = DiT(input_size=16, in_channels=4, num_classes=10, patch_size=2, hidden_size=384, depth=2,
+                num_heads=6, class_dropout_prob=0.0, kernels=kernels).cuda()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p) * 0.02)      # off the adaLN-Zero init, so all paths carry signal
+        return m
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(8, 4, 16, 16, device="cuda", generator=g)
+    t, y = torch.rand(8, device="cuda", generator=g), torch.randint(0, 10, (8,), device="cuda", generator=g)
+
+    def run(kernels, autocast):
+        m = model(kernels)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = m(x, t, y)
+        out.float().square().mean().backward()
+        return torch.cat([out.detach().float().flatten()] + [p.grad.flatten() for p in m.parameters()])
+
+    truth = run("reference", autocast=False)
+    err_ref = (run("reference", autocast=True) - truth).norm() / truth.norm()
+    err_fused = (run("triton", autocast=True) - truth).norm() / truth.norm()
+    assert err_fused <= 1.5 * err_ref + 1e-4, (err_fused, err_ref)
+
+
+def test_dit_compiles_fullgraph_with_kernels_on_cuda():
+    from archirf.models import DiT
+    torch._dynamo.reset()
+    m = DiT(input_size=16, in_channels=4, num_classes=10, patch_size=2, hidden_size=384, depth=2, num_heads=6,
+            kernels="auto").cuda()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    x, t, y = torch.randn(4, 4, 16, 16, device="cuda"), torch.rand(4, device="cuda"), torch.arange(4, device="cuda")
+    compiled = torch.compile(m, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager, comp = m.eval()(x, t, y), compiled(x, t, y)
+    torch.testing.assert_close(comp.float(), eager.float(), atol=2e-2, rtol=2e-2)
