@@ -1,0 +1,335 @@
+"""DiT and shared layers: shapes, DiT-XL/2 size and cost, adaLN-Zero init, conditioning, attention
+implementations, label dropout, CFG batching, torch.compile, and a short fit. CPU, a few seconds
+(plus one inductor compile: ~15 s with a cold cache, ~3 s warm)."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import archirf_kernels
+from archirf.config import Config, DataConfig, ModelConfig
+from archirf.models import DIT_PRESETS, DiT, build_model
+from archirf.models.layers import Attention, LabelEmbedder, modulate, unpatchify
+
+
+def tiny_dit(**overrides) -> DiT:
+    kw = dict(input_size=8, in_channels=3, num_classes=10, patch_size=2, hidden_size=32, depth=2,
+              num_heads=2, num_register_tokens=4)
+    kw.update(overrides)
+    return DiT(**kw)
+
+
+@torch.no_grad()
+def perturb_(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
+    """Moves every parameter off its (partly zero) init so that all paths carry signal."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def inputs(batch=4, channels=3, size=8, num_classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, size, size, generator=g)
+    t = torch.rand(batch, generator=g)
+    y = torch.randint(0, num_classes, (batch,), generator=g)
+    return x, t, y
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes, sizes, cost
+
+@pytest.mark.parametrize("channels,size,patch", [(3, 8, 2), (1, 16, 4), (4, 8, 8)])
+def test_output_has_input_shape(channels, size, patch):
+    model = tiny_dit(in_channels=channels, input_size=size, patch_size=patch)
+    x, t, y = inputs(channels=channels, size=size)
+    assert model(x, t, y).shape == x.shape
+
+
+def test_build_model_from_default_config():
+    cfg = Config()
+    model = build_model(cfg)
+    assert isinstance(model, DiT)
+    assert model.num_classes == cfg.data.num_classes
+    assert (model.hidden_size, len(model.blocks), model.patch_size) == (
+        cfg.model.hidden_size, cfg.model.depth, cfg.model.patch_size)
+    x, t, y = inputs(channels=cfg.data.channels, size=cfg.data.resolution)
+    y[0] = model.num_classes                                # the null class is a valid label
+    assert model(x, t, y).shape == x.shape
+    assert model.kernels == ("auto" if archirf_kernels.HAS_TRITON else "reference") and model.attn_impl == "sdpa"
+
+
+def test_preset_overrides_shape_fields():
+    cfg = Config(model=ModelConfig(preset="DiT-B/4", hidden_size=64, depth=1, num_heads=2, patch_size=2),
+                 data=DataConfig(resolution=32, channels=4, num_classes=1000))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert (model.hidden_size, len(model.blocks), model.blocks[0].attn.num_heads, model.patch_size) == (768, 12, 12, 4)
+    assert model.num_patches == 64
+
+
+def test_dit_xl2_has_675m_params():
+    cfg = Config(model=ModelConfig(preset="DiT-XL/2"), data=DataConfig(resolution=32, channels=4, num_classes=1000))
+    with torch.device("meta"):                              # no memory, no init cost
+        model = build_model(cfg)
+    assert model.pos_embed.is_meta and model.blocks[0].attn.qkv.weight.is_meta
+    assert abs(model.num_params() - 675e6) / 675e6 < 0.01, model.num_params()
+
+
+def test_dit_xl2_flops_match_paper():
+    # DiT Table 4: DiT-XL/2 at 256^2 (32x32x4 latent, 256 tokens) costs 118.6 "GFLOPs", i.e. G multiply-adds.
+    with torch.device("meta"):
+        model = DiT(input_size=32, in_channels=4, num_classes=1000, num_register_tokens=0, **DIT_PRESETS["DiT-XL/2"])
+    assert abs(model.flops_per_image() - 118.6e9) / 118.6e9 < 0.02, model.flops_per_image()
+
+
+def test_flops_per_image_counts_every_matmul():
+    # torch's counter sees every mm/bmm/conv actually run (2 FLOPs per multiply-add), registers included.
+    model = tiny_dit(attn_impl="reference", num_register_tokens=3).eval()
+    x, t, y = inputs(batch=2)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t, y)
+    assert counter.get_total_flops() == 2 * 2 * model.flops_per_image()
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialization and conditioning
+
+def test_fresh_model_outputs_exact_zeros():
+    model = tiny_dit()
+    x, t, y = inputs()
+    assert torch.equal(model(x, t, y), torch.zeros_like(x))
+
+
+def test_perturbed_output_depends_on_y_and_t():
+    model = perturb_(tiny_dit()).eval()
+    x, t, y = inputs()
+    out = model(x, t, y)
+    assert out.abs().mean() > 1e-2
+    assert not torch.allclose(out, model(x, t, (y + 1) % 10), atol=1e-4)
+    assert not torch.allclose(out, model(x, (t + 0.3) % 1, y), atol=1e-4)
+    assert torch.equal(out, model(x, t, y))                 # eval mode is deterministic
+
+
+def test_meta_model_materializes_like_a_cpu_model():
+    with torch.device("meta"):
+        meta_model = tiny_dit()
+    meta_model.to_empty(device="cpu")
+    meta_model.initialize_weights()
+    cpu_model = tiny_dit()
+    assert torch.equal(meta_model.pos_embed, cpu_model.pos_embed)
+    assert meta_model.pos_embed.dtype == torch.float32
+    x, t, y = inputs()
+    assert torch.equal(meta_model(x, t, y), torch.zeros_like(x))
+
+
+def test_register_tokens_keep_shape_and_take_part():
+    x, t, y = inputs()
+    without = perturb_(tiny_dit(num_register_tokens=0)).eval()
+    model = perturb_(tiny_dit(num_register_tokens=4)).eval()
+    assert model.register_tokens.shape == (1, 4, 32)
+    out = model(x, t, y)
+    assert out.shape == without(x, t, y).shape == x.shape
+    with torch.no_grad():
+        model.register_tokens.zero_()
+    assert not torch.allclose(out, model(x, t, y), atol=1e-5)   # patch tokens do attend to them
+
+
+def test_unconditional_model_uses_the_null_class():
+    model = perturb_(tiny_dit(num_classes=0)).train()
+    x, t, _ = inputs()
+    y = torch.zeros(x.shape[0], dtype=torch.long)
+    assert model.num_classes == 0 and model.y_embedder.embedding_table.num_embeddings == 1
+    assert model(x, t, y).shape == x.shape
+
+
+def test_modulate_per_sample_equals_per_token():
+    x = torch.randn(2, 5, 8)
+    shift, scale = torch.randn(2, 8), torch.randn(2, 8)
+    expected = x * (1 + scale[:, None]) + shift[:, None]
+    assert torch.equal(modulate(x, shift, scale), expected)
+    assert torch.equal(modulate(x, shift[:, None].expand(2, 5, 8), scale[:, None].expand(2, 5, 8)), expected)
+
+
+def test_unpatchify_inverts_patch_layout():
+    B, C, p, gh, gw = 2, 3, 2, 3, 4
+    img = torch.randn(B, C, gh * p, gw * p)
+    # Each token holds its p x p x C patch with channels last (DiT's final-layer layout).
+    tokens = img.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(B, gh * gw, p * p * C)
+    assert torch.equal(unpatchify(tokens, p, gh, gw), img)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention implementations
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_reference_matches_sdpa(qk_norm):
+    torch.manual_seed(0)
+    ref = Attention(64, 4, qk_norm=qk_norm, attn_impl="reference")
+    sdpa = Attention(64, 4, qk_norm=qk_norm, attn_impl="sdpa")
+    with torch.no_grad():
+        if qk_norm:                                         # non-trivial learnable scales
+            ref.q_norm.weight.uniform_(0.5, 1.5)
+            ref.k_norm.weight.uniform_(0.5, 1.5)
+    sdpa.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 17, 64)
+    torch.testing.assert_close(sdpa(x), ref(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_dit_reference_attention_matches_sdpa(qk_norm):
+    ref = perturb_(tiny_dit(attn_impl="reference", qk_norm=qk_norm)).eval()
+    sdpa = tiny_dit(attn_impl="auto", qk_norm=qk_norm).eval()
+    sdpa.load_state_dict(ref.state_dict())
+    x, t, y = inputs()
+    torch.testing.assert_close(sdpa(x, t, y), ref(x, t, y), atol=1e-5, rtol=0)
+
+
+def test_attn_impl_triton_says_use_sdpa():
+    with pytest.raises(ValueError, match="not available yet.*sdpa"):
+        tiny_dit(attn_impl="triton")
+    with pytest.raises(ValueError, match="reference, sdpa"):
+        tiny_dit(attn_impl="flash")
+
+
+def test_kernels_choice_resolves_once():
+    auto = "auto" if archirf_kernels.HAS_TRITON else "reference"      # auto: decided per call on x's device
+    assert tiny_dit(kernels="auto").kernels == auto
+    assert tiny_dit(kernels="triton").kernels == "triton"
+    assert all(m.kernels == "triton" for m in tiny_dit(kernels="triton").modules() if hasattr(m, "kernels"))
+    with pytest.raises(ValueError, match="auto, reference, triton"):
+        tiny_dit(kernels="cuda")
+
+
+def test_kernels_auto_runs_the_reference_on_cpu(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a fused kernel ran on a CPU tensor under kernels='auto'")
+    for name in ("ada_layer_norm", "gated_residual", "gated_residual_ada_layer_norm"):
+        monkeypatch.setattr(archirf_kernels, name, fail)
+    x, t, y = inputs()
+    assert perturb_(tiny_dit(kernels="auto"))(x, t, y).shape == x.shape
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_dit_fused_kernels_match_reference(qk_norm):
+    # kernels='triton' runs the fused adaLN kernels (Triton's interpreter on the CPU, see conftest.py):
+    # same outputs and parameter gradients as the reference LayerNorm + modulate path, in fp32.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shape = dict(qk_norm=qk_norm, hidden_size=40, num_heads=2, class_dropout_prob=0.0)
+    ref = perturb_(tiny_dit(kernels="reference", **shape)).to(device)
+    fused = tiny_dit(kernels="triton", **shape).to(device)
+    fused.load_state_dict(ref.state_dict())
+    x, t, y = (v.to(device) for v in inputs())
+    out_ref, out_fused = ref(x, t, y), fused(x, t, y)
+    torch.testing.assert_close(out_fused, out_ref, atol=1e-5, rtol=1e-5)
+    out_ref.square().mean().backward()
+    out_fused.square().mean().backward()
+    for (name, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p_fused.grad, p_ref.grad, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal
+def test_dit_fused_kernels_compile_fullgraph():
+    # The custom ops trace without graph breaks; the compiled train step matches eager.
+    torch._dynamo.reset()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = perturb_(tiny_dit(kernels="triton", class_dropout_prob=0.0, depth=1)).to(device)
+    x, t, y = (v.to(device) for v in inputs())
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x, t, y)
+    grads = torch.autograd.grad(out.square().mean(), list(model.parameters()))
+    out_eager = model(x, t, y)
+    grads_eager = torch.autograd.grad(out_eager.square().mean(), list(model.parameters()))
+    torch.testing.assert_close(out, out_eager, atol=1e-6, rtol=1e-6)
+    for g, g_eager in zip(grads, grads_eager):
+        torch.testing.assert_close(g, g_eager, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label dropout and classifier-free guidance
+
+def test_label_dropout_only_in_train_mode():
+    embedder = LabelEmbedder(num_classes=10, hidden_size=8, dropout_prob=1.0)
+    labels = torch.arange(10)
+    table = embedder.embedding_table.weight
+    embedder.train()
+    assert torch.equal(embedder.token_drop(labels), torch.full_like(labels, 10))
+    assert torch.equal(embedder(labels), table[10].expand(10, 8))
+    embedder.eval()
+    assert torch.equal(embedder(labels), table[labels])
+    force = (labels % 2 == 0).long()                        # forced drops apply in any mode
+    assert torch.equal(embedder(labels, force_drop_ids=force), table[torch.where(force == 1, 10, labels)])
+
+
+def test_label_dropout_rate_in_model():
+    model = tiny_dit(class_dropout_prob=0.5).train()
+    torch.manual_seed(0)
+    dropped = model.y_embedder.token_drop(torch.zeros(4000, dtype=torch.long)) == 10
+    assert 0.45 < dropped.float().mean().item() < 0.55
+
+
+def test_cfg_batch_equals_two_passes():
+    model = perturb_(tiny_dit()).eval()
+    x, t, y = inputs()
+    null = torch.full_like(y, model.num_classes)
+    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+    cond, uncond = model(x, t, y), model(x, t, null)
+    torch.testing.assert_close(both, torch.cat([cond, uncond]), atol=1e-5, rtol=0)
+    assert not torch.allclose(cond, uncond, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile and training
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model = perturb_(tiny_dit(depth=1, qk_norm=True)).eval()
+    x, t, y = inputs()
+    compiled = torch.compile(model, fullgraph=True)         # inductor: generated C++ on the CPU
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, y), model(x, t, y), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_fullgraph_train_step_traces():
+    # Train mode adds the random label dropout; fullgraph=True fails on any graph break or host sync.
+    torch._dynamo.reset()
+    model = perturb_(tiny_dit(class_dropout_prob=0.5)).train()
+    x, t, y = inputs()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled(x, t, y).square().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.final_layer.linear.weight.grad.abs().sum() > 0
+
+
+def test_few_steps_lower_mse():
+    torch.manual_seed(0)
+    model = tiny_dit().train()
+    x, t, y = inputs(batch=8)
+    target = torch.randn_like(x)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = (model(x, t, y) - target).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Config errors
+
+def test_unknown_preset_lists_valid_ones():
+    cfg = Config(model=ModelConfig(preset="DiT-XXL/2"))
+    with pytest.raises(ValueError, match=r"unknown model.preset 'DiT-XXL/2'.*DiT-S/2.*DiT-XL/8"):
+        build_model(cfg)
+
+
+def test_preset_patch_must_divide_resolution():
+    cfg = Config(model=ModelConfig(preset="DiT-S/8"), data=DataConfig(resolution=12))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        build_model(cfg)
