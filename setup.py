@@ -25,7 +25,5 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],
-        "dali": ["nvidia-dali-cuda120"],
-        "eval": ["scipy"],
     },
 )

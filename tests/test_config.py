@@ -1,10 +1,14 @@
+from pathlib import Path
+
 import pytest
 
 from archirf.config import Config, ConfigError, batch_split, from_yaml_text, load_config, parse_cli, to_yaml
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 
 def test_defaults_are_the_digits_recipe():
-    assert load_config("configs/digits.yaml") == load_config(None)
+    assert load_config(str(CONFIGS / "digits.yaml")) == load_config(None)
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -63,3 +67,9 @@ def test_yaml_round_trip():
 def test_cli(capsys):
     cfg, show = parse_cli(["--print-config", "optim.lr=0.5"])
     assert show and cfg.optim.lr == 0.5 and isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_recipe_loads(recipe):
+    cfg = load_config(str(CONFIGS / recipe))
+    assert cfg.total_images > 0 and cfg.run_dir

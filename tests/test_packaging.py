@@ -42,3 +42,10 @@ def test_readme_documents_every_config_key():
     readme = (ROOT / "README.md").read_text()
     missing = [k for k in keys(Config) if f"| `{k}` |" not in readme]
     assert not missing, f"README config reference lacks {missing}"
+
+
+def test_readme_kernel_example_runs():
+    code = re.search(r"```python\n(import torch\n.+?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["out"].shape == (2, 16, 64)
