@@ -151,15 +151,14 @@ def train(cfg: Config) -> Path:
     eval_model = build_model(cfg).to(device).eval().requires_grad_(False)  # holds EMA weights for samples
 
     images_seen = 0
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "ema": ema.state_dict(),
-             "loader": loader.state_dict(), "rng": _rng_state(device), "images_seen": 0}
     resume = _resume_path(cfg, run_dir)
     if resume is not None:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         msd, osd = get_state_dict(model, optimizer)
-        state.update(model=msd, optimizer=osd)
-        ckpt.load_checkpoint(resume, state)
+        state = ckpt.load_checkpoint(resume, {
+            "model": msd, "optimizer": osd, "ema": ema.state_dict(), "loader": loader.state_dict(),
+            "rng": _rng_state(device), "images_seen": 0})
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
         ema.load_state_dict(state["ema"])
         loader.load_state_dict(state["loader"])
@@ -167,6 +166,12 @@ def train(cfg: Config) -> Path:
         images_seen = int(state["images_seen"])
         if env.is_main:
             print(f"archirf: resumed from {resume} at {images_seen:,} images")
+        if images_seen >= cfg.total_images:
+            if env.is_main:
+                print(f"archirf: this run is already complete (total_images={cfg.total_images:,}); raise "
+                      f"total_images to train on, or sample from it: python -m archirf.sample {run_dir}")
+            _close(loader)
+            return run_dir
 
     def save(images: int) -> Path:
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -277,6 +282,14 @@ def train(cfg: Config) -> Path:
     finally:
         stop.restore()
         metrics.close()
+        _close(loader)
+
+
+def _close(loader) -> None:
+    """Stops a loader's worker processes (folder source); in-memory sources have nothing to stop."""
+    close = getattr(loader, "close", None)
+    if close is not None:
+        close()
 
 
 def _check_finite(metrics: Metrics, cfg: Config, images_seen: int) -> None:

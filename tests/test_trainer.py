@@ -179,3 +179,13 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, monkeypatch):
     assert rows[0][-1]["loss"] < rows[0][0]["loss"]  # training moved the weights: the comparison is not vacuous
     for a, b in zip(*rows):  # the same loss and the same gradient (norm) per step
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_relaunching_a_finished_run_changes_nothing(tmp_path, capsys):
+    cfg = tiny(tmp_path, "total_images=32", "log_every=16")
+    train(cfg)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != "config.yaml"}
+    train(cfg)
+    assert "already complete" in capsys.readouterr().out
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file() and p.name != "config.yaml"}
+    assert before == after
