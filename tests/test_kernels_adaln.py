@@ -154,6 +154,33 @@ def test_gated_residual(dtypes, layout, shape):
                             inputs, act)
 
 
+# Launch shapes the GPU heuristics may pick: one-row tiles (scalar row sums, unmasked main block) or
+# several rows; a row split into main + tail blocks, or one padded block; one or several tiles per
+# program, pipelined or not; the fusion's backward loading y and dx_new early or late.
+# (split rows, ROWS, tiles per program, pipelining stages, early loads)
+LAUNCHES = [(True, 1, 1, 1, True), (True, 1, 3, 2, True), (True, 4, 2, 1, False), (False, 1, 2, 3, True),
+            (False, 2, 1, 1, False), (True, 8, 1, 1, True)]
+
+
+@pytest.mark.parametrize("split,rows,tiles,stages,early", LAUNCHES, ids=lambda v: str(v))
+@pytest.mark.parametrize("layout,norm_affine", [("per-sample", ("layer", "wb")), ("per-token", ("rms", "w"))])
+def test_launch_shapes(monkeypatch, split, rows, tiles, stages, early, layout, norm_affine):
+    launch = ada_norm.Launch(split, rows, num_warps=4, num_stages=stages, tiles=tiles)
+    monkeypatch.setattr(ada_norm, "_launch_config", lambda kind, B, N, C, device: launch)
+    monkeypatch.setattr(ada_norm, "EARLY_LOADS", early)
+    (norm, kind), (B, N, C) = norm_affine, (2, 7, 40)       # 40 = 32 + a tail of 8; 7 tokens: short tiles
+    mod = [conditioning(layout, B, N, C, torch.float32, s) for s in (1, 2, 4)]
+    x, y = _randn((B, N, C), torch.float32, 0, std=2.0, mean=0.5), _randn((B, N, C), torch.float32, 3)
+    check_against_reference(lambda *a: K.gated_residual_ada_layer_norm(*a, norm=norm, impl="triton"),
+                            lambda *a: reference.gated_residual_ada_layer_norm(*a, norm=norm),
+                            [x, y, mod[2], mod[0], mod[1], *affine(kind, C, torch.float32, 5)], torch.float32)
+    check_against_reference(lambda *a: K.ada_layer_norm(*a, norm=norm, impl="triton"),
+                            lambda *a: reference.ada_layer_norm(*a, norm=norm),
+                            [x, mod[0], mod[1], *affine(kind, C, torch.float32, 5)], torch.float32)
+    check_against_reference(lambda *a: K.gated_residual(*a, impl="triton"), reference.gated_residual,
+                            [x, y, mod[2]], torch.float32)
+
+
 def test_strided_views_need_no_copy_and_match():
     # DiT passes x[:, :num_patches] (strided over B) and modulation chunks of one (B, 6C) vector.
     B, N, C = 2, 5, 40
