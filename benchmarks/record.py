@@ -103,6 +103,13 @@ def annotate(doc: dict) -> dict:
             compiled = [t_o for o, t_o in medians.items() if o.startswith("compiled") and o != impl]
             if compiled:
                 info["vs_compiled_best"] = min(compiled) / t
+            # families of baselines (e.g. attention's eager-<SDPA backend>, sdpa-<backend>): the best of each
+            for family in ("eager", "sdpa"):
+                times = [t_o for o, t_o in medians.items() if o != impl and (o == family or o.startswith(family + "-"))]
+                if times:
+                    info[f"vs_{family}_best"] = min(times) / t
+            if info.get("flops"):
+                info["tflops"] = info["flops"] / t / 1e12
     return doc
 
 
@@ -162,8 +169,11 @@ def render_suite(suite: str, doc: dict) -> str:
     extra = [i for i in IMPL_ORDER[3:] if i in present] + sorted(present - set(IMPL_ORDER))
     env = environment(doc)
 
-    header = ["op", "pass", "shape (B×N×C)", "dtype", "ours ms", "eager ms", "compiled ms"]
+    shape_label = next((e["extra_info"]["shape_label"] for e in items if e["extra_info"].get("shape_label")), "B×N×C")
+    has_flops = any(e["extra_info"].get("flops") for e in items)
+    header = ["op", "pass", f"shape ({shape_label})", "dtype", "ours ms", "eager ms", "compiled ms"]
     header += [f"{'max-autotune' if i == 'compiled-max-autotune' else i} ms" for i in extra]
+    header += ["ours TFLOP/s"] if has_flops else []
     header += ["ours GB/s", "% of copy BW", "vs compiled", "vs eager"]
     header += [f"vs {i}" for i in extra if not i.startswith("compiled")]
     header += ["target"]
@@ -172,12 +182,14 @@ def render_suite(suite: str, doc: dict) -> str:
         any_e = next(iter(g.values()))
         ours = g.get("ours")
         oi = ours["extra_info"] if ours else {}
-        label = f"{PASS_LABEL.get(pass_, pass_)} {_shape_label(any_e['extra_info'])} {_dtype_label(any_e['extra_info'])}"
+        info0 = any_e["extra_info"]
+        label = f"{PASS_LABEL.get(pass_, pass_)} {_shape_label(info0)} {_dtype_label(info0)}"
         row = [f"`{op}`", *label.split(" ", 2)]
         row += [_ms(g.get(i)) for i in ("ours", "eager", "compiled", *extra)]
+        row += [f"{oi['tflops']:.0f}" if oi.get("tflops") else "—"] if has_flops else []
         row += [f"{oi['gbps']:.0f}" if oi.get("gbps") else "—"]
         row += [f"{oi['copy_bw_fraction']:.1%}" if oi.get("copy_bw_fraction") else "—"]
-        row += [_ratio(oi.get("vs_compiled_best")), _ratio(oi.get("vs_eager"))]
+        row += [_ratio(oi.get("vs_compiled_best")), _ratio(oi.get("vs_eager_best", oi.get("vs_eager")))]
         row += [_ratio(oi.get(f"vs_{i}")) for i in extra if not i.startswith("compiled")]
         row += [_target_cell(ours)]
         rows.append(row)
@@ -197,7 +209,8 @@ def render_suite(suite: str, doc: dict) -> str:
     out.append(
         "ms: median GPU time per call. GB/s: the minimal bytes the op must move (see the suite) / ours' "
         "time; % of copy BW against the copy bandwidth above. vs X: X's time / ours' (> 1: ours "
-        "faster); vs compiled: against the faster torch.compile mode measured."
+        "faster); vs compiled: against the faster torch.compile mode measured; vs eager: against the fastest "
+        "eager variant measured. TFLOP/s (where the suite counts FLOPs): ours' matmul FLOPs / time."
     )
     notes = (env.get("baseline_notes") or {}).get(suite) or {}
     if notes:

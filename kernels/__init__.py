@@ -12,6 +12,8 @@ the implementation per call with `impl`:
     h = K.ada_layer_norm(x, shift, scale)                                # LN(x) * (1 + scale) + shift
     x, h = K.gated_residual_ada_layer_norm(x, attn_out, gate, shift2, scale2)
     x = K.gated_residual(x, mlp_out, gate2)                              # x + gate * y
+    out = K.qk_norm_attention(qkv, q_weight, k_weight)                   # qkv (B, N, 3, H, D) -> (B, N, H*D)
+    out_img, out_ctx = K.joint_qk_norm_attention(qkv_img, qkv_ctx, qw_img, kw_img, qw_ctx, kw_ctx)  # MMDiT
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ IMPLS = ("auto", "reference", "triton")
 # the interpreter (TRITON_INTERPRET), and a broken install should fail loudly, not fall back silently.
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
-    from . import ada_norm
+    from . import ada_norm, attention
 
 __all__ = ["reference", "HAS_TRITON", "IMPLS", "ada_layer_norm", "gated_residual",
-           "gated_residual_ada_layer_norm", "AdaLayerNorm", "GatedResidualAdaLayerNorm"]
+           "gated_residual_ada_layer_norm", "qk_norm_attention", "joint_qk_norm_attention", "AdaLayerNorm",
+           "GatedResidualAdaLayerNorm"]
 
 
 def _use_triton(impl: str, x: torch.Tensor) -> bool:
@@ -77,6 +80,37 @@ def gated_residual_ada_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.
     if _use_triton(impl, x):
         return ada_norm.gated_residual_ada_layer_norm(x, y, gate, shift, scale, weight, bias, eps, norm)
     return reference.gated_residual_ada_layer_norm(x, y, gate, shift, scale, weight, bias, eps, norm)
+
+
+def _first_tensor(qkv) -> torch.Tensor:
+    return qkv if isinstance(qkv, torch.Tensor) else qkv[0]
+
+
+def qk_norm_attention(qkv, q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                      eps: float | tuple[float, float] = 1e-6, scale: float | None = None, qk_norm: bool = True,
+                      impl: str = "auto") -> torch.Tensor:
+    """softmax(N(q) N(k)^T * scale) v with per-head RMSNorm N over D (SD3's QK-norm) -> (B, N, H*D).
+    qkv: the projection's (B, N, 3, H, D), or a tuple (q, k, v) of (B, N, H, D) views; weights (D,) or
+    None; eps one float or (q_eps, k_eps); scale D^-1/2 by default; qk_norm=False: plain attention.
+    See reference.qk_norm_attention."""
+    if _use_triton(impl, _first_tensor(qkv)):
+        return attention.qk_norm_attention(qkv, q_weight, k_weight, eps, scale, qk_norm)
+    return reference.qk_norm_attention(qkv, q_weight, k_weight, eps, scale, qk_norm)
+
+
+def joint_qk_norm_attention(qkv_img, qkv_ctx, q_weight_img: torch.Tensor | None = None,
+                            k_weight_img: torch.Tensor | None = None, q_weight_ctx: torch.Tensor | None = None,
+                            k_weight_ctx: torch.Tensor | None = None, eps: float | tuple[float, float] = 1e-6,
+                            scale: float | None = None, qk_norm: bool = True,
+                            impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """MMDiT joint attention: image and context streams, each with its own qkv and QK-norm weights, attend
+    over the keys [img, ctx] -> (out_img (B, N_img, H*D), out_ctx (B, N_ctx, H*D)); the concatenation
+    is never materialised by the kernel. See reference.joint_qk_norm_attention."""
+    if _use_triton(impl, _first_tensor(qkv_img)):
+        return attention.joint_qk_norm_attention(qkv_img, qkv_ctx, q_weight_img, k_weight_img, q_weight_ctx,
+                                                 k_weight_ctx, eps, scale, qk_norm)
+    return reference.joint_qk_norm_attention(qkv_img, qkv_ctx, q_weight_img, k_weight_img, q_weight_ctx,
+                                             k_weight_ctx, eps, scale, qk_norm)
 
 
 class AdaLayerNorm(nn.Module):

@@ -80,3 +80,101 @@ def gated_residual_ada_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.
     Returns (x_new, h): x_new continues the residual stream, h feeds the next sub-layer."""
     x_new = gated_residual(x, y, gate)
     return x_new, ada_layer_norm(x_new, shift, scale, weight, bias, eps, norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention.
+
+# softmax(Q K^T / sqrt(d)) V with every product in fp32 (Vaswani et al. 2017, Eq. 1): the spec of the
+# models' attention on (B, H, N, Dh) heads, which their sdpa path is tested against.
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q, k, v: (B, H, N, Dh) -> (B, H, N, Dh) in v's dtype."""
+    scale = q.shape[-1] ** -0.5
+    scores = (_upcast(q) * scale) @ _upcast(k).transpose(-2, -1)           # (B, H, N, N)
+    return (scores.softmax(dim=-1) @ _upcast(v)).to(v.dtype)
+
+
+def unpack_qkv(qkv, name: str = "qkv") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The qkv projection's output (B, N, 3, H, D), or a tuple (q, k, v) of (B, N, H, D) tensors
+    (any strides) -> (q, k, v), (B, N, H, D) views each."""
+    if isinstance(qkv, torch.Tensor):
+        if qkv.dim() != 5 or qkv.shape[2] != 3:
+            raise ValueError(f"{name} must be (B, N, 3, H, D) (the qkv projection reshaped), got {tuple(qkv.shape)}")
+        return qkv.unbind(2)
+    if not isinstance(qkv, (tuple, list)) or len(qkv) != 3:
+        raise ValueError(f"{name} must be a (B, N, 3, H, D) tensor or a tuple (q, k, v) of (B, N, H, D) tensors")
+    q, k, v = qkv
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"{name}: q, k, v must be (B, N, H, D) each with equal shapes, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    return q, k, v
+
+
+def qk_eps(eps: float | tuple[float, float]) -> tuple[float, float]:
+    """eps of the q and of the k RMSNorm: one float for both, or a pair (q_eps, k_eps)."""
+    if isinstance(eps, (tuple, list)):
+        q_eps, k_eps = eps
+        return float(q_eps), float(k_eps)
+    return float(eps), float(eps)
+
+
+def _qk_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the head dim D of (B, N, H, D), with the optional learnable (D,) scale; upcast."""
+    xf = _upcast(x)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return y * _upcast(weight) if weight is not None else y
+
+
+def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over (B, N, H, D) tensors, non-causal -> (B, Nq, H, D), dtype kept."""
+    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale                  # (B, H, Nq, Nk)
+    return torch.einsum("bhnm,bmhd->bnhd", scores.softmax(dim=-1), v)
+
+
+def joint_qk_norm_attention(qkv_img, qkv_ctx, q_weight_img: torch.Tensor | None = None,
+                            k_weight_img: torch.Tensor | None = None, q_weight_ctx: torch.Tensor | None = None,
+                            k_weight_ctx: torch.Tensor | None = None, eps: float | tuple[float, float] = 1e-6,
+                            scale: float | None = None, qk_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """MMDiT joint attention (SD3, Esser et al. 2024, Sec. 4 and Fig. 2): two token streams, each with
+    its own qkv projection and its own QK-RMSNorm scales, attend jointly over their concatenation.
+
+    qkv_img (B, N_img, 3, H, D) and qkv_ctx (B, N_ctx, 3, H, D), or (q, k, v) tuples of (B, N, H, D).
+    Each stream's q and k are RMS-normalised over D with their stream's (D,) weights (None: no scale;
+    qk_norm=False: no norm at all), then softmax(q k^T * scale) v (scale: D^-1/2 by default) over the
+    keys [img, ctx] -- image tokens first, as diffusers' JointAttnProcessor2_0 (SD3's reference code and
+    Flux put the text first; non-causal attention is invariant to the order of the keys, so the choice
+    only changes rounding). eps: one float, or (q_eps, k_eps). Returns (out_img (B, N_img, H*D),
+    out_ctx (B, N_ctx, H*D)) in v's dtype, ready for each stream's output projection; math in fp32 (fp64
+    stays fp64)."""
+    qi, ki, vi = unpack_qkv(qkv_img, "qkv_img")
+    qc, kc, vc = unpack_qkv(qkv_ctx, "qkv_ctx")
+    q_eps, k_eps = qk_eps(eps)
+    if qk_norm:
+        qi, ki = _qk_rms_norm(qi, q_weight_img, q_eps), _qk_rms_norm(ki, k_weight_img, k_eps)
+        qc, kc = _qk_rms_norm(qc, q_weight_ctx, q_eps), _qk_rms_norm(kc, k_weight_ctx, k_eps)
+    q = torch.cat([_upcast(qi), _upcast(qc)], dim=1)                         # (B, N_img + N_ctx, H, D)
+    k = torch.cat([_upcast(ki), _upcast(kc)], dim=1)
+    v = torch.cat([_upcast(vi), _upcast(vc)], dim=1)
+    B, n_img, H, D = vi.shape
+    out = _softmax_attention(q, k, v, D ** -0.5 if scale is None else scale).to(vi.dtype)
+    out_img, out_ctx = out.split([n_img, vc.shape[1]], dim=1)
+    return out_img.reshape(B, n_img, H * D), out_ctx.reshape(B, vc.shape[1], H * D)
+
+
+def qk_norm_attention(qkv, q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                      eps: float | tuple[float, float] = 1e-6, scale: float | None = None,
+                      qk_norm: bool = True) -> torch.Tensor:
+    """Self-attention with per-head QK-RMSNorm (SD3, Esser et al. 2024) from the qkv projection's layout.
+
+    qkv (B, N, 3, H, D), or a tuple (q, k, v) of (B, N, H, D) tensors. q and k are RMS-normalised over
+    D, q = q / sqrt(mean_D(q^2) + q_eps) * q_weight and likewise k (Zhang & Sennrich 2019; weights None:
+    no scale; qk_norm=False: plain attention), then softmax(q k^T * scale) v, non-causal, scale D^-1/2
+    by default (Vaswani et al. 2017, Eq. 1). eps: one float, or (q_eps, k_eps). Returns the heads
+    merged, (B, N, H*D), in v's dtype; math in fp32 (fp64 stays fp64)."""
+    q, k, v = unpack_qkv(qkv)
+    q_eps, k_eps = qk_eps(eps)
+    if qk_norm:
+        q, k = _qk_rms_norm(q, q_weight, q_eps), _qk_rms_norm(k, k_weight, k_eps)
+    B, N, H, D = v.shape
+    out = _softmax_attention(_upcast(q), _upcast(k), _upcast(v), D ** -0.5 if scale is None else scale)
+    return out.to(v.dtype).reshape(B, N, H * D)

@@ -93,7 +93,7 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,        # label dropout in train mode (classifier-free guidance)
         num_register_tokens: int = 4,           # learned extra tokens without position, dropped at the output
         qk_norm: bool = False,                  # per-head RMSNorm of q and k (SD3)
-        attn_impl: str = "auto",                # reference | sdpa | auto (= sdpa) | triton (not yet)
+        attn_impl: str = "auto",                # reference | sdpa | triton | auto (triton on CUDA with qk_norm)
         kernels: str = "auto",                  # auto (triton on CUDA) | reference | triton: fused adaLN ops
     ):
         super().__init__()

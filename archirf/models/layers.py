@@ -17,6 +17,8 @@ import archirf_kernels
 # adaLN modulation x * (1 + scale) + shift (DiT Sec. 3.2), shift/scale per sample (B, C) or per token
 # (B, N, C): the tree's one modulate lives with the kernels' spec, which cannot import archirf.
 from archirf_kernels.reference import modulate  # noqa: F401  (re-exported for the models)
+# softmax(Q K^T / sqrt(d)) V on (B, H, N, Dh) heads in fp32: the spec the attention paths are tested against.
+from archirf_kernels.reference import attention_reference  # noqa: F401  (re-exported)
 
 ATTN_IMPLS = ("auto", "reference", "sdpa", "triton")
 KERNEL_CHOICES = ("auto", "reference", "triton")
@@ -174,29 +176,23 @@ class RMSNorm(nn.Module):
         return archirf_kernels.reference.rms_norm(x, self.weight, self.eps)
 
 
-# softmax(Q K^T / sqrt(d)) V with every product in fp32 (Vaswani et al. 2017, Eq. 1): the spec the
-# fast paths are tested against. Moves to archirf_kernels.reference when the fused kernel lands.
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q, k, v: (B, H, N, Dh) -> (B, H, N, Dh) in v's dtype."""
-    scale = q.shape[-1] ** -0.5
-    scores = (q.float() * scale) @ k.float().transpose(-2, -1)             # (B, H, N, N)
-    return (scores.softmax(dim=-1) @ v.float()).to(v.dtype)
-
-
 def _attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def resolve_attn_impl(attn_impl: str):
-    """Name -> attention function, once at construction; unknown or unavailable choices raise ValueError."""
-    if attn_impl == "reference":
-        return attention_reference
-    if attn_impl in ("sdpa", "auto"):
-        return _attention_sdpa
-    if attn_impl == "triton":
-        raise ValueError("attn_impl='triton': the fused Triton attention kernel is not available yet; "
-                         "use attn_impl='sdpa' (or 'auto', which picks sdpa)")
-    raise ValueError(f"unknown attn_impl '{attn_impl}'; choose one of {', '.join(ATTN_IMPLS)}")
+def resolve_attn_impl(attn_impl: str, qk_norm: bool = False) -> str:
+    """Checks the attention choice at construction -> 'reference' | 'sdpa' | 'triton' | 'auto'.
+
+    'auto' stays 'auto' (decided per call: the fused Triton kernel on CUDA inputs, sdpa elsewhere) when
+    qk_norm is on and triton is installed -- there the kernel removes the norm's cost; without qk_norm
+    'auto' is 'sdpa', whose cuDNN / flash backends plain attention cannot beat by much."""
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"unknown attn_impl '{attn_impl}'; choose one of {', '.join(ATTN_IMPLS)}")
+    if attn_impl == "triton" and not archirf_kernels.HAS_TRITON:
+        raise ValueError("attn_impl='triton' needs the triton package; install it or use attn_impl='auto'")
+    if attn_impl == "auto":
+        return "auto" if qk_norm and archirf_kernels.HAS_TRITON else "sdpa"
+    return attn_impl
 
 
 class Attention(nn.Module):
@@ -208,15 +204,16 @@ class Attention(nn.Module):
         num_heads: int,                         # H; head width D / H
         qkv_bias: bool = True,
         qk_norm: bool = False,                  # RMSNorm on q and k per head, learnable scale
-        attn_impl: str = "auto",                # reference | sdpa | auto (= sdpa) | triton
+        attn_impl: str = "auto",                # reference | sdpa | triton | auto (CUDA + qk_norm: triton)
     ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.attn_impl = "sdpa" if attn_impl == "auto" else attn_impl
-        self.attend = resolve_attn_impl(attn_impl)
+        self.qk_norm = qk_norm
+        self.attn_impl = resolve_attn_impl(attn_impl, qk_norm)
+        self.attend = attention_reference if self.attn_impl == "reference" else _attention_sdpa
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
@@ -225,6 +222,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, Dh)
+        if self.attn_impl == "triton" or (self.attn_impl == "auto" and x.is_cuda):
+            # One kernel from the projection's layout: QK-RMSNorm, attention, heads merged.
+            x = archirf_kernels.qk_norm_attention(
+                qkv, self.q_norm.weight if self.qk_norm else None, self.k_norm.weight if self.qk_norm else None,
+                eps=(self.q_norm.eps, self.k_norm.eps) if self.qk_norm else 1e-6, qk_norm=self.qk_norm,
+                impl="triton")                                               # (B, N, D)
+            return self.proj(x)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                     # (B, H, N, Dh) each
         q, k = self.q_norm(q), self.k_norm(k)
         x = self.attend(q, k, v)                                           # (B, H, N, Dh)

@@ -1,0 +1,310 @@
+"""Fused QK-RMSNorm + flash attention (archirf_kernels.attention) against the float64 spec in
+archirf_kernels.reference: the output and all five gradients (dq, dk, dv through d(qkv), dq_weight,
+dk_weight; ten in joint attention), fp32 and fp16 storage, fp16 activations with fp32 weights, the
+packed (B, N, 3, H, D) and the split (q, k, v) layouts, N not a multiple of the 16-token block,
+D = 16, 64 and 72 (masked to 128), joint streams of unequal lengths, qk_norm off, torch.compile
+(fullgraph=True) of a DiT block, torch.library.opcheck, DiT parity, impl dispatch and errors.
+
+On a CPU machine the kernels run in Triton's interpreter (tests/conftest.py) with 16 x 16 blocks;
+bf16 and DiT-sized shapes are in tests/test_kernels_gpu_attention.py.
+"""
+
+import pytest
+import torch
+
+import archirf_kernels as K
+from archirf_kernels import attention, reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Max error relative to max(1, max |reference|): fp16 rounds q.k's operands, P and dS before each
+# product (as flash attention does), so outputs and gradients inherit fp16's ~5e-4 relative error.
+TOL = {torch.float32: 3e-5, torch.float16: 5e-3}
+DTYPES = {"fp32": (torch.float32, torch.float32), "fp16": (torch.float16, torch.float16),
+          "fp16-fp32-weights": (torch.float16, torch.float32)}     # (qkv, norm weights): autocast's mix
+SHAPES = [(1, 5, 2, 16), (2, 17, 2, 72), (1, 33, 2, 64)]           # (B, N, H, D): N % 16 != 0, masked D
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every buffer the launchers allocate starts as NaN: an element a kernel fails to write fails the test."""
+    def alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(attention, "_alloc", alloc)
+
+
+def _randn(shape, dtype, seed, std=1.0, mean=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (mean + std * torch.randn(shape, generator=g)).to(device=DEVICE, dtype=dtype)
+
+
+def qkv_input(B, N, H, D, dtype, seed, layout="packed"):
+    """The projection's output (B, N, 3, H, D), std 2 with an offset (so the norm matters), or strided
+    (q, k, v) views of a (B, H, N, 3, D)-ordered buffer (layout 'split')."""
+    if layout == "packed":
+        return _randn((B, N, 3, H, D), dtype, seed, std=2.0, mean=0.3)
+    buf = _randn((B, H, N, 3, D), dtype, seed, std=2.0, mean=0.3)
+    return tuple(buf[:, :, :, i].transpose(1, 2) for i in range(3))            # (B, N, H, D), strided
+
+
+def weights(D, dtype, seed, n=2):
+    return [_randn((D,), dtype, seed + i, std=0.3, mean=1.0) for i in range(n)]
+
+
+def leaf(t):
+    if t is None:
+        return None
+    if isinstance(t, tuple):                    # split layout: the three views are leaves of their own
+        return tuple(leaf(x) for x in t)
+    return t.detach().clone().requires_grad_()
+
+
+def flat(ts):
+    out = []
+    for t in ts:
+        if isinstance(t, tuple):
+            out.extend(t)
+        elif t is not None:
+            out.append(t)
+    return out
+
+
+def double(t):
+    if isinstance(t, tuple):
+        return tuple(double(x) for x in t)
+    return None if t is None else leaf(t.double())
+
+
+def check_against_reference(triton_fn, reference_fn, inputs, dtype, seed=0, used=None):
+    """Runs both on the same inputs (the reference on float64 copies), backpropagates the same random
+    cotangents through the outputs in `used` (default all) and compares every output and every
+    gradient of every input."""
+    tol = TOL[dtype]
+    ins, ins64 = [leaf(t) for t in inputs], [double(t) for t in inputs]
+    outs, refs = triton_fn(*ins), reference_fn(*ins64)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    refs = refs if isinstance(refs, tuple) else (refs,)
+    used = range(len(outs)) if used is None else used
+    cots = {i: _randn(outs[i].shape, torch.float64, seed + 100 + i) for i in used}
+    grads = torch.autograd.grad(sum((outs[i].double() * cots[i]).sum() for i in used), flat(ins),
+                                materialize_grads=True)
+    grads64 = torch.autograd.grad(sum((refs[i] * cots[i]).sum() for i in used), flat(ins64),
+                                  materialize_grads=True)
+
+    def close(name, got, want, dtype):
+        assert got.dtype == dtype and got.shape == want.shape, (name, got.dtype, dtype, got.shape, want.shape)
+        assert torch.isfinite(got).all(), f"{name}: non-finite values (an unwritten element?)"
+        scale = max(1.0, want.abs().max().item())
+        err = (got.double() - want).abs().max().item()
+        assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol * scale:.3g}"
+
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        close(f"output {i}", o, r, dtype)
+    for i, (t, g, g64) in enumerate(zip(flat(ins), grads, grads64)):
+        close(f"grad of input {i}", g, g64, t.dtype)
+
+
+def ids(value):
+    return "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# One stream (DiT)
+
+@pytest.mark.parametrize("layout", ["packed", "split"])
+@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+@pytest.mark.parametrize("dtypes", DTYPES)
+def test_qk_norm_attention(dtypes, shape, layout):
+    (act, wdt), (B, N, H, D) = DTYPES[dtypes], shape
+    inputs = [qkv_input(B, N, H, D, act, 0, layout), *weights(D, wdt, 5)]
+    check_against_reference(lambda *a: K.qk_norm_attention(*a, impl="triton"), reference.qk_norm_attention,
+                            inputs, act)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_plain_attention_without_norm(dtype):
+    # qk_norm=False compiles the norm out: the same kernels serve plain attention.
+    inputs = [qkv_input(2, 17, 2, 72, dtype, 1)]
+    check_against_reference(lambda x: K.qk_norm_attention(x, qk_norm=False, impl="triton"),
+                            lambda x: reference.qk_norm_attention(x, qk_norm=False), inputs, dtype)
+
+
+def test_no_weights_own_eps_and_scale():
+    # Weights None (normalise only); distinct q / k eps that matter (rows of RMS ~ 0.03); a custom scale.
+    inputs = [_randn((1, 17, 3, 2, 16), torch.float32, 2, std=0.03)]
+    kw = dict(eps=(1e-3, 3e-4), scale=0.7)
+    check_against_reference(lambda x: K.qk_norm_attention(x, **kw, impl="triton"),
+                            lambda x: reference.qk_norm_attention(x, **kw), inputs, torch.float32)
+
+
+def test_one_token_and_large_logits():
+    # One key: P = 1 exactly; weights of 3 make logits of ~ 9 sqrt(D) scale: exp2 without overflow.
+    check_against_reference(lambda *a: K.qk_norm_attention(*a, impl="triton"), reference.qk_norm_attention,
+                            [qkv_input(2, 1, 2, 16, torch.float32, 3), *weights(16, torch.float32, 6)],
+                            torch.float32)
+    big = [qkv_input(1, 20, 1, 16, torch.float32, 4), *(w * 3 for w in weights(16, torch.float32, 7))]
+    check_against_reference(lambda *a: K.qk_norm_attention(*a, impl="triton"), reference.qk_norm_attention,
+                            big, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Joint attention (MMDiT): image and context streams of unequal lengths
+
+@pytest.mark.parametrize("dtypes,lengths,D,layout", [
+    ("fp32", (17, 5), 16, "packed"),      # both streams end in a partial block
+    ("fp32", (33, 16), 72, "split"),      # the context stream is exactly one block; D masked
+    ("fp16", (16, 21), 64, "packed"),     # more context than image tokens
+    ("fp16-fp32-weights", (9, 3), 16, "split"),
+], ids=ids)
+def test_joint_qk_norm_attention(dtypes, lengths, D, layout):
+    (act, wdt), (n_img, n_ctx) = DTYPES[dtypes], lengths
+    B, H = 2, 2
+    inputs = [qkv_input(B, n_img, H, D, act, 0, layout), qkv_input(B, n_ctx, H, D, act, 1, layout),
+              *weights(D, wdt, 10, n=4)]
+    check_against_reference(lambda *a: K.joint_qk_norm_attention(*a, impl="triton"),
+                            reference.joint_qk_norm_attention, inputs, act)
+
+
+@pytest.mark.parametrize("used", [(0,), (1,)], ids=["only-img", "only-ctx"])
+def test_joint_one_output_used(used):
+    inputs = [qkv_input(1, 17, 2, 16, torch.float32, 0), qkv_input(1, 5, 2, 16, torch.float32, 1),
+              *weights(16, torch.float32, 10, n=4)]
+    check_against_reference(lambda *a: K.joint_qk_norm_attention(*a, impl="triton"),
+                            reference.joint_qk_norm_attention, inputs, torch.float32, used=used)
+
+
+def test_joint_without_norm():
+    inputs = [qkv_input(1, 17, 2, 16, torch.float32, 0), qkv_input(1, 7, 2, 16, torch.float32, 1)]
+    check_against_reference(lambda a, b: K.joint_qk_norm_attention(a, b, qk_norm=False, impl="triton"),
+                            lambda a, b: reference.joint_qk_norm_attention(a, b, qk_norm=False), inputs,
+                            torch.float32)
+
+
+def test_joint_equals_single_stream_on_the_concatenation():
+    # Joint attention over [img, ctx] with shared weights is self-attention over the concatenated tokens.
+    qkv_img, qkv_ctx = qkv_input(1, 17, 2, 16, torch.float32, 0), qkv_input(1, 6, 2, 16, torch.float32, 1)
+    qw, kw = weights(16, torch.float32, 3)
+    out_img, out_ctx = K.joint_qk_norm_attention(qkv_img, qkv_ctx, qw, kw, qw, kw, impl="triton")
+    out = K.qk_norm_attention(torch.cat([qkv_img, qkv_ctx], dim=1), qw, kw, impl="triton")
+    torch.testing.assert_close(torch.cat([out_img, out_ctx], dim=1), out, atol=2e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile, custom-op checks, models
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_dit_block(backend):
+    from archirf.models.dit import DiTBlock
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = DiTBlock(32, 2, qk_norm=True, attn_impl="triton", kernels="reference").to(DEVICE)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.1)      # off adaLN-Zero's zeros, so that attention carries signal
+    x, c = _randn((2, 19, 32), torch.float32, 0), _randn((2, 32), torch.float32, 1)
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
+    out = block(x, c)
+    grads = torch.autograd.grad(out.square().sum(), list(block.parameters()))
+    out_c = compiled(x, c)
+    grads_c = torch.autograd.grad(out_c.square().sum(), list(block.parameters()))
+    # inductor fuses the rest of the block differently: fp32 rounding, not the kernel, sets the tolerance
+    torch.testing.assert_close(out_c, out, atol=5e-5, rtol=1e-4)
+    for g_c, g in zip(grads_c, grads):
+        torch.testing.assert_close(g_c, g, atol=5e-5, rtol=1e-4)
+
+
+def _opcheck_cases():
+    ops = torch.ops.archirf_kernels
+    qkv, qkv_ctx = qkv_input(1, 17, 2, 16, torch.float32, 0), qkv_input(1, 5, 2, 16, torch.float32, 1)
+    qw, kw, qwc, kwc = weights(16, torch.float32, 2, n=4)
+    q, k, v = qkv_input(1, 9, 2, 16, torch.float32, 3, layout="split")
+    yield ops.qk_norm_attention.default, (qkv, None, qw, kw, None, None, 1e-6, 1e-5, 0.25, True)
+    yield ops.qk_norm_attention.default, (qkv, qkv_ctx, qw, kw, qwc, kwc, 1e-6, 1e-6, 0.25, True)
+    yield ops.qk_norm_attention.default, (qkv, None, None, None, None, None, 1e-6, 1e-6, 0.25, False)
+    yield ops.qk_norm_attention_split.default, (q, k, v, None, None, None, qw, None, None, None, 1e-6, 1e-6, 0.25,
+                                                True)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_opcheck(case):
+    op, args = list(_opcheck_cases())[case]
+    args = [leaf(a) if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qk_norm", "plain"])
+def test_dit_triton_attention_matches_reference(qk_norm):
+    from archirf.models import DiT
+
+    def model(attn_impl):
+        torch.manual_seed(0)
+        m = DiT(input_size=8, in_channels=3, num_classes=10, patch_size=2, hidden_size=32, depth=2, num_heads=2,
+                num_register_tokens=3, qk_norm=qk_norm, attn_impl=attn_impl, kernels="reference").to(DEVICE)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g).to(DEVICE))
+        return m
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 8, 8, generator=g).to(DEVICE)
+    t, y = torch.rand(3, generator=g).to(DEVICE), torch.randint(0, 10, (3,), generator=g).to(DEVICE)
+    ref, fused = model("reference"), model("triton")
+    out_ref, out = ref(x, t, y), fused(x, t, y)
+    out_ref.square().mean().backward()
+    out.square().mean().backward()
+    torch.testing.assert_close(out, out_ref, atol=2e-5, rtol=1e-4)
+    for (name, p_ref), p in zip(ref.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# impl dispatch and errors
+
+def test_impl_auto_and_reference_use_the_reference_off_cuda(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the Triton path ran")
+    monkeypatch.setattr(attention, "qk_norm_attention", fail)
+    monkeypatch.setattr(attention, "joint_qk_norm_attention", fail)
+    qkv, w = torch.randn(2, 5, 3, 2, 8), torch.rand(8)
+    torch.testing.assert_close(K.qk_norm_attention(qkv, w, w), reference.qk_norm_attention(qkv, w, w), atol=0, rtol=0)
+    torch.testing.assert_close(K.joint_qk_norm_attention(qkv, qkv[:, :3], impl="reference"),
+                               reference.joint_qk_norm_attention(qkv, qkv[:, :3]), atol=0, rtol=0)
+
+
+def test_impl_errors(monkeypatch):
+    qkv = torch.randn(2, 5, 3, 2, 8)
+    with pytest.raises(ValueError, match="unknown impl 'flash'"):
+        K.qk_norm_attention(qkv, impl="flash")
+    monkeypatch.setattr(attention, "INTERPRETED", False)          # as on a machine without the interpreter
+    monkeypatch.setattr(K.ada_norm, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
+        K.joint_qk_norm_attention(qkv, qkv, impl="triton")
+    monkeypatch.setattr(K, "HAS_TRITON", False)
+    with pytest.raises(ValueError, match="triton is not installed"):
+        K.qk_norm_attention(qkv, impl="triton")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(qkv=torch.randn(2, 5, 2, 2, 8)), r"qkv must be \(B, N, 3, H, D\)"),
+    (dict(qkv=(torch.randn(2, 5, 2, 8),) * 2), r"tuple \(q, k, v\)"),
+    (dict(qkv=(torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8), torch.randn(2, 4, 2, 8))), "equal shapes"),
+    (dict(q_weight=torch.randn(7)), r"q_weight must be a \(D,\) = \(8,\)"),
+    (dict(qk_norm=False, k_weight=torch.randn(8)), "k_weight given with qk_norm=False"),
+    (dict(qkv=torch.randn(2, 5, 3, 2, 8, dtype=torch.float64)), "dtype torch.float64 is not fp16, bf16 or fp32"),
+    (dict(qkv=torch.randn(1, 2, 3, 1, 264)), "head dim 264 > 256"),
+    (dict(qkv_ctx=torch.randn(2, 5, 3, 3, 8)), "the streams must share B, H, D"),
+    (dict(qkv_ctx=torch.randn(2, 5, 3, 2, 8).half()), "every q, k, v must be torch.float32"),
+    (dict(qkv_ctx=torch.randn(2, 5, 3, 2, 8).unbind(2)), "both streams packed"),
+])
+def test_launcher_checks(bad, match):
+    args = dict(qkv=torch.randn(2, 5, 3, 2, 8), q_weight=None, k_weight=None, qk_norm=True)
+    args.update(bad)
+    qkv_ctx = args.pop("qkv_ctx", None)
+    args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    with pytest.raises(ValueError, match=match):
+        if qkv_ctx is None:
+            K.qk_norm_attention(**args, impl="triton")
+        else:
+            K.joint_qk_norm_attention(args["qkv"], qkv_ctx, args["q_weight"], args["k_weight"],
+                                      qk_norm=args["qk_norm"], impl="triton")

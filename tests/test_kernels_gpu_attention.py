@@ -1,0 +1,168 @@
+"""Fused QK-RMSNorm + flash attention on the GPU: bf16 / fp16 numerics at DiT-XL, MMDiT-joint and
+head-dim-128 shapes, fp32 storage, determinism, and DiT with attn_impl='triton' under bf16 autocast
+and torch.compile. Runs only where CUDA is present (the interpreter computes bf16 wrongly).
+
+Criterion, for the output(s) and every gradient (d(qkv) per stream and the four norm weights): the
+kernel's max error against the float64 spec is at most twice that of PyTorch's own low-precision
+path on the same inputs -- the models' sdpa path: per-head RMSNorm in fp32 rounded to the storage
+dtype, then scaled_dot_product_attention in that dtype (flash / cuDNN / efficient, as dispatched) --
+plus a few ulps.
+
+    ARCHIRF_ATTN_AUTOTUNE=0 pytest tests/test_kernels_gpu_attention.py -q   # no autotuning: ~1 min
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import archirf_kernels as K
+from archirf_kernels import reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CASES = {  # (B, H, N_img, N_ctx, D)
+    "dit-xl": (8, 16, 256, 0, 72),               # DiT-XL/2 at 256² (batch 8 of 64: the fp64 reference is big)
+    "mmdit-joint": (2, 24, 1024, 77, 64),        # joint: 1024 image + 77 text tokens
+    "d128": (2, 16, 2048, 0, 128),              # head dim 128, long sequence
+    "odd": (3, 5, 333, 0, 64),                   # N not a multiple of any block
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _randn(shape, dtype, seed, std=1.0, mean=0.0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (mean + std * torch.randn(shape, generator=g, device="cuda")).to(dtype)
+
+
+def _inputs(case, dtype):
+    B, H, n_img, n_ctx, D = CASES[case]
+    qkv = [_randn((B, n_img, 3, H, D), dtype, 0, std=2.0, mean=0.2)]
+    if n_ctx:
+        qkv.append(_randn((B, n_ctx, 3, H, D), dtype, 1, std=2.0, mean=0.2))
+    weights = [_randn((D,), torch.float32, 10 + i, std=0.3, mean=1.0) for i in range(2 * len(qkv))]
+    return qkv + weights
+
+
+def _pytorch_lowp(*args):
+    """The models' sdpa path in the storage dtype: RMSNorm (fp32 math, rounded) + SDPA, joint by concat."""
+    joint = len(args) == 6
+    qkvs, weights = args[:1 + joint], args[1 + joint:]
+
+    def heads(qkv, qw, kw):                                    # -> (B, H, N, D) each
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return reference.rms_norm(q, qw), reference.rms_norm(k, kw), v
+
+    streams = [heads(qkv, weights[2 * i], weights[2 * i + 1]) for i, qkv in enumerate(qkvs)]
+    q, k, v = (torch.cat([s[i] for s in streams], dim=2) for i in range(3))
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+    n = qkvs[0].shape[1]
+    return (out[:, :n], out[:, n:]) if joint else out
+
+
+def _spec(*args):
+    if len(args) == 6:
+        return reference.joint_qk_norm_attention(*args)
+    return reference.qk_norm_attention(*args)
+
+
+def _fused(*args):
+    if len(args) == 6:
+        return K.joint_qk_norm_attention(*args, impl="triton")
+    return K.qk_norm_attention(*args, impl="triton")
+
+
+def _run(fn, inputs, cotangents):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = sum((o.double() * c).sum() for o, c in zip(outs, cotangents))
+    grads = torch.autograd.grad(loss, leaves)
+    return [o.detach() for o in outs], list(grads)
+
+
+def check(inputs, seed=0):
+    probe = _spec(*inputs)
+    probe = probe if isinstance(probe, tuple) else (probe,)
+    cots = [_randn(p.shape, torch.float64, seed + 100 + i) for i, p in enumerate(probe)]
+    outs_t, grads_t = _run(_fused, inputs, cots)
+    outs_l, grads_l = _run(_pytorch_lowp, inputs, cots)
+    outs_r, grads_r = _run(_spec, [t.double() for t in inputs], cots)
+    names = [f"output {i}" for i in range(len(outs_t))] + [f"grad of input {i}" for i in range(len(grads_t))]
+    for name, got, low, want in zip(names, outs_t + grads_t, outs_l + grads_l, outs_r + grads_r):
+        assert got.dtype == low.dtype and got.shape == low.shape, (name, got.dtype, low.dtype)
+        assert torch.isfinite(got).all(), name
+        scale = max(1.0, want.abs().max().item())
+        err = (got.double() - want).abs().max().item()
+        err_low = (low.double() - want).abs().max().item()
+        bound = 2 * err_low + 4 * torch.finfo(got.dtype).eps * scale
+        assert err <= bound, f"{name} ({got.dtype}): kernel error {err:.3g} > {bound:.3g} (PyTorch's {err_low:.3g})"
+
+
+# bf16 everywhere; fp16 on the DiT and joint shapes (each (dtype, D, joint) is one more compile)
+@pytest.mark.parametrize("case,dtype", [(c, "bf16") for c in CASES] + [("dit-xl", "fp16"), ("mmdit-joint", "fp16")])
+def test_qk_norm_attention_gpu(case, dtype):
+    check(_inputs(case, DTYPES[dtype]))
+
+
+def test_fp32_storage_is_ieee_accurate():
+    # fp32 inputs take IEEE dot products (no TF32): errors at fp32 rounding, not at TF32's 1e-3.
+    inputs = _inputs("odd", torch.float32)
+    probe = _spec(*inputs)
+    cot = _randn(probe.shape, torch.float64, 5)
+    outs, grads = _run(_fused, inputs, [cot])
+    outs64, grads64 = _run(_spec, [t.double() for t in inputs], [cot])
+    for got, want in zip(outs + grads, outs64 + grads64):
+        assert (got.double() - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+def test_backward_is_deterministic():
+    # The weight gradients go through per-program partial rows and torch.sum, not atomics.
+    inputs = _inputs("mmdit-joint", torch.bfloat16)
+    cots = [_randn((2, 1024, 24 * 64), torch.float64, 7), _randn((2, 77, 24 * 64), torch.float64, 8)]
+    first, second = _run(_fused, inputs, cots), _run(_fused, inputs, cots)
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
+
+
+def _dit(attn_impl, kernels="reference"):
+    from archirf.models import DiT
+    torch.manual_seed(0)
+    m = DiT(input_size=16, in_channels=4, num_classes=10, patch_size=2, hidden_size=384, depth=2, num_heads=6,
+            class_dropout_prob=0.0, qk_norm=True, attn_impl=attn_impl, kernels=kernels).cuda()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)          # off the adaLN-Zero init, so all paths carry signal
+    return m
+
+
+def test_dit_bf16_autocast_triton_attention_is_as_accurate_as_sdpa():
+    # The training configuration: bf16 autocast, fp32 parameters (the norm weights reach the kernel in
+    # fp32, the qkv projection in bf16). Ground truth: the reference model in fp32, no autocast.
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(8, 4, 16, 16, device="cuda", generator=g)
+    t, y = torch.rand(8, device="cuda", generator=g), torch.randint(0, 10, (8,), device="cuda", generator=g)
+
+    def run(attn_impl, autocast):
+        m = _dit(attn_impl)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            out = m(x, t, y)
+        out.float().square().mean().backward()
+        return torch.cat([out.detach().float().flatten()] + [p.grad.flatten() for p in m.parameters()])
+
+    truth = run("reference", autocast=False)
+    err_sdpa = (run("sdpa", autocast=True) - truth).norm() / truth.norm()
+    err_fused = (run("triton", autocast=True) - truth).norm() / truth.norm()
+    assert err_fused <= 1.5 * err_sdpa + 1e-4, (err_fused, err_sdpa)
+
+
+def test_dit_qk_norm_compiles_fullgraph_with_the_fused_attention():
+    torch._dynamo.reset()
+    m = _dit("auto", kernels="auto")
+    assert m.attn_impl == "auto"                                  # triton on CUDA with qk_norm
+    x, t, y = torch.randn(4, 4, 16, 16, device="cuda"), torch.rand(4, device="cuda"), torch.arange(4, device="cuda")
+    compiled = torch.compile(m, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager, comp = m(x, t, y), compiled(x, t, y)
+        comp.float().square().mean().backward()
+    torch.testing.assert_close(comp.float(), eager.float(), atol=2e-2, rtol=2e-2)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
