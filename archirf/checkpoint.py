@@ -9,6 +9,12 @@ Layout under the run dir:
 A checkpoint is written to a temp dir, the COMPLETE marker is written last, then the dir is
 renamed into place: a crash at any point leaves either the previous state or a temp dir that
 no reader looks at. Only the newest `keep` complete checkpoints are kept.
+
+Training state (`save_training_state` / `load_training_state`): the model and optimizer through
+torch.distributed.checkpoint.state_dict (sharded DTensors under FSDP2, clean parameter names), the
+EMA shards, the loader's global stream position and the images seen. Every rank writes its own
+shards; DCP reshards on load, so a checkpoint of W ranks resumes on any number of ranks. No RNG
+state is saved: the training noise is a function of the data position (parallel.seed_micro_batch).
 """
 
 from __future__ import annotations
@@ -105,6 +111,30 @@ def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
     with _quiet_single_process():
         dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
     return state
+
+
+def _training_state(model, optimizer, ema, loader, images_seen: int) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optim_state, "ema": ema.state_dict(),
+            "loader": loader.state_dict(), "images_seen": images_seen}
+
+
+def save_training_state(run_dir: str | Path, images_seen: int, model, optimizer, ema, loader, keep: int) -> Path:
+    """One complete training checkpoint; every rank calls it."""
+    return save_checkpoint(run_dir, images_seen, _training_state(model, optimizer, ema, loader, images_seen), keep)
+
+
+def load_training_state(path: str | Path, model, optimizer, ema, loader) -> int:
+    """Restores model, optimizer, EMA and loader in place from `path` (any world size); returns images seen."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = load_checkpoint(path, _training_state(model, optimizer, ema, loader, 0))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    ema.load_state_dict(state["ema"])
+    loader.load_state_dict(state["loader"])
+    return int(state["images_seen"])
 
 
 def save_snapshot(run_dir: str | Path, images_seen: int, weights: dict[str, torch.Tensor],

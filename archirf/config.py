@@ -98,12 +98,23 @@ class EMAConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # Data-parallel training through FSDP2 (fully_shard), launched by torchrun; see README "Scale-out".
+    # per block; full: recompute the block in backward; selective: keep matmul/attention outputs
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    hsdp_replicate: int = 1                      # HSDP: replicas (e.g. nodes); shard within each. 1 = plain FSDP
+    reshard_after_forward: bool = True           # free gathered block weights after forward (False: less traffic)
+    stop_check_steps: int = 10                   # ranks agree on a stop signal every this many steps (a host sync)
+    reference_img_per_s: Optional[float] = None  # one-GPU img/s of this recipe: enables scaling_efficiency in metrics
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/digits"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: Literal["auto", "on", "off"] = "auto"        # auto: on on CUDA, off on CPU
+    compile: Literal["auto", "on", "off"] = "auto"        # per-block torch.compile; auto: on on CUDA, off on CPU
     global_batch: int = 128                      # images per optimizer step, all ranks together
     micro_batch: Optional[int] = None            # per rank per forward; None: global_batch / world size
     total_images: int = 128_000
@@ -120,6 +131,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def _fields(cls) -> list[str]:
@@ -152,7 +164,10 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
         return ConfigError(f"unknown config key '{key}' (from {source}); {hint}valid keys at {where}: "
                            f"{', '.join(_fields(cls))}")
     if isinstance(err, ValidationError):
-        return ConfigError(f"bad value for config key '{key}' (from {source}): {msg}")
+        hint = ""
+        if ("'True'" in msg or "'False'" in msg) and "'on'" in msg:
+            hint = '; YAML reads on/off as true/false: quote it, e.g. compile: "on"'
+        return ConfigError(f"bad value for config key '{key}' (from {source}): {msg}{hint}")
     return ConfigError(f"config error at '{key}' (from {source}): {msg}")
 
 
@@ -161,6 +176,9 @@ def _merge(base, other, source: str):
         return OmegaConf.merge(base, other)
     except OmegaConfBaseException as err:
         raise _explain(err, source) from None
+
+
+_YAML_BOOL_WORDS = ("on", "off", "yes", "no", "y", "n")
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
@@ -175,6 +193,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optim.lr=3e-4)")
+        key, value = item.split("=", 1)
+        if value.strip().lower() in _YAML_BOOL_WORDS:
+            item = f'{key}="{value.strip()}"'  # YAML 1.1 would read compile=on as True; a bool key still gets True
         try:
             dot = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as err:
@@ -234,6 +255,11 @@ def validate(cfg: Config) -> None:
          "set exactly one of ema.half_life_images and ema.decay (the other to null)")
     need(e.decay is None or 0 <= e.decay < 1, "ema.decay must be in [0, 1)")
     need(e.half_life_images is None or e.half_life_images > 0, "ema.half_life_images must be > 0")
+    q = cfg.parallel
+    need(q.hsdp_replicate >= 1, f"parallel.hsdp_replicate must be >= 1 (got {q.hsdp_replicate}; 1 = plain FSDP)")
+    need(q.stop_check_steps >= 1, f"parallel.stop_check_steps must be >= 1 (got {q.stop_check_steps})")
+    need(q.reference_img_per_s is None or q.reference_img_per_s > 0,
+         "parallel.reference_img_per_s must be > 0 or null (the one-GPU img/s of this recipe)")
 
 
 def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:

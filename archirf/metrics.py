@@ -85,9 +85,10 @@ _now = time.perf_counter  # module-level so tests can substitute a fake clock
 class Metrics:
     """On-device loss/grad-norm accumulators, throughput, MFU, metrics.jsonl and a progress bar.
 
-    `images` passed to step() and all img/s figures are global (all ranks together); MFU is per
-    GPU. `reduce(t)` must return the sum of the 1-D tensor `t` over ranks (e.g. an all_reduce
-    SUM); it is called by every rank inside log() and nonfinite_count(), so all ranks must call
+    `images` passed to step() and `img_per_s` are global (all ranks together); `img_per_s_per_gpu`
+    and MFU are per GPU (per rank), and `scaling_efficiency` is img_per_s_per_gpu over
+    `reference_img_per_s` (the one-GPU rate of the same recipe) when that is given. `reduce(t)`
+    must return the sum of the 1-D tensor `t` over ranks (e.g. an all_reduce SUM); it is called by every rank inside log() and nonfinite_count(), so all ranks must call
     those together. The default (identity) is right for one process.
     """
 
@@ -103,6 +104,7 @@ class Metrics:
         progress: bool = True,
         world_size: int = 1,
         reduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
+        reference_img_per_s: float | None = None,  # one-GPU img/s of this recipe: enables scaling_efficiency
     ):
         self.run_dir = Path(run_dir)
         self.jsonl_path = self.run_dir / "metrics.jsonl"
@@ -111,6 +113,7 @@ class Metrics:
         self.is_main = is_main
         self.world_size = world_size
         self.reduce = reduce
+        self.reference_img_per_s = reference_img_per_s
         self.peak_flops = peak_flops(self.device)
         if is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -202,12 +205,15 @@ class Metrics:
             "grad_norm": grad_sum / finite_steps if finite_steps else None,
             "lr": lr,
             "img_per_s": img_per_s,
+            "img_per_s_per_gpu": img_per_s / self.world_size,
             "steps": self._window_steps,
             "nonfinite": int(nonfinite),
             "data_wait_frac": min(self._window_data_wait_s / wall_s, 1.0),
             "time": time.time(),
             "elapsed_s": now - self._start_time,
         }
+        if self.reference_img_per_s:
+            record["scaling_efficiency"] = img_per_s / self.world_size / self.reference_img_per_s
         if self.flops_per_image is not None:
             flops_per_gpu = 6 * self.flops_per_image * img_per_s / self.world_size
             record["tflops_per_gpu"] = flops_per_gpu / 1e12

@@ -73,8 +73,9 @@ def test_order_depends_only_on_seed_and_epoch():
     a, b = ResumableOrder(50, seed=3), ResumableOrder(50, seed=3)
     b.take(1234)  # wherever b is, epoch e's permutation is the same
     for e in range(3):
-        assert torch.equal(a.share(e)[0], b.share(e)[0]) and torch.equal(a.share(e)[1], b.share(e)[1])
-    assert not torch.equal(a.share(0)[0], ResumableOrder(50, seed=4).share(0)[0])
+        assert torch.equal(a.permutation(e)[0], b.permutation(e)[0])
+        assert torch.equal(a.permutation(e)[1], b.permutation(e)[1])
+    assert not torch.equal(a.permutation(0)[0], ResumableOrder(50, seed=4).permutation(0)[0])
 
 
 def test_batch_larger_than_dataset_spans_several_epochs():
@@ -84,20 +85,34 @@ def test_batch_larger_than_dataset_spans_several_epochs():
     assert loader.state_dict() == {"epoch": 2, "index": 2}
 
 
-@pytest.mark.parametrize("num_samples", [11, 12])
-def test_two_ranks_are_disjoint_and_cover_the_dataset(num_samples):
-    ranks = [index_loader(num_samples, 2, rank=r, world_size=2) for r in range(2)]
-    share = ResumableOrder(num_samples, seed=0, rank=0, world_size=2).share_size
-    assert share == (num_samples + 1) // 2
-    for epoch in range(2):
-        shares = [torch.cat([y for _, y in take(r, share // 2)]) for r in ranks]
-        if share % 2:
-            shares = [torch.cat([s, next(r)[1][:1]]) for s, r in zip(shares, ranks)]
-        a, b = set(shares[0].tolist()), set(shares[1].tolist())
-        assert a | b == set(range(num_samples))
-        padding = 2 * share - num_samples       # wrapped-around entries, as in DistributedSampler
-        assert len(a & b) <= padding and len(shares[0]) == len(shares[1]) == share
-    assert ranks[0].state_dict() == ranks[1].state_dict(), "the state must be the same on every rank"
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_split_the_one_rank_stream_into_contiguous_runs(world_size):
+    """Each call takes the next world_size * batch samples of the global stream; rank r gets the r-th
+    run of batch of them. No padding: every sample once per epoch, whatever the world size."""
+    n, batch, calls = 11, 2, 7                                          # crosses epoch ends
+    one = torch.cat([y for _, y in take(index_loader(n, batch * world_size), calls)])
+    ranks = [index_loader(n, batch, rank=r, world_size=world_size) for r in range(world_size)]
+    per_call = [[next(r)[1] for r in ranks] for _ in range(calls)]
+    assert torch.equal(torch.cat([y for ys in per_call for y in ys]), one)
+    assert sorted(one[:n].tolist()) == list(range(n))
+    states = [r.state_dict() for r in ranks]
+    assert all(st == states[0] for st in states), "the state must be the same on every rank"
+    assert states[0] == {"epoch": (calls * batch * world_size) // n, "index": (calls * batch * world_size) % n}
+
+
+def test_state_from_two_ranks_resumes_on_one_and_three_at_the_same_place():
+    two = [index_loader(12, 2, rank=r, world_size=2) for r in range(2)]
+    for _ in range(4):                                                  # 16 samples: into epoch 1
+        [next(r) for r in two]
+    state = two[0].state_dict()
+    assert state == {"epoch": 1, "index": 4}
+    reference = index_loader(12, 6)                                     # one rank, same global batch
+    reference.load_state_dict(state)
+    expected = next(reference)[1]
+    three = [index_loader(12, 2, rank=r, world_size=3) for r in range(3)]
+    for r in three:
+        r.load_state_dict(state)
+    assert torch.equal(torch.cat([next(r)[1] for r in three]), expected)
 
 
 def test_flips_are_per_sample_and_survive_resume():
@@ -112,9 +127,9 @@ def test_flips_are_per_sample_and_survive_resume():
     assert torch.equal(index, torch.cat([b[1] for b in batches])), "a flip must move the whole image"
 
 
-def test_resume_with_index_past_the_share_starts_the_next_epoch():
-    order = ResumableOrder(10, seed=0, world_size=2)   # share of 5
-    order.load_state_dict({"epoch": 3, "index": 7})     # saved by a run with fewer ranks
+def test_resume_with_index_past_the_end_starts_the_next_epoch():
+    order = ResumableOrder(10, seed=0, world_size=2)
+    order.load_state_dict({"epoch": 3, "index": 12})    # written for a larger dataset
     assert order.state_dict() == {"epoch": 4, "index": 0}
 
 

@@ -2,7 +2,7 @@
 
     loader = build_loader(cfg, batch_size, device, rank, world_size)
     x, y = next(loader)            # x (B, C, R, R) float32 in [-1, 1], y (B,) long, both on device
-    state = loader.state_dict()    # {"epoch": int, "index": int}, the same on every rank
+    state = loader.state_dict()    # {"epoch": int, "index": int}: global, the same on every rank and any W
     loader.load_state_dict(state)  # continues with exactly the batches (and flips) that would follow
 
 Every loader also has `num_samples` (dataset size), `num_classes` and `batch_size`; the folder

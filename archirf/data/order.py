@@ -1,24 +1,24 @@
 """The resumable, rank-sharded, infinite sample order shared by every loader.
 
 Epoch e is a permutation of the dataset drawn from a generator seeded by (seed, e) alone, so the
-order never depends on how often a run was stopped. It is padded by wrapping to a multiple of the
-world size and rank r takes every W-th entry from r (as torch's DistributedSampler does), so every
-rank owns `share_size = ceil(N / W)` positions per epoch and the shares are disjoint up to the
-padding. Batches are consecutive runs of positions in this rank's share.
+order never depends on how often a run was stopped. The epochs, end to end, form one global
+stream. Every `take(n)` call is made by all ranks together and consumes the next `n * W`
+positions of that stream: rank r gets the r-th run of n of them. So a rank's micro batch is a
+contiguous piece of the stream, and the same global positions form the same micro batches
+whatever the world size, as long as the micro batch stays the same (what makes a run's
+trajectory independent of the number of GPUs, and resharded resumes exact).
 
-Epoch ends: no drop_last. A batch that reaches the end of the share takes its remaining samples
-from the start of the next epoch's share, so every sample is seen exactly once per epoch (up to
-padding) and a share smaller than the batch still works. Position = (epoch, index into the
-share); because every rank has the same share size and batch size, that state is identical on
-all ranks, and restoring it continues the stream exactly.
+Epoch ends: no drop_last and no padding. A batch that reaches the end of an epoch continues at
+the start of the next one, so every sample is seen exactly once per epoch. Position = (epoch,
+index), index = samples of this epoch consumed by all ranks together; it is the same on every
+rank and does not depend on the world size, so a checkpoint written by W ranks resumes on any
+other number of ranks at exactly the same place.
 
 Horizontal flips are a function of (seed, epoch, sample index) too, drawn from their own stream,
 so a resumed run flips the same samples the same way.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -39,7 +39,7 @@ def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 
 
 class ResumableOrder:
-    """This rank's position in an infinite stream of epochs; `take(n)` hands out the next n."""
+    """The position of all ranks in an infinite stream of epochs; `take(n)` hands this rank its next n."""
 
     def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
         if num_samples < 1:
@@ -47,43 +47,48 @@ class ResumableOrder:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size) (got rank={rank}, world_size={world_size})")
         self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
-        self.share_size = math.ceil(num_samples / world_size)   # positions per rank per epoch
         self.epoch, self.index = 0, 0
         self._cached: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def share(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sample indices (share_size,) long, flips (share_size,) bool) of this rank in `epoch`, on CPU."""
+    def permutation(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sample indices (N,) long, flips (N,) bool) of `epoch`, by stream position, on CPU."""
         if epoch not in self._cached:
-            n, w = self.num_samples, self.world_size
+            n = self.num_samples
             perm = torch.randperm(n, generator=_generator(self.seed, epoch, _PERMUTATION_STREAM))
-            total = self.share_size * w
-            if total > n:  # pad by wrapping (repeatedly, if the world is larger than the dataset)
-                perm = perm.repeat(math.ceil(total / n))[:total]
-            indices = perm[self.rank:total:w]
             flips = torch.rand(n, generator=_generator(self.seed, epoch, _FLIP_STREAM)) < 0.5
-            # Keep the current epoch and its successor: a batch spans at most those two
-            # unless the share is smaller than the batch.
+            # Keep the current epoch and its successors: a batch spans at most those two
+            # unless the dataset is smaller than a batch.
             self._cached = {e: v for e, v in self._cached.items() if e >= self.epoch}
-            self._cached[epoch] = (indices, flips[indices])
+            self._cached[epoch] = (perm, flips[perm])
         return self._cached[epoch]
 
-    def take(self, n: int) -> list[tuple[int, int, int]]:
-        """Advances by n positions; returns them as (epoch, start, stop) runs of this rank's share."""
-        runs = []
+    def flat_position(self) -> int:
+        """Samples of the whole stream consumed so far (all epochs, all ranks)."""
+        return self.epoch * self.num_samples + self.index
+
+    def _advance(self, n: int, runs: list | None) -> None:
         while n > 0:
-            stop = min(self.index + n, self.share_size)
-            runs.append((self.epoch, self.index, stop))
+            stop = min(self.index + n, self.num_samples)
+            if runs is not None:
+                runs.append((self.epoch, self.index, stop))
             n -= stop - self.index
             self.index = stop
-            if self.index == self.share_size:  # keep the state normalised: (e + 1, 0), never (e, end)
+            if self.index == self.num_samples:  # keep the state normalised: (e + 1, 0), never (e, end)
                 self.epoch, self.index = self.epoch + 1, 0
+
+    def take(self, n: int) -> list[tuple[int, int, int]]:
+        """Advances all ranks by n each; returns this rank's n as (epoch, start, stop) runs of permutations."""
+        runs: list[tuple[int, int, int]] = []
+        self._advance(self.rank * n, None)
+        self._advance(n, runs)
+        self._advance((self.world_size - 1 - self.rank) * n, None)
         return runs
 
     def take_items(self, n: int) -> list[tuple[int, bool]]:
-        """The next n positions as (sample index, flip) pairs of plain Python values."""
+        """This rank's next n positions as (sample index, flip) pairs of plain Python values."""
         items = []
         for epoch, start, stop in self.take(n):
-            indices, flips = self.share(epoch)
+            indices, flips = self.permutation(epoch)
             items += zip(indices[start:stop].tolist(), flips[start:stop].tolist())
         return items
 
@@ -94,9 +99,9 @@ class ResumableOrder:
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or index < 0:
             raise ValueError(f"bad loader state {state}: epoch and index must be >= 0")
-        # An index past this rank's share can only come from a run with fewer ranks; rather than
-        # refuse to resume, start the next epoch (the partial epoch is not repeated).
-        if index >= self.share_size:
+        # An index past the end can only come from a dataset that has shrunk since the checkpoint;
+        # rather than refuse to resume, start the next epoch (the partial epoch is not repeated).
+        if index >= self.num_samples:
             epoch, index = epoch + 1, 0
         self.epoch, self.index = epoch, index
 

@@ -1,7 +1,7 @@
 """A loader over a dataset that lives whole on the device (digits, synthetic).
 
-A step costs two index_selects on the device and no host work: each epoch's share of indices
-and flips is copied to the device once, and a batch is a slice of it.
+A step costs two index_selects on the device and no host work: each epoch's permutation and
+flips are copied to the device once, and a batch is a slice of it.
 """
 
 from __future__ import annotations
@@ -29,28 +29,28 @@ class DeviceTensorLoader:
         self.batch_size = batch_size
         self.random_flip = random_flip
         self._order = ResumableOrder(self.num_samples, seed, rank, world_size)
-        self._device_share: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._device_perm: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _share_on_device(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if epoch not in self._device_share:
-            indices, flips = self._order.share(epoch)
+    def _permutation_on_device(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if epoch not in self._device_perm:
+            indices, flips = self._order.permutation(epoch)
             # Once per epoch: the only host-to-device copy this loader makes.
-            self._device_share[epoch] = (indices.to(self.images.device), flips.to(self.images.device))
-        return self._device_share[epoch]
+            self._device_perm[epoch] = (indices.to(self.images.device), flips.to(self.images.device))
+        return self._device_perm[epoch]
 
     def __iter__(self) -> "DeviceTensorLoader":
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         runs = self._order.take(self.batch_size)
-        parts = [self._share_on_device(epoch) for epoch, _, _ in runs]
+        parts = [self._permutation_on_device(epoch) for epoch, _, _ in runs]
         index = _cat([p[0][start:stop] for p, (_, start, stop) in zip(parts, runs)])       # (B,)
         x = self.images.index_select(0, index)                                              # (B, C, R, R)
         if self.random_flip:
             flip = _cat([p[1][start:stop] for p, (_, start, stop) in zip(parts, runs)])     # (B,)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         y = self.labels.index_select(0, index)                                              # (B,)
-        self._device_share = {e: v for e, v in self._device_share.items() if e >= self._order.epoch}
+        self._device_perm = {e: v for e, v in self._device_perm.items() if e >= self._order.epoch}
         return x, y
 
     def state_dict(self) -> dict:
@@ -58,4 +58,4 @@ class DeviceTensorLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self._order.load_state_dict(state)
-        self._device_share = {}
+        self._device_perm = {}

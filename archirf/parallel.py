@@ -1,0 +1,267 @@
+"""Scale-out on PyTorch's own stack: device and process group, device mesh, and the one function that
+prepares a model for training (torchtitan's order):
+
+    activation checkpointing per block -> torch.compile per block (fullgraph) -> fully_shard per block
+    -> fully_shard at the root
+
+Everything runs under torchrun (c10d rendezvous for several nodes); world size 1 takes the same path
+on a 1-rank mesh, and a plain `python -m archirf.train` gets a 1-rank process group of its own.
+Models know nothing of this; they only expose `blocks` (an nn.ModuleList of the repeated units)
+and keep every buffer persistent (the initial weights travel as a state dict).
+
+World-size invariance. A run's trajectory does not depend on the number of ranks (for a fixed
+micro batch): the data stream hands every micro batch the same samples whatever the world size
+(data/order.py), the noise, times and label drops of a micro batch are drawn from a generator seeded
+by its place in that stream (`seed_micro_batch`), gradients are averaged over ranks, and the initial
+weights are rank 0's ordinary initialisation broadcast to the shards. So 1 and N ranks take the same
+steps up to floating-point summation order, and a checkpoint resumes on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import Config, ConfigError
+from .data.order import stream_seed
+
+_NOISE_STREAM = 3                   # generator stream of the per-micro-batch noise (data/order.py uses 0-2)
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+@dataclass
+class Env:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    mesh: object = None                          # DeviceMesh: 1-D (shard) or 2-D (replicate, shard)
+    control_group: object = None                 # a gloo group for host-side agreement (stop signals)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _pick_device(cfg: Config) -> torch.device:
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+    if want == "cpu":
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda", local_rank)
+
+
+@contextlib.contextmanager
+def distributed(cfg: Config) -> Iterator[Env]:
+    """Device, process group (NCCL on GPU, gloo on CPU) and mesh for the run; tears down what it set up.
+
+    Under torchrun the group comes from its environment (RANK, WORLD_SIZE, MASTER_ADDR ...); without
+    it, a 1-rank group on an in-memory store, so one process trains through the same code.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device = _pick_device(cfg)
+    owns = not dist.is_initialized()
+    try:
+        if owns:
+            backend, device_id = ("nccl", device) if device.type == "cuda" else ("gloo", None)
+            if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+                dist.init_process_group(backend, device_id=device_id)
+            else:
+                dist.init_process_group(backend, device_id=device_id, store=dist.HashStore(), rank=0, world_size=1)
+        world_size = dist.get_world_size()
+        replicate = cfg.parallel.hsdp_replicate
+        if world_size % replicate:
+            raise ConfigError(f"parallel.hsdp_replicate={replicate} must divide the world size {world_size}; "
+                              f"use the number of nodes (or 1 for plain FSDP)")
+        if replicate > 1:  # HSDP: replicate across the outer dim (nodes), shard within the inner one
+            mesh = init_device_mesh(device.type, (replicate, world_size // replicate),
+                                    mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("shard",))
+        control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        yield Env(device, dist.get_rank(), world_size, mesh, control)
+        dist.barrier()  # all ranks leave together
+    finally:
+        if owns and dist.is_initialized():
+            dist.destroy_process_group()
+            # gloo's worker threads drop their last references to finished work (and its tensors) after
+            # the waiting caller has moved on, and need the GIL for it; if the interpreter is shutting
+            # down by then, the process aborts ("terminate called without an active exception", about
+            # one exit in twenty on CPU). Release the GIL for a moment so they can finish first.
+            time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+# Selective activation checkpointing keeps what is expensive to recompute (matmuls, attention) and
+# recomputes the cheap element-wise rest (norms, modulation, activations, residual adds).
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], compile: bool,
+                activation_checkpointing: str = "none", reshard_after_forward: bool = True) -> nn.Module:
+    """Activation checkpointing -> per-block compile -> per-block fully_shard -> root fully_shard, in place.
+
+    Repeated blocks compile once (same code, parameters are graph inputs). Parameters stay fp32
+    (the optimizer's master copy, sharded); `param_dtype` is what forward and backward compute in.
+    Gradients are reduced in fp32. The root does not cast its inputs, so times stay fp32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    block_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    blocks = model.blocks
+    for i, block in enumerate(blocks):
+        if activation_checkpointing != "none":
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+            from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+            extra = {}
+            if activation_checkpointing == "selective":
+                extra["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+            block = checkpoint_wrapper(block, preserve_rng_state=False, **extra)  # blocks draw no random numbers
+        if compile:
+            block.compile(fullgraph=True)  # in place: parameter names stay the same
+        # The last block's weights are needed again right away by backward: keep them gathered.
+        fully_shard(block, mesh=mesh, mp_policy=block_mp,
+                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
+        blocks[i] = block
+    fully_shard(model, mesh=mesh, mp_policy=root_mp, reshard_after_forward=False)
+    return model
+
+
+def build_training_model(cfg: Config, env: Env, *, param_dtype: Optional[torch.dtype],
+                         compile: bool) -> tuple[nn.Module, Optional[nn.Module]]:
+    """(sharded training model, rank 0's full fp32 copy on CPU or None on other ranks).
+
+    The training model is built on the meta device, parallelized, materialized empty on the device,
+    then filled with rank 0's ordinary initialisation (`build_model` under `cfg.seed`, on CPU)
+    broadcast shard by shard. Initial weights are therefore bitwise the same for every world size
+    (DTensor random fills are not: on CPU each rank draws its shard from its own generator). Rank 0
+    keeps the full copy as the eval model that samples with the EMA weights.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from .models import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    unsaved = {n for n, _ in model.named_buffers()} - set(model.state_dict())
+    if unsaved:
+        raise ValueError(f"non-persistent buffers {sorted(unsaved)} would stay uninitialised after the broadcast "
+                         f"of rank 0's weights; register them with persistent=True")
+    parallelize(model, env.mesh, param_dtype=param_dtype, compile=compile,
+                activation_checkpointing=cfg.parallel.activation_checkpointing,
+                reshard_after_forward=cfg.parallel.reshard_after_forward)
+    model.to_empty(device=env.device)
+    reference = None
+    if env.is_main:
+        torch.manual_seed(cfg.seed)
+        reference = build_model(cfg)
+    set_model_state_dict(model, reference.state_dict() if reference is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for p in model.parameters():
+        if p.numel() == 0:  # e.g. zero register tokens: no gradient ever, so no optimizer state to checkpoint
+            p.requires_grad_(False)
+    return model, reference
+
+
+def clean_fqn(name: str) -> str:
+    """A parameter name without the wrappers' path parts (activation checkpointing, compile)."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------- step
+
+def seed_micro_batch(seed: int, loader, rank: int, micro_batch: int) -> None:
+    """Seeds the global RNGs (CPU and device) for this rank's next micro batch from its first sample's
+    place in the global data stream. Noise, times and label drops then depend on which samples a micro
+    batch holds, not on the rank or the world size; a resumed run needs no RNG state. Host-only."""
+    state = loader.state_dict()
+    first = state["epoch"] * loader.num_samples + state["index"] + rank * micro_batch
+    torch.manual_seed(stream_seed(seed, first, _NOISE_STREAM))
+
+
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The global gradient norm over all ranks (a plain 0-dim tensor); clips to max_norm when > 0.
+
+    Under FSDP2 the grads are DTensor shards: their norm is a partial result that full_tensor()
+    all-reduces (on the device, no host sync)."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Metrics' reduce hook: the sum over ranks, in place (a device collective; the caller syncs)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class StopRequest:
+    """SIGTERM / SIGINT / SIGUSR1 set a flag on the rank that receives them; `agreed(step)` says whether
+    any rank has one. With several ranks that is a small all_reduce on a CPU (gloo) group -- a host
+    sync between ranks, not with the GPU -- made every `every` steps (and when forced), so a signal
+    that reaches one rank only stops all of them within `every` steps."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self, env: Env, every: int):
+        self.env, self.every = env, every
+        self.signum: Optional[int] = None          # received by this rank
+        self.agreed_signum: Optional[int] = None   # received by some rank, known to all
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def agreed(self, step: int, force: bool = False) -> bool:
+        if self.env.world_size == 1:
+            self.agreed_signum = self.signum
+        elif force or step % self.every == 0:
+            flag = torch.tensor([self.signum or 0], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.env.control_group)  # note: ranks sync here
+            self.agreed_signum = int(flag.item()) or None
+        return self.agreed_signum is not None
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)

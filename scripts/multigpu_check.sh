@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Scale-out check on 2 GPUs of one host (NCCL): DiT-XL/2 on synthetic 32x32x4 latents
+# (configs/dit_xl2_latent.yaml: bf16, per-block compile, FSDP2, global batch 128 = 64 per GPU).
+#
+#   OUT=summary_dir bash scripts/multigpu_check.sh [all | parity | stop | resume | summary]
+#
+# Phases (each under 10 minutes on H100s; `all` runs them in order): parity = 1-2, stop = the
+# deterministic reference and 3, resume = 4-5, summary = the comparisons. What the phases share
+# lives in SCRATCH (default runs/multigpu_scratch), deleted by `summary`.
+#
+#   1. parity       1 GPU (2 x 64 accumulated) vs 2 GPUs (64 each): the same 50 steps, losses compared
+#   2. throughput   img/s per GPU (median over steps 11-50, compilation excluded), MFU, scaling efficiency
+#   3. stop         SIGTERM to rank 1 only, mid-run: both ranks checkpoint once and exit 0
+#   4. relaunch     the same command resumes; bitwise against an uninterrupted run (both deterministic)
+#   5. reshard      the 2-GPU checkpoint resumed on 1 GPU: the same trajectory within bf16 tolerance
+#
+# Runs 3-5 and their reference use torch.use_deterministic_algorithms (bitwise comparisons need
+# deterministic kernels); 1-2 run the normal fast path. Writes $OUT/summary.md (default
+# runs/multigpu_check) with the logs and metrics; checkpoints (~11 GB each) stay in SCRATCH.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+PHASE=${1:-all}
+OUT=${OUT:-runs/multigpu_check}
+SCRATCH=${SCRATCH:-runs/multigpu_scratch}
+mkdir -p "$OUT" "$SCRATCH"
+STEPS=50
+GB=128
+# a metrics line per step (the comparisons are per step); CHECK_OVERRIDES: more key=value (a CPU dry run)
+COMMON=(--config configs/dit_xl2_latent.yaml global_batch=$GB micro_batch=64 total_images=$((STEPS * GB))
+        log_every=$GB progress=false ${CHECK_OVERRIDES:-})
+DET='import sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); from archirf.train import main; sys.exit(main())'
+
+train() {      # train NPROC LOG ARGS...: the normal entry point
+  local n=$1 log=$2; shift 2
+  torchrun --standalone --nproc_per_node="$n" -m archirf.train "${COMMON[@]}" "$@" > "$log" 2>&1
+}
+train_det() {  # the same, with deterministic kernels
+  local n=$1 log=$2; shift 2
+  CUBLAS_WORKSPACE_CONFIG=:4096:8 torchrun --standalone --nproc_per_node="$n" --no-python \
+    python -c "$DET" "${COMMON[@]}" "$@" > "$log" 2>&1
+}
+rank_pid() {   # rank_pid LAUNCHER_PID RANK: a torchrun worker's pid
+  for pid in $(pgrep -P "$1"); do
+    if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "RANK=$2"; then echo "$pid"; return; fi
+  done
+}
+note() { echo "$1" | tee -a "$SCRATCH/exits.txt"; }
+phase() { [ "$PHASE" = all ] || [ "$PHASE" = "$1" ]; }
+
+if phase parity; then
+echo "== 1-2: parity and throughput"
+rm -rf "$SCRATCH"/* && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$SCRATCH/gpus.txt" 2>&1
+train 1 "$OUT/one.log" run_dir="$SCRATCH/one"; note "one GPU run: exit $?"
+train 2 "$OUT/two.log" run_dir="$SCRATCH/two"; note "two GPU run: exit $?"
+rm -rf "$SCRATCH/one/checkpoints" "$SCRATCH/two/checkpoints"
+fi
+
+if phase stop; then
+echo "== 3: deterministic reference, SIGTERM to one rank"
+train_det 2 "$OUT/det.log" run_dir="$SCRATCH/det"; note "deterministic reference: exit $?"
+rm -rf "$SCRATCH/det/checkpoints"
+CUBLAS_WORKSPACE_CONFIG=:4096:8 torchrun --standalone --nproc_per_node=2 --no-python python -c "$DET" \
+  "${COMMON[@]}" run_dir="$SCRATCH/stop" parallel.stop_check_steps=5 > "$OUT/stop.log" 2>&1 &
+LAUNCHER=$!
+until [ -f "$SCRATCH/stop/metrics.jsonl" ] && [ "$(wc -l < "$SCRATCH/stop/metrics.jsonl")" -ge 15 ]; do
+  kill -0 $LAUNCHER 2>/dev/null || break
+  sleep 0.2
+done
+PID1=$(rank_pid $LAUNCHER 1)
+if [ -n "$PID1" ]; then kill -TERM "$PID1"; fi
+wait $LAUNCHER; note "stop (SIGTERM to rank 1, pid ${PID1:-none}): exit $?"
+ls -d "$SCRATCH"/stop/checkpoints/images-* > "$SCRATCH/stop_checkpoints.txt" 2>&1
+cp "$SCRATCH/stop/metrics.jsonl" "$SCRATCH/stop_before_relaunch.jsonl"
+fi
+
+if phase resume; then
+echo "== 4-5: relaunch on 2 GPUs, resume on 1"
+rm -rf "$SCRATCH/reshard" && cp -r "$SCRATCH/stop" "$SCRATCH/reshard"
+train_det 2 "$OUT/relaunch.log" run_dir="$SCRATCH/stop"; note "relaunch on 2 GPUs: exit $?"
+train_det 1 "$OUT/reshard.log" run_dir="$SCRATCH/reshard"; note "resume on 1 GPU: exit $?"
+fi
+
+phase summary || exit 0
+for f in gpus.txt exits.txt stop_checkpoints.txt stop_before_relaunch.jsonl; do cp "$SCRATCH/$f" "$OUT/" 2>/dev/null; done
+for run in one two det stop reshard; do cp "$SCRATCH/$run/metrics.jsonl" "$OUT/$run.jsonl" 2>/dev/null; done
+python - "$OUT" "$SCRATCH" <<'EOF'
+import json, statistics, sys
+from pathlib import Path
+
+import torch
+
+from archirf import checkpoint as ckpt
+
+out, scratch = Path(sys.argv[1]), Path(sys.argv[2])
+
+def rows(name):
+    path = out / f"{name}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+def rel(a, b):
+    return abs(a - b) / max(abs(b), 1e-12)
+
+def text(name):
+    path = out / name
+    return path.read_text().strip() if path.exists() else ""
+
+lines = ["# ArchiRF multi-GPU check: DiT-XL/2, 32x32x4 latents, global batch 128 (64 per GPU)", "",
+         "GPUs: " + text("gpus.txt").replace("\n", "; "), "",
+         "exit codes: " + text("exits.txt").replace("\n", "; "), ""]
+one, two, det, stop, reshard = (rows(n) for n in ("one", "two", "det", "stop", "reshard"))
+
+# 1. parity
+if one and two:
+    diffs = [rel(a["loss"], b["loss"]) for a, b in zip(one, two)]
+    lines += [f"1. parity 1 vs 2 GPUs over {len(diffs)} steps: loss {one[0]['loss']:.4f} -> {one[-1]['loss']:.4f} (1 GPU), "
+              f"{two[0]['loss']:.4f} -> {two[-1]['loss']:.4f} (2 GPUs); max relative difference {max(diffs):.2e}, "
+              f"mean {statistics.mean(diffs):.2e} -> {'PASS' if max(diffs) < 2e-2 else 'CHECK'} (bf16; tolerance 2e-2)"]
+# 2. throughput
+def rate(rs, key):
+    vals = [r[key] for r in rs[10:] if r.get(key) is not None]
+    return statistics.median(vals) if vals else float("nan")
+if one and two:
+    r1, r2 = rate(one, "img_per_s_per_gpu"), rate(two, "img_per_s_per_gpu")
+    lines += [f"2. throughput (median of steps 11-{len(two)}): 1 GPU {r1:.1f} img/s, MFU {rate(one, 'mfu'):.3f}; "
+              f"2 GPUs {r2:.1f} img/s per GPU ({2 * r2:.1f} total), MFU {rate(two, 'mfu'):.3f} per GPU; "
+              f"scaling efficiency {r2 / r1:.3f}; peak memory {rate(two, 'peak_mem_gib'):.1f} GiB per GPU"]
+# 3. stop
+marks = text("stop_checkpoints.txt").split()
+before = rows("stop_before_relaunch")
+stopped_at = int(marks[0].rsplit("-", 1)[1]) if len(marks) == 1 and "images-" in marks[0] else None
+lines += [f"3. SIGTERM to rank 1: checkpoints after the stop: {[Path(m).name for m in marks]}; "
+          f"last logged step {len(before)}; " + ("PASS" if stopped_at and stopped_at // 128 < 50 else "CHECK")]
+# 4. relaunch: bitwise after the stop point, and the final EMA snapshot
+if det and stop:
+    key = lambda rs: [(r["images_seen"], r["loss"], r["grad_norm"]) for r in rs]  # noqa: E731
+    same = key(stop) == key(det)
+    a = ckpt.load_snapshot(ckpt.latest_snapshot(scratch / "det"))[0]
+    b = ckpt.load_snapshot(ckpt.latest_snapshot(scratch / "stop"))[0]
+    same_ema = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    worst = max((rel(x["loss"], y["loss"]) for x, y in zip(stop, det)), default=float("nan"))
+    lines += [f"4. relaunch on 2 GPUs from images {stopped_at}: per-step loss/grad norm bitwise equal to the "
+              f"uninterrupted run: {same} (max relative loss difference {worst:.2e}); final EMA bitwise equal: "
+              f"{same_ema} -> {'PASS' if same and same_ema else 'CHECK'}"]
+# 5. reshard 2 -> 1
+if det and reshard:
+    diffs = [rel(x["loss"], y["loss"]) for x, y in zip(reshard, det) if x["images_seen"] > (stopped_at or 0)]
+    lines += [f"5. 2-GPU checkpoint resumed on 1 GPU: {len(diffs)} steps after the resume, max relative loss difference "
+              f"to the 2-GPU run {max(diffs, default=float('nan')):.2e} -> "
+              f"{'PASS' if diffs and max(diffs) < 2e-2 else 'CHECK'}"]
+text = "\n".join(lines) + "\n"
+(out / "summary.md").write_text(text)
+print(text)
+EOF
+rm -rf "$SCRATCH"

@@ -1,0 +1,225 @@
+"""Scale-out on CPU / gloo: the real entry point under torchrun with 1, 2 and 3 ranks on a tiny recipe.
+
+A run's steps do not depend on the world size (fixed micro batch): 1 rank, 2 ranks (FSDP2) and
+2 ranks (HSDP) take the same steps up to fp summation order; a sharded checkpoint of 2 ranks
+resumes bitwise on 2 and within fp tolerance on 1 and 3; a SIGTERM that reaches one rank stops
+all of them with one complete checkpoint; compile + FSDP2 + activation checkpointing train.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from archirf import checkpoint as ckpt
+from archirf.config import ConfigError, load_config
+
+# global_batch 24 = micro 4 x accum 6 / 3 / 2 on 1 / 2 / 3 ranks; no warm-up so the weights move.
+TINY = ["data.resolution=8", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
+        "model.num_register_tokens=2", "global_batch=24", "micro_batch=4", "optim.warmup_images=0",
+        "optim.lr=3e-3", "sample.steps=4", "sample.per_class=2", "sample.classes=[0,1,2]", "sample.gif_frames=3",
+        "progress=false", "ema.half_life_images=100", "log_every=24", "sample_every=0", "checkpoint_every=0"]
+STEPS = 6
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 240, module: str = "archirf.train",
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    target = ["-m", module] if not module.endswith(".py") else [module]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *target, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def train(nproc: int, run_dir: Path, *extra: str, steps: int = STEPS, env: dict | None = None):
+    return torchrun(nproc, f"run_dir={run_dir}", *TINY, f"total_images={24 * steps}", *extra, env=env)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot(run_dir: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_snapshot(ckpt.latest_snapshot(run_dir))[0]
+
+
+def assert_same_steps(a: list[dict], b: list[dict], rel: float) -> None:
+    assert [r["images_seen"] for r in a] == [r["images_seen"] for r in b]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=rel), (x, y)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=rel), (x, y)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Straight runs on 1 rank, 2 ranks and 2 ranks HSDP; a 2-rank run stopped halfway and resumed on 1, 2, 3."""
+    root = tmp_path_factory.mktemp("dist")
+    out = {name: root / name for name in ("one", "two", "hsdp", "half", "resume1", "resume2", "resume3")}
+    train(1, out["one"])
+    train(2, out["two"])
+    train(2, out["hsdp"], "parallel.hsdp_replicate=2")
+    train(2, out["half"], steps=STEPS // 2)
+    for n in (1, 2, 3):
+        shutil.copytree(out["half"], out[f"resume{n}"])
+        proc = train(n, out[f"resume{n}"])
+        assert f"resumed from {out[f'resume{n}']}/checkpoints/images-{24 * STEPS // 2:012d}" in proc.stdout
+    return out
+
+
+def test_one_and_two_ranks_take_the_same_steps(runs):
+    one, two, hsdp = (rows(runs[k]) for k in ("one", "two", "hsdp"))
+    assert len(one) == STEPS and two[-1]["loss"] < two[0]["loss"], "training must move the weights"
+    assert_same_steps(one, two, rel=1e-5)
+    assert_same_steps(hsdp, two, rel=1e-5)
+    assert two[0]["img_per_s_per_gpu"] == pytest.approx(two[0]["img_per_s"] / 2)
+    a, b = snapshot(runs["one"]), snapshot(runs["two"])
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_sharded_checkpoint_resumes_on_one_two_and_three_ranks(runs):
+    straight = rows(runs["two"])
+    # same world size: bitwise (json round-trips floats exactly), EMA snapshot too
+    steps = lambda rs: [(r["images_seen"], r["loss"], r["grad_norm"]) for r in rs]  # noqa: E731
+    assert steps(rows(runs["resume2"])) == steps(straight)
+    a, b = snapshot(runs["two"]), snapshot(runs["resume2"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for n in (1, 3):  # resharded: the same trajectory within fp tolerance
+        assert_same_steps(rows(runs[f"resume{n}"]), straight, rel=1e-5)
+    # the sampling CLI's loader reads the 2-rank sharded checkpoint into one full model
+    from archirf.sample import load_for_sampling
+
+    model, _, which = load_for_sampling(runs["two"], "ema")
+    assert "EMA" in which and all(torch.allclose(p, a[n], rtol=0, atol=0) for n, p in model.named_parameters())
+
+
+_INIT_SCRIPT = '''
+import sys, torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from archirf import parallel
+from archirf.config import load_config
+from archirf.ema import EMA
+
+cfg = load_config(None, sys.argv[2:])
+with parallel.distributed(cfg) as env:
+    model, _ = parallel.build_training_model(cfg, env, param_dtype=None, compile=False)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # one backward on 8 fixed samples, split over the ranks: the clipped norm must be the global one
+    gen = torch.Generator().manual_seed(1)
+    x, t = torch.randn(8, 1, 8, 8, generator=gen), torch.rand(8, generator=gen)
+    y = torch.randint(0, 10, (8,), generator=gen)
+    part = slice(env.rank * 8 // env.world_size, (env.rank + 1) * 8 // env.world_size)
+    (model(x[part], t[part], y[part]) - x[part]).square().mean().backward()
+    params = [p for p in model.parameters()]
+    norm = parallel.clip_grad_norm_(params, 1e-3)
+    clipped = parallel.clip_grad_norm_(params, 0.0)
+    ema = EMA(model, decay=0.5)
+    ema_full = ema.full_state_dict(keep=env.is_main)
+    if env.is_main:
+        torch.save({"weights": full, "norm": norm, "clipped": clipped, "ema": ema_full}, sys.argv[1])
+'''
+
+
+def test_initial_weights_grad_norm_and_ema_gather_do_not_depend_on_the_world_size(tmp_path):
+    from archirf.models import build_model
+
+    script = tmp_path / "init.py"
+    script.write_text(_INIT_SCRIPT)
+    args = [*TINY, "model.class_dropout_prob=0"]
+    for n in (1, 2):
+        torchrun(n, str(tmp_path / f"w{n}.pt"), *args, module=str(script))
+    one, two = (torch.load(tmp_path / f"w{n}.pt") for n in (1, 2))
+    cfg = load_config(None, args)
+    torch.manual_seed(cfg.seed)
+    plain = build_model(cfg).state_dict()  # the single-device model the seed has always meant
+    assert plain.keys() == one["weights"].keys() == two["weights"].keys()  # every parameter and buffer
+    assert all(torch.equal(plain[k], one["weights"][k]) and torch.equal(plain[k], two["weights"][k]) for k in plain)
+    assert all(torch.equal(two["ema"][k], plain[k]) for k in two["ema"])
+    assert one["norm"] > 1e-3 and two["norm"] == pytest.approx(one["norm"].item(), rel=1e-5)
+    assert two["clipped"] == pytest.approx(1e-3, rel=1e-3)  # clipping scaled the global norm down to max_norm
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes (Linux /proc)."""
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    ranks = {}
+    for pid in map(int, children):
+        env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+        if "RANK" in env:
+            ranks[int(env["RANK"])] = pid
+    return ranks
+
+
+def test_sigterm_to_one_rank_stops_every_rank_with_one_complete_checkpoint(tmp_path):
+    """Also a model with an empty parameter (no register tokens, as DiT-XL/2): it resumes on 1 rank."""
+    run = tmp_path / "run"
+    args = [f"run_dir={run}", *TINY, "model.num_register_tokens=0", "parallel.stop_check_steps=4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "archirf.train", *args,
+           "total_images=100000000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        workers = _worker_pids(proc.pid)
+        assert sorted(workers) == [0, 1]
+        os.kill(workers[1], signal.SIGTERM)  # rank 1 only: rank 0 must learn of it and stop too
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-4000:]
+    assert f"received signal {int(signal.SIGTERM)}" in out
+    done = ckpt.complete_checkpoints(run)
+    assert len(done) == 1 and not list((run / "checkpoints").glob(".tmp-*"))
+    assert sorted(p.name for p in done[0].glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    images = int(done[0].name.split("-")[1])
+    assert images % 24 == 0 and images >= rows(run)[-1]["images_seen"] >= 24
+    proc = torchrun(1, *args, f"total_images={images + 24}")
+    assert f"resumed from {done[0]}" in proc.stdout and rows(run)[-1]["images_seen"] == images + 24
+
+
+def test_compile_fsdp_and_activation_checkpointing_train_together(tmp_path, runs):
+    """Per-block compile (fullgraph: a graph break is an error) over checkpointed, sharded blocks; the
+    second block reuses the first one's graph (a recompile would be logged)."""
+    proc = train(2, tmp_path / "c", "compile=on", "parallel.activation_checkpointing=selective", steps=2,
+                 env={"TORCH_LOGS": "recompiles"})
+    assert "compile=True checkpointing=selective" in proc.stdout
+    assert "Recompiling function" not in proc.stderr, proc.stderr[-3000:]
+    assert_same_steps(rows(tmp_path / "c"), rows(runs["two"])[:2], rel=1e-4)
+
+
+def test_hsdp_replicas_must_divide_the_world_size(tmp_path):
+    from archirf.trainer import train as train_in_process
+
+    with pytest.raises(ConfigError, match="hsdp_replicate=2 must divide the world size 1"):
+        train_in_process(load_config(None, [*TINY, f"run_dir={tmp_path}", "parallel.hsdp_replicate=2"]))
+
+
+@pytest.mark.parametrize("override, words", [
+    ("parallel.stop_check_steps=0", "parallel.stop_check_steps must be >= 1"),
+    ("parallel.hsdp_replicate=0", "parallel.hsdp_replicate must be >= 1"),
+    ("parallel.reference_img_per_s=0", "parallel.reference_img_per_s must be > 0"),
+    ("parallel.activation_checkpointing=some", "none"),
+])
+def test_parallel_config_is_validated(override, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(None, [override])
+
+
+def test_per_gpu_throughput_and_scaling_efficiency(tmp_path):
+    from archirf.metrics import Metrics
+
+    m = Metrics(tmp_path, total_images=64, start_images=0, flops_per_image=None, device=torch.device("cpu"),
+                progress=False, world_size=4, reference_img_per_s=10.0)
+    m.step(torch.tensor(1.0), torch.tensor(1.0), images=64, data_wait_s=0.0)
+    rec = m.log(images_seen=64, lr=1e-3)
+    assert rec["img_per_s_per_gpu"] == pytest.approx(rec["img_per_s"] / 4)
+    assert rec["scaling_efficiency"] == pytest.approx(rec["img_per_s"] / 4 / 10.0)
