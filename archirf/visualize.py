@@ -35,10 +35,13 @@ def make_grid(images: torch.Tensor, nrow: int, pad: int = 2, upscale: int = 1, p
 
     nrow images per row (as in torchvision); grey (C=1) becomes RGB; `upscale` repeats pixels
     (nearest) so that 16-px digits are visible; `pad` pixels of grey `pad_value` separate tiles,
-    which tells tiles apart on both black and white backgrounds.
+    which tells tiles apart on both black and white backgrounds. Latents (any other C) are shown
+    as a preview: see latent_preview.
     """
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"make_grid wants (N, 1 or 3, H, W) images, got shape {tuple(images.shape)}")
+    if images.ndim != 4 or images.shape[1] < 1:
+        raise ValueError(f"make_grid wants (N, C, H, W) images, got shape {tuple(images.shape)}")
+    if images.shape[1] not in (1, 3):
+        images = latent_preview(images)
     if nrow < 1 or upscale < 1 or pad < 0:
         raise ValueError(f"make_grid: need nrow >= 1, upscale >= 1, pad >= 0 (got {nrow}, {upscale}, {pad})")
     x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
@@ -57,6 +60,16 @@ def make_grid(images: torch.Tensor, nrow: int, pad: int = 2, upscale: int = 1, p
         left = pad + (i % nrow) * (w + pad)
         grid[top : top + h, left : left + w] = x[i]
     return grid
+
+
+def latent_preview(latents: torch.Tensor, std_range: float = 2.0) -> torch.Tensor:
+    """(N, C, H, W) latents -> (N, 3 or 1, H, W) in [-1, 1]: the first three channels as RGB (the
+    first one as grey when C = 2), +-std_range standard deviations of the batch mapped to +-1 per
+    channel. A look at structure, not the decoded image (decode with the autoencoder for that).
+    """
+    x = latents.detach().float()[:, :3] if latents.shape[1] >= 3 else latents.detach().float()[:, :1]
+    std = x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6) if x.numel() > x.shape[1] else torch.ones(1)
+    return (x - x.mean(dim=(0, 2, 3), keepdim=True)) / (std_range * std)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int, upscale: int = 1, pad: int = 2) -> Path:

@@ -2,11 +2,12 @@
 # Scale-out check on 2 GPUs of one host (NCCL): DiT-XL/2 on synthetic 32x32x4 latents
 # (configs/dit_xl2_latent.yaml: bf16, per-block compile, FSDP2, global batch 128 = 64 per GPU).
 #
-#   OUT=summary_dir bash scripts/multigpu_check.sh [all | parity | stop | resume | summary]
+#   OUT=summary_dir bash scripts/multigpu_check.sh [PHASE ...]
 #
-# Phases (each under 10 minutes on H100s; `all` runs them in order): parity = 1-2, stop = the
-# deterministic reference and 3, resume = 4-5, summary = the comparisons. What the phases share
-# lives in SCRATCH (default runs/multigpu_scratch), deleted by `summary`.
+# Phases, in order (`all`, the default, runs every one): one, two (= parity: 1-2), det, stop
+# (= stop: the deterministic reference and 3), relaunch, reshard (= resume: 4-5), summary (the
+# comparisons). Each run takes a few minutes on H100s, so the phases can go into separate calls.
+# What the phases share lives in SCRATCH (default runs/multigpu_scratch), deleted by `summary`.
 #
 #   1. parity       1 GPU (2 x 64 accumulated) vs 2 GPUs (64 each): the same 50 steps, losses compared
 #   2. throughput   img/s per GPU (median over steps 11-50, compilation excluded), MFU, scaling efficiency
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/.."
 
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-PHASE=${1:-all}
+PHASES=" ${*:-all} "
 OUT=${OUT:-runs/multigpu_check}
 SCRATCH=${SCRATCH:-runs/multigpu_scratch}
 mkdir -p "$OUT" "$SCRATCH"
@@ -48,20 +49,31 @@ rank_pid() {   # rank_pid LAUNCHER_PID RANK: a torchrun worker's pid
   done
 }
 note() { echo "$1" | tee -a "$SCRATCH/exits.txt"; }
-phase() { [ "$PHASE" = all ] || [ "$PHASE" = "$1" ]; }
+phase() {     # phase NAME GROUP: whether this call runs it
+  case "$PHASES" in *" all "*|*" $1 "*|*" $2 "*) return 0 ;; *) return 1 ;; esac
+}
 
-if phase parity; then
-echo "== 1-2: parity and throughput"
-rm -rf "$SCRATCH"/* && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$SCRATCH/gpus.txt" 2>&1
+if phase one parity; then
+echo "== 1-2: parity and throughput (one GPU)"
+rm -rf "${SCRATCH:?}"/* && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$SCRATCH/gpus.txt" 2>&1
 train 1 "$OUT/one.log" run_dir="$SCRATCH/one"; note "one GPU run: exit $?"
-train 2 "$OUT/two.log" run_dir="$SCRATCH/two"; note "two GPU run: exit $?"
-rm -rf "$SCRATCH/one/checkpoints" "$SCRATCH/two/checkpoints"
+rm -rf "$SCRATCH/one/checkpoints"
 fi
 
-if phase stop; then
-echo "== 3: deterministic reference, SIGTERM to one rank"
+if phase two parity; then
+echo "== 1-2: parity and throughput (two GPUs)"
+train 2 "$OUT/two.log" run_dir="$SCRATCH/two"; note "two GPU run: exit $?"
+rm -rf "$SCRATCH/two/checkpoints"
+fi
+
+if phase det stop; then
+echo "== 3: deterministic reference"
 train_det 2 "$OUT/det.log" run_dir="$SCRATCH/det"; note "deterministic reference: exit $?"
 rm -rf "$SCRATCH/det/checkpoints"
+fi
+
+if phase stop stop; then
+echo "== 3: SIGTERM to one rank"
 CUBLAS_WORKSPACE_CONFIG=:4096:8 torchrun --standalone --nproc_per_node=2 --no-python python -c "$DET" \
   "${COMMON[@]}" run_dir="$SCRATCH/stop" parallel.stop_check_steps=5 > "$OUT/stop.log" 2>&1 &
 LAUNCHER=$!
@@ -76,14 +88,18 @@ ls -d "$SCRATCH"/stop/checkpoints/images-* > "$SCRATCH/stop_checkpoints.txt" 2>&
 cp "$SCRATCH/stop/metrics.jsonl" "$SCRATCH/stop_before_relaunch.jsonl"
 fi
 
-if phase resume; then
-echo "== 4-5: relaunch on 2 GPUs, resume on 1"
+if phase relaunch resume; then
+echo "== 4: relaunch on 2 GPUs"
 rm -rf "$SCRATCH/reshard" && cp -r "$SCRATCH/stop" "$SCRATCH/reshard"
 train_det 2 "$OUT/relaunch.log" run_dir="$SCRATCH/stop"; note "relaunch on 2 GPUs: exit $?"
+fi
+
+if phase reshard resume; then
+echo "== 5: the 2-GPU checkpoint resumed on 1 GPU"
 train_det 1 "$OUT/reshard.log" run_dir="$SCRATCH/reshard"; note "resume on 1 GPU: exit $?"
 fi
 
-phase summary || exit 0
+phase summary summary || exit 0
 for f in gpus.txt exits.txt stop_checkpoints.txt stop_before_relaunch.jsonl; do cp "$SCRATCH/$f" "$OUT/" 2>/dev/null; done
 for run in one two det stop reshard; do cp "$SCRATCH/$run/metrics.jsonl" "$OUT/$run.jsonl" 2>/dev/null; done
 python - "$OUT" "$SCRATCH" <<'EOF'

@@ -173,7 +173,21 @@ def test_make_grid_shapes_and_values():
     assert (tile[..., 0] == 255).all() and (tile[..., 1] == 0).all() and (tile[..., 2] == 128).all()
 
     with pytest.raises(ValueError, match="got shape"):
-        make_grid(torch.zeros(2, 4, 8, 8), nrow=2)
+        make_grid(torch.zeros(2, 8, 8), nrow=2)
+
+
+def test_latents_get_a_preview_grid():
+    """4-channel latents (no decoder at hand) are shown as their first three channels, scaled."""
+    torch.manual_seed(0)
+    lat = torch.randn(6, 4, 8, 8) * 3 + 5
+    g = make_grid(lat, nrow=3, pad=0)
+    assert g.shape == (16, 24, 3)
+    assert 90 < g.mean() < 165 and g.std() > 30         # centred and spread, not clamped flat
+    ref = make_grid(lat[:, :3], nrow=3, pad=0).astype(float)
+    assert not (ref == g).all()                           # raw latents would clamp; the preview rescales
+    ch0 = lat[:, 0]
+    assert np.corrcoef(g[:8, :8, 0].ravel(), ch0[0].ravel().numpy())[0, 1] > 0.9
+    assert make_grid(torch.randn(2, 2, 4, 4), nrow=2, pad=0).shape == (4, 8, 3)
 
 
 def test_save_grid_and_gif(tmp_path):
