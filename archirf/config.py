@@ -104,6 +104,7 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     hsdp_replicate: int = 1                      # HSDP: replicas (e.g. nodes); shard within each. 1 = plain FSDP
     reshard_after_forward: bool = True           # free gathered block weights after forward (False: less traffic)
+    shard_single_rank: bool = False              # FSDP2 even on one rank (off: a plain module, less host time per step)
     stop_check_steps: int = 10                   # ranks agree on a stop signal every this many steps (a host sync)
     reference_img_per_s: Optional[float] = None  # one-GPU img/s of this recipe: enables scaling_efficiency in metrics
 

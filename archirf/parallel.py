@@ -4,8 +4,12 @@ prepares a model for training (torchtitan's order):
     activation checkpointing per block -> torch.compile per block (fullgraph) -> fully_shard per block
     -> fully_shard at the root
 
-Everything runs under torchrun (c10d rendezvous for several nodes); world size 1 takes the same path
-on a 1-rank mesh, and a plain `python -m archirf.train` gets a 1-rank process group of its own.
+Everything runs under torchrun (c10d rendezvous for several nodes); a plain `python -m archirf.train`
+gets a 1-rank process group of its own. A world of one rank takes the same path without the two
+fully_shard steps (a plain module: fp32 weights, bf16 autocast), because FSDP2 on one rank shards
+nothing and costs host time every step (hooks, casts, DTensor dispatch): on one H100, DiT-XL/2 at
+batch 64 trained 1.57x faster without it (benchmarks/results/). `parallel.shard_single_rank=true`
+keeps FSDP2 on one rank. Checkpoints are the same either way and move between the two.
 Models know nothing of this; they only expose `blocks` (an nn.ModuleList of the repeated units)
 and keep every buffer persistent (the initial weights travel as a state dict).
 
@@ -20,6 +24,7 @@ steps up to floating-point summation order, and a checkpoint resumes on any numb
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import signal
@@ -128,12 +133,14 @@ def _selective_policy(ctx, op, *args, **kwargs):
 
 
 def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], compile: bool,
-                activation_checkpointing: str = "none", reshard_after_forward: bool = True) -> nn.Module:
+                activation_checkpointing: str = "none", reshard_after_forward: bool = True,
+                shard: bool = True) -> nn.Module:
     """Activation checkpointing -> per-block compile -> per-block fully_shard -> root fully_shard, in place.
 
     Repeated blocks compile once (same code, parameters are graph inputs). Parameters stay fp32
     (the optimizer's master copy, sharded); `param_dtype` is what forward and backward compute in.
     Gradients are reduced in fp32. The root does not cast its inputs, so times stay fp32.
+    shard=False stops after the compile (one rank: a plain module, `mesh` and `param_dtype` unused).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -151,10 +158,14 @@ def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], c
             block = checkpoint_wrapper(block, preserve_rng_state=False, **extra)  # blocks draw no random numbers
         if compile:
             block.compile(fullgraph=True)  # in place: parameter names stay the same
+        blocks[i] = block
+        if not shard:
+            continue
         # The last block's weights are needed again right away by backward: keep them gathered.
         fully_shard(block, mesh=mesh, mp_policy=block_mp,
                     reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
-        blocks[i] = block
+    if not shard:
+        return model
     fully_shard(model, mesh=mesh, mp_policy=root_mp, reshard_after_forward=False)
     return model
 
@@ -168,11 +179,21 @@ def build_training_model(cfg: Config, env: Env, *, param_dtype: Optional[torch.d
     broadcast shard by shard. Initial weights are therefore bitwise the same for every world size
     (DTensor random fills are not: on CPU each rank draws its shard from its own generator). Rank 0
     keeps the full copy as the eval model that samples with the EMA weights.
+       On one rank (unless parallel.shard_single_rank) the training model is a plain copy of that
+    initialisation on the device, prepared by `parallelize(shard=False)`.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from .models import build_model
 
+    if not uses_fsdp(cfg, env):
+        torch.manual_seed(cfg.seed)
+        reference = build_model(cfg)
+        model = copy.deepcopy(reference)
+        parallelize(model, None, param_dtype=None, compile=compile, shard=False,
+                    activation_checkpointing=cfg.parallel.activation_checkpointing)
+        _freeze_empty(model.to(env.device))
+        return model, reference
     with torch.device("meta"):
         model = build_model(cfg)
     unsaved = {n for n, _ in model.named_buffers()} - set(model.state_dict())
@@ -189,10 +210,25 @@ def build_training_model(cfg: Config, env: Env, *, param_dtype: Optional[torch.d
         reference = build_model(cfg)
     set_model_state_dict(model, reference.state_dict() if reference is not None else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    _freeze_empty(model)
+    return model, reference
+
+
+def uses_fsdp(cfg: Config, env: Env) -> bool:
+    """FSDP2 for several ranks; one rank trains the plain module unless parallel.shard_single_rank."""
+    return env.world_size > 1 or cfg.parallel.shard_single_rank
+
+
+def _freeze_empty(model: nn.Module) -> None:
     for p in model.parameters():
         if p.numel() == 0:  # e.g. zero register tokens: no gradient ever, so no optimizer state to checkpoint
             p.requires_grad_(False)
-    return model, reference
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """FSDP2: reduce-scatter gradients on this backward or keep accumulating unsharded; a no-op otherwise."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
 
 
 def clean_fqn(name: str) -> str:

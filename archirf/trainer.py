@@ -145,8 +145,9 @@ def _train(cfg: Config, env: Env) -> Path:
         print(f"archirf: {type(eval_model).__name__} {eval_model.num_params() / 1e6:.2f}M params, "
               f"{flops_per_image / 1e9:.3f} G MACs/img | {cfg.objective.name} | device={device} "
               f"dtype={dtype or torch.float32} compile={use_compile} "
-              f"checkpointing={cfg.parallel.activation_checkpointing} | FSDP2 mesh "
-              f"{dict(zip(env.mesh.mesh_dim_names, env.mesh.shape))} | global batch {cfg.global_batch} = "
+              f"checkpointing={cfg.parallel.activation_checkpointing} | "
+              + (f"FSDP2 mesh {dict(zip(env.mesh.mesh_dim_names, env.mesh.shape))}" if parallel.uses_fsdp(cfg, env)
+                 else "one rank, no FSDP2") + f" | global batch {cfg.global_batch} = "
               f"{micro} x {accum} accum x {env.world_size} ranks | run dir {run_dir}")
 
     metrics = Metrics(run_dir, total_images=cfg.total_images, start_images=images_seen,
@@ -166,7 +167,7 @@ def _train(cfg: Config, env: Env) -> Path:
             loss_sum = torch.zeros((), device=device)
             data_wait = 0.0
             for k in range(accum):
-                model.set_requires_gradient_sync(k == accum - 1)  # one gradient reduce-scatter per step
+                parallel.set_gradient_sync(model, k == accum - 1)  # one gradient reduce-scatter per step
                 parallel.seed_micro_batch(cfg.seed, loader, env.rank, micro)  # noise follows the data
                 t0 = time.perf_counter()
                 x, y = next(loader)

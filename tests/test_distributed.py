@@ -63,8 +63,10 @@ def assert_same_steps(a: list[dict], b: list[dict], rel: float) -> None:
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Straight runs on 1 rank, 2 ranks and 2 ranks HSDP; a 2-rank run stopped halfway and resumed on 1, 2, 3."""
     root = tmp_path_factory.mktemp("dist")
-    out = {name: root / name for name in ("one", "two", "hsdp", "half", "resume1", "resume2", "resume3")}
+    names = ("one", "one_fsdp", "two", "hsdp", "half", "resume1", "resume2", "resume3", "half1", "resume_from1")
+    out = {name: root / name for name in names}
     train(1, out["one"])
+    train(1, out["one_fsdp"], "parallel.shard_single_rank=true")
     train(2, out["two"])
     train(2, out["hsdp"], "parallel.hsdp_replicate=2")
     train(2, out["half"], steps=STEPS // 2)
@@ -72,13 +74,17 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         shutil.copytree(out["half"], out[f"resume{n}"])
         proc = train(n, out[f"resume{n}"])
         assert f"resumed from {out[f'resume{n}']}/checkpoints/images-{24 * STEPS // 2:012d}" in proc.stdout
+    train(1, out["half1"], steps=STEPS // 2)                 # one rank, no FSDP2: its checkpoint on 2 ranks
+    shutil.copytree(out["half1"], out["resume_from1"])
+    assert "resumed from" in train(2, out["resume_from1"]).stdout
     return out
 
 
 def test_one_and_two_ranks_take_the_same_steps(runs):
-    one, two, hsdp = (rows(runs[k]) for k in ("one", "two", "hsdp"))
+    one, one_fsdp, two, hsdp = (rows(runs[k]) for k in ("one", "one_fsdp", "two", "hsdp"))
     assert len(one) == STEPS and two[-1]["loss"] < two[0]["loss"], "training must move the weights"
-    assert_same_steps(one, two, rel=1e-5)
+    assert_same_steps(one, two, rel=1e-5)        # one rank trains the plain module, two ranks FSDP2
+    assert_same_steps(one_fsdp, one, rel=1e-5)   # FSDP2 on one rank: the same steps
     assert_same_steps(hsdp, two, rel=1e-5)
     assert two[0]["img_per_s_per_gpu"] == pytest.approx(two[0]["img_per_s"] / 2)
     a, b = snapshot(runs["one"]), snapshot(runs["two"])
@@ -92,8 +98,9 @@ def test_sharded_checkpoint_resumes_on_one_two_and_three_ranks(runs):
     assert steps(rows(runs["resume2"])) == steps(straight)
     a, b = snapshot(runs["two"]), snapshot(runs["resume2"])
     assert all(torch.equal(a[k], b[k]) for k in a)
-    for n in (1, 3):  # resharded: the same trajectory within fp tolerance
+    for n in (1, 3):  # resharded (on 1 rank into the plain module): the same trajectory within fp tolerance
         assert_same_steps(rows(runs[f"resume{n}"]), straight, rel=1e-5)
+    assert_same_steps(rows(runs["resume_from1"]), straight, rel=1e-5)  # a plain 1-rank checkpoint on 2 ranks
     # the sampling CLI's loader reads the 2-rank sharded checkpoint into one full model
     from archirf.sample import load_for_sampling
 
@@ -186,11 +193,13 @@ def test_sigterm_to_one_rank_stops_every_rank_with_one_complete_checkpoint(tmp_p
     assert f"resumed from {done[0]}" in proc.stdout and rows(run)[-1]["images_seen"] == images + 24
 
 
-def test_compile_fsdp_and_activation_checkpointing_train_together(tmp_path, runs):
-    """Per-block compile (fullgraph: a graph break is an error) over checkpointed, sharded blocks; the
-    second block reuses the first one's graph (a recompile would be logged)."""
-    proc = train(2, tmp_path / "c", "compile=on", "parallel.activation_checkpointing=selective", steps=2,
+@pytest.mark.parametrize("nproc", [2, 1])
+def test_compile_fsdp_and_activation_checkpointing_train_together(tmp_path, runs, nproc):
+    """Per-block compile (fullgraph: a graph break is an error) over checkpointed blocks, sharded on 2
+    ranks, plain on 1; the second block reuses the first one's graph (a recompile would be logged)."""
+    proc = train(nproc, tmp_path / "c", "compile=on", "parallel.activation_checkpointing=selective", steps=2,
                  env={"TORCH_LOGS": "recompiles"})
+    assert ("FSDP2 mesh" if nproc == 2 else "one rank, no FSDP2") in proc.stdout
     assert "compile=True checkpointing=selective" in proc.stdout
     assert "Recompiling function" not in proc.stderr, proc.stderr[-3000:]
     assert_same_steps(rows(tmp_path / "c"), rows(runs["two"])[:2], rel=1e-4)

@@ -1,0 +1,141 @@
+"""Where a training step's time goes: the same recipe's step under different wrappings, one process.
+
+    python -m benchmarks.train_step_variants [--config configs/dit_xl2_latent.yaml] \
+        [--variants fsdp,plain,whole,fsdp_ref] [--batch 64] [--steps 15] [--profile DIR] [key=value ...]
+
+Variants (each: objective loss -> backward -> clip -> fused AdamW -> EMA, batch `--batch`, bf16
+autocast on CUDA, synthetic data already on the device):
+  fsdp      the trainer's multi-rank path on one rank: per-block compile + FSDP2 (bf16 params)
+  plain     the trainer's one-rank path: per-block compile, plain module (fp32 weights, autocast)
+  whole     torch.compile of the whole plain model (what a user's own compiled script does)
+  eager     no compile
+  *_ref     the same with model.kernels=reference (no fused Triton ops)
+Prints one JSON line per variant (ms per step, img/s, MFU at 6 x forward MACs, peak memory,
+first-step seconds incl. compilation); --profile writes torch.profiler tables per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from archirf import parallel
+from archirf.config import load_config
+from archirf.ema import EMA
+from archirf.metrics import peak_flops
+from archirf.models import build_model
+from archirf.objectives import build_objective
+from archirf.optim import build_optimizer
+from archirf.sample import autocast_model_fn
+
+
+def measure(name, cfg, model, device, dtype, batch, steps, profile_dir):
+    objective = build_objective(cfg)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    ema = EMA(model, half_life_images=1e6)
+    model_fn = autocast_model_fn(model, device, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, device=device, generator=gen)
+    y = torch.randint(0, max(cfg.data.num_classes, 1), (batch,), device=device, generator=gen)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def step():
+        objective.loss(model_fn, x, y).mean().backward()
+        parallel.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(model, batch, batch)
+
+    t0 = time.perf_counter()
+    step()
+    sync()
+    first = time.perf_counter() - t0
+    for _ in range(3):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    sec = (time.perf_counter() - t0) / steps
+    flops = 6 * model_flops(cfg)
+    peak = peak_flops(device)
+    out = {"variant": name, "ms": sec * 1e3, "img_per_s": batch / sec,
+           "mfu": flops * batch / sec / peak if peak else None,
+           "first_step_s": first,
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}), flush=True)
+    if profile_dir:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                step()
+            sync()
+        table = prof.key_averages()
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        (Path(profile_dir) / f"profile_{name}.txt").write_text(
+            table.table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total", row_limit=40,
+                        max_name_column_width=70)
+            + table.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70))
+    return out
+
+
+def model_flops(cfg) -> int:
+    """Forward multiply-adds per image (a meta-device model: no memory, no init)."""
+    with torch.device("meta"):
+        return build_model(cfg).flops_per_image()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/dit_xl2_latent.yaml")
+    ap.add_argument("--variants", default="fsdp,plain,whole,fsdp_ref")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--profile", default=None, help="write torch.profiler tables here")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    torch._dynamo.config.cache_size_limit = 64  # several wrappings of the same block code in one process
+    base = load_config(args.config, [f"global_batch={args.batch}", f"micro_batch={args.batch}", *args.overrides])
+    results = []
+    with parallel.distributed(base) as env:
+        device = env.device
+        dtype = torch.bfloat16 if device.type == "cuda" and base.precision != "fp32" else None
+        for name in args.variants.split(","):
+            torch._dynamo.reset()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            cfg = copy.deepcopy(base)
+            kind = name.removesuffix("_ref")
+            if name.endswith("_ref"):
+                cfg.model.kernels = "reference"
+            if kind in ("fsdp", "plain"):
+                cfg.parallel.shard_single_rank = kind == "fsdp"
+                model, _ = parallel.build_training_model(cfg, env, param_dtype=dtype, compile=True)
+            elif kind in ("whole", "eager"):
+                torch.manual_seed(cfg.seed)
+                model = build_model(cfg).to(device)
+                if kind == "whole":
+                    model = torch.compile(model)
+            else:
+                raise SystemExit(f"unknown variant {name!r}; choose from fsdp, plain, whole, eager (+ _ref)")
+            results.append(measure(name, cfg, model.train(), device, dtype, args.batch, args.steps, args.profile))
+            del model
+    print("SUMMARY " + json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
