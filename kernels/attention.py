@@ -6,24 +6,25 @@ reference.qk_norm_attention and reference.joint_qk_norm_attention are the spec. 
 the qkv projection, (B, N, 3, H, D) (or separate (B, N, H, D) q, k, v views with any strides, unit
 stride over D); output (B, N, H*D), the heads merged, ready for the output projection; no permute
 copies on the way in or out. Joint attention (SD3's MMDiT): a second stream (context tokens) with its
-own qkv and norm weights; queries of both streams attend to the keys [img, ctx] without the
-concatenation ever existing in memory. qk_norm=False compiles the norm out (NORM constexpr): the same
-kernels then serve plain attention. Storage fp16 / bf16 / fp32 (fp32: IEEE dots, no TF32), all math
+own qkv and norm weights; queries of both streams attend to the keys [img, ctx]; the streams' q, k, v
+and outputs are never concatenated (only the prep pass's qhat, khat below lie end to end).
+qk_norm=False compiles the norm out (NORM constexpr; the prep pass then writes q * scale * log2(e)
+and a copy of k): the same kernels serve plain attention. Storage fp16 / bf16 / fp32 (fp32: IEEE dots, no TF32), all math
 and accumulation in fp32, outputs in the storage dtype, weight gradients in the weights' dtype.
 
-How the norm is fused. Write qn = q * rq and kn = k * rk for the unit-RMS rows (rq, rk: one rstd per
-token and head) and w = w_q * w_k. The score of query i and key j is
+How the norm is fused. A prep pass, one read of q and k, computes each row's rstd (rq, rk: one per
+token and head) and writes the operands of the attention proper,
 
-    S_ij = scale * (qn_i * w_q) . (kn_j * w_k) = rq_i * rk_j * scale * sum_d q_id w_d k_jd,
+    qhat = q * rq * w_q * scale * log2(e)        khat = k * rk * w_k          (storage dtype),
 
-so the weights and the softmax scale fold into the operand a program holds fixed -- its query
-block in the forward and dq kernels, its key block in the dk/dv kernel -- once per program and key
-(query) stream, and the streamed operand goes into the dot product raw, straight from memory as in
-plain flash attention; its rstd scales the score tile (one multiply per score). rk comes from a small
-pre-pass over the keys (every forward program needs every key's rstd), rq from the forward's query
-programs (from the tile they load anyway); both are saved for the backward, which never recomputes a
-row statistic. The softmax runs in base 2: scale * log2(e) is folded in as well, and the saved
-log-sum-exp is in log2 units.
+for both streams end to end per (b, h); the attention kernels are then plain flash attention on
+(qhat, khat, v) with every operand loaded straight from memory, and the softmax runs in base 2 (the
+saved log-sum-exp is in log2 units). Folding the weights into an operand inside the attention
+kernels instead leaves that operand in registers, where the matmul holds or re-reads it each step:
+compiled for sm_90a, such backward kernels spill. The backward's prep pass recomputes qhat, khat
+from the raw q, k and the saved rq, rk (no reduction), with delta = rowsum(dO * O); each backward
+kernel ends with the norm's backward of its block, from the raw rows, written straight into d(qkv).
+The transient qhat, khat are the only extra memory; nothing normalised is kept for the backward.
 
 Head dims. A power-of-two head dim D is one tile column block. Any other D is split into a
 power-of-two main part DA plus a power-of-two tail DB >= 16 (tl.dot needs K, N >= 16), the tail's
@@ -33,13 +34,13 @@ work instead of 128/72 for padding to the next power of two. Every product sums 
 Where DA + DB would not be smaller than the next power of two (D = 24, 112, or D < 16) D is padded
 and masked as one block.
 
-Grids. Forward and dq: one program per (query block of BLOCK_M tokens, b * H + h), the query blocks
-of the image stream first, then the context's; dk/dv: one per (key block of BLOCK_N, b * H + h). A
-program picks its stream's pointers once, then walks the key (query) tiles of the image stream and of
-the context stream with two pointer sets; each stream's full tiles run unmasked and its last partial
-tile masked. The gradients of the (D,) weights are reduced per program into fp32 partial rows, one per
-MIN_BLOCK tokens (a program of a larger block writes zeros into its other slots, so the layout is the
-same for every autotuned block size), and summed by torch: no atomics, same bits every run.
+Grids. Forward and dq: one program per (query block of BLOCK_M tokens of [img, ctx], b * H + h);
+dk/dv: one per (key block of BLOCK_N, b * H + h); a program's fixed block may straddle the streams.
+It walks the key (query) tiles of the image stream, then of the context stream, each with its own
+pointers; each stream's full tiles run unmasked and its last partial tile masked. The gradients of
+the (D,) weights are reduced per program and stream into fp32 partial rows, one per MIN_BLOCK tokens
+(a program of a larger block writes zeros into its other slots, so the layout is the same for every
+autotuned block size), and summed by torch: no atomics, same bits every run.
 
 Registered as torch.library custom ops (archirf_kernels::qk_norm_attention for the packed qkv,
 archirf_kernels::qk_norm_attention_split for separate q, k, v) with fake and autograd
@@ -62,7 +63,7 @@ LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 MIN_BLOCK = 16          # the smallest BLOCK_M / BLOCK_N of any config: one dw partial slot per this many tokens
 _MIN_BLOCK = tl.constexpr(MIN_BLOCK)
-ROWSTAT_ROWS = 64       # tokens per program of the rk and delta pre-passes
+ROWSTAT_ROWS = 64       # tokens per program of the prep passes
 
 
 def head_split(D: int) -> tuple[int, int, bool]:
