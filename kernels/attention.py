@@ -9,8 +9,9 @@ copies on the way in or out. Joint attention (SD3's MMDiT): a second stream (con
 own qkv and norm weights; queries of both streams attend to the keys [img, ctx]; the streams' q, k, v
 and outputs are never concatenated (only the prep pass's qhat, khat below lie end to end).
 qk_norm=False compiles the norm out (NORM constexpr; the prep pass then writes q * scale * log2(e)
-and a copy of k): the same kernels serve plain attention. Storage fp16 / bf16 / fp32 (fp32: IEEE dots, no TF32), all math
-and accumulation in fp32, outputs in the storage dtype, weight gradients in the weights' dtype.
+and a copy of k): the same kernels serve plain attention. Storage fp16 / bf16 / fp32 (fp32: dots in
+three TF32 passes, fp32-accurate), all math and accumulation in fp32, outputs in the storage dtype,
+weight gradients in the weights' dtype.
 
 How the norm is fused. A prep pass, one read of q and k, computes each row's rstd (rq, rk: one per
 token and head) and writes the operands of the attention proper,
@@ -135,11 +136,14 @@ def _signature(c: triton.Config) -> tuple[int, int, int, int]:
     return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
 
 
-def candidates_for(candidates, D: int, n_tokens: int) -> list[tuple[int, int, int, int]]:
+def candidates_for(candidates, D: int, n_tokens: int, fp32: bool = False) -> list[tuple[int, int, int, int]]:
     """The configs tried for head dim D and n_tokens tokens in all, default first: the width class's
     list, without blocks longer than the sequence (short sequences: a block of padding costs its full
-    work), and only the default when AUTOTUNE is off."""
+    work), and only the default when AUTOTUNE is off. fp32 storage (an accuracy path, 3-pass TF32
+    dots with twice the bytes per operand) takes the class's smallest config alone."""
     wanted = candidates[_width_class(D)]
+    if fp32:
+        return wanted[-1:]
     fit = [c for c in wanted if max(c[0], c[1]) <= max(64, triton.next_power_of_2(n_tokens))] or wanted[:1]
     return fit if AUTOTUNE else fit[:1]
 
@@ -148,7 +152,8 @@ def _pruner(candidates):
     def prune(configs, named_args, **kwargs):
         if INTERPRET:
             return configs
-        wanted = candidates_for(candidates, kwargs["HEAD_DIM"], kwargs["TUNE_N"])
+        wanted = candidates_for(candidates, kwargs["HEAD_DIM"], kwargs["TUNE_N"],
+                                named_args["QH"].dtype == torch.float32)
         keep = {_signature(c): c for c in configs if _signature(c) in wanted}
         return [keep[w] for w in wanted if w in keep]
     return {"early_config_prune": prune}
@@ -750,6 +755,15 @@ def _weights(weights, D: int, x: Tensor, qk_norm: bool) -> list[Tensor]:
     return out
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: fp32 storage keeps fp32 accuracy (three TF32 passes on the tensor cores
+    on the GPU: an IEEE fp32 dot there runs on the FMA units, spills and takes minutes to compile);
+    16-bit storage ignores it."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "ieee" if INTERPRETED else "tf32x3"
+
+
 class _Launch:
     """What every launch of one call shares: the streams as (q, k, v) views with shared strides (the
     context's = the image's where there is no context, with N1 = 0), sizes, fp32 weights, meta."""
@@ -767,7 +781,7 @@ class _Launch:
         da, db, tail = head_split(self.D)
         self.dims = dict(NORM=qk_norm, HAS_CTX=self.has_ctx, HEAD_DIM=self.D, DA=da, DB=db, TAIL=tail)
         self.meta = dict(TUNE_N=triton.next_power_of_2(max(self.N, 1)),
-                         PRECISION="ieee" if q0.dtype == torch.float32 else "tf32", **self.dims)
+                         PRECISION=_precision(q0.dtype), **self.dims)
         self.qk_norm, self.device, self.dtype = qk_norm, q0.device, q0.dtype
         self.strides = (*_bnh(self.s0[0]), *_bnh(self.s1[0]))
 

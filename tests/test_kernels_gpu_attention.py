@@ -125,8 +125,8 @@ def test_every_candidate_config_of_the_dit_class(monkeypatch, index):
     check([qkv, *(_randn((72,), torch.float32, 20 + i, std=0.3, mean=1.0) for i in range(2))])
 
 
-def test_fp32_storage_is_ieee_accurate():
-    # fp32 inputs take IEEE dot products (no TF32): errors at fp32 rounding, not at TF32's 1e-3.
+def test_fp32_storage_is_fp32_accurate():
+    # fp32 inputs take dots in three TF32 passes: errors near fp32 rounding, not at one TF32 pass's 1e-3.
     inputs = _inputs("odd", torch.float32)
     probe = _spec(*inputs)
     cot = _randn(probe.shape, torch.float64, 5)
