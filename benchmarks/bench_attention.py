@@ -24,11 +24,15 @@ numerics tests are tests/test_kernels_*attention.py).
 
 Targets (ANCHORS.md, the issue): DiT-XL shape fwd+bwd ≤ 0.5× eager norm + the best SDPA backend
 (vs_eager_best ≥ 2); N ≥ 1024, D = 64 / 128: fwd+bwd ≥ 0.9× the best SDPA without the norm
-(vs_sdpa_best ≥ 0.9).
+(vs_sdpa_best ≥ 0.9). Ours' rows carry the block configs autotuning chose (`configs`).
+
+    python -m benchmarks.bench_attention RESULTS/attention.json    # compact table: ours vs each baseline
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 import warnings
 
@@ -307,5 +311,63 @@ def test_attention(bench, device, case, pass_, impl):
             "flops": flops(shape, pass_),
             "first_call_s": first_s,
             "targets": targets(case, pass_) if impl == "ours" else [],
+            **({"configs": tuned_configs()} if impl == "ours" and device.type == "cuda" else {}),
         },
     )
+
+
+def tuned_configs() -> dict:
+    """The block config each kernel ran with on its last call (this case's, after its first call)."""
+    from archirf_kernels import attention
+    out = {}
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"):
+        c = getattr(getattr(attention, name), "best_config", None)
+        if c is not None:
+            out[name.removeprefix("_attn_").removesuffix("_kernel")] = (
+                f"M{c.kwargs['BLOCK_M']} N{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}")
+    return out
+
+
+# -- compact summary ------------------------------------------------------------------------------
+
+
+def summary(doc: dict) -> str:
+    """Per case and pass: ours' ms, then each baseline's ms and ours' speed-up over it (their ms / ours);
+    the targets and ours' configs. Reads a JSON written by benchmarks/record.py."""
+    from .record import annotate, entries, evaluate_targets, median_s
+
+    annotate(doc)
+    rows: dict = {}
+    for e in entries(doc):
+        i = e["extra_info"]
+        if i.get("suite") == SUITE and median_s(e):
+            rows.setdefault((i["case"], i["pass"]), {})[i["impl"]] = e
+    present = [impl for impl in IMPLS[1:] if any(impl in g for g in rows.values())]
+    lines = ["speed-up of ours over each baseline = their ms / ours (> 1: ours faster)",
+             f"{'case':12} {'pass':8} {'ours ms':>8}  " + "  ".join(f"{b:>16}" for b in present)]
+    for (case, pass_), g in rows.items():
+        ours = g.get("ours")
+        t = median_s(ours) if ours else None
+        cells = [f"{median_s(g[i]) * 1e3:.3f} {median_s(g[i]) / t:.2f}x" if i in g and t else "—" for i in present]
+        lines.append(f"{case:12} {pass_:8} " + (f"{t * 1e3:8.3f}" if t else f"{'—':>8}") + "  "
+                     + "  ".join(f"{c:>16}" for c in cells))
+    lines.append("")
+    for (case, pass_), g in rows.items():
+        ours = g.get("ours")
+        if not ours:
+            continue
+        info = ours["extra_info"]
+        for label, value, met in evaluate_targets(ours):
+            verdict = "n/a" if met is None else "met" if met else "MISSED"
+            lines.append(f"target {case} {pass_}: {label}: {verdict} ({value:.2f})" if value else
+                         f"target {case} {pass_}: {label}: {verdict}")
+        if pass_ == "fwd+bwd":
+            lines.append(f"configs {case}: {info.get('configs')}  first call {info.get('first_call_s', 0):.1f} s, "
+                         f"{info.get('tflops', 0):.0f} TFLOP/s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for path in sys.argv[1:]:
+        with open(path) as f:
+            print(summary(json.load(f)))

@@ -6,33 +6,42 @@ reference.qk_norm_attention and reference.joint_qk_norm_attention are the spec. 
 the qkv projection, (B, N, 3, H, D) (or separate (B, N, H, D) q, k, v views with any strides, unit
 stride over D); output (B, N, H*D), the heads merged, ready for the output projection; no permute
 copies on the way in or out. Joint attention (SD3's MMDiT): a second stream (context tokens) with its
-own qkv and norm weights; queries of both streams attend to the keys [img, ctx] without the
-concatenation ever existing in memory. qk_norm=False compiles the norm out (NORM constexpr): the same
-kernels then serve plain attention. Storage fp16 / bf16 / fp32 (fp32: IEEE dots, no TF32), all math
-and accumulation in fp32, outputs in the storage dtype, weight gradients in the weights' dtype.
+own qkv and norm weights; queries of both streams attend to the keys [img, ctx]; the streams' q, k, v
+and outputs are never concatenated (only the prep pass's qhat, khat below lie end to end).
+qk_norm=False compiles the norm out (NORM constexpr; the prep pass then writes q * scale * log2(e)
+and a copy of k): the same kernels serve plain attention. Storage fp16 / bf16 / fp32 (fp32: dots in
+three TF32 passes, fp32-accurate), all math and accumulation in fp32, outputs in the storage dtype,
+weight gradients in the weights' dtype.
 
-How the norm is fused. Write qn = q * rq and kn = k * rk for the unit-RMS rows (rq, rk: one rstd per
-token and head) and w = w_q * w_k. The score of query i and key j is
+How the norm is fused. A prep pass, one read of q and k, computes each row's rstd (rq, rk: one per
+token and head) and writes the operands of the attention proper,
 
-    S_ij = scale * (qn_i * w_q) . (kn_j * w_k) = rq_i * rk_j * scale * sum_d q_id w_d k_jd,
+    qhat = q * rq * w_q * scale * log2(e)        khat = k * rk * w_k          (storage dtype),
 
-so the weights and the softmax scale fold into the operand a program holds fixed -- its query
-block in the forward and dq kernels, its key block in the dk/dv kernel -- once per program and key
-(query) stream, and the streamed operand goes into the dot product raw, straight from memory as in
-plain flash attention; its rstd scales the score tile (one multiply per score, which the base-2
-softmax needs anyway for the scale). rq is computed by the forward's query programs from the tile
-they load; rk by a small pre-pass over the keys (the forward needs every key's rstd in every
-program); both are saved for the backward, which never recomputes a row statistic. The softmax runs
-in base 2: scale * log2(e) is folded in as well, and the saved log-sum-exp is in log2 units.
+for both streams end to end per (b, h); the attention kernels are then plain flash attention on
+(qhat, khat, v) with every operand loaded straight from memory, and the softmax runs in base 2 (the
+saved log-sum-exp is in log2 units). Folding the weights into an operand inside the attention
+kernels instead leaves that operand in registers, where the matmul holds or re-reads it each step:
+compiled for sm_90a, such backward kernels spill. The backward's prep pass recomputes qhat, khat
+from the raw q, k and the saved rq, rk (no reduction), with delta = rowsum(dO * O); each backward
+kernel ends with the norm's backward of its block, from the raw rows, written straight into d(qkv).
+The transient qhat, khat are the only extra memory; nothing normalised is kept for the backward.
 
-Grids. Forward and dq: one program per (query block of BLOCK_M tokens, b * H + h), the query blocks
-of the image stream first, then the context's; dk/dv: one per (key block of BLOCK_N, b * H + h).
-The key (query) loop walks the image stream then the context stream with two pointer sets; each
-stream's full tiles run unmasked and its last partial tile masked. Head dims that are not a power of
-two (DiT-XL's 72) are masked to BLOCK_D = next power of two inside the kernels: no padded copies.
-The gradients of the (D,) weights are reduced per program into fp32 partial rows, one per MIN_BLOCK
-tokens (a program of a larger block writes zeros into its other slots, so the layout is the same for
-every autotuned block size), and summed by torch: no atomics, same bits every run.
+Head dims. A power-of-two head dim D is one tile column block. Any other D is split into a
+power-of-two main part DA plus a power-of-two tail DB >= 16 (tl.dot needs K, N >= 16), the tail's
+columns >= D masked on load and store: DiT-XL's 72 = 64 + 16 (8 masked) costs 80/72 of the matmul
+work instead of 128/72 for padding to the next power of two. Every product sums (S, dP) or produces
+(P V, dQ, dK, dV) both parts, and the RMS statistics cover both; nothing padded exists in memory.
+Where DA + DB would not be smaller than the next power of two (D = 24, 112, or D < 16) D is padded
+and masked as one block.
+
+Grids. Forward and dq: one program per (query block of BLOCK_M tokens of [img, ctx], b * H + h);
+dk/dv: one per (key block of BLOCK_N, b * H + h); a program's fixed block may straddle the streams.
+It walks the key (query) tiles of the image stream, then of the context stream, each with its own
+pointers; each stream's full tiles run unmasked and its last partial tile masked. The gradients of
+the (D,) weights are reduced per program and stream into fp32 partial rows, one per MIN_BLOCK tokens
+(a program of a larger block writes zeros into its other slots, so the layout is the same for every
+autotuned block size), and summed by torch: no atomics, same bits every run.
 
 Registered as torch.library custom ops (archirf_kernels::qk_norm_attention for the packed qkv,
 archirf_kernels::qk_norm_attention_split for separate q, k, v) with fake and autograd
@@ -55,50 +64,98 @@ LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 MIN_BLOCK = 16          # the smallest BLOCK_M / BLOCK_N of any config: one dw partial slot per this many tokens
 _MIN_BLOCK = tl.constexpr(MIN_BLOCK)
-RSTD_ROWS = 64          # tokens per program of the rk pre-pass
+ROWSTAT_ROWS = 64       # tokens per program of the prep passes
+
+
+def head_split(D: int) -> tuple[int, int, bool]:
+    """(DA, DB, TAIL): the head dim as a power-of-two main part DA plus, where TAIL, a power-of-two
+    tail of DB >= 16 columns (masked beyond D); without a tail DA >= D is masked beyond D (D < 16, or
+    where the split would not save work) and DB is a placeholder."""
+    full = max(16, triton.next_power_of_2(D))
+    if D <= 16 or full == D:
+        return full, 16, False
+    main = full // 2
+    tail = max(16, triton.next_power_of_2(D - main))
+    if main + tail < full:
+        return main, tail, True
+    return full, 16, False
 
 
 # ----------------------------------------------------------------------------------------------
-# Block sizes. Autotuned per (TUNE_N = next power of 2 of the total tokens, HEAD_DIM, NORM, HAS_CTX)
-# and, implicitly (Triton appends every tensor argument's dtype to the key), the storage dtype.
-# Candidates for H100 / A100 (sm80+): per kernel two (BLOCK_M queries, BLOCK_N keys, warps,
-# stages), separately for BLOCK_D <= 64 and for BLOCK_D = 128 (D = 72 or 128), chosen among the
-# configs that ptxas compiles for sm_90a without (or with few bytes of) register spills -- few,
-# because every candidate costs a compile of several seconds on the first call: the
-# forward keeps 128 queries x 64-128 keys on 8 warps (FlashAttention-2's split, Dao 2023, Sec. 3.3);
-# the backward kernels hold 2-3 fp32 accumulators of their fixed block, so they take the smaller
-# tiles of FlashAttention-2's backward (Triton tutorial 06: 128 keys x 32 queries for dk/dv).
-# The first config of each list is the untuned default (ARCHIRF_ATTN_AUTOTUNE=0: no tuning, e.g. for
-# numerics tests, as autotuning compiles every candidate). The interpreter gets one 16 x 16 config
-# so that the CPU tests are fast and cover multi-tile loops and partial blocks.
+# Block sizes. Autotuned per (TUNE_N = next power of 2 of all tokens, HEAD_DIM, NORM, HAS_CTX) and,
+# implicitly (Triton appends every tensor argument's dtype to the key), the storage dtype. The
+# candidates are pruned by the tiled head width (DA + DB: <= 64, <= 96, <= 128, larger) and by N (no
+# block longer than the sequence), so that a shape tries at most three configs per kernel: each
+# costs a compile of a few seconds on its first call. For sm_90 (wgmma: 64-row warpgroup tiles) and
+# sm_80: the forward takes 64-128 queries x 64-128 keys (FlashAttention-2's split, Dao 2023, Sec.
+# 3.3); the backward kernels hold two fp32 accumulators (dq: one) of their fixed block and stream
+# narrow tiles through deep pipelines (Triton tutorial 06: 128 keys x 32 queries for dk/dv, 128
+# queries x 32 keys for dq), on 8 warps once the accumulators outgrow 4 warps' registers. Every
+# candidate up to D = 128 compiles for sm_90a without register spills (ptxas, Triton 3.x). The first
+# config of each list is the untuned default (ARCHIRF_ATTN_AUTOTUNE=0, or AUTOTUNE = False at run
+# time: no tuning, e.g. for numerics tests). The interpreter gets one 16 x 16 config so that the CPU
+# tests are fast and cover multi-tile loops and partial blocks.
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("ARCHIRF_ATTN_AUTOTUNE", "1") != "0"
 TUNE_KEY = ["TUNE_N", "HEAD_DIM", "NORM", "HAS_CTX"]
+WIDTH_CLASSES = (64, 96, 128, MAX_HEAD_DIM)     # tiled head width (DA + DB) up to each: one candidate list
 
-#          BLOCK_D <= 64                            BLOCK_D = 128
-#          (BLOCK_M, BLOCK_N, warps, stages)
-FWD_CANDIDATES = ([(128, 64, 8, 3), (128, 128, 8, 3)], [(128, 64, 8, 3), (64, 64, 4, 3)])
-DQ_CANDIDATES = ([(64, 64, 8, 3), (128, 64, 8, 3)], [(64, 64, 8, 3), (64, 32, 4, 4)])
-DKDV_CANDIDATES = ([(64, 64, 8, 3), (32, 128, 8, 3)], [(64, 64, 8, 3), (32, 64, 4, 4)])
+#          (BLOCK_M queries, BLOCK_N keys, warps, stages) per width class
+FWD_CANDIDATES = ([(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+                  [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+                  [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+                  [(128, 32, 8, 2), (64, 32, 4, 2)])
+DQ_CANDIDATES = ([(128, 64, 8, 3), (128, 32, 4, 5), (64, 32, 4, 4)],
+                 [(128, 32, 8, 4), (128, 64, 8, 3), (64, 32, 4, 4)],
+                 [(128, 32, 8, 4), (64, 64, 8, 3), (128, 64, 8, 3)],
+                 [(64, 32, 8, 2)])
+DKDV_CANDIDATES = ([(32, 128, 8, 4), (64, 128, 8, 3), (32, 64, 4, 4)],
+                   [(32, 128, 8, 4), (64, 128, 8, 3), (32, 64, 4, 4)],
+                   [(32, 64, 8, 4), (64, 64, 8, 3), (16, 128, 8, 4)],
+                   [(16, 64, 8, 2)])
+
+
+def _tiled_width(D: int) -> int:
+    da, db, tail = head_split(D)
+    return da + db if tail else da
+
+
+def _width_class(D: int) -> int:
+    return next(i for i, w in enumerate(WIDTH_CLASSES) if _tiled_width(D) <= w)
 
 
 def _configs(candidates) -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_M": MIN_BLOCK, "BLOCK_N": MIN_BLOCK}, num_warps=1, num_stages=1)]
-    shapes = list(dict.fromkeys(candidates[0] + candidates[1]))      # both lists; the prune picks one
+    shapes = list(dict.fromkeys(c for cls in candidates for c in cls))     # every class; the prune picks one
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _signature(c: triton.Config) -> tuple[int, int, int, int]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+def candidates_for(candidates, D: int, n_tokens: int, fp32: bool = False) -> list[tuple[int, int, int, int]]:
+    """The configs tried for head dim D and n_tokens tokens in all, default first: the width class's
+    list, without blocks longer than the sequence (short sequences: a block of padding costs its full
+    work), and only the default when AUTOTUNE is off. fp32 storage (an accuracy path, 3-pass TF32
+    dots with twice the bytes per operand) takes the class's smallest config alone."""
+    wanted = candidates[_width_class(D)]
+    if fp32:
+        return wanted[-1:]
+    fit = [c for c in wanted if max(c[0], c[1]) <= max(64, triton.next_power_of_2(n_tokens))] or wanted[:1]
+    return fit if AUTOTUNE else fit[:1]
 
 
 def _pruner(candidates):
     def prune(configs, named_args, **kwargs):
         if INTERPRET:
             return configs
-        wanted = candidates[0] if kwargs["BLOCK_D"] <= 64 else candidates[1]
-        wanted = wanted if AUTOTUNE else wanted[:1]
-        keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
-        return sorted(keep, key=lambda c: wanted.index((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                                                        c.num_stages)))
+        wanted = candidates_for(candidates, kwargs["HEAD_DIM"], kwargs["TUNE_N"],
+                                named_args["QH"].dtype == torch.float32)
+        keep = {_signature(c): c for c in configs if _signature(c) in wanted}
+        return [keep[w] for w in wanted if w in keep]
     return {"early_config_prune": prune}
 
 
@@ -106,108 +163,259 @@ FWD_CONFIGS, DQ_CONFIGS, DKDV_CONFIGS = (_configs(c) for c in (FWD_CANDIDATES, D
 
 
 # ----------------------------------------------------------------------------------------------
-# Tile helpers. A tile is BLOCK rows (tokens) x BLOCK_D columns of one head: row r at
-# base + r * stride_row, unit stride over D; columns >= HEAD_DIM are masked (loaded as 0).
+# Tile helpers. A token sequence is the image stream's N0 rows followed by the context's N1 (per
+# (b, h)); a tile is BLOCK of its rows x the head dim, held as two column parts: xa (columns [0, DA))
+# and, where TAIL, xb (columns [DA, DA + DB)); columns >= HEAD_DIM are masked (loaded as 0, never
+# stored). Without a tail xb is a placeholder that no code path reads. The fixed block of a program
+# may straddle the two streams (_load_rows, _store_rows); the streamed tiles never do: the loops walk
+# each stream's tiles with its own pointers (a per-row choice of stream inside the loop would defeat
+# the vectorised, pipelined loads).
 
 @triton.jit
-def _load_rows(base, rows, row_mask, stride_row, offs_d,
-               MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
-    if MASK_ROWS:
-        if BLOCK_D == HEAD_DIM:
-            x = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+def _load_part(ptrs, row_mask, COL0: tl.constexpr, WIDTH: tl.constexpr, MASK_ROWS: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    cols = COL0 + tl.arange(0, WIDTH)
+    p = ptrs[:, None] + cols[None, :]
+    if COL0 + WIDTH > HEAD_DIM:
+        if MASK_ROWS:
+            x = tl.load(p, mask=row_mask[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
         else:
-            x = tl.load(ptrs, mask=row_mask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+            x = tl.load(p, mask=(cols < HEAD_DIM)[None, :], other=0.0)
     else:
-        if BLOCK_D == HEAD_DIM:
-            x = tl.load(ptrs)
+        if MASK_ROWS:
+            x = tl.load(p, mask=row_mask[:, None], other=0.0)
         else:
-            x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+            x = tl.load(p)
     return x
 
 
 @triton.jit
-def _store_rows(base, rows, row_mask, stride_row, offs_d, x, HEAD_DIM: tl.constexpr):
-    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
-    tl.store(ptrs, x, mask=row_mask[:, None] & (offs_d < HEAD_DIM)[None, :])
-
-
-@triton.jit
-def _load_vec(base, offs_d, HEAD_DIM: tl.constexpr):
-    """A (D,) weight, fp32, zero in the padded columns."""
-    return tl.load(base + offs_d, mask=offs_d < HEAD_DIM, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_stat(base, rows, row_mask, MASK_ROWS: tl.constexpr):
-    if MASK_ROWS:
-        x = tl.load(base + rows, mask=row_mask, other=0.0)
+def _load_tile(ptrs, row_mask, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+               TAIL: tl.constexpr):
+    xa = _load_part(ptrs, row_mask, 0, DA, MASK_ROWS, HEAD_DIM)
+    if TAIL:
+        xb = _load_part(ptrs, row_mask, DA, DB, MASK_ROWS, HEAD_DIM)
     else:
-        x = tl.load(base + rows)
-    return x
+        xb = xa
+    return xa, xb
 
 
 @triton.jit
-def _store_weight_partial(DW, part, slot0, num_slots, offs_d, HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr):
-    """This program's (D,) partial sum into slot `slot0` and zeros into its other SLOTS - 1 slots (those
-    below num_slots), so that every slot of the stream is written whatever the block size."""
+def _store_part(ptrs, row_mask, x, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    cols = COL0 + tl.arange(0, WIDTH)
+    tl.store(ptrs[:, None] + cols[None, :], x, mask=row_mask[:, None] & (cols < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _store_tile(ptrs, row_mask, xa, xb, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                TAIL: tl.constexpr):
+    _store_part(ptrs, row_mask, xa.to(ptrs.dtype.element_ty), 0, DA, HEAD_DIM)
+    if TAIL:
+        _store_part(ptrs, row_mask, xb.to(ptrs.dtype.element_ty), DA, DB, HEAD_DIM)
+
+
+@triton.jit
+def _load_rows(X0, X1, rows, row_mask, N0, stride0, stride1, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr,
+               DA: tl.constexpr, DB: tl.constexpr, TAIL: tl.constexpr):
+    """The rows `rows` of [stream 0 (X0, N0 rows), stream 1 (X1)], a block that may straddle the two:
+    two complementary masked loads (each a plain strided tile, vectorised), summed."""
+    xa, xb = _load_tile(X0 + rows * stride0, row_mask & (rows < N0), True, HEAD_DIM, DA, DB, TAIL)
+    if HAS_CTX:
+        ya, yb = _load_tile(X1 + (rows - N0) * stride1, row_mask & (rows >= N0), True, HEAD_DIM, DA, DB, TAIL)
+        xa += ya
+        xb += yb
+    return xa, xb
+
+
+@triton.jit
+def _store_rows(X0, X1, rows, row_mask, N0, stride0, stride1, xa, xb, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr,
+                DA: tl.constexpr, DB: tl.constexpr, TAIL: tl.constexpr):
+    _store_tile(X0 + rows * stride0, row_mask & (rows < N0), xa, xb, HEAD_DIM, DA, DB, TAIL)
+    if HAS_CTX:
+        _store_tile(X1 + (rows - N0) * stride1, row_mask & (rows >= N0), xa, xb, HEAD_DIM, DA, DB, TAIL)
+
+
+@triton.jit
+def _load_weight(W0, W1, rows, N0, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 HAS_CTX: tl.constexpr):
+    """Columns [COL0, COL0 + WIDTH) of the (D,) fp32 weight of each row's stream: (1 or rows, WIDTH)."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    w = tl.load(W0 + cols, mask=cols < HEAD_DIM, other=0.0)[None, :]
+    if HAS_CTX:
+        w1 = tl.load(W1 + cols, mask=cols < HEAD_DIM, other=0.0)[None, :]
+        w = tl.where((rows < N0)[:, None], w, w1)
+    return w
+
+
+@triton.jit
+def _row_dot(xa, xb, ya, yb, TAIL: tl.constexpr):
+    """Per row, sum over the head dim of x * y (fp32)."""
+    s = tl.sum(xa.to(tl.float32) * ya.to(tl.float32), 1)
+    if TAIL:
+        s += tl.sum(xb.to(tl.float32) * yb.to(tl.float32), 1)
+    return s
+
+
+@triton.jit
+def _dot_nt(xa, xb, ya, yb, TAIL: tl.constexpr, PRECISION: tl.constexpr):
+    """x @ y^T summed over both column parts: (rows of x, rows of y), fp32."""
+    s = tl.dot(xa, tl.trans(ya), input_precision=PRECISION)
+    if TAIL:
+        s = tl.dot(xb, tl.trans(yb), s, input_precision=PRECISION)
+    return s
+
+
+@triton.jit
+def _dot_acc(acc_a, acc_b, p, ya, yb, TAIL: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += p @ y per column part (p cast to y's dtype)."""
+    p = p.to(ya.dtype)
+    acc_a = tl.dot(p, ya, acc_a, input_precision=PRECISION)
+    if TAIL:
+        acc_b = tl.dot(p, yb, acc_b, input_precision=PRECISION)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _store_weight_partial(DW, part, slot0, num_slots, COL0: tl.constexpr, WIDTH: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, SLOTS: tl.constexpr):
+    """This program's partial sum of columns [COL0, COL0 + WIDTH) into slot `slot0` and zeros into its
+    other SLOTS - 1 slots (those below num_slots), so that every slot is written whatever the block size."""
     r = tl.arange(0, SLOTS)
+    cols = COL0 + tl.arange(0, WIDTH)
     vals = tl.where(r[:, None] == 0, part[None, :], 0.0)
-    ptrs = DW + (slot0 + r)[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(ptrs, vals, mask=((slot0 + r) < num_slots)[:, None] & (offs_d < HEAD_DIM)[None, :])
+    ptrs = DW + (slot0 + r)[:, None] * HEAD_DIM + cols[None, :]
+    tl.store(ptrs, vals, mask=((slot0 + r) < num_slots)[:, None] & (cols < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _weight_partials(DW, dxhat, xn, rows, row_mask, N0, stream_stride, slot0, num_slots, COL0: tl.constexpr,
+                     WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_CTX: tl.constexpr, SLOTS: tl.constexpr):
+    """dw = sum over this block's rows of dxhat * xn, per stream (stream 1's at DW + stream_stride)."""
+    g = dxhat * xn
+    if HAS_CTX:
+        _store_weight_partial(DW, tl.sum(tl.where((rows < N0)[:, None], g, 0.0), 0), slot0, num_slots,
+                              COL0, WIDTH, HEAD_DIM, SLOTS)
+        _store_weight_partial(DW + stream_stride, tl.sum(tl.where((rows >= N0)[:, None], g, 0.0), 0), slot0,
+                              num_slots, COL0, WIDTH, HEAD_DIM, SLOTS)
+    else:
+        _store_weight_partial(DW, tl.sum(g, 0), slot0, num_slots, COL0, WIDTH, HEAD_DIM, SLOTS)
+
+
+@triton.jit
+def _norm_backward(dxa, dxb, X0, X1, rows, row_mask, stride0, stride1, r, W0, W1, DW, N0, stream_stride, slot0,
+                   num_slots, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, TAIL: tl.constexpr,
+                   HAS_CTX: tl.constexpr, SLOTS: tl.constexpr):
+    """Through x -> xn = x * r -> xhat = xn * w, per row: dx = r * (dxn - xn * mean_D(xn * dxn)) with
+    dxn = dxhat * w; and this block's partial dw = sum_rows dxhat * xn per stream. dxhat must be zero in
+    rows outside row_mask; xn is recomputed from the raw x."""
+    xa, xb = _load_rows(X0, X1, rows, row_mask, N0, stride0, stride1, HAS_CTX, HEAD_DIM, DA, DB, TAIL)
+    xna = xa.to(tl.float32) * r[:, None]
+    dna = dxa * _load_weight(W0, W1, rows, N0, 0, DA, HEAD_DIM, HAS_CTX)
+    dot = tl.sum(xna * dna, 1)
+    _weight_partials(DW, dxa, xna, rows, row_mask, N0, stream_stride, slot0, num_slots, 0, DA, HEAD_DIM, HAS_CTX,
+                     SLOTS)
+    xnb, dnb = xna, dna
+    if TAIL:
+        xnb = xb.to(tl.float32) * r[:, None]
+        dnb = dxb * _load_weight(W0, W1, rows, N0, DA, DB, HEAD_DIM, HAS_CTX)
+        dot += tl.sum(xnb * dnb, 1)
+        _weight_partials(DW, dxb, xnb, rows, row_mask, N0, stream_stride, slot0, num_slots, DA, DB, HEAD_DIM,
+                         HAS_CTX, SLOTS)
+    mean = dot / HEAD_DIM
+    return r[:, None] * (dna - xna * mean[:, None]), r[:, None] * (dnb - xnb * mean[:, None])
+
+
+@triton.jit
+def _input_grad(dxa, dxb, X0, X1, DX0, DX1, R, W0, W1, DW, rows, row_mask, block, N0, S, s0_n, s1_n, g0_n, g1_n,
+                NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                TAIL: tl.constexpr, BLOCK: tl.constexpr):
+    """A block's epilogue: dx~ (the gradient of its normalised, weighted rows; zero in rows outside
+    row_mask) through the norm (with the rows' rstd R and the raw X) into dx, stored at DX0 / DX1; the
+    weight-gradient partials into this block's slots of DW (stream 1's one (B*H, S, D) plane after)."""
+    if NORM:
+        r = tl.load(R + rows, mask=row_mask, other=0.0)
+        dxa, dxb = _norm_backward(dxa, dxb, X0, X1, rows, row_mask, s0_n, s1_n, r, W0, W1, DW, N0,
+                                  tl.num_programs(1).to(tl.int64) * S * HEAD_DIM, block * (BLOCK // _MIN_BLOCK), S,
+                                  HEAD_DIM, DA, DB, TAIL, HAS_CTX, BLOCK // _MIN_BLOCK)
+    _store_rows(DX0, DX1, rows, row_mask, N0, g0_n, g1_n, dxa, dxb, HAS_CTX, HEAD_DIM, DA, DB, TAIL)
 
 
 # ----------------------------------------------------------------------------------------------
-# Pre-pass: rk, the rstd of every key row (both streams), which every forward program needs.
+# Prep pass, one program per ROWSTAT_ROWS tokens of one (b, h), both streams: the attention operands
+#
+#     qhat = q * rq * w_q * scale * log2(e)        khat = k * rk * w_k         (storage dtype)
+#
+# into (B*H, N0 + N1, D) scratch buffers (the streams end to end), so that the attention kernels are
+# plain flash attention on (qhat, khat, v) with every operand loaded straight from memory (a folded
+# operand computed in registers would be held there by the matmul, or re-read each step, and spill).
+# Forward: computes and saves rq, rk. Backward (BACKWARD): recomputes qhat, khat from the saved rq, rk
+# (no reduction) and computes delta = rowsum(dO * O). Without the norm qhat = q * scale * log2(e),
+# khat = k.
 
 @triton.jit
-def _rstd_rows(X, R, start, N, stride_n, eps, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_R: tl.constexpr):
-    rows = start + tl.arange(0, BLOCK_R)
-    mask = rows < N
-    offs_d = tl.arange(0, BLOCK_D)
-    x = _load_rows(X, rows, mask, stride_n, offs_d, True, HEAD_DIM, BLOCK_D).to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(x * x, 1) / HEAD_DIM + eps)
-    tl.store(R + rows, rstd, mask=mask)
-
-
-@triton.jit
-def _attn_rstd_kernel(
-    K0, K1, RK,                          # keys of stream 0 and 1 (B, N, H, D) views; RK (B*H, N0 + N1) fp32
-    s0_b, s0_n, s0_h, s1_b, s1_n, s1_h,
-    N0, N1, H, eps,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_CTX: tl.constexpr, BLOCK_R: tl.constexpr,
+def _prep_kernel(
+    Q0, K0, Q1, K1, QW0, KW0, QW1, KW1,  # raw q, k of each stream (B, N, H, D); weights fp32
+    O0, DO0, O1, DO1,                    # BACKWARD: out and dout of each stream (B, N, H*D)
+    QH, KH, RQ, RK, DELTA,               # (B*H, N0 + N1, D) storage dtype; (B*H, N0 + N1) fp32
+    s0_b, s0_n, s0_h, s1_b, s1_n, s1_h,  # strides of each stream's q, k (shared)
+    N0, N1, H, q_eps, k_eps, qk_scale,
+    BACKWARD: tl.constexpr, NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr,
+    DB: tl.constexpr, TAIL: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    stats = RK + bh.to(tl.int64) * (N0 + N1)
-    num0 = tl.cdiv(N0, BLOCK_R)
-    if HAS_CTX:
-        if pid >= num0:
-            _rstd_rows(K1 + b * s1_b + h * s1_h, stats + N0, (pid - num0) * BLOCK_R, N1, s1_n, eps,
-                       HEAD_DIM, BLOCK_D, BLOCK_R)
+    N = N0 + N1
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask = rows < N
+    stats = bh.to(tl.int64) * N
+    out = QH.dtype.element_ty
+    scratch = stats * HEAD_DIM + rows * HEAD_DIM
+    in0, in1 = b * s0_b + h * s0_h, b * s1_b + h * s1_h
+    qa, qb = _load_rows(Q0 + in0, Q1 + in1, rows, mask, N0, s0_n, s1_n, HAS_CTX, HEAD_DIM, DA, DB, TAIL)
+    ka, kb = _load_rows(K0 + in0, K1 + in1, rows, mask, N0, s0_n, s1_n, HAS_CTX, HEAD_DIM, DA, DB, TAIL)
+    if NORM:
+        if BACKWARD:
+            rq = tl.load(RQ + stats + rows, mask=mask, other=0.0)
+            rk = tl.load(RK + stats + rows, mask=mask, other=0.0)
         else:
-            _rstd_rows(K0 + b * s0_b + h * s0_h, stats, pid * BLOCK_R, N0, s0_n, eps, HEAD_DIM, BLOCK_D, BLOCK_R)
+            rq = tl.math.rsqrt(_row_dot(qa, qb, qa, qb, TAIL) / HEAD_DIM + q_eps)
+            rk = tl.math.rsqrt(_row_dot(ka, kb, ka, kb, TAIL) / HEAD_DIM + k_eps)
+            tl.store(RQ + stats + rows, rq, mask=mask)
+            tl.store(RK + stats + rows, rk, mask=mask)
+        qha = qa.to(tl.float32) * rq[:, None] * (_load_weight(QW0, QW1, rows, N0, 0, DA, HEAD_DIM, HAS_CTX) * qk_scale)
+        kha = ka.to(tl.float32) * rk[:, None] * _load_weight(KW0, KW1, rows, N0, 0, DA, HEAD_DIM, HAS_CTX)
+        qhb, khb = qha, kha
+        if TAIL:
+            qhb = qb.to(tl.float32) * rq[:, None] * (_load_weight(QW0, QW1, rows, N0, DA, DB, HEAD_DIM, HAS_CTX)
+                                                     * qk_scale)
+            khb = kb.to(tl.float32) * rk[:, None] * _load_weight(KW0, KW1, rows, N0, DA, DB, HEAD_DIM, HAS_CTX)
     else:
-        _rstd_rows(K0 + b * s0_b + h * s0_h, stats, pid * BLOCK_R, N0, s0_n, eps, HEAD_DIM, BLOCK_D, BLOCK_R)
+        qha, qhb, kha, khb = qa.to(tl.float32) * qk_scale, qb.to(tl.float32) * qk_scale, ka, kb
+    _store_tile(QH + scratch, mask, qha.to(out), qhb.to(out), HEAD_DIM, DA, DB, TAIL)
+    _store_tile(KH + scratch, mask, kha.to(out), khb.to(out), HEAD_DIM, DA, DB, TAIL)
+    if BACKWARD:
+        o0, o1 = (b * N0 * H + h) * HEAD_DIM, (b * N1 * H + h) * HEAD_DIM
+        oa, ob = _load_rows(O0 + o0, O1 + o1, rows, mask, N0, H * HEAD_DIM, H * HEAD_DIM, HAS_CTX, HEAD_DIM, DA, DB,
+                            TAIL)
+        da, db = _load_rows(DO0 + o0, DO1 + o1, rows, mask, N0, H * HEAD_DIM, H * HEAD_DIM, HAS_CTX, HEAD_DIM, DA, DB,
+                            TAIL)
+        tl.store(DELTA + stats + rows, _row_dot(oa, ob, da, db, TAIL), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
-# Forward. Per query block: qs = (qn * w_q * w_k * scale * log2 e) in the storage dtype, once per key
-# stream; per key tile: s = (qs . k_j) * rk_j (log2 units), the online softmax (Milakov & Gimelshein
-# 2018; FlashAttention-2, Dao 2023, Alg. 1) with exp2, and acc += p v. Saved: lse = m + log2(l).
+# Forward. Per query block: for each key tile s = qhat . khat_j (log2 units), the online softmax
+# (Milakov & Gimelshein 2018; FlashAttention-2, Dao 2023, Alg. 1) with exp2, and acc += p v. Each
+# stream's full key tiles run unmasked, its partial last one masked. Saved: lse = m + log2(l).
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, qs, K, V, RK, start, N_kv, stride_n, offs_d,
-              MASK_N: tl.constexpr, NORM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, KH, V, start, N_kv, stride_v,
+              MASK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, TAIL: tl.constexpr,
               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N_kv
-    k = _load_rows(K, offs_n, mask_n, stride_n, offs_d, MASK_N, HEAD_DIM, BLOCK_D)
-    s = tl.dot(qs, tl.trans(k), input_precision=PRECISION)                  # (BLOCK_M, BLOCK_N)
-    if NORM:
-        s = s * _load_stat(RK, offs_n, mask_n, MASK_N)[None, :]
+    ka, kb = _load_tile(KH + offs_n * HEAD_DIM, mask_n, MASK_N, HEAD_DIM, DA, DB, TAIL)
+    s = _dot_nt(qa, qb, ka, kb, TAIL, PRECISION)                            # (BLOCK_M, BLOCK_N), log2 units
     if MASK_N:
         s = tl.where(mask_n[None, :], s, float("-inf"))
     # -- update m_i and l_i
@@ -216,422 +424,243 @@ def _fwd_tile(acc, m_i, l_i, qs, K, V, RK, start, N_kv, stride_n, offs_d,
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     # -- update the output accumulator
-    v = _load_rows(V, offs_n, mask_n, stride_n, offs_d, MASK_N, HEAD_DIM, BLOCK_D)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-    return acc, m_new, l_i
+    va, vb = _load_tile(V + offs_n * stride_v, mask_n, MASK_N, HEAD_DIM, DA, DB, TAIL)
+    acc_a = acc_a * alpha[:, None]
+    if TAIL:
+        acc_b = acc_b * alpha[:, None]
+    acc_a, acc_b = _dot_acc(acc_a, acc_b, p, va, vb, TAIL, PRECISION)
+    return acc_a, acc_b, m_new, l_i
 
 
 @triton.jit
-def _fwd_stream(acc, m_i, l_i, qs, K, V, RK, N_kv, stride_n, offs_d,
-                NORM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                PRECISION: tl.constexpr):
-    """All keys of one stream: full tiles unmasked, then the partial last tile masked."""
+def _fwd_stream(acc_a, acc_b, m_i, l_i, qa, qb, KH, V, N_kv, stride_v, HEAD_DIM: tl.constexpr, DA: tl.constexpr,
+                DB: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """The keys of one stream (KH, V at its first row): full tiles unmasked, the partial last one masked."""
     n_full = (N_kv // BLOCK_N) * BLOCK_N
     for start in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qs, K, V, RK, start, N_kv, stride_n, offs_d,
-                                  False, NORM, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+        acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, KH, V, start, N_kv, stride_v,
+                                           False, HEAD_DIM, DA, DB, TAIL, BLOCK_N, PRECISION)
     if n_full < N_kv:
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qs, K, V, RK, n_full, N_kv, stride_n, offs_d,
-                                  True, NORM, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _fold_weights(x, xn, w_own, W_other, scale, offs_d, NORM: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The fixed operand of a program: xn * w_own * w_other * scale (NORM), else x * scale; storage dtype."""
-    if NORM:
-        w = w_own * _load_vec(W_other, offs_d, HEAD_DIM)
-        xs = xn * (w * scale)[None, :]
-    else:
-        xs = x.to(tl.float32) * scale
-    return xs.to(x.dtype)
-
-
-@triton.jit
-def _fwd_program(Q, O, QW, m_start, N_q, q_stride_n, o_stride_n, RQ, LSE,
-                 K0, V0, KW0, RK0, N0, s0_n, K1, V1, KW1, RK1, N1, s1_n, q_eps, qk_scale,
-                 NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N_q
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, offs_m, mask_m, q_stride_n, offs_d, True, HEAD_DIM, BLOCK_D)
-    qn = q.to(tl.float32)
-    w_q = tl.zeros([BLOCK_D], dtype=tl.float32)
-    # -- RMSNorm statistics of the query block, once per program (saved for the backward)
-    if NORM:
-        rq = tl.math.rsqrt(tl.sum(qn * qn, 1) / HEAD_DIM + q_eps)
-        tl.store(RQ + offs_m, rq, mask=mask_m)
-        qn = qn * rq[:, None]
-        w_q = _load_vec(QW, offs_d, HEAD_DIM)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # -- the image stream's keys, then the context's
-    qs = _fold_weights(q, qn, w_q, KW0, qk_scale, offs_d, NORM, HEAD_DIM)
-    acc, m_i, l_i = _fwd_stream(acc, m_i, l_i, qs, K0, V0, RK0, N0, s0_n, offs_d,
-                                NORM, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    if HAS_CTX:
-        # reloaded (an L2 hit) rather than kept live in registers through the first loop
-        q = _load_rows(Q, offs_m, mask_m, q_stride_n, offs_d, True, HEAD_DIM, BLOCK_D)
-        qn = q.to(tl.float32)
-        if NORM:
-            qn = qn * rq[:, None]
-        qs = _fold_weights(q, qn, w_q, KW1, qk_scale, offs_d, NORM, HEAD_DIM)
-        acc, m_i, l_i = _fwd_stream(acc, m_i, l_i, qs, K1, V1, RK1, N1, s1_n, offs_d,
-                                    NORM, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    # -- epilogue: normalise, merge heads on the store, save the log2-sum-exp
-    acc = acc / l_i[:, None]
-    _store_rows(O, offs_m, mask_m, o_stride_n, offs_d, acc.to(O.dtype.element_ty), HEAD_DIM)
-    tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
+        acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, KH, V, n_full, N_kv, stride_v,
+                                           True, HEAD_DIM, DA, DB, TAIL, BLOCK_N, PRECISION)
+    return acc_a, acc_b, m_i, l_i
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY, prune_configs_by=_pruner(FWD_CANDIDATES))
 @triton.jit
 def _attn_fwd_kernel(
-    Q0, K0, V0, O0, QW0, KW0,            # stream 0 (image, or the only one): q, k, v (B, N0, H, D), out (B, N0, H*D)
-    Q1, K1, V1, O1, QW1, KW1,            # stream 1 (context; HAS_CTX only): the same with N1 tokens
-    RQ, RK, LSE,                         # (B*H, N0 + N1) fp32: rq (written), rk (read), log2-sum-exp (written)
-    s0_b, s0_n, s0_h, s1_b, s1_n, s1_h,  # strides of each stream's q, k, v (shared)
-    N0, N1, H, q_eps, qk_scale,          # qk_scale = softmax scale * log2(e)
+    QH, KH, LSE,                         # (B*H, N0 + N1, D) prepped operands; (B*H, N0 + N1) fp32 log2-sum-exp
+    V0, O0, V1, O1,                      # per stream: v (B, N, H, D) and out (B, N, H*D) (V1, O1: HAS_CTX only)
+    s0_b, s0_n, s0_h, s1_b, s1_n, s1_h,  # strides of each stream's v
+    N0, N1, H,
     TUNE_N,                              # autotune key only
-    NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+    TAIL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    stats = bh.to(tl.int64) * (N0 + N1)
-    in0, in1 = b * s0_b + h * s0_h, b * s1_b + h * s1_h
-    out0, out1 = b * N0 * H * HEAD_DIM + h * HEAD_DIM, b * N1 * H * HEAD_DIM + h * HEAD_DIM
-    num_m0 = tl.cdiv(N0, BLOCK_M)
+    N = N0 + N1
+    stats = bh.to(tl.int64) * N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    qa, qb = _load_tile(QH + stats * HEAD_DIM + offs_m * HEAD_DIM, mask_m, True, HEAD_DIM, DA, DB, TAIL)
+    KH += stats * HEAD_DIM
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    # -- the image stream's keys, then the context's
+    acc_a, acc_b, m_i, l_i = _fwd_stream(acc_a, acc_b, m_i, l_i, qa, qb, KH, V0 + b * s0_b + h * s0_h, N0, s0_n,
+                                         HEAD_DIM, DA, DB, TAIL, BLOCK_N, PRECISION)
     if HAS_CTX:
-        if pid_m >= num_m0:        # a query block of the context stream
-            _fwd_program(Q1 + in1, O1 + out1, QW1, (pid_m - num_m0) * BLOCK_M, N1, s1_n, H * HEAD_DIM,
-                         RQ + stats + N0, LSE + stats + N0,
-                         K0 + in0, V0 + in0, KW0, RK + stats, N0, s0_n,
-                         K1 + in1, V1 + in1, KW1, RK + stats + N0, N1, s1_n, q_eps, qk_scale,
-                         NORM, HAS_CTX, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
-        else:
-            _fwd_program(Q0 + in0, O0 + out0, QW0, pid_m * BLOCK_M, N0, s0_n, H * HEAD_DIM, RQ + stats, LSE + stats,
-                         K0 + in0, V0 + in0, KW0, RK + stats, N0, s0_n,
-                         K1 + in1, V1 + in1, KW1, RK + stats + N0, N1, s1_n, q_eps, qk_scale,
-                         NORM, HAS_CTX, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
-    else:
-        _fwd_program(Q0 + in0, O0 + out0, QW0, pid_m * BLOCK_M, N0, s0_n, H * HEAD_DIM, RQ + stats, LSE + stats,
-                     K0 + in0, V0 + in0, KW0, RK + stats, N0, s0_n,
-                     K0 + in0, V0 + in0, KW0, RK + stats, 0, s0_n, q_eps, qk_scale,
-                     NORM, HAS_CTX, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
+        acc_a, acc_b, m_i, l_i = _fwd_stream(acc_a, acc_b, m_i, l_i, qa, qb, KH + N0 * HEAD_DIM,
+                                             V1 + b * s1_b + h * s1_h, N1, s1_n, HEAD_DIM, DA, DB, TAIL, BLOCK_N,
+                                             PRECISION)
+    # -- epilogue: normalise, merge heads on the store, save the log2-sum-exp
+    inv_l = 1.0 / l_i
+    _store_rows(O0 + (b * N0 * H + h) * HEAD_DIM, O1 + (b * N1 * H + h) * HEAD_DIM, offs_m, mask_m, N0, H * HEAD_DIM,
+                H * HEAD_DIM, acc_a * inv_l[:, None], acc_b * inv_l[:, None], HAS_CTX, HEAD_DIM, DA, DB, TAIL)
+    tl.store(LSE + stats + offs_m, m_i + tl.math.log2(l_i), mask=mask_m)
 
 
 # ----------------------------------------------------------------------------------------------
 # Backward (FlashAttention-2, Dao 2023, Alg. 2), through the norm. With P = softmax(S) row-wise,
-# S_ij = scale * qhat_i . khat_j, qhat = qn * w_q, khat = kn * w_k, O = P V and dO = dL/dO:
+# S_ij = scale * qn_i w_q . kn_j w_k (= qhat_i . khat_j / log2 e), O = P V and dO = dL/dO:
 #
 #     dV_j     = sum_i P_ij dO_i
 #     dP_ij    = dO_i . V_j
 #     delta_i  = sum_j P_ij dP_ij = dO_i . O_i
 #     dS_ij    = P_ij (dP_ij - delta_i)
-#     dqhat_i  = scale * sum_j dS_ij khat_j          dkhat_j = scale * sum_i dS_ij qhat_i
+#     dq~_i    = scale * sum_j dS_ij khat_j          dk~_j = ln 2 * sum_i dS_ij qhat_i
 #
-# and through RMSNorm (x -> xn = x * r, r = 1 / sqrt(mean_D(x^2) + eps), xhat = xn * w), per row:
+# (x~ = xn * w: the normalised, weighted row), and through RMSNorm (x -> xn = x * r,
+# r = 1 / sqrt(mean_D(x^2) + eps)), per row:
 #
-#     dw       = sum_rows dxhat * xn                 (over tokens, batch and heads; per stream)
-#     dxn      = dxhat * w
+#     dw       = sum_rows dx~ * xn                   (over tokens, batch and heads; per stream)
+#     dxn      = dx~ * w
 #     dx       = r * (dxn - xn * mean_D(xn * dxn))
 #
-# P is recomputed from the saved lse and the saved rq, rk; nothing of size N^2 or of the normalised
-# q, k is stored. The weights fold as in the forward: with the key stream's w_k in the dq kernel's
-# fixed operand, sum_j dS_ij khat_j = sum_streams w_k,stream * sum_j (dS_ij rk_j) k_j, so the
-# streamed raw k tiles meet dS scaled per column by rk, and the stream's w_k multiplies the
-# accumulator once (image stream, after its loop) or each tile's product (context stream, which is
-# short). The dk/dv kernel mirrors this with rq and w_q. Kernels: dq first (it also computes delta
-# for its query block, so no separate pre-pass), then dk/dv, which reads delta.
+# P is recomputed from the saved lse; nothing of size N^2 is stored, and qhat, khat are recomputed
+# by the prep pass from the raw q, k and the saved rq, rk. Kernels (Triton tutorial 06's split): the
+# prep pass (qhat, khat, delta), then dk/dv (a key block per program, looping over all query tiles)
+# and dq (a query block per program, looping over all key tiles), which recompute P each; each ends
+# with the norm's backward of its block (the raw rows reloaded) and writes the gradient in place.
 
 @triton.jit
-def _dq_tile(acc, qs, do, lse, delta, K, V, RK, w_k, start, N_kv, stride_n, offs_d,
-             MASK_N: tl.constexpr, WEIGHTED: tl.constexpr, NORM: tl.constexpr, HEAD_DIM: tl.constexpr,
-             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_tile(acc_a, acc_b, qa, qb, doa, dob, lse, delta, KH, V, start, N_kv, stride_v,
+             MASK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, TAIL: tl.constexpr,
+             BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     offs_n = start + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N_kv
-    k = _load_rows(K, offs_n, mask_n, stride_n, offs_d, MASK_N, HEAD_DIM, BLOCK_D)
-    v = _load_rows(V, offs_n, mask_n, stride_n, offs_d, MASK_N, HEAD_DIM, BLOCK_D)
-    s = tl.dot(qs, tl.trans(k), input_precision=PRECISION)                  # (BLOCK_M, BLOCK_N), log2 units
-    if NORM:
-        rk = _load_stat(RK, offs_n, mask_n, MASK_N)
-        s = s * rk[None, :]
+    ka, kb = _load_tile(KH + offs_n * HEAD_DIM, mask_n, MASK_N, HEAD_DIM, DA, DB, TAIL)
+    va, vb = _load_tile(V + offs_n * stride_v, mask_n, MASK_N, HEAD_DIM, DA, DB, TAIL)
+    p = tl.math.exp2(_dot_nt(qa, qb, ka, kb, TAIL, PRECISION) - lse[:, None])   # (BLOCK_M, BLOCK_N)
     if MASK_N:
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-    p = tl.math.exp2(s - lse[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    ds = p * (dp - delta[:, None])
-    if NORM:
-        ds = ds * rk[None, :]
-    if WEIGHTED:
-        acc += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * w_k[None, :]
-    else:
-        acc = tl.dot(ds.to(k.dtype), k, acc, input_precision=PRECISION)
-    return acc
+        p = tl.where(mask_n[None, :], p, 0.0)
+    ds = p * (_dot_nt(doa, dob, va, vb, TAIL, PRECISION) - delta[:, None])
+    return _dot_acc(acc_a, acc_b, ds, ka, kb, TAIL, PRECISION)
 
 
 @triton.jit
-def _dq_stream(acc, qs, do, lse, delta, K, V, RK, w_k, N_kv, stride_n, offs_d,
-               WEIGHTED: tl.constexpr, NORM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_stream(acc_a, acc_b, qa, qb, doa, dob, lse, delta, KH, V, N_kv, stride_v, HEAD_DIM: tl.constexpr,
+               DA: tl.constexpr, DB: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     n_full = (N_kv // BLOCK_N) * BLOCK_N
     for start in range(0, n_full, BLOCK_N):
-        acc = _dq_tile(acc, qs, do, lse, delta, K, V, RK, w_k, start, N_kv, stride_n, offs_d,
-                       False, WEIGHTED, NORM, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+        acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, lse, delta, KH, V, start, N_kv, stride_v,
+                                False, HEAD_DIM, DA, DB, TAIL, BLOCK_N, PRECISION)
     if n_full < N_kv:
-        acc = _dq_tile(acc, qs, do, lse, delta, K, V, RK, w_k, n_full, N_kv, stride_n, offs_d,
-                       True, WEIGHTED, NORM, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    return acc
-
-
-@triton.jit
-def _dq_program(Q, O, DO, DQ, QW, DQW, m_start, N_q, q_stride_n, o_stride_n, dq_stride_n, num_slots,
-                RQ, LSE, DELTA, K0, V0, KW0, RK0, N0, s0_n, K1, V1, KW1, RK1, N1, s1_n, sm_scale, qk_scale,
-                NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    offs_m = m_start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < N_q
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, offs_m, mask_m, q_stride_n, offs_d, True, HEAD_DIM, BLOCK_D)
-    do = _load_rows(DO, offs_m, mask_m, o_stride_n, offs_d, True, HEAD_DIM, BLOCK_D)
-    o = _load_rows(O, offs_m, mask_m, o_stride_n, offs_d, True, HEAD_DIM, BLOCK_D)
-    # -- delta = rowsum(dO * O), for this kernel and the dk/dv kernel after it
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + offs_m, delta, mask=mask_m)
-    lse = tl.load(LSE + offs_m, mask=mask_m, other=0.0)
-    qn = q.to(tl.float32)
-    w_q = tl.zeros([BLOCK_D], dtype=tl.float32)
-    w_k = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if NORM:
-        rq = tl.load(RQ + offs_m, mask=mask_m, other=0.0)
-        qn = qn * rq[:, None]
-        w_q = _load_vec(QW, offs_d, HEAD_DIM)
-        w_k = _load_vec(KW0, offs_d, HEAD_DIM)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    # -- image stream's keys: acc = sum_j dS_ij kn_j, then * w_k once
-    qs = _fold_weights(q, qn, w_q, KW0, qk_scale, offs_d, NORM, HEAD_DIM)
-    acc = _dq_stream(acc, qs, do, lse, delta, K0, V0, RK0, w_k, N0, s0_n, offs_d,
-                     False, NORM, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    if NORM:
-        acc = acc * w_k[None, :]
-    # -- context stream's keys: each tile's product * w_k of the context
-    if HAS_CTX:
-        if NORM:
-            w_k = _load_vec(KW1, offs_d, HEAD_DIM)
-        q = _load_rows(Q, offs_m, mask_m, q_stride_n, offs_d, True, HEAD_DIM, BLOCK_D)
-        qn = q.to(tl.float32)
-        if NORM:
-            qn = qn * rq[:, None]
-        qs = _fold_weights(q, qn, w_q, KW1, qk_scale, offs_d, NORM, HEAD_DIM)
-        acc = _dq_stream(acc, qs, do, lse, delta, K1, V1, RK1, w_k, N1, s1_n, offs_d,
-                         NORM, NORM, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    # -- acc = sum_j dS_ij khat_j; through the norm (qn recomputed from a reload: not live in the loops)
-    dqhat = acc * sm_scale
-    if NORM:
-        qn = _load_rows(Q, offs_m, mask_m, q_stride_n, offs_d, True, HEAD_DIM, BLOCK_D).to(tl.float32) * rq[:, None]
-        dqn = dqhat * w_q[None, :]
-        dq = rq[:, None] * (dqn - qn * (tl.sum(qn * dqn, 1) / HEAD_DIM)[:, None])
-        _store_weight_partial(DQW, tl.sum(dqhat * qn, 0), (m_start // BLOCK_M) * (BLOCK_M // _MIN_BLOCK), num_slots,
-                              offs_d, HEAD_DIM, BLOCK_M // _MIN_BLOCK)
-    else:
-        dq = dqhat
-    _store_rows(DQ, offs_m, mask_m, dq_stride_n, offs_d, dq.to(DQ.dtype.element_ty), HEAD_DIM)
+        acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, lse, delta, KH, V, n_full, N_kv, stride_v,
+                                True, HEAD_DIM, DA, DB, TAIL, BLOCK_N, PRECISION)
+    return acc_a, acc_b
 
 
 @triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY, prune_configs_by=_pruner(DQ_CANDIDATES))
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q0, K0, V0, O0, DO0, DQ0, QW0, KW0,  # stream 0: inputs, out and dout (B, N0, H*D), dq, weights
-    Q1, K1, V1, O1, DO1, DQ1, QW1, KW1,  # stream 1 (HAS_CTX only)
-    RQ, RK, LSE, DELTA, DQW,             # (B*H, N0 + N1) fp32 (DELTA written); DQW (B*H, S0 + S1, D) fp32 partials
+    QH, KH, LSE, DELTA, RQ,              # prepped operands (B*H, N0 + N1, D); stats (B*H, N0 + N1) fp32
+    Q0, V0, DO0, DQ0, QW0,               # stream 0: raw q, v (B, N0, H, D), dout (B, N0, H*D), dq, q weight (fp32)
+    Q1, V1, DO1, DQ1, QW1,               # stream 1 (HAS_CTX only)
+    DQW,                                 # (streams, B*H, S, D) fp32 weight-gradient partials
     s0_b, s0_n, s0_h, g0_b, g0_n, g0_h,  # strides of stream 0's q, k, v and of its gradients
     s1_b, s1_n, s1_h, g1_b, g1_n, g1_h,
-    N0, N1, H, S0, S1, sm_scale, qk_scale,
+    N0, N1, H, S, sm_scale,
     TUNE_N,
-    NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+    TAIL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    stats = bh.to(tl.int64) * (N0 + N1)
-    slots = bh.to(tl.int64) * (S0 + S1) * HEAD_DIM
+    N = N0 + N1
+    stats = bh.to(tl.int64) * N
     in0, in1 = b * s0_b + h * s0_h, b * s1_b + h * s1_h
-    gr0, gr1 = b * g0_b + h * g0_h, b * g1_b + h * g1_h
-    out0, out1 = b * N0 * H * HEAD_DIM + h * HEAD_DIM, b * N1 * H * HEAD_DIM + h * HEAD_DIM
-    num_m0 = tl.cdiv(N0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < N
+    qa, qb = _load_tile(QH + stats * HEAD_DIM + offs_m * HEAD_DIM, mask_m, True, HEAD_DIM, DA, DB, TAIL)
+    doa, dob = _load_rows(DO0 + (b * N0 * H + h) * HEAD_DIM, DO1 + (b * N1 * H + h) * HEAD_DIM, offs_m, mask_m, N0,
+                          H * HEAD_DIM, H * HEAD_DIM, HAS_CTX, HEAD_DIM, DA, DB, TAIL)
+    lse = tl.load(LSE + stats + offs_m, mask=mask_m, other=0.0)
+    delta = tl.load(DELTA + stats + offs_m, mask=mask_m, other=0.0)
+    KH += stats * HEAD_DIM
+    acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, DB], dtype=tl.float32)
+    # -- the image stream's keys, then the context's: acc = sum_j dS_ij khat_j
+    acc_a, acc_b = _dq_stream(acc_a, acc_b, qa, qb, doa, dob, lse, delta, KH, V0 + in0, N0, s0_n,
+                              HEAD_DIM, DA, DB, TAIL, BLOCK_N, PRECISION)
     if HAS_CTX:
-        if pid_m >= num_m0:
-            _dq_program(Q1 + in1, O1 + out1, DO1 + out1, DQ1 + gr1, QW1, DQW + slots + S0 * HEAD_DIM,
-                        (pid_m - num_m0) * BLOCK_M, N1, s1_n, H * HEAD_DIM, g1_n, S1,
-                        RQ + stats + N0, LSE + stats + N0, DELTA + stats + N0,
-                        K0 + in0, V0 + in0, KW0, RK + stats, N0, s0_n,
-                        K1 + in1, V1 + in1, KW1, RK + stats + N0, N1, s1_n, sm_scale, qk_scale,
-                        NORM, HAS_CTX, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
-        else:
-            _dq_program(Q0 + in0, O0 + out0, DO0 + out0, DQ0 + gr0, QW0, DQW + slots,
-                        pid_m * BLOCK_M, N0, s0_n, H * HEAD_DIM, g0_n, S0,
-                        RQ + stats, LSE + stats, DELTA + stats,
-                        K0 + in0, V0 + in0, KW0, RK + stats, N0, s0_n,
-                        K1 + in1, V1 + in1, KW1, RK + stats + N0, N1, s1_n, sm_scale, qk_scale,
-                        NORM, HAS_CTX, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
-    else:
-        _dq_program(Q0 + in0, O0 + out0, DO0 + out0, DQ0 + gr0, QW0, DQW + slots,
-                    pid_m * BLOCK_M, N0, s0_n, H * HEAD_DIM, g0_n, S0,
-                    RQ + stats, LSE + stats, DELTA + stats,
-                    K0 + in0, V0 + in0, KW0, RK + stats, N0, s0_n,
-                    K0 + in0, V0 + in0, KW0, RK + stats, 0, s0_n, sm_scale, qk_scale,
-                    NORM, HAS_CTX, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
+        acc_a, acc_b = _dq_stream(acc_a, acc_b, qa, qb, doa, dob, lse, delta, KH + N0 * HEAD_DIM, V1 + in1, N1, s1_n,
+                                  HEAD_DIM, DA, DB, TAIL, BLOCK_N, PRECISION)
+    # -- through the norm
+    _input_grad(acc_a * sm_scale, acc_b * sm_scale, Q0 + in0, Q1 + in1, DQ0 + b * g0_b + h * g0_h,
+                DQ1 + b * g1_b + h * g1_h, RQ + stats, QW0, QW1, DQW + bh.to(tl.int64) * S * HEAD_DIM, offs_m, mask_m,
+                pid_m, N0, S, s0_n, s1_n, g0_n, g1_n, NORM, HAS_CTX, HEAD_DIM, DA, DB, TAIL, BLOCK_M)
 
 
 @triton.jit
-def _dkdv_tile(dk_acc, dv_acc, ks, v, Q, DO, RQ, LSE, DELTA, w_q, start, N_q, q_stride_n, o_stride_n, offs_d,
-               MASK_M: tl.constexpr, WEIGHTED: tl.constexpr, NORM: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_tile(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, QH, DO, LSE, DELTA, start, N_q, stride_o,
+               MASK_M: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, TAIL: tl.constexpr,
+               BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     offs_m = start + tl.arange(0, BLOCK_M)
     mask_m = offs_m < N_q
-    q = _load_rows(Q, offs_m, mask_m, q_stride_n, offs_d, MASK_M, HEAD_DIM, BLOCK_D)
-    do = _load_rows(DO, offs_m, mask_m, o_stride_n, offs_d, MASK_M, HEAD_DIM, BLOCK_D)
-    lse = _load_stat(LSE, offs_m, mask_m, MASK_M)
-    delta = _load_stat(DELTA, offs_m, mask_m, MASK_M)
-    # -- transposed scores: rows are this program's keys, columns the tile's queries
-    s_t = tl.dot(ks, tl.trans(q), input_precision=PRECISION)                # (BLOCK_N, BLOCK_M), log2 units
-    if NORM:
-        rq = _load_stat(RQ, offs_m, mask_m, MASK_M)
-        s_t = s_t * rq[None, :]
-    p_t = tl.math.exp2(s_t - lse[None, :])
-    if MASK_M:
-        p_t = tl.where(mask_m[None, :], p_t, 0.0)
-    dv_acc = tl.dot(p_t.to(do.dtype), do, dv_acc, input_precision=PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    if NORM:
-        ds_t = ds_t * rq[None, :]
-    if WEIGHTED:
-        dk_acc += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION) * w_q[None, :]
+    qa, qb = _load_tile(QH + offs_m * HEAD_DIM, mask_m, MASK_M, HEAD_DIM, DA, DB, TAIL)
+    if MASK_M:       # padded queries: lse = +inf, so that their column of P is 0
+        lse = tl.load(LSE + offs_m, mask=mask_m, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=mask_m, other=0.0)
     else:
-        dk_acc = tl.dot(ds_t.to(q.dtype), q, dk_acc, input_precision=PRECISION)
-    return dk_acc, dv_acc
+        lse = tl.load(LSE + offs_m)
+        delta = tl.load(DELTA + offs_m)
+    # -- transposed scores: rows are this program's keys, columns the tile's queries
+    p_t = tl.math.exp2(_dot_nt(ka, kb, qa, qb, TAIL, PRECISION) - lse[None, :])   # (BLOCK_N, BLOCK_M)
+    doa, dob = _load_tile(DO + offs_m * stride_o, mask_m, MASK_M, HEAD_DIM, DA, DB, TAIL)
+    dv_a, dv_b = _dot_acc(dv_a, dv_b, p_t, doa, dob, TAIL, PRECISION)
+    ds_t = p_t * (_dot_nt(va, vb, doa, dob, TAIL, PRECISION) - delta[None, :])
+    dk_a, dk_b = _dot_acc(dk_a, dk_b, ds_t, qa, qb, TAIL, PRECISION)
+    return dk_a, dk_b, dv_a, dv_b
 
 
 @triton.jit
-def _dkdv_stream(dk_acc, dv_acc, ks, v, Q, DO, RQ, LSE, DELTA, w_q, N_q, q_stride_n, o_stride_n, offs_d,
-                 WEIGHTED: tl.constexpr, NORM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_stream(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, QH, DO, LSE, DELTA, N_q, stride_o, HEAD_DIM: tl.constexpr,
+                 DA: tl.constexpr, DB: tl.constexpr, TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """The queries of one stream (QH, DO, LSE, DELTA at its first row)."""
     m_full = (N_q // BLOCK_M) * BLOCK_M
     for start in range(0, m_full, BLOCK_M):
-        dk_acc, dv_acc = _dkdv_tile(dk_acc, dv_acc, ks, v, Q, DO, RQ, LSE, DELTA, w_q, start, N_q,
-                                    q_stride_n, o_stride_n, offs_d,
-                                    False, WEIGHTED, NORM, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+        dk_a, dk_b, dv_a, dv_b = _dkdv_tile(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, QH, DO, LSE, DELTA, start, N_q,
+                                            stride_o, False, HEAD_DIM, DA, DB, TAIL, BLOCK_M, PRECISION)
     if m_full < N_q:
-        dk_acc, dv_acc = _dkdv_tile(dk_acc, dv_acc, ks, v, Q, DO, RQ, LSE, DELTA, w_q, m_full, N_q,
-                                    q_stride_n, o_stride_n, offs_d,
-                                    True, WEIGHTED, NORM, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-    return dk_acc, dv_acc
-
-
-@triton.jit
-def _dkdv_program(K, V, DK, DV, KW, DKW, n_start, N_k, k_stride_n, g_stride_n, num_slots, RK,
-                  Q0, DO0, QW0, RQ0, LSE0, DELTA0, N0, s0_n, Q1, DO1, QW1, RQ1, LSE1, DELTA1, N1, s1_n,
-                  o0_stride_n, o1_stride_n, sm_scale, qk_scale,
-                  NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    offs_n = n_start + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N_k
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K, offs_n, mask_n, k_stride_n, offs_d, True, HEAD_DIM, BLOCK_D)
-    v = _load_rows(V, offs_n, mask_n, k_stride_n, offs_d, True, HEAD_DIM, BLOCK_D)
-    kn = k.to(tl.float32)
-    w_k = tl.zeros([BLOCK_D], dtype=tl.float32)
-    w_q = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if NORM:
-        rk = tl.load(RK + offs_n, mask=mask_n, other=0.0)
-        kn = kn * rk[:, None]
-        w_k = _load_vec(KW, offs_d, HEAD_DIM)
-        w_q = _load_vec(QW0, offs_d, HEAD_DIM)
-    dk_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # -- image stream's queries: dk_acc = sum_i dS_ij qn_i, then * w_q once
-    ks = _fold_weights(k, kn, w_k, QW0, qk_scale, offs_d, NORM, HEAD_DIM)
-    dk_acc, dv_acc = _dkdv_stream(dk_acc, dv_acc, ks, v, Q0, DO0, RQ0, LSE0, DELTA0, w_q, N0, s0_n, o0_stride_n,
-                                  offs_d, False, NORM, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-    if NORM:
-        dk_acc = dk_acc * w_q[None, :]
-    # -- context stream's queries: each tile's product * w_q of the context
-    if HAS_CTX:
-        if NORM:
-            w_q = _load_vec(QW1, offs_d, HEAD_DIM)
-        k = _load_rows(K, offs_n, mask_n, k_stride_n, offs_d, True, HEAD_DIM, BLOCK_D)
-        kn = k.to(tl.float32)
-        if NORM:
-            kn = kn * rk[:, None]
-        ks = _fold_weights(k, kn, w_k, QW1, qk_scale, offs_d, NORM, HEAD_DIM)
-        dk_acc, dv_acc = _dkdv_stream(dk_acc, dv_acc, ks, v, Q1, DO1, RQ1, LSE1, DELTA1, w_q, N1, s1_n,
-                                      o1_stride_n, offs_d, NORM, NORM, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-    _store_rows(DV, offs_n, mask_n, g_stride_n, offs_d, dv_acc.to(DV.dtype.element_ty), HEAD_DIM)
-    # -- dk_acc = sum_i dS_ij qhat_i; through the norm. Padded key rows may hold inf (their scores
-    #    are not bounded by the lse): zero them before the sum over rows.
-    dkhat = tl.where(mask_n[:, None], dk_acc * sm_scale, 0.0)
-    if NORM:
-        kn = _load_rows(K, offs_n, mask_n, k_stride_n, offs_d, True, HEAD_DIM, BLOCK_D).to(tl.float32) * rk[:, None]
-        dkn = dkhat * w_k[None, :]
-        dk = rk[:, None] * (dkn - kn * (tl.sum(kn * dkn, 1) / HEAD_DIM)[:, None])
-        _store_weight_partial(DKW, tl.sum(dkhat * kn, 0), (n_start // BLOCK_N) * (BLOCK_N // _MIN_BLOCK), num_slots,
-                              offs_d, HEAD_DIM, BLOCK_N // _MIN_BLOCK)
-    else:
-        dk = dkhat
-    _store_rows(DK, offs_n, mask_n, g_stride_n, offs_d, dk.to(DK.dtype.element_ty), HEAD_DIM)
+        dk_a, dk_b, dv_a, dv_b = _dkdv_tile(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, QH, DO, LSE, DELTA, m_full, N_q,
+                                            stride_o, True, HEAD_DIM, DA, DB, TAIL, BLOCK_M, PRECISION)
+    return dk_a, dk_b, dv_a, dv_b
 
 
 @triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY, prune_configs_by=_pruner(DKDV_CANDIDATES))
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q0, K0, V0, DO0, DK0, DV0, QW0, KW0,  # stream 0: inputs, dout (B, N0, H*D), dk, dv, weights
-    Q1, K1, V1, DO1, DK1, DV1, QW1, KW1,  # stream 1 (HAS_CTX only)
-    RQ, RK, LSE, DELTA, DKW,              # (B*H, N0 + N1) fp32; DKW (B*H, S0 + S1, D) fp32 partials
+    QH, KH, LSE, DELTA, RK,              # prepped operands (B*H, N0 + N1, D); stats (B*H, N0 + N1) fp32
+    K0, V0, DO0, DK0, DV0, KW0,          # stream 0: raw k, v (B, N0, H, D), dout (B, N0, H*D), dk, dv, k weight
+    K1, V1, DO1, DK1, DV1, KW1,          # stream 1 (HAS_CTX only)
+    DKW,                                 # (streams, B*H, S, D) fp32 weight-gradient partials
     s0_b, s0_n, s0_h, g0_b, g0_n, g0_h,
     s1_b, s1_n, s1_h, g1_b, g1_n, g1_h,
-    N0, N1, H, S0, S1, sm_scale, qk_scale,
+    N0, N1, H, S, dk_scale,              # dk_scale = ln 2 (qhat carries scale * log2 e)
     TUNE_N,
-    NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+    TAIL: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    stats = bh.to(tl.int64) * (N0 + N1)
-    slots = bh.to(tl.int64) * (S0 + S1) * HEAD_DIM
+    N = N0 + N1
+    stats = bh.to(tl.int64) * N
     in0, in1 = b * s0_b + h * s0_h, b * s1_b + h * s1_h
-    gr0, gr1 = b * g0_b + h * g0_h, b * g1_b + h * g1_h
-    out0, out1 = b * N0 * H * HEAD_DIM + h * HEAD_DIM, b * N1 * H * HEAD_DIM + h * HEAD_DIM
-    num_n0 = tl.cdiv(N0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    ka, kb = _load_tile(KH + stats * HEAD_DIM + offs_n * HEAD_DIM, mask_n, True, HEAD_DIM, DA, DB, TAIL)
+    va, vb = _load_rows(V0 + in0, V1 + in1, offs_n, mask_n, N0, s0_n, s1_n, HAS_CTX, HEAD_DIM, DA, DB, TAIL)
+    QH += stats * HEAD_DIM
+    dk_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
+    dk_b = tl.zeros([BLOCK_N, DB], dtype=tl.float32)
+    dv_a = tl.zeros([BLOCK_N, DA], dtype=tl.float32)
+    dv_b = tl.zeros([BLOCK_N, DB], dtype=tl.float32)
+    # -- the image stream's queries, then the context's
+    dk_a, dk_b, dv_a, dv_b = _dkdv_stream(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, QH,
+                                          DO0 + (b * N0 * H + h) * HEAD_DIM, LSE + stats, DELTA + stats, N0,
+                                          H * HEAD_DIM, HEAD_DIM, DA, DB, TAIL, BLOCK_M, PRECISION)
     if HAS_CTX:
-        if pid_n >= num_n0:
-            _dkdv_program(K1 + in1, V1 + in1, DK1 + gr1, DV1 + gr1, KW1, DKW + slots + S0 * HEAD_DIM,
-                          (pid_n - num_n0) * BLOCK_N, N1, s1_n, g1_n, S1, RK + stats + N0,
-                          Q0 + in0, DO0 + out0, QW0, RQ + stats, LSE + stats, DELTA + stats, N0, s0_n,
-                          Q1 + in1, DO1 + out1, QW1, RQ + stats + N0, LSE + stats + N0, DELTA + stats + N0,
-                          N1, s1_n, H * HEAD_DIM, H * HEAD_DIM, sm_scale, qk_scale,
-                          NORM, HAS_CTX, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
-        else:
-            _dkdv_program(K0 + in0, V0 + in0, DK0 + gr0, DV0 + gr0, KW0, DKW + slots,
-                          pid_n * BLOCK_N, N0, s0_n, g0_n, S0, RK + stats,
-                          Q0 + in0, DO0 + out0, QW0, RQ + stats, LSE + stats, DELTA + stats, N0, s0_n,
-                          Q1 + in1, DO1 + out1, QW1, RQ + stats + N0, LSE + stats + N0, DELTA + stats + N0,
-                          N1, s1_n, H * HEAD_DIM, H * HEAD_DIM, sm_scale, qk_scale,
-                          NORM, HAS_CTX, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
-    else:
-        _dkdv_program(K0 + in0, V0 + in0, DK0 + gr0, DV0 + gr0, KW0, DKW + slots,
-                      pid_n * BLOCK_N, N0, s0_n, g0_n, S0, RK + stats,
-                      Q0 + in0, DO0 + out0, QW0, RQ + stats, LSE + stats, DELTA + stats, N0, s0_n,
-                      Q0 + in0, DO0 + out0, QW0, RQ + stats, LSE + stats, DELTA + stats, 0, s0_n,
-                      H * HEAD_DIM, H * HEAD_DIM, sm_scale, qk_scale,
-                      NORM, HAS_CTX, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION)
+        dk_a, dk_b, dv_a, dv_b = _dkdv_stream(dk_a, dk_b, dv_a, dv_b, ka, kb, va, vb, QH + N0 * HEAD_DIM,
+                                              DO1 + (b * N1 * H + h) * HEAD_DIM, LSE + stats + N0,
+                                              DELTA + stats + N0, N1, H * HEAD_DIM, HEAD_DIM, DA, DB, TAIL, BLOCK_M,
+                                              PRECISION)
+    _store_rows(DV0 + b * g0_b + h * g0_h, DV1 + b * g1_b + h * g1_h, offs_n, mask_n, N0, g0_n, g1_n, dv_a, dv_b,
+                HAS_CTX, HEAD_DIM, DA, DB, TAIL)
+    # -- dk = sum_i dS_ij qhat_i; through the norm. Padded key rows may hold inf (their scores are not
+    #    bounded by the lse): zero them before the sums over rows.
+    dka = tl.where(mask_n[:, None], dk_a * dk_scale, 0.0)
+    dkb = tl.where(mask_n[:, None], dk_b * dk_scale, 0.0)
+    _input_grad(dka, dkb, K0 + in0, K1 + in1, DK0 + b * g0_b + h * g0_h, DK1 + b * g1_b + h * g1_h, RK + stats, KW0,
+                KW1, DKW + bh.to(tl.int64) * S * HEAD_DIM, offs_n, mask_n, pid_n, N0, S, s0_n, s1_n, g0_n, g1_n,
+                NORM, HAS_CTX, HEAD_DIM, DA, DB, TAIL, BLOCK_N)
 
 
 # The kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 when triton decorated
@@ -713,7 +742,8 @@ def _bnh(t: Tensor) -> tuple[int, int, int]:
 
 
 def _weights(weights, D: int, x: Tensor, qk_norm: bool) -> list[Tensor]:
-    """None weights -> ones (the kernels always scale; without the norm they are never read)."""
+    """The four weights as contiguous fp32 (D,) tensors (one pointer type for both streams; a D-sized
+    copy where needed); None -> ones (the kernels always scale; without the norm they are never read)."""
     ones = None
     out = []
     for w in weights:
@@ -721,21 +751,59 @@ def _weights(weights, D: int, x: Tensor, qk_norm: bool) -> list[Tensor]:
             if ones is None:
                 ones = torch.ones(D, dtype=torch.float32, device=x.device)
             w = ones
-        out.append(w.contiguous())
+        out.append(w.to(torch.float32).contiguous())
     return out
 
 
-def _launch_args(streams):
-    q0 = streams[0][0]
-    B, N0, H, D = q0.shape
-    N1 = streams[1][0].shape[1] if streams[1] is not None else 0
-    return B, N0, N1, H, D
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: fp32 storage keeps fp32 accuracy (three TF32 passes on the tensor cores
+    on the GPU: an IEEE fp32 dot there runs on the FMA units, spills and takes minutes to compile);
+    16-bit storage ignores it."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "ieee" if INTERPRETED else "tf32x3"
 
 
-def _meta(x: Tensor, D: int, N: int, qk_norm: bool, has_ctx: bool) -> dict:
-    return dict(TUNE_N=triton.next_power_of_2(max(N, 1)), NORM=qk_norm, HAS_CTX=has_ctx, HEAD_DIM=D,
-                BLOCK_D=max(16, triton.next_power_of_2(D)),
-                PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+class _Launch:
+    """What every launch of one call shares: the streams as (q, k, v) views with shared strides (the
+    context's = the image's where there is no context, with N1 = 0), sizes, fp32 weights, meta."""
+
+    def __init__(self, streams, weights, qk_norm: bool):
+        q0 = streams[0][0]
+        _check_device(q0)
+        self.has_ctx = streams[1] is not None
+        self.s0 = _shared_strides(*streams[0])
+        self.s1 = _shared_strides(*streams[1]) if self.has_ctx else self.s0
+        self.B, self.N0, self.H, self.D = q0.shape
+        self.N1 = streams[1][0].shape[1] if self.has_ctx else 0
+        self.N = self.N0 + self.N1
+        self.w = _weights(weights, self.D, q0, qk_norm)
+        da, db, tail = head_split(self.D)
+        self.dims = dict(NORM=qk_norm, HAS_CTX=self.has_ctx, HEAD_DIM=self.D, DA=da, DB=db, TAIL=tail)
+        self.meta = dict(TUNE_N=triton.next_power_of_2(max(self.N, 1)),
+                         PRECISION=_precision(q0.dtype), **self.dims)
+        self.qk_norm, self.device, self.dtype = qk_norm, q0.device, q0.dtype
+        self.strides = (*_bnh(self.s0[0]), *_bnh(self.s1[0]))
+
+    def empty(self) -> bool:
+        return self.B * self.H * self.N == 0
+
+    def grid(self, block: str):
+        return lambda META: (triton.cdiv(self.N, META[block]), self.B * self.H)
+
+    def prep(self, outs, douts, stats, delta, q_eps: float, k_eps: float, scale: float):
+        """-> (qhat, khat) (B*H, N0 + N1, D) scratch; fills rq, rk (forward, outs None) or delta (backward)."""
+        qhat = _alloc((self.B * self.H, self.N, self.D), self.dtype, self.device)
+        khat = _alloc((self.B * self.H, self.N, self.D), self.dtype, self.device)
+        lse, rq, rk = stats.unbind(0) if self.qk_norm else (stats[0],) * 3
+        backward = outs is not None
+        o0, do0 = (outs[0], douts[0]) if backward else (qhat, qhat)
+        o1, do1 = (outs[1], douts[1]) if backward and self.has_ctx else (o0, do0)
+        _prep_kernel[(triton.cdiv(self.N, ROWSTAT_ROWS), self.B * self.H)](
+            self.s0[0], self.s0[1], self.s1[0], self.s1[1], *self.w, o0, do0, o1, do1, qhat, khat, rq, rk,
+            delta if backward else lse, *self.strides, self.N0, self.N1, self.H, q_eps, k_eps, scale * LOG2E,
+            BACKWARD=backward, BLOCK_R=ROWSTAT_ROWS, num_warps=4, **self.dims)
+        return qhat, khat
 
 
 # ----------------------------------------------------------------------------------------------
@@ -744,74 +812,47 @@ def _meta(x: Tensor, D: int, N: int, qk_norm: bool, has_ctx: bool) -> dict:
 def _forward(streams, weights, q_eps: float, k_eps: float, scale: float, qk_norm: bool):
     """-> (out, out_ctx or None, stats): stats (3, B*H, N0 + N1) fp32 = [log2-sum-exp, rq, rk]
     ((1, B*H, N0 + N1): the log2-sum-exp alone without the norm)."""
-    q0 = streams[0][0]
-    _check_device(q0)
-    streams = [_shared_strides(*s) if s is not None else None for s in streams]
-    has_ctx = streams[1] is not None
-    B, N0, N1, H, D = _launch_args(streams)
-    s0 = streams[0]
-    s1 = streams[1] if has_ctx else s0
-    w = _weights(weights, D, q0, qk_norm)
-    out0 = _alloc((B, N0, H * D), q0.dtype, q0.device)
-    out1 = _alloc((B, N1, H * D), q0.dtype, q0.device) if has_ctx else out0
-    stats = _alloc((3 if qk_norm else 1, B * H, N0 + N1), torch.float32, q0.device)
-    lse, rq, rk = stats.unbind(0) if qk_norm else (stats[0],) * 3
-    if B * H * (N0 + N1) == 0:
-        return out0, out1 if has_ctx else None, stats
-    meta = _meta(q0, D, N0 + N1, qk_norm, has_ctx)
-    if qk_norm:
-        _attn_rstd_kernel[(triton.cdiv(N0, RSTD_ROWS) + triton.cdiv(N1, RSTD_ROWS), B * H)](
-            s0[1], s1[1], rk, *_bnh(s0[1]), *_bnh(s1[1]), N0, N1, H, k_eps,
-            HEAD_DIM=D, BLOCK_D=meta["BLOCK_D"], HAS_CTX=has_ctx, BLOCK_R=RSTD_ROWS, num_warps=4)
-
-    def grid(META):
-        return triton.cdiv(N0, META["BLOCK_M"]) + triton.cdiv(N1, META["BLOCK_M"]), B * H
-
-    _attn_fwd_kernel[grid](
-        *s0, out0, w[0], w[1], *s1, out1, w[2], w[3], rq, rk, lse,
-        *_bnh(s0[0]), *_bnh(s1[0]), N0, N1, H, q_eps, scale * LOG2E, **meta)
-    return out0, out1 if has_ctx else None, stats
+    L = _Launch(streams, weights, qk_norm)
+    out0 = _alloc((L.B, L.N0, L.H * L.D), L.dtype, L.device)
+    out1 = _alloc((L.B, L.N1, L.H * L.D), L.dtype, L.device) if L.has_ctx else out0
+    stats = _alloc((3 if qk_norm else 1, L.B * L.H, L.N), torch.float32, L.device)
+    if not L.empty():
+        qhat, khat = L.prep(None, None, stats, None, q_eps, k_eps, scale)
+        _attn_fwd_kernel[L.grid("BLOCK_M")](qhat, khat, stats[0], L.s0[2], out0, L.s1[2], out1, *L.strides,
+                                            L.N0, L.N1, L.H, **L.meta)
+    return out0, out1 if L.has_ctx else None, stats
 
 
 def _backward(douts, streams, weights, outs, stats, scale: float, qk_norm: bool, grads):
     """grads: per stream a (dq, dk, dv) tuple of preallocated (B, N, H, D) views with shared strides
     (views of one (B, N, 3, H, D) buffer for the packed op). Fills them and returns the four weight
-    gradients (fp32; None where the weight is None)."""
-    q0 = streams[0][0]
-    _check_device(q0)
-    streams = [_shared_strides(*s) if s is not None else None for s in streams]
-    has_ctx = streams[1] is not None
-    B, N0, N1, H, D = _launch_args(streams)
-    s0, g0 = streams[0], grads[0]
-    s1, g1 = (streams[1], grads[1]) if has_ctx else (s0, g0)
-    w = _weights(weights, D, q0, qk_norm)
-    do0 = douts[0].contiguous() if douts[0] is not None else torch.zeros_like(outs[0])
-    o1 = outs[1] if has_ctx else outs[0]
-    do1 = (douts[1].contiguous() if douts[1] is not None else torch.zeros_like(o1)) if has_ctx else do0
-    lse, rq, rk = stats.unbind(0) if qk_norm else (stats[0],) * 3
-    delta = _alloc((B * H, N0 + N1), torch.float32, q0.device)
-    S0, S1 = triton.cdiv(N0, MIN_BLOCK), triton.cdiv(N1, MIN_BLOCK)
-    dqw = _alloc((B * H, S0 + S1, D), torch.float32, q0.device)
-    dkw = _alloc((B * H, S0 + S1, D), torch.float32, q0.device)
-    if B * H * (N0 + N1) == 0:
+    gradients (in the weights' dtypes; None where the weight is None)."""
+    L = _Launch(streams, weights, qk_norm)
+    g0 = grads[0]
+    g1 = grads[1] if L.has_ctx else g0
+    outs = [outs[0], outs[1] if L.has_ctx else outs[0]]
+    douts = [d.contiguous() if d is not None else torch.zeros_like(o) for d, o in zip(douts[:1 + L.has_ctx], outs)]
+    douts = douts if L.has_ctx else douts * 2
+    S = triton.cdiv(L.N, MIN_BLOCK)                    # weight-gradient partial slots per (stream, b, h)
+    dqw = _alloc((1 + L.has_ctx, L.B * L.H, S, L.D), torch.float32, L.device)
+    dkw = _alloc((1 + L.has_ctx, L.B * L.H, S, L.D), torch.float32, L.device)
+    if L.empty():
         dqw.zero_()
         dkw.zero_()
     else:
-        meta = _meta(q0, D, N0 + N1, qk_norm, has_ctx)
-        common = (*_bnh(s0[0]), *_bnh(g0[0]), *_bnh(s1[0]), *_bnh(g1[0]), N0, N1, H, S0, S1, scale, scale * LOG2E)
-        def grid(block: str):
-            return lambda META: (triton.cdiv(N0, META[block]) + triton.cdiv(N1, META[block]), B * H)
-
-        # dq first: it writes delta, which dk/dv reads
-        _attn_bwd_dq_kernel[grid("BLOCK_M")](
-            *s0, outs[0], do0, g0[0], w[0], w[1], *s1, o1, do1, g1[0], w[2], w[3],
-            rq, rk, lse, delta, dqw, *common, **meta)
-        _attn_bwd_dkdv_kernel[grid("BLOCK_N")](
-            *s0, do0, g0[1], g0[2], w[0], w[1], *s1, do1, g1[1], g1[2], w[2], w[3],
-            rq, rk, lse, delta, dkw, *common, **meta)
+        lse, rq, rk = stats.unbind(0) if qk_norm else (stats[0],) * 3
+        delta = _alloc((L.B * L.H, L.N), torch.float32, L.device)
+        qhat, khat = L.prep(outs, douts, stats, delta, 0.0, 0.0, scale)
+        strides = (*_bnh(L.s0[0]), *_bnh(g0[0]), *_bnh(L.s1[0]), *_bnh(g1[0]), L.N0, L.N1, L.H, S)
+        _attn_bwd_dkdv_kernel[L.grid("BLOCK_N")](
+            qhat, khat, lse, delta, rk, L.s0[1], L.s0[2], douts[0], g0[1], g0[2], L.w[1],
+            L.s1[1], L.s1[2], douts[1], g1[1], g1[2], L.w[3], dkw, *strides, 1 / LOG2E, **L.meta)
+        _attn_bwd_dq_kernel[L.grid("BLOCK_M")](
+            qhat, khat, lse, delta, rq, L.s0[0], L.s0[2], douts[0], g0[0], L.w[0],
+            L.s1[0], L.s1[2], douts[1], g1[0], L.w[2], dqw, *strides, scale, **L.meta)
     if not qk_norm:
         return [None] * 4
-    sums = [dqw[:, :S0].sum((0, 1)), dkw[:, :S0].sum((0, 1)), dqw[:, S0:].sum((0, 1)), dkw[:, S0:].sum((0, 1))]
+    sums = [dqw[0].sum((0, 1)), dkw[0].sum((0, 1)), dqw[-1].sum((0, 1)), dkw[-1].sum((0, 1))]
     return [s.to(wt.dtype) if wt is not None else None for s, wt in zip(sums, weights)]
 
 

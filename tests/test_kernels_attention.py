@@ -2,8 +2,10 @@
 archirf_kernels.reference: the output and all five gradients (dq, dk, dv through d(qkv), dq_weight,
 dk_weight; ten in joint attention), fp32 and fp16 storage, fp16 activations with fp32 weights, the
 packed (B, N, 3, H, D) and the split (q, k, v) layouts, N not a multiple of the 16-token block,
-D = 16, 64 and 72 (masked to 128), joint streams of unequal lengths, qk_norm off, torch.compile
-(fullgraph=True) of a DiT block, torch.library.opcheck, DiT parity, impl dispatch and errors.
+power-of-two head dims (16, 64), split ones (72 = 64 + 16 and 40 = 32 + 16, the tails masked) and a
+padded one (24 -> 32), joint streams of unequal lengths (blocks straddling the two), other block
+sizes, qk_norm off, torch.compile (fullgraph=True) of a DiT block, torch.library.opcheck, DiT
+parity, impl dispatch and errors.
 
 On a CPU machine the kernels run in Triton's interpreter (tests/conftest.py) with 16 x 16 blocks;
 bf16 and DiT-sized shapes are in tests/test_kernels_gpu_attention.py.
@@ -21,7 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 3e-5, torch.float16: 5e-3}
 DTYPES = {"fp32": (torch.float32, torch.float32), "fp16": (torch.float16, torch.float16),
           "fp16-fp32-weights": (torch.float16, torch.float32)}     # (qkv, norm weights): autocast's mix
-SHAPES = [(1, 5, 2, 16), (2, 17, 2, 72), (1, 33, 2, 64)]           # (B, N, H, D): N % 16 != 0, masked D
+SHAPES = [(1, 5, 2, 16), (2, 17, 2, 72), (1, 33, 2, 64)]           # (B, N, H, D): N % 16 != 0, split D
 
 
 @pytest.fixture(autouse=True)
@@ -118,6 +120,40 @@ def test_qk_norm_attention(dtypes, shape, layout):
     inputs = [qkv_input(B, N, H, D, act, 0, layout), *weights(D, wdt, 5)]
     check_against_reference(lambda *a: K.qk_norm_attention(*a, impl="triton"), reference.qk_norm_attention,
                             inputs, act)
+
+
+@pytest.mark.parametrize("D", [40, 24], ids=["split-40", "padded-24"])
+@pytest.mark.parametrize("dtypes", ["fp32", "fp16-fp32-weights"])
+def test_other_head_dims(dtypes, D):
+    # 40 = 32 + 16 (8 masked), as 72 = 64 + 16; 24 is padded to one 32-wide block.
+    (act, wdt) = DTYPES[dtypes]
+    assert attention.head_split(D) == {40: (32, 16, True), 24: (32, 16, False)}[D]
+    inputs = [qkv_input(2, 19, 2, D, act, 7), *weights(D, wdt, 8)]
+    check_against_reference(lambda *a: K.qk_norm_attention(*a, impl="triton"), reference.qk_norm_attention,
+                            inputs, act)
+
+
+def test_head_split():
+    # power of two: one block; else main + tail where that is smaller than the next power of two
+    assert [attention.head_split(d) for d in (8, 64, 72, 80, 96, 112, 128, 192)] == [
+        (16, 16, False), (64, 16, False), (64, 16, True), (64, 16, True), (64, 32, True), (128, 16, False),
+        (128, 16, False), (128, 64, True)]
+
+
+@pytest.mark.parametrize("blocks", [(32, 16), (16, 64)], ids=["m32-n16", "m16-n64"])
+def test_other_block_sizes(monkeypatch, blocks):
+    # Blocks of several weight-gradient slots, blocks longer than a stream, fixed blocks straddling the
+    # two streams: the kernels' logic for block sizes other than the interpreter's default 16 x 16.
+    import triton
+    config = triton.Config({"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]}, num_warps=1, num_stages=1)
+    for kernel in (attention._attn_fwd_kernel, attention._attn_bwd_dq_kernel, attention._attn_bwd_dkdv_kernel):
+        monkeypatch.setattr(kernel, "configs", [config])
+        monkeypatch.setattr(kernel, "cache", {})
+    inputs = [qkv_input(1, 37, 2, 72, torch.float32, 0), qkv_input(1, 11, 2, 72, torch.float32, 1),
+              *weights(72, torch.float32, 10, n=4)]
+    check_against_reference(lambda *a: K.joint_qk_norm_attention(*a, impl="triton"),
+                            reference.joint_qk_norm_attention, inputs, torch.float32)
+    assert attention._attn_bwd_dkdv_kernel.best_config.kwargs == config.kwargs      # the blocks were used
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
