@@ -83,6 +83,18 @@ def test_output_has_input_shape_and_is_zero_at_init(channels, size, mult):
     assert wake_(model)(x, t, y).abs().mean() > 0.1
 
 
+def test_fourier_features_do_not_depend_on_the_global_seed():
+    # sampling from a run's EMA parameters builds a fresh model: its fixed buffers must be the trained ones
+    torch.manual_seed(0)
+    a = tiny(uncertainty_weighting=True)
+    torch.manual_seed(1)
+    b = tiny(uncertainty_weighting=True)
+    assert all(torch.equal(x, y) for x, y in zip(a.buffers(), b.buffers()))
+    assert not torch.equal(a.emb_fourier.freqs[:8], a.logvar_fourier.freqs[:8])
+    with torch.device("meta"):
+        assert tiny().emb_fourier.freqs.is_meta
+
+
 def test_build_from_config_and_preset_errors():
     cfg = load_config(RECIPE)
     model = build_model(cfg)
@@ -230,14 +242,17 @@ def test_uncertainty_weighted_loss_trains_logvar():
 # ---------------------------------------------------------------------------------------------
 # Fused (Triton, in the interpreter on CPU) against the reference model
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"    # no GPU: the kernels run in the interpreter
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_fused_model_matches_reference_model(channels_last):
     torch.manual_seed(0)
     kw = dict(preconditioning="edm", uncertainty_weighting=True, channels_last=channels_last)
-    fused, ref = tiny(kernels="triton", **kw), tiny(**kw)
+    fused, ref = tiny(kernels="triton", **kw).to(DEVICE), tiny(**kw).to(DEVICE)
     ref.load_state_dict(fused.state_dict())
     wake_(fused), wake_(ref)
-    x, t, y = inputs(batch=2)
+    x, t, y = (v.to(DEVICE) for v in inputs(batch=2))
     out_f, lv_f = fused(x, t, y, return_logvar=True)
     out_r, lv_r = ref(x, t, y, return_logvar=True)
     torch.testing.assert_close(out_f, out_r, atol=1e-4, rtol=1e-4)
@@ -251,14 +266,14 @@ def test_fused_model_matches_reference_model(channels_last):
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal
 def test_blocks_compile_fullgraph():
     torch._dynamo.reset()
-    model = wake_(tiny(kernels="triton"))
+    model = wake_(tiny(kernels="triton")).to(DEVICE)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(model.blocks))
     for block in model.blocks:
         block.compile(fullgraph=True, backend="aot_eager")      # as parallel.py does: one graph per distinct block
-    x, t, y = inputs(batch=2)
+    x, t, y = (v.to(DEVICE) for v in inputs(batch=2))
     out = model(x, t, y)
     out.square().mean().backward()
-    ref = wake_(tiny())
+    ref = wake_(tiny()).to(DEVICE)
     ref.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()})
     torch.testing.assert_close(out, ref(x, t, y), atol=1e-4, rtol=1e-4)
 
@@ -292,3 +307,24 @@ def test_recipe_trains_a_few_steps(tmp_path, objective):
     for conv in model.mp_convs():
         rms = conv.weight.flatten(1).square().mean(1).sqrt()
         torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("recipe,channels", [("edm2_s_latent.yaml", 4), ("edm2_s_img64.yaml", 3)])
+def test_full_size_recipes_build_edm2_s(recipe, channels):
+    cfg = load_config(str(ROOT / "configs" / recipe))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert model.num_params() / 1e6 == pytest.approx(280, rel=0.01) and model.in_channels == channels
+    assert model.loss_logvar and cfg.optim.lr_schedule == "inv_sqrt" and cfg.optim.grad_clip == 0
+
+
+def test_step_benchmark_smoke(tmp_path):
+    import json
+
+    from benchmarks import edm2_step
+    assert edm2_step.main(["--out", str(tmp_path), "--smoke", "--cases", "latents-64x64x4",
+                           "--impls", "ours,compiled"]) == 0
+    doc = json.loads((tmp_path / "edm2_step.json").read_text())
+    assert [r["impl"] for r in doc["rows"]] == ["ours", "compiled"]
+    assert doc["rows"][1]["first_loss_rel_diff"] < 1e-5            # same init, data and noise
+    assert "ours vs this" in (tmp_path / "edm2_step.md").read_text()

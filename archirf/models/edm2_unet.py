@@ -90,12 +90,18 @@ def edm_preconditioning(t: torch.Tensor, sigma_data: float, eps: float = 1e-5):
 
 class MPFourier(nn.Module):
     """cos(2 pi (f t + phi)) * sqrt(2) with fixed random f ~ N(0, bandwidth^2), phi ~ U[0, 1) (EDM2 Eq. 75):
-    unit-magnitude features of a per-sample scalar."""
+    unit-magnitude features of a per-sample scalar. f and phi come from their own generator (`seed`), not
+    the global one: every model built from a config has the same features, so weights loaded without
+    buffers (e.g. EMA parameters) still fit."""
 
-    def __init__(self, num_channels: int, bandwidth: float = 1.0):
+    def __init__(self, num_channels: int, bandwidth: float = 1.0, seed: int = 0):
         super().__init__()
-        self.register_buffer("freqs", 2 * math.pi * torch.randn(num_channels) * bandwidth)
-        self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels))
+        g = torch.Generator().manual_seed(seed)
+        device = torch.empty(0).device                       # the default device (meta while parallel.py builds)
+        freqs = 2 * math.pi * torch.randn(num_channels, generator=g, device="cpu") * bandwidth
+        phases = 2 * math.pi * torch.rand(num_channels, generator=g, device="cpu")
+        self.register_buffer("freqs", freqs.to(device))
+        self.register_buffer("phases", phases.to(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.float().outer(self.freqs.float()) + self.phases.float()                  # (B, C)
@@ -270,7 +276,7 @@ class EDM2UNet(nn.Module):
         self.emb_noise = MPConv(cnoise, cemb, **mp)
         self.emb_label = MPLabelEmbedding(num_classes, cemb, class_dropout_prob, **mp) if num_classes else None
         if uncertainty_weighting:
-            self.logvar_fourier = MPFourier(logvar_channels)
+            self.logvar_fourier = MPFourier(logvar_channels, seed=1)
             self.logvar_linear = MPConv(logvar_channels, 1, **mp)
 
         # Encoder (the first conv sees x plus a channel of ones, EDM2's stand-in for a bias) and decoder.
