@@ -88,10 +88,18 @@ def make_step(model: EDM2UNet, impl: str, device: torch.device, batch: int, size
     x = 0.5 * torch.randn(batch, channels, size, size, device=device, generator=gen)
     y = torch.randint(0, 1000, (batch,), device=device, generator=gen)
     weights = [c.weight for c in model.mp_convs()]
-    if impl == "ours" or device.type != "cuda":
-        post_step = model.post_optimizer_step
-    else:   # the plain-PyTorch forced normalisation, compiled too (the strongest baseline)
-        post_step = torch.compile(lambda: [K.reference.normalize_weight_(w) for w in weights])
+    if impl == "ours":
+        post_step, how = model.post_optimizer_step, "triton"
+    else:                                          # the plain-PyTorch forced normalisation
+        post_step, how = (lambda: [K.reference.normalize_weight_(w) for w in weights]), "eager"
+    if impl != "ours" and IMPLS[impl][2] and device.type == "cuda":   # compiled baselines: hook compiled too
+        hook = torch.compile(post_step)
+        try:
+            with torch.no_grad():
+                hook()                                                # idempotent on normalised weights
+            post_step, how = hook, "compiled"
+        except Exception as err:  # noqa: BLE001  (the baseline then normalises eagerly; the row says so)
+            how = f"eager ({type(err).__name__})"
 
     def step() -> torch.Tensor:
         torch.manual_seed(2)                                          # same noise and times each step
@@ -103,14 +111,14 @@ def make_step(model: EDM2UNet, impl: str, device: torch.device, batch: int, size
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return step
+    return step, how
 
 
 def measure(impl: str, case: str, args, device: torch.device, peak: float | None) -> dict:
     size, channels = CASES[case]
     size = 8 if args.smoke else size
     model = build(impl, size, channels, args.preset, device, args.smoke)
-    step = make_step(model, impl, device, args.batch, size, channels)
+    step, post_step = make_step(model, impl, device, args.batch, size, channels)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -138,7 +146,8 @@ def measure(impl: str, case: str, args, device: torch.device, peak: float | None
     step_s = statistics.median(times)
     img_s = args.batch / step_s
     macs = model.flops_per_image()
-    row = {"case": case, "impl": impl, "batch": args.batch, "params_m": model.num_params() / 1e6,
+    row = {"case": case, "impl": impl, "post_step": post_step, "batch": args.batch,
+           "params_m": model.num_params() / 1e6,
            "step_ms": step_s * 1e3, "img_per_s": img_s, "first_step_s": first_s, "first_loss": first_loss,
            "model_gmacs_per_img": macs / 1e9,
            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}

@@ -154,7 +154,7 @@ def test_forced_weight_normalisation_is_a_step_hook_not_a_forward_write():
 
 
 SHARDED_SCRIPT = r"""
-import sys, torch, torch.distributed as dist
+import sys, time, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict, StateDictOptions
@@ -182,6 +182,7 @@ if dist.get_rank() == 0:
     assert not bad, bad
     torch.save(got, sys.argv[1])
 dist.destroy_process_group()
+time.sleep(0.2)                                       # let gloo's threads finish first (see archirf/parallel.py)
 """
 
 
@@ -245,10 +246,10 @@ def test_uncertainty_weighted_loss_trains_logvar():
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"    # no GPU: the kernels run in the interpreter
 
 
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_fused_model_matches_reference_model(channels_last):
+def test_fused_model_matches_reference_model():
+    # channels_last, as the model runs; the kernels' NCHW path is covered by tests/test_kernels_mp.py
     torch.manual_seed(0)
-    kw = dict(preconditioning="edm", uncertainty_weighting=True, channels_last=channels_last)
+    kw = dict(preconditioning="edm", uncertainty_weighting=True, class_dropout_prob=0.0)   # no random labels
     fused, ref = tiny(kernels="triton", **kw).to(DEVICE), tiny(**kw).to(DEVICE)
     ref.load_state_dict(fused.state_dict())
     wake_(fused), wake_(ref)
@@ -266,14 +267,14 @@ def test_fused_model_matches_reference_model(channels_last):
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal
 def test_blocks_compile_fullgraph():
     torch._dynamo.reset()
-    model = wake_(tiny(kernels="triton")).to(DEVICE)
+    model = wake_(tiny(kernels="triton", class_dropout_prob=0.0)).to(DEVICE)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(model.blocks))
     for block in model.blocks:
         block.compile(fullgraph=True, backend="aot_eager")      # as parallel.py does: one graph per distinct block
     x, t, y = (v.to(DEVICE) for v in inputs(batch=2))
     out = model(x, t, y)
     out.square().mean().backward()
-    ref = wake_(tiny()).to(DEVICE)
+    ref = wake_(tiny(class_dropout_prob=0.0)).to(DEVICE)
     ref.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()})
     torch.testing.assert_close(out, ref(x, t, y), atol=1e-4, rtol=1e-4)
 
