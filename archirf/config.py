@@ -25,8 +25,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: Literal["dit"] = "dit"                 # network family
-    preset: Optional[str] = None                 # e.g. "DiT-XL/2": sets hidden_size/depth/num_heads/patch_size
+    name: Literal["dit", "edm2_unet"] = "dit"    # network family
+    preset: Optional[str] = None                 # e.g. "DiT-XL/2" (hidden_size/depth/num_heads/patch_size), "EDM2-S"
     patch_size: int = 4                          # pixels (or latent cells) per token side
     hidden_size: int = 192                       # transformer width
     depth: int = 6                               # number of transformer blocks
@@ -37,6 +37,20 @@ class ModelConfig:
     class_dropout_prob: float = 0.1              # label dropout for classifier-free guidance
     attn_impl: Literal["auto", "reference", "sdpa", "triton"] = "auto"  # auto: sdpa
     kernels: Literal["auto", "reference", "triton"] = "auto"             # auto: triton on CUDA
+    # UNets (edm2_unet)
+    channels: int = 192                          # base channels: level i is channels * channel_mult[i] wide
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # one entry per resolution level
+    num_res_blocks: int = 3                      # residual blocks per encoder level (the decoder has one more)
+    attn_resolutions: list[int] = field(default_factory=lambda: [16, 8])   # resolutions with self-attention
+    dropout: float = 0.0                         # dropout in the residual branch
+    # EDM2 UNet
+    channels_per_head: int = 64                  # attention head width
+    label_balance: float = 0.5                   # mp_sum weight of the class embedding (vs. the noise's)
+    concat_balance: float = 0.5                  # mp_cat weight of the main path (vs. the skip connection)
+    preconditioning: Literal["none", "edm"] = "none"  # edm: EDM's c_in/c_skip/c_out/c_noise and loss weight (RF only)
+    sigma_data: float = 0.5                      # edm preconditioning: the data's standard deviation
+    uncertainty_weighting: bool = False          # learned per-time loss weight u(t) (EDM2 Eq. 21)
+    logvar_channels: int = 128                   # uncertainty_weighting: Fourier features of u(t)
 
 
 @dataclass
@@ -225,8 +239,10 @@ def validate(cfg: Config) -> None:
          f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
     need(0.0 <= m.class_dropout_prob < 1.0, "model.class_dropout_prob must be in [0, 1)")
     d = cfg.data
-    need(d.resolution % m.patch_size == 0 or m.preset is not None,
+    need(m.name != "dit" or d.resolution % m.patch_size == 0 or m.preset is not None,
          f"data.resolution ({d.resolution}) must be a multiple of model.patch_size ({m.patch_size})")
+    if m.name == "edm2_unet":
+        _validate_unet(cfg, need)
     need(d.channels >= 1, "data.channels must be >= 1")
     need(d.num_classes >= 0, "data.num_classes must be >= 0 (0 = unconditional)")
     need(d.source != "folder" or d.root, "data.source=folder needs data.root=/path/to/images")
@@ -261,6 +277,32 @@ def validate(cfg: Config) -> None:
     need(q.stop_check_steps >= 1, f"parallel.stop_check_steps must be >= 1 (got {q.stop_check_steps})")
     need(q.reference_img_per_s is None or q.reference_img_per_s > 0,
          "parallel.reference_img_per_s must be > 0 or null (the one-GPU img/s of this recipe)")
+
+
+def _validate_unet(cfg: Config, need) -> None:
+    m, d = cfg.model, cfg.data
+    need(m.channels >= 1 and m.num_res_blocks >= 1, "model.channels and model.num_res_blocks must be >= 1")
+    need(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
+         f"model.channel_mult must be a non-empty list of positive ints (got {m.channel_mult})")
+    down = 1 << (len(m.channel_mult) - 1)
+    need(d.resolution % down == 0, f"data.resolution ({d.resolution}) must be divisible by {down}: each of the "
+                                   f"{len(m.channel_mult)} levels of model.channel_mult halves it; use fewer levels")
+    levels = {d.resolution >> i: m.channels * c for i, c in enumerate(m.channel_mult)}
+    bad = [r for r in m.attn_resolutions if r not in levels]
+    need(not bad, f"model.attn_resolutions {bad} are not resolutions of this UNet ({sorted(levels, reverse=True)})")
+    need(m.channels_per_head >= 1, "model.channels_per_head must be >= 1")
+    attn = set(m.attn_resolutions) | {min(levels)}              # the decoder's first block always attends
+    bad = [levels[r] for r in attn if levels[r] % m.channels_per_head]
+    need(not bad, f"attention widths {bad} are not multiples of model.channels_per_head ({m.channels_per_head}); "
+                  f"change model.channels or model.channels_per_head")
+    need(0 <= m.dropout < 1, "model.dropout must be in [0, 1)")
+    need(0 <= m.label_balance <= 1 and 0 <= m.concat_balance <= 1,
+         "model.label_balance and model.concat_balance must be in [0, 1]")
+    need(m.sigma_data > 0, "model.sigma_data must be > 0")
+    need(m.logvar_channels >= 1, "model.logvar_channels must be >= 1")
+    need(m.preconditioning != "edm" or cfg.objective.name == "rectified_flow",
+         f"model.preconditioning=edm is written for rectified flow's time (sigma = t / (1 - t)); with "
+         f"objective.name={cfg.objective.name} use model.preconditioning=none")
 
 
 def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:

@@ -147,6 +147,8 @@ def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], c
     block_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     blocks = model.blocks
+    if compile:  # blocks that differ (a UNet's widths, resampling, attention) compile one graph each
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks))
     for i, block in enumerate(blocks):
         if activation_checkpointing != "none":
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper

@@ -19,11 +19,13 @@ from torch import nn
 from .config import Config, from_yaml_text
 
 
-def autocast_model_fn(model: nn.Module, device: torch.device, dtype: Optional[torch.dtype]) -> Callable:
-    """model_fn for the objectives: network in `dtype` autocast (None = fp32), output in fp32."""
+def autocast_model_fn(model: nn.Module, device: torch.device, dtype: Optional[torch.dtype], **kwargs) -> Callable:
+    """model_fn for the objectives: network in `dtype` autocast (None = fp32), output(s) in fp32; kwargs go
+    to the model (return_logvar=True: (pred, logvar), for the loss)."""
     def model_fn(x, t, y):
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return model(x, t, y).float()
+            out = model(x, t, y, **kwargs)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
     return model_fn
 
 

@@ -138,7 +138,10 @@ def _train(cfg: Config, env: Env) -> Path:
             save_gif([f.cpu() for f in trajectory_frames(traj, cfg.sample.gif_frames)], run_dir / "trajectory.gif",
                      nrow=cfg.sample.per_class, upscale=upscale)
 
-    model_fn = autocast_model_fn(model, device, dtype)
+    # A model that weights its loss per time (EDM2's uncertainty / EDM preconditioning) also returns logvar.
+    logvar = {"return_logvar": True} if getattr(model, "loss_logvar", False) else {}
+    model_fn = autocast_model_fn(model, device, dtype, **logvar)
+    post_step = getattr(model, "post_optimizer_step", None)  # e.g. EDM2's forced weight normalisation (local shards)
     params = [p for p in model.parameters() if p.requires_grad]
     flops_per_image = eval_model.flops_per_image() if env.is_main else None  # MFU is computed on rank 0
     if env.is_main:
@@ -183,6 +186,8 @@ def _train(cfg: Config, env: Env) -> Path:
                     print(f"archirf: non-finite loss at {images_seen:,} images; step skipped ({skipped} so far)")
                 continue
             optimizer.step()
+            if post_step is not None:
+                post_step()
             optimizer.zero_grad(set_to_none=True)
             images_seen += cfg.global_batch
             ema.update(model, images_seen, cfg.global_batch)

@@ -14,6 +14,7 @@ the implementation per call with `impl`:
     x = K.gated_residual(x, mlp_out, gate2)                              # x + gate * y
     out = K.qk_norm_attention(qkv, q_weight, k_weight)                   # qkv (B, N, 3, H, D) -> (B, N, H*D)
     out_img, out_ctx = K.joint_qk_norm_attention(qkv_img, qkv_ctx, qw_img, kw_img, qw_ctx, kw_ctx)  # MMDiT
+    n, s = K.normalize_silu(x)                                           # EDM2: pixel norm, mp_silu of it
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ IMPLS = ("auto", "reference", "triton")
 # the interpreter (TRITON_INTERPRET), and a broken install should fail loudly, not fall back silently.
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
-    from . import ada_norm, attention
+    from . import ada_norm, attention, mp
 
 __all__ = ["reference", "HAS_TRITON", "IMPLS", "ada_layer_norm", "gated_residual",
            "gated_residual_ada_layer_norm", "qk_norm_attention", "joint_qk_norm_attention", "AdaLayerNorm",
-           "GatedResidualAdaLayerNorm"]
+           "GatedResidualAdaLayerNorm", "normalize", "normalize_silu", "mp_silu", "mp_sum", "modulated_silu",
+           "mp_cat", "mp_cat_silu", "mp_weight", "normalize_weight_"]
 
 
 def _use_triton(impl: str, x: torch.Tensor) -> bool:
@@ -145,3 +147,75 @@ class GatedResidualAdaLayerNorm(AdaLayerNorm):
                 shift: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return gated_residual_ada_layer_norm(x, y, gate, shift, scale, self.weight, self.bias, self.eps,
                                              self.norm, self.impl)
+
+
+# ----------------------------------------------------------------------------------------------
+# EDM2 magnitude-preserving layers (kernels/mp.py; the spec is the reference section of the same name).
+# Activations (B, C, H, W) in either memory format, or (M, C) rows; "channels" is dim 1.
+
+def normalize(x: torch.Tensor, eps: float = reference.MP_EPS, impl: str = "auto") -> torch.Tensor:
+    """x / (eps + RMS over the channels): EDM2's pixel norm (per row for (M, C)). See reference.normalize."""
+    if _use_triton(impl, x):
+        return mp.normalize(x, eps)
+    return reference.normalize(x, dim=1, eps=eps)
+
+
+def normalize_silu(x: torch.Tensor, eps: float = reference.MP_EPS,
+                   impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, mp_silu(n)) with n = normalize(x): an EDM2 encoder block's main path and its residual branch's
+    input in one pass. See reference.normalize_silu."""
+    if _use_triton(impl, x):
+        return mp.normalize_silu(x, eps)
+    return reference.normalize_silu(x, eps)
+
+
+def mp_silu(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """silu(x) / 0.596, any shape. See reference.mp_silu."""
+    if _use_triton(impl, x):
+        return mp.mp_silu(x)
+    return reference.mp_silu(x)
+
+
+def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5, clip: float | None = None,
+           impl: str = "auto") -> torch.Tensor:
+    """lerp(a, b, t) / sqrt((1-t)^2 + t^2), then clamped to [-clip, clip] if clip is set. See reference.mp_sum."""
+    if _use_triton(impl, a):
+        return mp.mp_sum(a, b, t, clip)
+    return reference.mp_sum(a, b, t, clip)
+
+
+def modulated_silu(y: torch.Tensor, c: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """mp_silu(y * c), y (B, C, H, W), c (B, C): EDM2's embedding modulation. See reference.modulated_silu."""
+    if _use_triton(impl, y):
+        return mp.modulated_silu(y, c)
+    return reference.modulated_silu(y, c)
+
+
+def mp_cat(a: torch.Tensor, b: torch.Tensor, t: float = 0.5, impl: str = "auto") -> torch.Tensor:
+    """Magnitude-preserving concatenation along the channels. See reference.mp_cat."""
+    if _use_triton(impl, a):
+        return mp.mp_cat(a, b, t)
+    return reference.mp_cat(a, b, t)
+
+
+def mp_cat_silu(a: torch.Tensor, b: torch.Tensor, t: float = 0.5,
+                impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, mp_silu(x)) with x = mp_cat(a, b, t): an EDM2 decoder block's input. See reference.mp_cat_silu."""
+    if _use_triton(impl, a):
+        return mp.mp_cat_silu(a, b, t)
+    return reference.mp_cat_silu(a, b, t)
+
+
+def mp_weight(w: torch.Tensor, gain: torch.Tensor | None = None, eps: float = reference.MP_EPS,
+              impl: str = "auto") -> torch.Tensor:
+    """MPConv's weight: rows normalised over their fan-in, times gain / sqrt(fan_in). See reference.mp_weight."""
+    if _use_triton(impl, w):
+        return mp.mp_weight(w, gain, eps)
+    return reference.mp_weight(w, gain, eps)
+
+
+def normalize_weight_(w: torch.Tensor, eps: float = reference.MP_EPS, impl: str = "auto") -> torch.Tensor:
+    """Forced weight normalisation, in place, no gradient: rows to unit RMS. See reference.normalize_weight_."""
+    if _use_triton(impl, w) and w.is_contiguous():
+        return mp.normalize_weight_(w, eps)
+    return reference.normalize_weight_(w, eps)

@@ -178,3 +178,87 @@ def qk_norm_attention(qkv, q_weight: torch.Tensor | None = None, k_weight: torch
     B, N, H, D = v.shape
     out = _softmax_attention(_upcast(q), _upcast(k), _upcast(v), D ** -0.5 if scale is None else scale)
     return out.to(v.dtype).reshape(B, N, H * D)
+
+
+# ----------------------------------------------------------------------------------------------
+# EDM2 magnitude-preserving (MP) layers (Karras et al. 2024, "Analyzing and Improving the Training
+# Dynamics of Diffusion Models", Sec. 2.2-2.5 and App. B; config G). Activations are (B, C, H, W) in
+# either memory format, or (M, C) rows; "channels" is dim 1. Math in fp32 (fp64 stays fp64), results in
+# the first input's dtype.
+
+MP_SILU_SCALE = 0.596   # sqrt(E[silu(x)^2]) for x ~ N(0, 1): silu / 0.596 keeps unit magnitude (Eq. 81)
+MP_EPS = 1e-4           # EDM2's normalize(): eps added to the RMS, not under the square root
+
+
+# Pixel norm / per-row normalisation (Eq. 46): x / (eps + RMS of x over `dim`); dim None = every dim but
+# the first (a weight's rows: output channels over their fan-in).
+def normalize(x: torch.Tensor, dim: int | tuple[int, ...] | None = 1, eps: float = MP_EPS) -> torch.Tensor:
+    xf = _upcast(x)
+    dim = tuple(range(1, x.dim())) if dim is None else dim
+    rms = xf.square().mean(dim=dim, keepdim=True).sqrt()
+    return (xf / (eps + rms)).to(x.dtype)
+
+
+# Magnitude-preserving SiLU (Eq. 81).
+def mp_silu(x: torch.Tensor) -> torch.Tensor:
+    return (F.silu(_upcast(x)) / MP_SILU_SCALE).to(x.dtype)
+
+
+# Magnitude-preserving sum (Eq. 88): lerp(a, b, t) / sqrt((1-t)^2 + t^2); the optional clip is EDM2's
+# clip(-256, 256) of a block's output (App. B.7).
+def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5, clip: float | None = None) -> torch.Tensor:
+    out = (_upcast(a) * (1 - t) + _upcast(b) * t) / ((1 - t) ** 2 + t ** 2) ** 0.5
+    if clip is not None:
+        out = out.clamp(-clip, clip)
+    return out.to(a.dtype)
+
+
+def mp_cat_weights(ca: int, cb: int, t: float) -> tuple[float, float]:
+    """The scales of a and b in mp_cat (Eq. 103): the result has unit magnitude and b's share is t."""
+    c = ((ca + cb) / ((1 - t) ** 2 + t ** 2)) ** 0.5
+    return c / ca ** 0.5 * (1 - t), c / cb ** 0.5 * t
+
+
+# Magnitude-preserving concatenation along the channels (Eq. 103): the decoder's skip connections.
+def mp_cat(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
+    wa, wb = mp_cat_weights(a.shape[1], b.shape[1], t)
+    fmt = torch.channels_last if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) \
+        and not a.is_contiguous() else torch.contiguous_format
+    return torch.cat([_upcast(a) * wa, _upcast(b) * wb], dim=1).to(a.dtype).contiguous(memory_format=fmt)
+
+
+# MPConv's weight (Eq. 66-67): each output channel's row normalised over its fan-in, times gain / sqrt(fan_in),
+# so that w x has the magnitude of x times gain. gain None = 1; a (1,) tensor is a learned gain.
+def mp_weight(w: torch.Tensor, gain: torch.Tensor | None = None, eps: float = MP_EPS) -> torch.Tensor:
+    fan_in = w[0].numel()
+    out = _upcast(normalize(_upcast(w), dim=None, eps=eps)) / fan_in ** 0.5
+    if gain is not None:
+        out = out * _upcast(gain)
+    return out.to(w.dtype)
+
+
+# Forced weight normalisation (Sec. 2.5, Eq. 69): the stored weight's rows are reset to unit RMS after
+# every optimizer step (and at init). In place, no gradient.
+@torch.no_grad()
+def normalize_weight_(w: torch.Tensor, eps: float = MP_EPS) -> torch.Tensor:
+    return w.copy_(normalize(w, dim=None, eps=eps))
+
+
+# --- fusions along an EDM2 block's data path (the spec of kernels/mp.py)
+
+def normalize_silu(x: torch.Tensor, eps: float = MP_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder block: the pixel-normed main path and the mp_silu that feeds conv_res0 -> (n, mp_silu(n))."""
+    n = normalize(x, dim=1, eps=eps)
+    return n, mp_silu(n)
+
+
+def modulated_silu(y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The embedding's modulation then mp_silu: mp_silu(y * c), c (B, C) per sample and channel (the block
+    computes c = 1 + emb_linear(emb)), broadcast over H, W. In y's dtype."""
+    return (F.silu(_upcast(y) * _upcast(c)[:, :, None, None]) / MP_SILU_SCALE).to(y.dtype)
+
+
+def mp_cat_silu(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder block input: x = mp_cat(a, b, t) (skip connection) and mp_silu(x) for conv_res0 -> (x, mp_silu(x))."""
+    x = mp_cat(a, b, t)
+    return x, mp_silu(x)

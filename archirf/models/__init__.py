@@ -11,11 +11,14 @@ import torch.nn as nn
 
 from ..config import Config, ConfigError
 from .dit import DIT_PRESETS, DiT
+from .edm2_unet import EDM2_PRESETS, EDM2UNet
 
-__all__ = ["build_model", "DiT", "DIT_PRESETS"]
+__all__ = ["build_model", "DiT", "DIT_PRESETS", "EDM2UNet", "EDM2_PRESETS"]
 
 
 def build_model(cfg: Config) -> nn.Module:
     if cfg.model.name == "dit":
         return DiT.from_config(cfg)
-    raise ConfigError(f"unknown model.name '{cfg.model.name}'; valid names: dit")
+    if cfg.model.name == "edm2_unet":
+        return EDM2UNet.from_config(cfg)
+    raise ConfigError(f"unknown model.name '{cfg.model.name}'; valid names: dit, edm2_unet")

@@ -80,6 +80,16 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(t_freq.to(self.mlp[0].weight.dtype))               # (B, D)
 
 
+def drop_labels(labels: torch.Tensor, null_class: int, dropout_prob: float,
+                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Replaces labels by the null class: at random with dropout_prob, or where force_drop_ids == 1."""
+    if force_drop_ids is None:
+        drop = torch.rand(labels.shape[0], device=labels.device) < dropout_prob
+    else:
+        drop = force_drop_ids == 1
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
 class LabelEmbedder(nn.Module):
     """Class label -> (B, hidden_size), with label dropout for classifier-free guidance (Ho & Salimans 2022).
 
@@ -94,12 +104,7 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
     def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Replaces labels by the null class: at random with dropout_prob, or where force_drop_ids == 1."""
-        if force_drop_ids is None:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-        else:
-            drop = force_drop_ids == 1
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return drop_labels(labels, self.num_classes, self.dropout_prob, force_drop_ids)
 
     def forward(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         # Random dropout only while training; force_drop_ids applies in any mode.

@@ -18,7 +18,7 @@ import torch
 
 from archirf.config import ObjectiveConfig
 from archirf.objectives.guidance import ModelFn, check_sampler, classifier_free_guidance
-from archirf.objectives.rectified_flow import broadcast_batch
+from archirf.objectives.rectified_flow import broadcast_batch, regression_loss
 
 
 # --- schedules (fp64, CPU) ---------------------------------------------------------------------------
@@ -102,8 +102,7 @@ class DDPM:
         noise = torch.randn_like(x) if noise is None else noise.float()
         if t_index is None:
             t_index = torch.randint(0, self.num_timesteps, (x.shape[0],), device=x.device)  # (B,)
-        pred = model_fn(self.noised(x, noise, t_index), self.model_time(t_index), y).float()
-        return (pred - noise).square().mean(dim=tuple(range(1, x.ndim)))
+        return regression_loss(model_fn(self.noised(x, noise, t_index), self.model_time(t_index), y), noise)
 
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, *, steps: int,

@@ -21,6 +21,15 @@ def broadcast_batch(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.ndim - 1)))
 
 
+def regression_loss(out, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample MSE, mean over non-batch dims -> (B,) fp32. A model that weights its loss per sample
+    returns (pred, logvar (B,)) instead of pred; the loss is then mse * exp(-logvar) + logvar (EDM2 Eq. 21,
+    Kendall & Gal 2017: logvar a learned u(t), and/or minus the log of a fixed weight)."""
+    pred, logvar = out if isinstance(out, tuple) else (out, None)
+    mse = (pred.float() - target).square().mean(dim=tuple(range(1, target.ndim)))
+    return mse if logvar is None else mse * torch.exp(-logvar.float()) + logvar.float()
+
+
 # --- time: sampling and shift ------------------------------------------------------------------------
 
 def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -110,8 +119,7 @@ class RectifiedFlow:
         x = x.float()                                                            # (B, C, H, W)
         noise = torch.randn_like(x) if noise is None else noise.float()
         t = self.sample_time(x.shape[0], x.device) if t is None else t.float()   # (B,)
-        pred = model_fn(interpolate(x, noise, t), t, y).float()
-        return (pred - velocity_target(x, noise)).square().mean(dim=tuple(range(1, x.ndim)))
+        return regression_loss(model_fn(interpolate(x, noise, t), t, y), velocity_target(x, noise))
 
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, *, steps: int,

@@ -1,0 +1,927 @@
+"""Fused EDM2 magnitude-preserving (MP) layers (Karras et al. 2024, config G), forward and backward.
+
+    n           = x / (eps + rms_C(x))                         normalize (pixel norm, per row)
+    n, s        = normalize(x), mp_silu(normalize(x))          normalize_silu     encoder block input
+    y           = silu(x) / 0.596                              mp_silu
+    out         = clip(lerp(a, b, t) / sqrt((1-t)^2 + t^2))    mp_sum (+ clip)    residual / attention merge
+    out         = mp_silu(y * c[b, ch])                        modulated_silu     embedding modulation
+    x, s        = mp_cat(a, b, t), mp_silu(mp_cat(a, b, t))    mp_cat(_silu)      decoder skip connection
+    w'          = w / (eps + rms_row(w)) * gain / sqrt(fan_in) mp_weight          MPConv's weight
+    w          <- w / (eps + rms_row(w))                       normalize_weight_  forced weight norm (in place)
+
+reference.py is the spec of every op here. Activations are (B, C, H, W), dense in either memory format
+(channels_last: each pixel's C channels contiguous; NCHW), or (M, C) rows (= channels_last with B = 1,
+S = M). A row op's kernels see a tensor as (B, C, S = H * W) and walk it in tiles of BLOCK_S pixels x
+all C channels (BLOCK_C = next_pow2(C)) of one sample, so the reduction over C (normalize) and the
+per-(sample, channel) modulation need no second read; the offsets of both layouts are computed in the
+kernel (CHANNELS_LAST), every tensor of one op in the same layout (inputs in another are converted).
+Elementwise ops (mp_silu, mp_sum) run flat over the storage. All math in fp32, outputs in the first
+input's dtype, gradients in their input's dtype. Per-(sample, channel) gradients (dc of
+modulated_silu) and the scalar dgain are written as fp32 partial rows per program and summed by torch
+(no atomics: the same bits every run).
+
+The backward passes recompute what they need from the saved inputs (one read) instead of saving
+statistics. Math of the normalisation's backward, per row of C elements, d = eps + r, r = rms(x),
+n = x / d, g = dL/dn:
+
+    dL/dx = (g - n * sum(g * n) * d / (C * r)) / d
+
+Registered as torch.library custom ops (archirf_kernels::mp_*) with fake and autograd
+implementations, so torch.compile(fullgraph=True) traces through a model that uses them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import MP_EPS, mp_cat_weights
+
+Tensor = torch.Tensor
+
+MAX_BLOCK_C = 16384          # one row of channels in registers
+TILE_ELEMENTS = 4096         # pixels x channels per program of a row op
+FLAT_BLOCK = 2048            # elements per program of an elementwise op
+WEIGHT_BLOCK = 2048          # fan-in chunk of the weight kernels (rows are looped over)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels.
+
+# The kernels divide by 0.596 = reference.MP_SILU_SCALE (mp_silu, EDM2 Eq. 81).
+@triton.jit
+def _silu(z):
+    return z * tl.sigmoid(z)
+
+
+@triton.jit
+def _dsilu(z):
+    # d/dz z sigmoid(z) = sigmoid(z) (1 + z (1 - sigmoid(z)))
+    s = tl.sigmoid(z)
+    return s * (1.0 + z * (1.0 - s))
+
+
+@triton.jit
+def _tile(pid, C, S, num_s_blocks, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """A program's tile: BLOCK_S pixels x BLOCK_C channels of one sample -> (offsets, mask, sample)."""
+    b = (pid // num_s_blocks).to(tl.int64)
+    s = (pid % num_s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)                      # (BS,)
+    c = tl.arange(0, BLOCK_C)                                                       # (BC,)
+    mask = (s < S)[:, None] & (c < C)[None, :]                                      # (BS, BC)
+    if CHANNELS_LAST:
+        offs = b * C * S + s[:, None].to(tl.int64) * C + c[None, :]
+    else:
+        offs = b * C * S + c[None, :].to(tl.int64) * S + s[:, None]
+    return offs, mask, b
+
+
+@triton.jit
+def _load_normalized(X_ptr, offs, mask, C, eps):
+    """A tile's rows normalised: (n = x / d, rms, d = eps + rms) in fp32."""
+    x = tl.load(X_ptr + offs, mask=mask, other=0.0).to(tl.float32)                  # (BS, BC)
+    rms = tl.sqrt(tl.sum(x * x, axis=1) / C)                                        # (BS,)
+    d = eps + rms
+    return x / d[:, None], rms, d
+
+
+@triton.jit
+def _cat_offsets(b, pix, c, CA, CB, S, CHANNELS_LAST: tl.constexpr):
+    """Offsets into a (channels [0, CA) of the concatenation) and b (channels [CA, CA + CB))."""
+    if CHANNELS_LAST:
+        offs_a = b * CA * S + pix[:, None].to(tl.int64) * CA + c[None, :]
+        offs_b = b * CB * S + pix[:, None].to(tl.int64) * CB + (c[None, :] - CA)
+    else:
+        offs_a = b * CA * S + c[None, :].to(tl.int64) * S + pix[:, None]
+        offs_b = b * CB * S + (c[None, :] - CA).to(tl.int64) * S + pix[:, None]
+    return offs_a, offs_b
+
+
+@triton.jit
+def _normalize_fwd_kernel(
+    X_ptr, N_ptr, S_ptr,                # x; outputs n and (WITH_SILU) mp_silu(n), all in x's layout
+    C, S, num_s_blocks, eps,
+    WITH_SILU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs, mask, _ = _tile(tl.program_id(0), C, S, num_s_blocks, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    n, _, _ = _load_normalized(X_ptr, offs, mask, C, eps)                          # (BS, BC)
+    tl.store(N_ptr + offs, n.to(N_ptr.dtype.element_ty), mask=mask)
+    if WITH_SILU:
+        tl.store(S_ptr + offs, (_silu(n) / 0.596).to(S_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _normalize_bwd_kernel(
+    X_ptr, DN_ptr, DS_ptr, DX_ptr,      # x (saved input), grads of n and of mp_silu(n) (either absent)
+    C, S, num_s_blocks, eps,
+    HAS_DN: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs, mask, _ = _tile(tl.program_id(0), C, S, num_s_blocks, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    n, rms, d = _load_normalized(X_ptr, offs, mask, C, eps)                        # (BS, BC), (BS,), (BS,)
+    # -- g = dL/dn: the direct gradient plus the one through mp_silu
+    g = tl.zeros_like(n)
+    if HAS_DN:
+        g += tl.load(DN_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DS:
+        g += tl.load(DS_ptr + offs, mask=mask, other=0.0).to(tl.float32) * _dsilu(n) / 0.596
+    # -- dL/dx = (g - n * sum(g n) * d / (C r)) / d; an all-zero row has n = 0 (and gets g / eps)
+    coef = tl.sum(g * n, axis=1) * d / (C * tl.maximum(rms, 1e-30))                 # (BS,)
+    dx = (g - n * coef[:, None]) / d[:, None]
+    tl.store(DX_ptr + offs, dx.to(DX_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _modulated_silu_fwd_kernel(
+    Y_ptr, Cond_ptr, Out_ptr,           # y (B, C, S); c (B, C) contiguous
+    C, S, num_s_blocks,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs, mask, b = _tile(tl.program_id(0), C, S, num_s_blocks, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    cols = tl.arange(0, BLOCK_C)
+    c = tl.load(Cond_ptr + b * C + cols, mask=cols < C, other=0.0).to(tl.float32)   # (BC,)
+    y = tl.load(Y_ptr + offs, mask=mask, other=0.0).to(tl.float32)                  # (BS, BC)
+    out = _silu(y * c[None, :]) / 0.596
+    tl.store(Out_ptr + offs, out.to(Out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _modulated_silu_bwd_kernel(
+    DOut_ptr, Y_ptr, Cond_ptr, DY_ptr, Part_ptr,   # Part: (programs, C) fp32 partial sums of dc
+    C, S, num_s_blocks,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs, mask, b = _tile(pid, C, S, num_s_blocks, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    cols = tl.arange(0, BLOCK_C)
+    c = tl.load(Cond_ptr + b * C + cols, mask=cols < C, other=0.0).to(tl.float32)   # (BC,)
+    y = tl.load(Y_ptr + offs, mask=mask, other=0.0).to(tl.float32)                  # (BS, BC)
+    dout = tl.load(DOut_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = dout * _dsilu(y * c[None, :]) / 0.596                                       # dL/d(y c)
+    tl.store(DY_ptr + offs, (g * c[None, :]).to(DY_ptr.dtype.element_ty), mask=mask)
+    tl.store(Part_ptr + pid.to(tl.int64) * C + cols, tl.sum(g * y, axis=0), mask=cols < C)
+
+
+@triton.jit
+def _mp_cat_fwd_kernel(
+    A_ptr, B_ptr, X_ptr, S_ptr,         # a (B, CA, S), b (B, CB, S) -> x = mp_cat (B, CA + CB, S), mp_silu(x)
+    CA, CB, S, num_s_blocks, wa, wb,
+    WITH_SILU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    C = CA + CB
+    offs, mask, b = _tile(tl.program_id(0), C, S, num_s_blocks, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    pid = tl.program_id(0)
+    pix = (pid % num_s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = tl.arange(0, BLOCK_C)
+    in_a = (c < CA)[None, :]
+    offs_a, offs_b = _cat_offsets(b, pix, c, CA, CB, S, CHANNELS_LAST)
+    xa = tl.load(A_ptr + offs_a, mask=mask & in_a, other=0.0).to(tl.float32)
+    xb = tl.load(B_ptr + offs_b, mask=mask & (c >= CA)[None, :], other=0.0).to(tl.float32)
+    x = tl.where(in_a, xa * wa, xb * wb)                                            # (BS, BC)
+    tl.store(X_ptr + offs, x.to(X_ptr.dtype.element_ty), mask=mask)
+    if WITH_SILU:
+        tl.store(S_ptr + offs, (_silu(x) / 0.596).to(S_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mp_cat_bwd_kernel(
+    DX_ptr, DS_ptr, X_ptr, DA_ptr, DB_ptr,   # grads of x and of mp_silu(x) (either absent), x (saved)
+    CA, CB, S, num_s_blocks, wa, wb,
+    HAS_DX: tl.constexpr,
+    HAS_DS: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    C = CA + CB
+    pid = tl.program_id(0)
+    offs, mask, b = _tile(pid, C, S, num_s_blocks, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    pix = (pid % num_s_blocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = tl.arange(0, BLOCK_C)
+    g = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    if HAS_DX:
+        g += tl.load(DX_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_DS:
+        x = tl.load(X_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g += tl.load(DS_ptr + offs, mask=mask, other=0.0).to(tl.float32) * _dsilu(x) / 0.596
+    offs_a, offs_b = _cat_offsets(b, pix, c, CA, CB, S, CHANNELS_LAST)
+    tl.store(DA_ptr + offs_a, (g * wa).to(DA_ptr.dtype.element_ty), mask=mask & (c < CA)[None, :])
+    tl.store(DB_ptr + offs_b, (g * wb).to(DB_ptr.dtype.element_ty), mask=mask & (c >= CA)[None, :])
+
+
+@triton.jit
+def _mp_silu_fwd_kernel(X_ptr, Out_ptr, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(X_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out_ptr + offs, (_silu(x) / 0.596).to(Out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mp_silu_bwd_kernel(DOut_ptr, X_ptr, DX_ptr, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(X_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dout = tl.load(DOut_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX_ptr + offs, (dout * _dsilu(x) / 0.596).to(DX_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mp_sum_fwd_kernel(A_ptr, B_ptr, Out_ptr, numel, wa, wb, clip, HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    a = tl.load(A_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    out = a * wa + b * wb
+    if HAS_CLIP:
+        out = tl.minimum(tl.maximum(out, -clip), clip)
+    tl.store(Out_ptr + offs, out.to(Out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mp_sum_bwd_kernel(DOut_ptr, Out_ptr, DA_ptr, DB_ptr, numel, wa, wb, clip,
+                       HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    dout = tl.load(DOut_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_CLIP:
+        # the clip passes the gradient where the output is strictly inside (-clip, clip)
+        out = tl.load(Out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dout = tl.where(tl.abs(out) < clip, dout, 0.0)
+    tl.store(DA_ptr + offs, (dout * wa).to(DA_ptr.dtype.element_ty), mask=mask)
+    tl.store(DB_ptr + offs, (dout * wb).to(DB_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mp_weight_fwd_kernel(
+    W_ptr, Gain_ptr, Out_ptr,           # rows of F; Out may be W (in place: the forced normalisation)
+    F, scale, eps,
+    HAS_GAIN: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64) * F
+    cols = tl.arange(0, BLOCK_F)
+    # -- pass 1: the row's sum of squares
+    acc = tl.zeros([BLOCK_F], dtype=tl.float32)
+    for f0 in range(0, F, BLOCK_F):
+        w = tl.load(W_ptr + row + f0 + cols, mask=f0 + cols < F, other=0.0).to(tl.float32)
+        acc += w * w
+    k = scale / (eps + tl.sqrt(tl.sum(acc, axis=0) / F))
+    if HAS_GAIN:
+        k = k * tl.load(Gain_ptr).to(tl.float32)
+    # -- pass 2: scale and store (every load of a chunk precedes its store: in place is safe)
+    for f0 in range(0, F, BLOCK_F):
+        m = f0 + cols < F
+        w = tl.load(W_ptr + row + f0 + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(Out_ptr + row + f0 + cols, (w * k).to(Out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _mp_weight_bwd_kernel(
+    DOut_ptr, W_ptr, Gain_ptr, DW_ptr, DGainPart_ptr,   # DGainPart: (rows,) fp32
+    F, scale, eps,
+    HAS_GAIN: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = pid.to(tl.int64) * F
+    cols = tl.arange(0, BLOCK_F)
+    gain = 1.0
+    if HAS_GAIN:
+        gain = tl.load(Gain_ptr).to(tl.float32)
+    # -- pass 1: sum w^2 and sum dout * w
+    acc_ww = tl.zeros([BLOCK_F], dtype=tl.float32)
+    acc_gw = tl.zeros([BLOCK_F], dtype=tl.float32)
+    for f0 in range(0, F, BLOCK_F):
+        m = f0 + cols < F
+        w = tl.load(W_ptr + row + f0 + cols, mask=m, other=0.0).to(tl.float32)
+        dout = tl.load(DOut_ptr + row + f0 + cols, mask=m, other=0.0).to(tl.float32)
+        acc_ww += w * w
+        acc_gw += dout * w
+    rms = tl.sqrt(tl.sum(acc_ww, axis=0) / F)
+    d = eps + rms
+    sum_gn = tl.sum(acc_gw, axis=0) / d                          # sum(dout * n), n = w / d
+    if HAS_GAIN:
+        tl.store(DGainPart_ptr + pid, scale * sum_gn)
+    # -- pass 2: dw = scale gain (dout - n sum(dout n) d / (F r)) / d
+    coef = sum_gn * d / (F * tl.maximum(rms, 1e-30))
+    k = scale * gain / d
+    for f0 in range(0, F, BLOCK_F):
+        m = f0 + cols < F
+        w = tl.load(W_ptr + row + f0 + cols, mask=m, other=0.0).to(tl.float32)
+        dout = tl.load(DOut_ptr + row + f0 + cols, mask=m, other=0.0).to(tl.float32)
+        dw = k * (dout - (w / d) * coef)
+        tl.store(DW_ptr + row + f0 + cols, dw.to(DW_ptr.dtype.element_ty), mask=m)
+
+
+# The kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 when triton decorated
+# them): then they run on CPU tensors; otherwise they need CUDA tensors.
+INTERPRETED = type(_normalize_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts, checks, launch shapes.
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _alloc_like(t: Tensor, shape=None, dtype: torch.dtype | None = None) -> Tensor:
+    """Every activation-shaped buffer the launchers hand to a kernel: t's layout (tests patch this)."""
+    shape = t.shape if shape is None else shape
+    fmt = torch.channels_last if len(shape) == 4 and _channels_last(t) else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype or t.dtype, device=t.device, memory_format=fmt)
+
+
+def _channels_last(t: Tensor) -> bool:
+    """Rows (M, C) and channels_last (B, C, H, W) tensors: each pixel's channels contiguous."""
+    if t.dim() == 2:
+        return True
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _dense(t: Tensor, channels_last: bool | None = None) -> Tensor:
+    """t dense in the given layout (default: its own if dense, else NCHW); a no-op when it already is."""
+    if channels_last is None:
+        channels_last = _channels_last(t)
+    if t.dim() == 4 and channels_last:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous()
+
+
+def _check(op: str, t: Tensor, dims=(2, 4)) -> None:
+    if t.dim() not in dims:
+        want = " or ".join({2: "(M, C) rows", 4: "(B, C, H, W)"}.get(d, f"{d}-D") for d in dims)
+        raise ValueError(f"archirf_kernels.{op}: expects {want}, got shape {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise ValueError(f"archirf_kernels.{op}: dtype {t.dtype} is not fp16, bf16 or fp32")
+    if not t.is_cuda and not INTERPRETED:
+        raise ValueError(f"archirf_kernels.{op}: the Triton kernels need CUDA tensors, got {t.device}; "
+                         "use impl='auto' or 'reference'")
+
+
+def _bcs(t: Tensor) -> tuple[int, int, int]:
+    """(B, C, S) of the kernels' view: (B, C, H*W), or (1, C, M) for (M, C) rows."""
+    if t.dim() == 2:
+        return 1, t.shape[1], t.shape[0]
+    return t.shape[0], t.shape[1], t.shape[2] * t.shape[3]
+
+
+def _row_grid(op: str, B: int, C: int, S: int, device: torch.device) -> tuple[int, int, int, int]:
+    """-> (BLOCK_S, BLOCK_C, programs, num_warps) for a row op over (B, C, S)."""
+    block_c = triton.next_power_of_2(C)
+    if block_c > MAX_BLOCK_C:
+        raise ValueError(f"archirf_kernels.{op}: C={C} channels exceed the fused row limit {MAX_BLOCK_C}; "
+                         "use impl='reference'")
+    tile = TILE_ELEMENTS if device.type == "cuda" else 256     # the interpreter: small tiles, many programs
+    block_s = max(1, min(tile // block_c, triton.next_power_of_2(max(S, 1))))
+    num_s_blocks = triton.cdiv(S, block_s)
+    num_warps = min(max(block_s * block_c // 512, 1), 8)
+    return block_s, block_c, num_s_blocks, num_warps
+
+
+def _flat_grid(numel: int) -> tuple[int]:
+    return (triton.cdiv(numel, FLAT_BLOCK),)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers (real tensors) and their shape functions (shared with the fake implementations, so that
+# compiled graphs see exactly the strides the kernels produce).
+
+def _normalize_fwd(x: Tensor, eps: float, with_silu: bool) -> tuple[Tensor, Tensor]:
+    x = _dense(x)
+    n = _alloc_like(x)
+    s = _alloc_like(x) if with_silu else n
+    B, C, S = _bcs(x)
+    block_s, block_c, nsb, warps = _row_grid("normalize", B, C, S, x.device)
+    if x.numel():
+        _normalize_fwd_kernel[(B * nsb,)](x, n, s, C, S, nsb, eps, WITH_SILU=with_silu,
+                                          CHANNELS_LAST=_channels_last(x), BLOCK_S=block_s, BLOCK_C=block_c,
+                                          num_warps=warps)
+    return n, s
+
+
+def _normalize_bwd(dn: Tensor | None, ds: Tensor | None, x: Tensor, eps: float) -> Tensor:
+    cl = _channels_last(x)
+    dn = _dense(dn, cl) if dn is not None else None
+    ds = _dense(ds, cl) if ds is not None else None
+    dx = _alloc_like(x)
+    B, C, S = _bcs(x)
+    block_s, block_c, nsb, warps = _row_grid("normalize", B, C, S, x.device)
+    if x.numel():
+        _normalize_bwd_kernel[(B * nsb,)](x, dn if dn is not None else x, ds if ds is not None else x, dx,
+                                          C, S, nsb, eps, HAS_DN=dn is not None, HAS_DS=ds is not None,
+                                          CHANNELS_LAST=cl, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+    return dx
+
+
+def _check_cond(y: Tensor, c: Tensor) -> None:
+    if c.shape != (y.shape[0], y.shape[1]):
+        raise ValueError(f"archirf_kernels.modulated_silu: c must be (B, C) = {(y.shape[0], y.shape[1])}, "
+                         f"got {tuple(c.shape)}")
+    if c.device != y.device:
+        raise ValueError(f"archirf_kernels.modulated_silu: c is on {c.device}, y on {y.device}")
+
+
+def _modulated_silu_fwd(y: Tensor, c: Tensor) -> Tensor:
+    y, c = _dense(y), c.contiguous()
+    out = _alloc_like(y)
+    B, C, S = _bcs(y)
+    block_s, block_c, nsb, warps = _row_grid("modulated_silu", B, C, S, y.device)
+    if y.numel():
+        _modulated_silu_fwd_kernel[(B * nsb,)](y, c, out, C, S, nsb, CHANNELS_LAST=_channels_last(y),
+                                               BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+    return out
+
+
+def _modulated_silu_bwd(dout: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    cl = _channels_last(y)
+    dout = _dense(dout, cl)
+    B, C, S = _bcs(y)
+    block_s, block_c, nsb, warps = _row_grid("modulated_silu", B, C, S, y.device)
+    dy = _alloc_like(y)
+    part = torch.zeros((B, nsb, C), dtype=torch.float32, device=y.device)
+    if y.numel():
+        _modulated_silu_bwd_kernel[(B * nsb,)](dout, y, c, dy, part, C, S, nsb, CHANNELS_LAST=cl,
+                                               BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+    return dy, part.sum(1).to(c.dtype)
+
+
+def _cat_shape(a: Tensor, b: Tensor) -> tuple[int, ...]:
+    return (a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:])
+
+
+def _check_cat(a: Tensor, b: Tensor) -> None:
+    if a.dim() != b.dim() or a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
+        raise ValueError(f"archirf_kernels.mp_cat: a {tuple(a.shape)} and b {tuple(b.shape)} must agree in "
+                         "every dim but the channels (dim 1)")
+    if a.device != b.device:
+        raise ValueError(f"archirf_kernels.mp_cat: a is on {a.device}, b on {b.device}")
+
+
+def _mp_cat_fwd(a: Tensor, b: Tensor, t: float, with_silu: bool) -> tuple[Tensor, Tensor]:
+    a = _dense(a)
+    cl = _channels_last(a)
+    b = _dense(b, cl)
+    x = _alloc_like(a, _cat_shape(a, b))
+    s = _alloc_like(a, _cat_shape(a, b)) if with_silu else x
+    B, CA, S = _bcs(a)
+    CB = b.shape[1]
+    wa, wb = mp_cat_weights(CA, CB, t)
+    block_s, block_c, nsb, warps = _row_grid("mp_cat", B, CA + CB, S, a.device)
+    if x.numel():
+        _mp_cat_fwd_kernel[(B * nsb,)](a, b, x, s, CA, CB, S, nsb, wa, wb, WITH_SILU=with_silu, CHANNELS_LAST=cl,
+                                       BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+    return x, s
+
+
+def _mp_cat_bwd(dx: Tensor | None, ds: Tensor | None, x: Tensor, ca: int, t: float,
+                a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    cl = _channels_last(x)
+    dx = _dense(dx, cl) if dx is not None else None
+    ds = _dense(ds, cl) if ds is not None else None
+    B, C, S = _bcs(x)
+    cb = C - ca
+    da = _alloc_like(x, (x.shape[0], ca, *x.shape[2:]), a_dtype)
+    db = _alloc_like(x, (x.shape[0], cb, *x.shape[2:]), b_dtype)
+    wa, wb = mp_cat_weights(ca, cb, t)
+    block_s, block_c, nsb, warps = _row_grid("mp_cat", B, C, S, x.device)
+    if x.numel():
+        _mp_cat_bwd_kernel[(B * nsb,)](dx if dx is not None else x, ds if ds is not None else x, x, da, db,
+                                       ca, cb, S, nsb, wa, wb, HAS_DX=dx is not None, HAS_DS=ds is not None,
+                                       CHANNELS_LAST=cl, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+    return da, db
+
+
+def _mp_silu_fwd(x: Tensor) -> Tensor:
+    x = _dense(x)
+    out = _alloc_like(x)
+    if x.numel():
+        _mp_silu_fwd_kernel[_flat_grid(x.numel())](x, out, x.numel(), BLOCK=FLAT_BLOCK)
+    return out
+
+
+def _mp_silu_bwd(dout: Tensor, x: Tensor) -> Tensor:
+    dout = _dense(dout, _channels_last(x))
+    dx = _alloc_like(x)
+    if x.numel():
+        _mp_silu_bwd_kernel[_flat_grid(x.numel())](dout, x, dx, x.numel(), BLOCK=FLAT_BLOCK)
+    return dx
+
+
+def _sum_weights(t: float) -> tuple[float, float]:
+    norm = ((1 - t) ** 2 + t ** 2) ** 0.5
+    return (1 - t) / norm, t / norm
+
+
+def _check_sum(a: Tensor, b: Tensor, clip: float | None) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"archirf_kernels.mp_sum: a {tuple(a.shape)} and b {tuple(b.shape)} differ in shape")
+    if a.device != b.device:
+        raise ValueError(f"archirf_kernels.mp_sum: a is on {a.device}, b on {b.device}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"archirf_kernels.mp_sum: clip must be > 0 or None, got {clip}")
+
+
+def _mp_sum_fwd(a: Tensor, b: Tensor, t: float, clip: float | None) -> Tensor:
+    a = _dense(a)
+    b = _dense(b, _channels_last(a))
+    out = _alloc_like(a)
+    wa, wb = _sum_weights(t)
+    if a.numel():
+        _mp_sum_fwd_kernel[_flat_grid(a.numel())](a, b, out, a.numel(), wa, wb, clip or 0.0,
+                                                 HAS_CLIP=clip is not None, BLOCK=FLAT_BLOCK)
+    return out
+
+
+def _mp_sum_bwd(dout: Tensor, out: Tensor, t: float, clip: float | None, b_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    dout = _dense(dout, _channels_last(out))
+    da, db = _alloc_like(out), _alloc_like(out, dtype=b_dtype)
+    wa, wb = _sum_weights(t)
+    if out.numel():
+        _mp_sum_bwd_kernel[_flat_grid(out.numel())](dout, out, da, db, out.numel(), wa, wb, clip or 0.0,
+                                                   HAS_CLIP=clip is not None, BLOCK=FLAT_BLOCK)
+    return da, db
+
+
+def _check_weight(w: Tensor, gain: Tensor | None) -> None:
+    if w.dim() < 2:
+        raise ValueError(f"archirf_kernels.mp_weight: w must be (out, in, ...) with >= 2 dims, got {tuple(w.shape)}")
+    if w.dtype not in _DTYPES:
+        raise ValueError(f"archirf_kernels.mp_weight: dtype {w.dtype} is not fp16, bf16 or fp32")
+    if gain is not None and gain.numel() != 1:
+        raise ValueError(f"archirf_kernels.mp_weight: gain must hold one number, got shape {tuple(gain.shape)}")
+    if not w.is_cuda and not INTERPRETED:
+        raise ValueError(f"archirf_kernels.mp_weight: the Triton kernels need CUDA tensors, got {w.device}; "
+                         "use impl='auto' or 'reference'")
+
+
+def _weight_block(fan_in: int, device: torch.device) -> int:
+    return min(triton.next_power_of_2(fan_in), WEIGHT_BLOCK if device.type == "cuda" else 64)
+
+
+def _mp_weight_fwd(w: Tensor, gain: Tensor | None, eps: float, scale: float, out: Tensor | None = None) -> Tensor:
+    w = w.contiguous()
+    out = torch.empty_like(w) if out is None else out
+    fan_in = w[0].numel()
+    if w.numel():
+        _mp_weight_fwd_kernel[(w.shape[0],)](w, gain if gain is not None else w, out, fan_in, scale, eps,
+                                             HAS_GAIN=gain is not None,
+                                             BLOCK_F=_weight_block(fan_in, w.device), num_warps=4)
+    return out
+
+
+def _mp_weight_bwd(dout: Tensor, w: Tensor, gain: Tensor | None, eps: float) -> tuple[Tensor, Tensor | None]:
+    dout, w = dout.contiguous(), w.contiguous()
+    fan_in = w[0].numel()
+    dw = torch.empty_like(w)
+    part = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+    if w.numel():
+        _mp_weight_bwd_kernel[(w.shape[0],)](dout, w, gain if gain is not None else w, dw, part, fan_in,
+                                             fan_in ** -0.5, eps, HAS_GAIN=gain is not None,
+                                             BLOCK_F=_weight_block(fan_in, w.device), num_warps=4)
+    dgain = part.sum().reshape(gain.shape).to(gain.dtype) if gain is not None else None
+    return dw, dgain
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops. Forward and backward of each op are opaque to torch.compile, which sees their fake
+# implementations (the same shape functions as the launchers); autograd connects them. Absent
+# gradients come back from the backward ops as empty tensors (custom ops return no None).
+
+_EMPTY = (0,)
+
+
+def _fake_like(t: Tensor, shape=None, dtype=None) -> Tensor:
+    return _alloc_like(_dense(t), shape, dtype)
+
+
+# -- normalize / normalize_silu
+
+@torch.library.custom_op("archirf_kernels::mp_normalize", mutates_args=())
+def _normalize_op(x: Tensor, eps: float) -> Tensor:
+    _check("normalize", x)
+    return _normalize_fwd(x, eps, with_silu=False)[0]
+
+
+@_normalize_op.register_fake
+def _(x, eps):
+    _check("normalize", x)
+    return _fake_like(x)
+
+
+@torch.library.custom_op("archirf_kernels::mp_normalize_silu", mutates_args=())
+def _normalize_silu_op(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    _check("normalize_silu", x)
+    return _normalize_fwd(x, eps, with_silu=True)
+
+
+@_normalize_silu_op.register_fake
+def _(x, eps):
+    _check("normalize_silu", x)
+    return _fake_like(x), _fake_like(x)
+
+
+@torch.library.custom_op("archirf_kernels::mp_normalize_backward", mutates_args=())
+def _normalize_backward_op(dn: Tensor | None, ds: Tensor | None, x: Tensor, eps: float) -> Tensor:
+    return _normalize_bwd(dn, ds, _dense(x), eps)
+
+
+@_normalize_backward_op.register_fake
+def _(dn, ds, x, eps):
+    return _fake_like(x)
+
+
+def _normalize_setup_context(ctx, inputs, output):
+    x, eps = inputs
+    ctx.save_for_backward(x)
+    ctx.eps = eps
+
+
+def _normalize_backward(ctx, dn):
+    (x,) = ctx.saved_tensors
+    return torch.ops.archirf_kernels.mp_normalize_backward(dn, None, x, ctx.eps), None
+
+
+def _normalize_silu_backward(ctx, dn, ds):
+    (x,) = ctx.saved_tensors
+    return torch.ops.archirf_kernels.mp_normalize_backward(dn, ds, x, ctx.eps), None
+
+
+_normalize_op.register_autograd(_normalize_backward, setup_context=_normalize_setup_context)
+_normalize_silu_op.register_autograd(_normalize_silu_backward, setup_context=_normalize_setup_context)
+
+
+# -- mp_silu
+
+@torch.library.custom_op("archirf_kernels::mp_silu", mutates_args=())
+def _mp_silu_op(x: Tensor) -> Tensor:
+    _check("mp_silu", x, dims=range(0, 9))
+    return _mp_silu_fwd(x)
+
+
+@_mp_silu_op.register_fake
+def _(x):
+    return _fake_like(x)
+
+
+@torch.library.custom_op("archirf_kernels::mp_silu_backward", mutates_args=())
+def _mp_silu_backward_op(dout: Tensor, x: Tensor) -> Tensor:
+    return _mp_silu_bwd(dout, _dense(x))
+
+
+@_mp_silu_backward_op.register_fake
+def _(dout, x):
+    return _fake_like(x)
+
+
+def _mp_silu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _mp_silu_backward(ctx, dout):
+    (x,) = ctx.saved_tensors
+    return torch.ops.archirf_kernels.mp_silu_backward(dout, x)
+
+
+_mp_silu_op.register_autograd(_mp_silu_backward, setup_context=_mp_silu_setup_context)
+
+
+# -- mp_sum (+ clip)
+
+@torch.library.custom_op("archirf_kernels::mp_sum", mutates_args=())
+def _mp_sum_op(a: Tensor, b: Tensor, t: float, clip: float | None) -> Tensor:
+    _check("mp_sum", a, dims=range(0, 9))
+    _check_sum(a, b, clip)
+    return _mp_sum_fwd(a, b, t, clip)
+
+
+@_mp_sum_op.register_fake
+def _(a, b, t, clip):
+    _check_sum(a, b, clip)
+    return _fake_like(a)
+
+
+@torch.library.custom_op("archirf_kernels::mp_sum_backward", mutates_args=())
+def _mp_sum_backward_op(dout: Tensor, out: Tensor, t: float, clip: float | None,
+                        b_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return _mp_sum_bwd(dout, out, t, clip, b_dtype)
+
+
+@_mp_sum_backward_op.register_fake
+def _(dout, out, t, clip, b_dtype):
+    return _fake_like(out), _fake_like(out, dtype=b_dtype)
+
+
+def _mp_sum_setup_context(ctx, inputs, output):
+    _, b, t, clip = inputs
+    # only the clip's mask needs a tensor: the output (the next layer keeps it anyway)
+    ctx.save_for_backward(output if clip is not None else None)
+    ctx.t, ctx.clip, ctx.b_dtype = t, clip, b.dtype
+
+
+def _mp_sum_backward(ctx, dout):
+    (out,) = ctx.saved_tensors
+    if out is None:     # no clip: the gradient is linear in dout alone
+        out = dout
+    da, db = torch.ops.archirf_kernels.mp_sum_backward(dout, out, ctx.t, ctx.clip, ctx.b_dtype)
+    return da, db, None, None
+
+
+_mp_sum_op.register_autograd(_mp_sum_backward, setup_context=_mp_sum_setup_context)
+
+
+# -- modulated_silu
+
+@torch.library.custom_op("archirf_kernels::mp_modulated_silu", mutates_args=())
+def _modulated_silu_op(y: Tensor, c: Tensor) -> Tensor:
+    _check("modulated_silu", y, dims=(4,))
+    _check_cond(y, c)
+    return _modulated_silu_fwd(y, c)
+
+
+@_modulated_silu_op.register_fake
+def _(y, c):
+    _check_cond(y, c)
+    return _fake_like(y)
+
+
+@torch.library.custom_op("archirf_kernels::mp_modulated_silu_backward", mutates_args=())
+def _modulated_silu_backward_op(dout: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    return _modulated_silu_bwd(dout, _dense(y), c.contiguous())
+
+
+@_modulated_silu_backward_op.register_fake
+def _(dout, y, c):
+    return _fake_like(y), c.new_empty(c.shape)
+
+
+def _modulated_silu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _modulated_silu_backward(ctx, dout):
+    y, c = ctx.saved_tensors
+    return torch.ops.archirf_kernels.mp_modulated_silu_backward(dout, y, c)
+
+
+_modulated_silu_op.register_autograd(_modulated_silu_backward, setup_context=_modulated_silu_setup_context)
+
+
+# -- mp_cat / mp_cat_silu
+
+@torch.library.custom_op("archirf_kernels::mp_cat", mutates_args=())
+def _mp_cat_op(a: Tensor, b: Tensor, t: float) -> Tensor:
+    _check("mp_cat", a)
+    _check_cat(a, b)
+    return _mp_cat_fwd(a, b, t, with_silu=False)[0]
+
+
+@_mp_cat_op.register_fake
+def _(a, b, t):
+    _check_cat(a, b)
+    return _fake_like(a, _cat_shape(a, b))
+
+
+@torch.library.custom_op("archirf_kernels::mp_cat_silu", mutates_args=())
+def _mp_cat_silu_op(a: Tensor, b: Tensor, t: float) -> tuple[Tensor, Tensor]:
+    _check("mp_cat_silu", a)
+    _check_cat(a, b)
+    return _mp_cat_fwd(a, b, t, with_silu=True)
+
+
+@_mp_cat_silu_op.register_fake
+def _(a, b, t):
+    _check_cat(a, b)
+    return _fake_like(a, _cat_shape(a, b)), _fake_like(a, _cat_shape(a, b))
+
+
+@torch.library.custom_op("archirf_kernels::mp_cat_backward", mutates_args=())
+def _mp_cat_backward_op(dx: Tensor | None, ds: Tensor | None, x: Tensor, ca: int, t: float,
+                        a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    return _mp_cat_bwd(dx, ds, x, ca, t, a_dtype, b_dtype)
+
+
+@_mp_cat_backward_op.register_fake
+def _(dx, ds, x, ca, t, a_dtype, b_dtype):
+    return (_fake_like(x, (x.shape[0], ca, *x.shape[2:]), a_dtype),
+            _fake_like(x, (x.shape[0], x.shape[1] - ca, *x.shape[2:]), b_dtype))
+
+
+def _mp_cat_setup_context(ctx, inputs, output):
+    a, b, t = inputs
+    x = output[0] if isinstance(output, tuple) else output
+    ctx.save_for_backward(x)      # the concatenation: mp_silu's gradient needs it (the next conv keeps it)
+    ctx.ca, ctx.t, ctx.a_dtype, ctx.b_dtype = a.shape[1], t, a.dtype, b.dtype
+
+
+def _mp_cat_backward(ctx, dx):
+    (x,) = ctx.saved_tensors
+    da, db = torch.ops.archirf_kernels.mp_cat_backward(dx, None, x, ctx.ca, ctx.t, ctx.a_dtype, ctx.b_dtype)
+    return da, db, None
+
+
+def _mp_cat_silu_backward(ctx, dx, ds):
+    (x,) = ctx.saved_tensors
+    da, db = torch.ops.archirf_kernels.mp_cat_backward(dx, ds, x, ctx.ca, ctx.t, ctx.a_dtype, ctx.b_dtype)
+    return da, db, None
+
+
+_mp_cat_op.register_autograd(_mp_cat_backward, setup_context=_mp_cat_setup_context)
+_mp_cat_silu_op.register_autograd(_mp_cat_silu_backward, setup_context=_mp_cat_setup_context)
+
+
+# -- mp_weight
+
+@torch.library.custom_op("archirf_kernels::mp_weight", mutates_args=())
+def _mp_weight_op(w: Tensor, gain: Tensor | None, eps: float) -> Tensor:
+    _check_weight(w, gain)
+    return _mp_weight_fwd(w, gain, eps, w[0].numel() ** -0.5)
+
+
+@_mp_weight_op.register_fake
+def _(w, gain, eps):
+    _check_weight(w, gain)
+    return torch.empty_like(w.contiguous())
+
+
+@torch.library.custom_op("archirf_kernels::mp_weight_backward", mutates_args=())
+def _mp_weight_backward_op(dout: Tensor, w: Tensor, gain: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
+    dw, dgain = _mp_weight_bwd(dout, w, gain, eps)
+    return dw, dgain if dgain is not None else w.new_empty(_EMPTY)
+
+
+@_mp_weight_backward_op.register_fake
+def _(dout, w, gain, eps):
+    return torch.empty_like(w.contiguous()), gain.new_empty(gain.shape) if gain is not None else w.new_empty(_EMPTY)
+
+
+def _mp_weight_setup_context(ctx, inputs, output):
+    w, gain, eps = inputs
+    ctx.save_for_backward(w, gain)
+    ctx.eps = eps
+
+
+def _mp_weight_backward(ctx, dout):
+    w, gain = ctx.saved_tensors
+    dw, dgain = torch.ops.archirf_kernels.mp_weight_backward(dout, w, gain, ctx.eps)
+    return dw, dgain if gain is not None else None, None
+
+
+_mp_weight_op.register_autograd(_mp_weight_backward, setup_context=_mp_weight_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Differentiable entry points (archirf_kernels.* dispatches here for impl="triton").
+
+def normalize(x: Tensor, eps: float = MP_EPS) -> Tensor:
+    return torch.ops.archirf_kernels.mp_normalize(x, eps)
+
+
+def normalize_silu(x: Tensor, eps: float = MP_EPS) -> tuple[Tensor, Tensor]:
+    return torch.ops.archirf_kernels.mp_normalize_silu(x, eps)
+
+
+def mp_silu(x: Tensor) -> Tensor:
+    return torch.ops.archirf_kernels.mp_silu(x)
+
+
+def mp_sum(a: Tensor, b: Tensor, t: float = 0.5, clip: float | None = None) -> Tensor:
+    return torch.ops.archirf_kernels.mp_sum(a, b, t, clip)
+
+
+def modulated_silu(y: Tensor, c: Tensor) -> Tensor:
+    return torch.ops.archirf_kernels.mp_modulated_silu(y, c)
+
+
+def mp_cat(a: Tensor, b: Tensor, t: float = 0.5) -> Tensor:
+    return torch.ops.archirf_kernels.mp_cat(a, b, t)
+
+
+def mp_cat_silu(a: Tensor, b: Tensor, t: float = 0.5) -> tuple[Tensor, Tensor]:
+    return torch.ops.archirf_kernels.mp_cat_silu(a, b, t)
+
+
+def mp_weight(w: Tensor, gain: Tensor | None = None, eps: float = MP_EPS) -> Tensor:
+    return torch.ops.archirf_kernels.mp_weight(w, gain, eps)
+
+
+@torch.no_grad()
+def normalize_weight_(w: Tensor, eps: float = MP_EPS) -> Tensor:
+    """Forced weight normalisation in place (rows over their fan-in to unit RMS); w must be contiguous."""
+    _check_weight(w, None)
+    if not w.is_contiguous():
+        raise ValueError("archirf_kernels.normalize_weight_: w must be contiguous (it is written in place)")
+    return _mp_weight_fwd(w, None, eps, 1.0, out=w)

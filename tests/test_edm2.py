@@ -1,0 +1,331 @@
+"""EDM2 UNet: sizes and cost against the paper's table, shapes, magnitude preservation at init,
+forced weight normalisation (also sharded under FSDP2 on 2 gloo ranks), EDM preconditioning in RF's
+variables, the uncertainty-weighted loss, fused (Triton, interpreted) vs reference model, config
+errors, and the digits recipe end to end for a few steps (RF and DDPM)."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from archirf.config import ConfigError, load_config
+from archirf.models import EDM2_PRESETS, EDM2UNet, build_model
+from archirf.models.edm2_unet import edm_preconditioning
+from archirf.objectives.rectified_flow import interpolate, regression_loss, velocity_target
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = str(ROOT / "configs" / "edm2_digits.yaml")
+
+# EDM2 Table 2 (ImageNet-512, 64x64x4 latents): parameters (M) and forward G MACs per image ("Gflops").
+PAPER = {"EDM2-XS": (125, 46), "EDM2-S": (280, 102.2), "EDM2-M": (498, 181), "EDM2-L": (777, 282),
+         "EDM2-XL": (1119, 406), "EDM2-XXL": (1523, 552)}
+
+
+def tiny(**overrides) -> EDM2UNet:
+    kw = dict(input_size=8, in_channels=3, num_classes=10, channels=16, channel_mult=(1, 2), num_res_blocks=1,
+              attn_resolutions=(4,), channels_per_head=16, kernels="reference")
+    kw.update(overrides)
+    return EDM2UNet(**kw)
+
+
+@torch.no_grad()
+def wake_(model: EDM2UNet, seed: int = 0) -> EDM2UNet:
+    """Zero-initialised gains to nonzero values, so that every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("gain"):
+            p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    return model
+
+
+def inputs(batch=4, channels=3, size=8, num_classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, channels, size, size, generator=g), torch.rand(batch, generator=g),
+            torch.randint(0, num_classes + 1, (batch,), generator=g))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes, cost, shapes
+
+@pytest.mark.parametrize("preset", list(PAPER))
+def test_presets_match_the_papers_parameters_and_cost(preset):
+    with torch.device("meta"):
+        model = EDM2UNet(input_size=64, in_channels=4, num_classes=1000, **EDM2_PRESETS[preset])
+    params, macs = PAPER[preset]
+    assert model.num_params() / 1e6 == pytest.approx(params, rel=0.01)
+    # the paper's counter also counts the per-forward weight normalisation and attention's softmax;
+    # ours: convolutions and attention matmuls only, 1-2.5% below
+    assert 0.975 < model.flops_per_image() / 1e9 / macs <= 1.0
+
+
+def test_flops_per_image_counts_every_matmul():
+    from torch.utils.flop_counter import FlopCounterMode
+    model = tiny()
+    x, t, y = inputs(batch=1)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):   # attention as matmuls
+        model(x, t, y)
+    # the label embedding is a gather here (EDM2 multiplies a one-hot vector): no multiply-adds
+    assert counter.get_total_flops() // 2 == model.flops_per_image()
+
+
+@pytest.mark.parametrize("channels,size,mult", [(3, 8, (1, 2)), (1, 16, (1, 2, 2)), (4, 8, (2,))])
+def test_output_has_input_shape_and_is_zero_at_init(channels, size, mult):
+    model = tiny(in_channels=channels, input_size=size, channel_mult=mult, attn_resolutions=())
+    x, t, y = inputs(channels=channels, size=size)
+    out = model(x, t, y)
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert torch.equal(out, torch.zeros_like(out))         # learned output gain starts at 0 (as EDM2)
+    assert wake_(model)(x, t, y).abs().mean() > 0.1
+
+
+def test_fourier_features_do_not_depend_on_the_global_seed():
+    # sampling from a run's EMA parameters builds a fresh model: its fixed buffers must be the trained ones
+    torch.manual_seed(0)
+    a = tiny(uncertainty_weighting=True)
+    torch.manual_seed(1)
+    b = tiny(uncertainty_weighting=True)
+    assert all(torch.equal(x, y) for x, y in zip(a.buffers(), b.buffers()))
+    assert not torch.equal(a.emb_fourier.freqs[:8], a.logvar_fourier.freqs[:8])
+    with torch.device("meta"):
+        assert tiny().emb_fourier.freqs.is_meta
+
+
+def test_build_from_config_and_preset_errors():
+    cfg = load_config(RECIPE)
+    model = build_model(cfg)
+    assert isinstance(model, EDM2UNet) and model.num_classes == 10 and model.loss_logvar
+    with pytest.raises(ConfigError, match="unknown model.preset 'EDM2-Q'.*EDM2-XS"):
+        build_model(load_config(RECIPE, ["model.preset=EDM2-Q"]))
+
+
+@pytest.mark.parametrize("override,match", [
+    (["model.attn_resolutions=[5]"], r"attn_resolutions \[5\] are not resolutions of this UNet"),
+    (["model.channel_mult=[1,1,1,1,1,1]"], "must be divisible by 32"),
+    (["model.channels_per_head=48"], "not multiples of model.channels_per_head"),
+    (["objective.name=ddpm"], "model.preconditioning=edm is written for rectified flow"),
+    (["model.dropout=1.0"], r"model.dropout must be in \[0, 1\)"),
+    (["model.sigma_data=0"], "sigma_data must be > 0"),
+    (["model.preconditioning=karras"], "model.preconditioning"),
+])
+def test_config_errors(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(RECIPE, override)
+
+
+# ---------------------------------------------------------------------------------------------
+# Magnitude preservation, forced weight normalisation
+
+def test_activations_keep_unit_magnitude_at_init():
+    torch.manual_seed(0)
+    model = EDM2UNet(input_size=16, in_channels=4, num_classes=10, channels=64, channel_mult=(1, 2, 2),
+                     num_res_blocks=2, attn_resolutions=(8,), kernels="reference")
+    rms = []
+    hooks = [b.register_forward_hook(lambda m, i, o: rms.append(o.square().mean().sqrt().item()))
+             for b in model.blocks]
+    x, t, y = inputs(batch=16, channels=4, size=16)
+    model(x, t, y)
+    for h in hooks:
+        h.remove()
+    assert len(rms) == len(model.blocks)
+    assert all(0.7 < r < 1.3 for r in rms), [round(r, 3) for r in rms]     # measured: 0.80 to 0.99
+
+
+def test_forced_weight_normalisation_is_a_step_hook_not_a_forward_write():
+    model = tiny().train()
+    for conv in model.mp_convs():                           # unit-RMS rows from init
+        rms = conv.weight.flatten(1).square().mean(1).sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0).add_(0.1)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    model(*inputs())                                        # forward in train mode writes no parameter
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    model.post_optimizer_step()
+    for conv in model.mp_convs():
+        rms = conv.weight.flatten(1).square().mean(1).sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
+    assert torch.equal(before["out_gain"], model.out_gain)  # gains are not normalised
+
+
+SHARDED_SCRIPT = r"""
+import sys, time, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict, StateDictOptions
+sys.path.insert(0, sys.argv[2])
+from test_edm2 import tiny
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+full = tiny(uncertainty_weighting=True)               # odd row counts: 3-row out_conv, 1-row logvar_linear
+with torch.no_grad():
+    for p in full.parameters():
+        p.mul_(2.0).add_(torch.randn(p.shape) * 0.3)
+model = tiny(uncertainty_weighting=True)
+mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+for block in model.blocks:
+    fully_shard(block, mesh=mesh)
+fully_shard(model, mesh=mesh)
+set_model_state_dict(model, full.state_dict(), options=StateDictOptions(full_state_dict=True))
+model.post_optimizer_step()                           # on each rank's local shards
+full.post_optimizer_step()
+got = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if dist.get_rank() == 0:
+    want = full.state_dict()
+    assert got.keys() == want.keys()
+    bad = [k for k in want if not torch.allclose(got[k], want[k], atol=1e-6, rtol=1e-6)]
+    assert not bad, bad
+    torch.save(got, sys.argv[1])
+dist.destroy_process_group()
+time.sleep(0.2)                                       # let gloo's threads finish first (see archirf/parallel.py)
+"""
+
+
+def test_forced_weight_normalisation_sharded_equals_unsharded(tmp_path):
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED_SCRIPT)
+    out = tmp_path / "weights.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script), str(out),
+           str(ROOT / "tests")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    weights = torch.load(out)
+    assert "out_conv.weight" in weights and weights["logvar_linear.weight"].shape == (1, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# EDM preconditioning and the weighted loss
+
+def test_edm_preconditioning_in_rf_variables_matches_edm():
+    sd = 0.5
+    t = torch.tensor([0.0, 1e-4, 0.2, 0.5, 0.9, 1.0], dtype=torch.float64)
+    c_in, c_noise, a, b, log_lambda = edm_preconditioning(t, sd)
+    assert all(torch.isfinite(v).all() for v in (c_in, c_noise, a, b, log_lambda))
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
+    x_t = interpolate(x, eps, t)
+    inner = slice(1, 5)                                      # EDM's own formulas need 0 < sigma < inf
+    sigma = (t / (1 - t))[inner, None]
+    c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+    c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+    x_edm = x[inner] + sigma * eps[inner]                    # = x_t / (1 - t)
+    torch.testing.assert_close(x_edm, x_t[inner] / (1 - t[inner, None]))
+    f_ideal = (x[inner] - c_skip * x_edm) / c_out            # the F with D = x
+    v = a[inner, None] * x_t[inner] - b[inner, None] * f_ideal
+    torch.testing.assert_close(v, velocity_target(x, eps)[inner])
+    torch.testing.assert_close(c_in[inner, None] * x_t[inner], x_edm / (sigma ** 2 + sd ** 2).sqrt())
+    torch.testing.assert_close(c_noise[inner], sigma.log().squeeze(1) / 4)
+    # EDM's weight 1/c_out^2 on |D - x|^2 equals exp(log_lambda) on the velocity MSE |D - x|^2 / t^2
+    torch.testing.assert_close(log_lambda[inner], (t[inner] ** 2 / c_out.squeeze(1) ** 2).log())
+
+
+def test_uncertainty_weighted_loss_trains_logvar():
+    torch.manual_seed(0)
+    model = wake_(tiny(preconditioning="edm", uncertainty_weighting=True))
+    x, t, y = inputs()
+    out, logvar = model(x, t, y, return_logvar=True)
+    assert out.shape == x.shape and logvar.shape == (4,)
+    mse = torch.rand(4)
+    torch.testing.assert_close(regression_loss((out, logvar), out.detach() + mse.sqrt().view(-1, 1, 1, 1)),
+                               mse * torch.exp(-logvar) + logvar)
+    loss = regression_loss((out, logvar), torch.randn_like(out)).mean()
+    loss.backward()
+    assert model.logvar_linear.weight.grad.abs().sum() > 0 and model.out_gain.grad.abs() > 0
+    assert not tiny().loss_logvar and tiny(uncertainty_weighting=True).loss_logvar
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused (Triton, in the interpreter on CPU) against the reference model
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"    # no GPU: the kernels run in the interpreter
+
+
+def test_fused_model_matches_reference_model():
+    # channels_last, as the model runs; the kernels' NCHW path is covered by tests/test_kernels_mp.py
+    torch.manual_seed(0)
+    kw = dict(preconditioning="edm", uncertainty_weighting=True, class_dropout_prob=0.0)   # no random labels
+    fused, ref = tiny(kernels="triton", **kw).to(DEVICE), tiny(**kw).to(DEVICE)
+    ref.load_state_dict(fused.state_dict())
+    wake_(fused), wake_(ref)
+    x, t, y = (v.to(DEVICE) for v in inputs(batch=2))
+    out_f, lv_f = fused(x, t, y, return_logvar=True)
+    out_r, lv_r = ref(x, t, y, return_logvar=True)
+    torch.testing.assert_close(out_f, out_r, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lv_f, lv_r)
+    grads_f = torch.autograd.grad(regression_loss((out_f, lv_f), x).mean(), list(fused.parameters()))
+    grads_r = torch.autograd.grad(regression_loss((out_r, lv_r), x).mean(), list(ref.parameters()))
+    for (name, _), gf, gr in zip(fused.named_parameters(), grads_f, grads_r):
+        torch.testing.assert_close(gf, gr, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal
+def test_blocks_compile_fullgraph():
+    torch._dynamo.reset()
+    model = wake_(tiny(kernels="triton", class_dropout_prob=0.0)).to(DEVICE)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(model.blocks))
+    for block in model.blocks:
+        block.compile(fullgraph=True, backend="aot_eager")      # as parallel.py does: one graph per distinct block
+    x, t, y = (v.to(DEVICE) for v in inputs(batch=2))
+    out = model(x, t, y)
+    out.square().mean().backward()
+    ref = wake_(tiny(class_dropout_prob=0.0)).to(DEVICE)
+    ref.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()})
+    torch.testing.assert_close(out, ref(x, t, y), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe, end to end
+
+FAST = ["total_images=256", "global_batch=64", "log_every=128", "sample_every=0", "checkpoint_every=0",
+        "sample.steps=2", "sample.per_class=1", "sample.classes=[0,1]", "sample.gif_frames=2", "progress=false",
+        "optim.warmup_images=64", "optim.decay_start_images=128"]
+
+
+@pytest.mark.parametrize("objective", [["objective.name=rectified_flow"],
+                                       ["objective.name=ddpm", "model.preconditioning=none"]], ids=["rf", "ddpm"])
+def test_recipe_trains_a_few_steps(tmp_path, objective):
+    import json
+
+    from archirf import checkpoint as ckpt
+    from archirf.trainer import train
+
+    run = train(load_config(RECIPE, [f"run_dir={tmp_path}", *FAST, *objective]))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["images_seen"] for r in rows] == [128, 256]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["lr"] == pytest.approx(1e-2 / math.sqrt(192 / 128))   # inv_sqrt after decay_start
+    assert (run / "samples.png").stat().st_size > 0
+    # forced weight normalisation ran after the last step: the trained weights' rows have unit RMS
+    model = build_model(load_config(RECIPE, [*FAST, *objective]))
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run), {"model": model.state_dict()})["model"]
+    model.load_state_dict(state)
+    for conv in model.mp_convs():
+        rms = conv.weight.flatten(1).square().mean(1).sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("recipe,channels", [("edm2_s_latent.yaml", 4), ("edm2_s_img64.yaml", 3)])
+def test_full_size_recipes_build_edm2_s(recipe, channels):
+    cfg = load_config(str(ROOT / "configs" / recipe))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert model.num_params() / 1e6 == pytest.approx(280, rel=0.01) and model.in_channels == channels
+    assert model.loss_logvar and cfg.optim.lr_schedule == "inv_sqrt" and cfg.optim.grad_clip == 0
+
+
+def test_step_benchmark_smoke(tmp_path):
+    import json
+
+    from benchmarks import edm2_step
+    assert edm2_step.main(["--out", str(tmp_path), "--smoke", "--cases", "latents-64x64x4",
+                           "--impls", "ours,compiled"]) == 0
+    doc = json.loads((tmp_path / "edm2_step.json").read_text())
+    assert [r["impl"] for r in doc["rows"]] == ["ours", "compiled"]
+    assert doc["rows"][1]["first_loss_rel_diff"] < 1e-5            # same init, data and noise
+    assert "ours vs this" in (tmp_path / "edm2_step.md").read_text()

@@ -1,0 +1,276 @@
+"""Fused EDM2 magnitude-preserving kernels (archirf_kernels.mp) against the float64 spec in
+archirf_kernels.reference: every output and every gradient, fp32 and fp16 storage, NCHW, channels_last
+and (M, C) rows, odd channel counts, mixed layouts and dtypes, the clip, one output of a two-output op
+used, torch.compile(fullgraph=True), torch.library.opcheck, impl dispatch and errors.
+
+On a CPU machine the kernels run in Triton's interpreter (tests/conftest.py), which computes bf16
+wrongly: bf16 and EDM2-sized shapes are in tests/test_kernels_gpu_mp.py.
+"""
+
+import pytest
+import torch
+
+import archirf_kernels as K
+from archirf_kernels import mp, reference
+from test_kernels_adaln import DEVICE, _randn, check_against_reference, leaf
+
+DTYPES = [torch.float32, torch.float16]
+CL = torch.channels_last
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    """Every activation buffer the launchers allocate starts as NaN: an unwritten element fails the test."""
+    alloc = mp._alloc_like
+    monkeypatch.setattr(mp, "_alloc_like", lambda *a, **k: alloc(*a, **k).fill_(float("nan")))
+
+
+def act(shape, dtype, seed, layout="nchw", std=1.0, mean=0.0):
+    """An activation: (B, C, H, W) in NCHW or channels_last, (M, C) rows, or a strided (non-dense) view."""
+    if layout == "strided":
+        return _randn((shape[0], shape[1] + 3, *shape[2:]), dtype, seed, std, mean)[:, 2:-1]
+    t = _randn(shape, dtype, seed, std, mean)
+    return t.contiguous(memory_format=CL) if layout == "cl" else t
+
+
+LAYOUTS = [("nchw", (2, 37, 3, 5)), ("cl", (2, 37, 3, 5)), ("cl", (3, 8, 1, 7)), ("rows", (29, 123)),
+           ("strided", (2, 19, 4, 3))]
+LAYOUT_IDS = [f"{lay}-{'x'.join(map(str, s))}" for lay, s in LAYOUTS]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout,shape", LAYOUTS, ids=LAYOUT_IDS)
+def test_normalize(layout, shape, dtype):
+    x = act(shape, dtype, 0, layout, std=2.0, mean=0.3)
+    check_against_reference(lambda x: K.normalize(x, impl="triton"), lambda x: reference.normalize(x, dim=1),
+                            [x], dtype)
+    out = K.normalize(x, impl="triton")
+    assert out.shape == x.shape and (x.dim() == 2 or layout == "nchw" or out.is_contiguous(memory_format=CL)
+                                     or layout == "strided")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout,shape", LAYOUTS, ids=LAYOUT_IDS)
+def test_normalize_silu(layout, shape, dtype):
+    x = act(shape, dtype, 1, layout, std=2.0, mean=-0.2)
+    check_against_reference(lambda x: K.normalize_silu(x, eps=1e-3, impl="triton"),
+                            lambda x: reference.normalize_silu(x, eps=1e-3), [x], dtype)
+
+
+@pytest.mark.parametrize("used", [(0,), (1,)], ids=["only-n", "only-silu"])
+def test_normalize_silu_one_output_used(used):
+    x = act((2, 37, 3, 5), torch.float32, 2, "cl")
+    check_against_reference(lambda x: K.normalize_silu(x, impl="triton"), reference.normalize_silu, [x],
+                            torch.float32, grad_outputs=used)
+
+
+def test_normalize_zero_row_is_finite():
+    x = leaf(torch.zeros(3, 16, device=DEVICE))
+    n = K.normalize(x, impl="triton")
+    (dx,) = torch.autograd.grad((n * torch.arange(16.0, device=DEVICE)).sum(), [x])
+    assert torch.equal(n, torch.zeros_like(n)) and torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 37, 3, 5), (7, 123), (3, 4, 5)], ids=str)
+def test_mp_silu(shape, dtype):
+    x = _randn(shape, dtype, 3, std=3.0)
+    check_against_reference(lambda x: K.mp_silu(x, impl="triton"), reference.mp_silu, [x], dtype)
+
+
+@pytest.mark.parametrize("clip", [None, 2.5], ids=["no-clip", "clip"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layouts", [("nchw", "nchw"), ("cl", "cl"), ("cl", "nchw"), ("strided", "cl")],
+                         ids=lambda v: "-".join(v))
+def test_mp_sum(layouts, dtype, clip):
+    shape = (2, 19, 4, 3)
+    a, b = act(shape, dtype, 4, layouts[0], std=2.0), act(shape, dtype, 5, layouts[1], std=2.0)
+    out = K.mp_sum(a, b, 0.3, clip, impl="triton")
+    if clip is not None:
+        assert (out.abs() == clip).any() and (out.abs() < clip).any()    # the clip is exercised both ways
+    check_against_reference(lambda a, b: K.mp_sum(a, b, 0.3, clip, impl="triton"),
+                            lambda a, b: reference.mp_sum(a, b, 0.3, clip), [a, b], dtype)
+
+
+def test_mp_sum_mixed_dtypes():
+    # fp16 stream, fp32 branch: the output (and a's gradient) in fp16, b's gradient in fp32
+    a, b = _randn((2, 5, 3, 3), torch.float16, 6), _randn((2, 5, 3, 3), torch.float32, 7)
+    check_against_reference(lambda a, b: K.mp_sum(a, b, 0.7, impl="triton"),
+                            lambda a, b: reference.mp_sum(a, b, 0.7), [a, b], torch.float16)
+
+
+@pytest.mark.parametrize("cond_dtype", [None, torch.float32], ids=["same-dtype", "fp32-cond"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout,shape", [lay for lay in LAYOUTS if lay[0] != "rows"],
+                         ids=[i for i, lay in zip(LAYOUT_IDS, LAYOUTS) if lay[0] != "rows"])
+def test_modulated_silu(layout, shape, dtype, cond_dtype):
+    y = act(shape, dtype, 8, layout, std=2.0)
+    c = _randn(shape[:2], cond_dtype or dtype, 9, std=0.5, mean=1.0)
+    check_against_reference(lambda y, c: K.modulated_silu(y, c, impl="triton"), reference.modulated_silu,
+                            [y, c], dtype)
+
+
+@pytest.mark.parametrize("t", [0.5, 0.3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layouts,ca,cb", [(("cl", "cl"), 37, 19), (("nchw", "nchw"), 5, 12),
+                                           (("cl", "nchw"), 8, 8), (("rows", "rows"), 33, 7),
+                                           (("strided", "cl"), 19, 6)], ids=str)
+def test_mp_cat(layouts, ca, cb, dtype, t):
+    spatial = () if layouts[0] == "rows" else (3, 5)
+    a = act((2, ca, *spatial) if spatial else (11, ca), dtype, 10, layouts[0])
+    b = act((2, cb, *spatial) if spatial else (11, cb), dtype, 11, layouts[1])
+    check_against_reference(lambda a, b: K.mp_cat(a, b, t, impl="triton"),
+                            lambda a, b: reference.mp_cat(a, b, t), [a, b], dtype)
+    check_against_reference(lambda a, b: K.mp_cat_silu(a, b, t, impl="triton"),
+                            lambda a, b: reference.mp_cat_silu(a, b, t), [a, b], dtype)
+    x = K.mp_cat(a, b, t, impl="triton")
+    assert x.shape[1] == ca + cb and (layouts[0] != "cl" or x.is_contiguous(memory_format=CL))
+
+
+@pytest.mark.parametrize("used", [(0,), (1,)], ids=["only-cat", "only-silu"])
+def test_mp_cat_silu_one_output_used(used):
+    a, b = act((2, 9, 3, 5), torch.float32, 12, "cl"), act((2, 4, 3, 5), torch.float32, 13, "cl")
+    check_against_reference(lambda a, b: K.mp_cat_silu(a, b, impl="triton"), reference.mp_cat_silu, [a, b],
+                            torch.float32, grad_outputs=used)
+
+
+@pytest.mark.parametrize("with_gain", [False, True], ids=["gain-1", "learned-gain"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(7, 5, 3, 3), (9, 130), (1, 3), (4, 200, 1, 1)], ids=str)
+def test_mp_weight(shape, dtype, with_gain):
+    w = _randn(shape, dtype, 14, std=0.7)
+    gain = _randn((1,), dtype, 15, mean=0.5) if with_gain else None
+    check_against_reference(lambda w, g: K.mp_weight(w, g, impl="triton"), reference.mp_weight, [w, gain], dtype)
+    w_eff = K.mp_weight(w.float(), impl="triton")        # unit-norm rows: |w' x| = |x| for a unit-RMS row
+    torch.testing.assert_close(w_eff.flatten(1).norm(dim=1), torch.ones(shape[0], device=DEVICE),
+                               atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3, 3), (9, 130), (3, 1)], ids=str)
+def test_normalize_weight_in_place(shape):
+    w = _randn(shape, torch.float32, 16, std=3.0)
+    expected = reference.normalize(w.double(), dim=None).float()
+    out = K.normalize_weight_(w, impl="triton")
+    assert out is w
+    torch.testing.assert_close(w, expected, atol=2e-6, rtol=2e-6)
+    rms = w.flatten(1).square().mean(1).sqrt()
+    torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
+    before = w.clone()
+    K.normalize_weight_(w, impl="triton")                 # idempotent up to eps
+    torch.testing.assert_close(w, before, atol=1e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile, custom-op checks
+
+class TinyBlock(torch.nn.Module):
+    """An EDM2-like block on channels_last activations, built from every op (fused or reference)."""
+
+    def __init__(self, C, impl):
+        super().__init__()
+        self.impl = impl
+        self.w0 = torch.nn.Parameter(torch.randn(C, C, 3, 3))
+        self.w1 = torch.nn.Parameter(torch.randn(C, 2 * C, 1, 1))
+        self.gain = torch.nn.Parameter(torch.full((1,), 0.5))
+
+    def forward(self, x, skip, c):
+        i = self.impl
+        n, s = K.normalize_silu(x, impl=i)
+        y = torch.nn.functional.conv2d(s, K.mp_weight(self.w0, impl=i), padding=1)
+        y = K.modulated_silu(y, c, impl=i)
+        x = K.mp_sum(n, y, 0.3, clip=4.0, impl=i)
+        x, s = K.mp_cat_silu(x, skip, impl=i)
+        x = K.mp_sum(torch.nn.functional.conv2d(s, K.mp_weight(self.w1, self.gain, impl=i)),
+                     K.mp_silu(K.normalize(x, impl=i)[:, :x.shape[1] // 2], impl=i), impl=i)
+        return K.mp_cat(x, skip, impl=i)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_matches_eager_and_reference(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    C = 6
+    block = TinyBlock(C, "triton").to(DEVICE)
+    ref = TinyBlock(C, "reference").to(DEVICE)
+    ref.load_state_dict(block.state_dict())
+    x, skip = act((2, C, 5, 4), torch.float32, 0, "cl"), act((2, C, 5, 4), torch.float32, 1, "cl")
+    c = _randn((2, C), torch.float32, 2, mean=1.0)
+    out_ref = ref(x, skip, c)
+    grads_ref = torch.autograd.grad(out_ref.square().sum(), list(ref.parameters()))
+    compiled = torch.compile(block, fullgraph=True, backend=backend)
+    out_c = compiled(x, skip, c)
+    grads_c = torch.autograd.grad(out_c.square().sum(), list(block.parameters()))
+    torch.testing.assert_close(out_c, out_ref, atol=1e-4, rtol=1e-4)
+    for g_c, g in zip(grads_c, grads_ref):
+        torch.testing.assert_close(g_c, g, atol=1e-4, rtol=1e-4)
+
+
+def _opcheck_cases():
+    ops = torch.ops.archirf_kernels
+    x_cl = act((2, 6, 3, 4), torch.float32, 0, "cl")
+    x = act((2, 6, 3, 4), torch.float32, 1)
+    rows = _randn((5, 7), torch.float32, 2)
+    c = _randn((2, 6), torch.float32, 3)
+    w, gain = _randn((4, 6, 3, 3), torch.float32, 4), _randn((1,), torch.float32, 5)
+    yield ops.mp_normalize.default, (x_cl, 1e-4)
+    yield ops.mp_normalize.default, (rows, 1e-4)
+    yield ops.mp_normalize_silu.default, (x, 1e-4)
+    yield ops.mp_silu.default, (x_cl,)
+    yield ops.mp_sum.default, (x_cl, x, 0.3, 1.0)
+    yield ops.mp_sum.default, (x, x, 0.5, None)
+    yield ops.mp_modulated_silu.default, (x_cl, c)
+    yield ops.mp_cat.default, (x_cl, x_cl[:, :2], 0.5)
+    yield ops.mp_cat_silu.default, (x, x[:, :3], 0.3)
+    yield ops.mp_weight.default, (w, gain, 1e-4)
+    yield ops.mp_weight.default, (w, None, 1e-4)
+    yield ops.mp_normalize_backward.default, (x_cl, None, x_cl, 1e-4)
+    yield ops.mp_cat_backward.default, (None, x_cl, x_cl, 2, 0.5, torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("case", range(13))
+def test_opcheck(case):
+    op, args = list(_opcheck_cases())[case]
+    args = [leaf(a) if isinstance(a, torch.Tensor) and "backward" not in str(op) else a for a in args]
+    torch.library.opcheck(op, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# impl dispatch and errors
+
+def test_impl_auto_uses_the_reference_off_cuda(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the Triton path ran")
+    for name in ("normalize", "normalize_silu", "mp_sum", "mp_weight"):
+        monkeypatch.setattr(mp, name, fail)
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(K.normalize(x), reference.normalize(x), atol=0, rtol=0)
+    torch.testing.assert_close(K.normalize_silu(x, impl="reference"), reference.normalize_silu(x), atol=0, rtol=0)
+    torch.testing.assert_close(K.mp_sum(x, x, 0.3), reference.mp_sum(x, x, 0.3), atol=0, rtol=0)
+    torch.testing.assert_close(K.mp_weight(x), reference.mp_weight(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: K.normalize(torch.randn(2, 3, 4), impl="triton"), r"expects \(M, C\) rows or \(B, C, H, W\)"),
+    (lambda: K.normalize(torch.randn(2, 3).double(), impl="triton"), "dtype torch.float64 is not fp16"),
+    (lambda: K.modulated_silu(torch.randn(2, 3, 4, 4), torch.randn(2, 4), impl="triton"),
+     r"c must be \(B, C\) = \(2, 3\)"),
+    (lambda: K.mp_sum(torch.randn(2, 3), torch.randn(3, 2), impl="triton"), "differ in shape"),
+    (lambda: K.mp_sum(torch.randn(2, 3), torch.randn(2, 3), clip=0.0, impl="triton"), "clip must be > 0"),
+    (lambda: K.mp_cat(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 5), impl="triton"),
+     "must agree in every dim but the channels"),
+    (lambda: K.mp_weight(torch.randn(5), impl="triton"), ">= 2 dims"),
+    (lambda: K.mp_weight(torch.randn(5, 3), torch.randn(2), impl="triton"), "gain must hold one number"),
+    (lambda: K.normalize(torch.randn(2, 20000), impl="triton"), "exceed the fused row limit"),
+])
+def test_errors(call, match):
+    if DEVICE == "cuda":
+        pytest.skip("the calls build CPU tensors")
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_needs_cuda_without_the_interpreter(monkeypatch):
+    monkeypatch.setattr(mp, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        mp.normalize(torch.randn(2, 3))
