@@ -51,6 +51,12 @@ def test_elementwise_gpu(shape, dtype, fmt):
     a, b = act(shape, dtype, 2, fmt, std=2.0), act(shape, dtype, 3, fmt, std=2.0)
     check(lambda x: K.mp_silu(x, impl="triton"), reference.mp_silu, [a])
     check(lambda a, b: K.mp_sum(a, b, 0.3, impl="triton"), lambda a, b: reference.mp_sum(a, b, 0.3), [a, b])
+    # The clip's gradient mask comes from the stored output, so a sum that rounds onto +-clip in the
+    # storage dtype counts as clipped; the float64 reference decides on the exact value. Keep the
+    # sums out of that band (a few storage ulps wide) so the test checks the op, not the tie-break.
+    exact = reference.mp_sum(a.double(), b.double(), 0.3).abs()
+    near = (exact - 2.0).abs() < 8 * torch.finfo(dtype).eps * 2.0
+    a, b = a.masked_fill(near, 0.0), b.masked_fill(near, 0.0)
     check(lambda a, b: K.mp_sum(a, b, 0.3, clip=2.0, impl="triton"),
           lambda a, b: reference.mp_sum(a, b, 0.3, clip=2.0), [a, b])
 
@@ -155,5 +161,7 @@ def test_edm2_blocks_compile_fullgraph_with_kernels_on_cuda(channels_last):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = m(x, t, y)
         out.float().square().mean().backward()
-        outs.append(torch.cat([out.detach().float().flatten()] + [p.grad.flatten() for p in m.parameters()]))
+        # the uncertainty head's parameters get no gradient without return_logvar: count them as zeros
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in m.parameters()]
+        outs.append(torch.cat([out.detach().float().flatten()] + grads))
     assert ((outs[1] - outs[0]).norm() / outs[0].norm()).item() < 2e-2
