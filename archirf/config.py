@@ -25,8 +25,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: Literal["dit"] = "dit"                 # network family
-    preset: Optional[str] = None                 # e.g. "DiT-XL/2": sets hidden_size/depth/num_heads/patch_size
+    name: Literal["dit", "mmdit", "adm_unet"] = "dit"  # network family
+    preset: Optional[str] = None                 # e.g. "DiT-XL/2", "MMDiT-XL/2", "ADM-64": sets the shape keys
+    # Transformers (dit, mmdit)
     patch_size: int = 4                          # pixels (or latent cells) per token side
     hidden_size: int = 192                       # transformer width
     depth: int = 6                               # number of transformer blocks
@@ -37,6 +38,16 @@ class ModelConfig:
     class_dropout_prob: float = 0.1              # label dropout for classifier-free guidance
     attn_impl: Literal["auto", "reference", "sdpa", "triton"] = "auto"  # auto: sdpa
     kernels: Literal["auto", "reference", "triton"] = "auto"             # auto: triton on CUDA
+    # MMDiT
+    depth_single_blocks: int = 0                 # single-stream blocks after the `depth` double-stream ones
+    label_tokens: int = 4                        # K learned context tokens per class
+    class_embeddings: Optional[str] = None       # file of a (num_classes, tokens, dim) tensor; replaces the learned tokens
+    # UNets
+    channels: int = 64                           # base channels; level i has channels * channel_mult[i]
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])  # one entry per resolution level
+    num_res_blocks: int = 2                      # residual blocks per level
+    attn_resolutions: list[int] = field(default_factory=lambda: [8])  # feature-map sides with self-attention
+    dropout: float = 0.0                         # dropout in the residual blocks
 
 
 @dataclass
@@ -218,14 +229,24 @@ def validate(cfg: Config) -> None:
         need(getattr(cfg, key) >= 0, f"{key} must be >= 0 (0 = only at the end)")
     need(cfg.micro_batch is None or cfg.micro_batch > 0, "micro_batch must be > 0 or null")
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
-    m = cfg.model
+    m, d = cfg.model, cfg.data
+    transformer = m.name in ("dit", "mmdit")
     need(m.depth >= 1 and m.hidden_size >= 1 and m.num_heads >= 1, "model.depth, hidden_size, num_heads must be >= 1")
-    need(m.preset is not None or m.hidden_size % m.num_heads == 0,
+    need(not transformer or m.preset is not None or m.hidden_size % m.num_heads == 0,
          f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
     need(0.0 <= m.class_dropout_prob < 1.0, "model.class_dropout_prob must be in [0, 1)")
-    d = cfg.data
-    need(d.resolution % m.patch_size == 0 or m.preset is not None,
+    need(not transformer or d.resolution % m.patch_size == 0 or m.preset is not None,
          f"data.resolution ({d.resolution}) must be a multiple of model.patch_size ({m.patch_size})")
+    need(m.depth_single_blocks >= 0, "model.depth_single_blocks must be >= 0")
+    need(m.label_tokens >= 1, "model.label_tokens must be >= 1")
+    need(m.class_embeddings is None or m.name == "mmdit",
+         f"model.class_embeddings applies to model.name=mmdit, not {m.name}; set it to null")
+    need(m.class_embeddings is None or d.num_classes > 0,
+         "model.class_embeddings needs a class-conditional dataset (data.num_classes > 0); set it to null")
+    need(m.channels >= 1 and m.num_res_blocks >= 1, "model.channels and model.num_res_blocks must be >= 1")
+    need(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
+         f"model.channel_mult must be a non-empty list of positive integers (got {m.channel_mult})")
+    need(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
     need(d.channels >= 1, "data.channels must be >= 1")
     need(d.num_classes >= 0, "data.num_classes must be >= 0 (0 = unconditional)")
     need(d.source != "folder" or d.root, "data.source=folder needs data.root=/path/to/images")
