@@ -208,7 +208,7 @@ def render_suite(suite: str, doc: dict) -> str:
                  + (f" ({e['extra_info']['mfu']:.1%} MFU)" if e["extra_info"].get("mfu") else "")
                  for impl, e in g.items() if e["extra_info"].get("img_per_s")]
         if cells:
-            throughput.append(f"- `{op}` {case}: " + ", ".join(cells))
+            throughput.append(f"- `{op}`{'' if case == op else ' ' + case}: " + ", ".join(cells))
 
     out = [f"## {suite}", ""]
     copy = env.get("copy_gbps")
