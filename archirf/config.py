@@ -25,8 +25,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: Literal["dit", "edm2_unet"] = "dit"    # network family
-    preset: Optional[str] = None                 # e.g. "DiT-XL/2" (hidden_size/depth/num_heads/patch_size), "EDM2-S"
+    name: Literal["dit", "mmdit", "adm_unet", "edm2_unet"] = "dit"  # network family
+    preset: Optional[str] = None                 # e.g. "DiT-XL/2", "MMDiT-XL/2", "ADM-64", "EDM2-S": sets the shape keys
+    # Transformers (dit, mmdit)
     patch_size: int = 4                          # pixels (or latent cells) per token side
     hidden_size: int = 192                       # transformer width
     depth: int = 6                               # number of transformer blocks
@@ -37,12 +38,16 @@ class ModelConfig:
     class_dropout_prob: float = 0.1              # label dropout for classifier-free guidance
     attn_impl: Literal["auto", "reference", "sdpa", "triton"] = "auto"  # auto: sdpa
     kernels: Literal["auto", "reference", "triton"] = "auto"             # auto: triton on CUDA
-    # UNets (edm2_unet)
-    channels: int = 192                          # base channels: level i is channels * channel_mult[i] wide
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # one entry per resolution level
-    num_res_blocks: int = 3                      # residual blocks per encoder level (the decoder has one more)
-    attn_resolutions: list[int] = field(default_factory=lambda: [16, 8])   # resolutions with self-attention
-    dropout: float = 0.0                         # dropout in the residual branch
+    # MMDiT
+    depth_single_blocks: int = 0                 # single-stream blocks after the `depth` double-stream ones
+    label_tokens: int = 4                        # K learned context tokens per class
+    class_embeddings: Optional[str] = None       # file of a (num_classes, tokens, dim) tensor; replaces the learned tokens
+    # UNets (adm_unet, edm2_unet)
+    channels: int = 64                           # base channels; level i has channels * channel_mult[i]
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2])  # one entry per resolution level
+    num_res_blocks: int = 2                      # residual blocks per level (EDM2: per encoder level; the decoder has one more)
+    attn_resolutions: list[int] = field(default_factory=lambda: [8])  # feature-map sides with self-attention
+    dropout: float = 0.0                         # dropout in the residual blocks
     # EDM2 UNet
     channels_per_head: int = 64                  # attention head width
     label_balance: float = 0.5                   # mp_sum weight of the class embedding (vs. the noise's)
@@ -233,14 +238,24 @@ def validate(cfg: Config) -> None:
         need(getattr(cfg, key) >= 0, f"{key} must be >= 0 (0 = only at the end)")
     need(cfg.micro_batch is None or cfg.micro_batch > 0, "micro_batch must be > 0 or null")
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
-    m = cfg.model
+    m, d = cfg.model, cfg.data
+    transformer = m.name in ("dit", "mmdit")
     need(m.depth >= 1 and m.hidden_size >= 1 and m.num_heads >= 1, "model.depth, hidden_size, num_heads must be >= 1")
-    need(m.preset is not None or m.hidden_size % m.num_heads == 0,
+    need(not transformer or m.preset is not None or m.hidden_size % m.num_heads == 0,
          f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
     need(0.0 <= m.class_dropout_prob < 1.0, "model.class_dropout_prob must be in [0, 1)")
-    d = cfg.data
-    need(m.name != "dit" or d.resolution % m.patch_size == 0 or m.preset is not None,
+    need(not transformer or d.resolution % m.patch_size == 0 or m.preset is not None,
          f"data.resolution ({d.resolution}) must be a multiple of model.patch_size ({m.patch_size})")
+    need(m.depth_single_blocks >= 0, "model.depth_single_blocks must be >= 0")
+    need(m.label_tokens >= 1, "model.label_tokens must be >= 1")
+    need(m.class_embeddings is None or m.name == "mmdit",
+         f"model.class_embeddings applies to model.name=mmdit, not {m.name}; set it to null")
+    need(m.class_embeddings is None or d.num_classes > 0,
+         "model.class_embeddings needs a class-conditional dataset (data.num_classes > 0); set it to null")
+    need(m.channels >= 1 and m.num_res_blocks >= 1, "model.channels and model.num_res_blocks must be >= 1")
+    need(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
+         f"model.channel_mult must be a non-empty list of positive integers (got {m.channel_mult})")
+    need(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
     if m.name == "edm2_unet":
         _validate_unet(cfg, need)
     need(d.channels >= 1, "data.channels must be >= 1")
@@ -281,9 +296,6 @@ def validate(cfg: Config) -> None:
 
 def _validate_unet(cfg: Config, need) -> None:
     m, d = cfg.model, cfg.data
-    need(m.channels >= 1 and m.num_res_blocks >= 1, "model.channels and model.num_res_blocks must be >= 1")
-    need(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
-         f"model.channel_mult must be a non-empty list of positive ints (got {m.channel_mult})")
     down = 1 << (len(m.channel_mult) - 1)
     need(d.resolution % down == 0, f"data.resolution ({d.resolution}) must be divisible by {down}: each of the "
                                    f"{len(m.channel_mult)} levels of model.channel_mult halves it; use fewer levels")
@@ -295,7 +307,6 @@ def _validate_unet(cfg: Config, need) -> None:
     bad = [levels[r] for r in attn if levels[r] % m.channels_per_head]
     need(not bad, f"attention widths {bad} are not multiples of model.channels_per_head ({m.channels_per_head}); "
                   f"change model.channels or model.channels_per_head")
-    need(0 <= m.dropout < 1, "model.dropout must be in [0, 1)")
     need(0 <= m.label_balance <= 1 and 0 <= m.concat_balance <= 1,
          "model.label_balance and model.concat_balance must be in [0, 1]")
     need(m.sigma_data > 0, "model.sigma_data must be > 0")

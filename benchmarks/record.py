@@ -110,6 +110,10 @@ def annotate(doc: dict) -> dict:
                     info[f"vs_{family}_best"] = min(times) / t
             if info.get("flops"):
                 info["tflops"] = info["flops"] / t / 1e12
+                if info.get("peak_tflops"):  # suites that time whole training steps (bench_models.py)
+                    info["mfu"] = info["tflops"] / info["peak_tflops"]
+            if info.get("images"):
+                info["img_per_s"] = info["images"] / t
     return doc
 
 
@@ -194,9 +198,17 @@ def render_suite(suite: str, doc: dict) -> str:
         row += [_target_cell(ours)]
         rows.append(row)
         for target, value, met in evaluate_targets(ours) if ours else []:
-            shown = "not measured" if value is None else f"{value:.1%}" if "BW" in target else f"{value:.2f}×"
+            shown = "not measured" if value is None else f"{value:.1%}" if "%" in target else f"{value:.2f}×"
             verdict = "n/a" if met is None else "met" if met else "**missed**"
             verdicts.append(f"- `{op}` {label}: {target} — {verdict} ({shown})")
+
+    throughput = []  # training-step suites: every implementation's img/s and MFU, not only ours'
+    for (_, case, op, pass_), g in groups.items():
+        cells = [f"{impl} {e['extra_info']['img_per_s']:.0f} img/s"
+                 + (f" ({e['extra_info']['mfu']:.1%} MFU)" if e["extra_info"].get("mfu") else "")
+                 for impl, e in g.items() if e["extra_info"].get("img_per_s")]
+        if cells:
+            throughput.append(f"- `{op}`{'' if case == op else ' ' + case}: " + ", ".join(cells))
 
     out = [f"## {suite}", ""]
     copy = env.get("copy_gbps")
@@ -212,6 +224,10 @@ def render_suite(suite: str, doc: dict) -> str:
         "faster); vs compiled: against the faster torch.compile mode measured; vs eager: against the fastest "
         "eager variant measured. TFLOP/s (where the suite counts FLOPs): ours' matmul FLOPs / time."
     )
+    if throughput:
+        peak = next((e["extra_info"]["peak_tflops"] for e in items if e["extra_info"].get("peak_tflops")), None)
+        out += ["", "Throughput" + (f" (MFU against the measured {peak:.0f} TFLOP/s bf16 matmul peak)" if peak else "")
+                + ":", "", *throughput]
     notes = (env.get("baseline_notes") or {}).get(suite) or {}
     if notes:
         said = (f"{k}: {', '.join([v] if isinstance(v, str) else v)}" for k, v in sorted(notes.items()))

@@ -122,3 +122,22 @@ def test_nothing_to_record(tmp_path):
     src.write_text(json.dumps({"benchmarks": []}))
     assert record.main(["--from-json", str(src), "--out", str(tmp_path)]) == 1
     assert record.gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_training_step_suite_reports_img_per_s_and_mfu():
+    # bench_models.py: a round is one training step of `images` images worth `flops` FLOPs.
+    def step(impl, median_ms, targets=()):
+        b = bench("mmdit-xl2", "train step", impl, median_ms, 0, targets)
+        b["extra_info"].update(suite="models", case="mmdit-xl2", shape=[64, 4, 32, 32], shape_label="B×C×H×W",
+                               images=64, flops=64 * 6 * 120e9, peak_tflops=770.0)
+        return b
+    mfu_target = {"metric": "mfu", "min": 0.6, "label": "≥ 60% MFU"}
+    doc = {"machine_info": {"archirf": {"gpu": GPU, "date": "2025-01-01T00:00:00+00:00"}},
+           "benchmarks": [step("ours", 100.0, [RATIO_TARGET, mfu_target]), step("compiled", 150.0), step("eager", 300.0)]}
+    record.annotate(doc)
+    ours = doc["benchmarks"][0]["extra_info"]
+    assert ours["img_per_s"] == pytest.approx(640) and ours["tflops"] == pytest.approx(460.8)
+    assert ours["mfu"] == pytest.approx(460.8 / 770) and ours["vs_compiled_best"] == pytest.approx(1.5)
+    md = record.render_suite("models", doc)
+    assert "ours 640 img/s (59.8% MFU), compiled 427 img/s (39.9% MFU), eager 213 img/s (19.9% MFU)" in md
+    assert "≥ 60% MFU — **missed** (59.8%)" in md and "≥ 1.3× compiled — met (1.50×)" in md

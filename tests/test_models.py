@@ -1,10 +1,10 @@
-"""DiT and shared layers: shapes, DiT-XL/2 size and cost, adaLN-Zero init, conditioning, attention
-implementations, label dropout, CFG batching, torch.compile, and a short fit. CPU, a few seconds
-(plus one inductor compile: ~15 s with a cold cache, ~3 s warm)."""
+"""DiT and shared layers: shapes, DiT-XL/2 size and cost, register tokens, attention implementations,
+fused kernels, label dropout, torch.compile. What every model of the zoo must do (zero init, CFG
+batching, cost counter, meta materialisation, a short fit ...) is in test_models_zoo.py, DiT included.
+CPU, a few seconds (plus one inductor compile: ~15 s with a cold cache, ~3 s warm)."""
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import archirf_kernels
 from archirf.config import Config, DataConfig, ModelConfig
@@ -83,45 +83,8 @@ def test_dit_xl2_flops_match_paper():
     assert abs(model.flops_per_image() - 118.6e9) / 118.6e9 < 0.02, model.flops_per_image()
 
 
-def test_flops_per_image_counts_every_matmul():
-    # torch's counter sees every mm/bmm/conv actually run (2 FLOPs per multiply-add), registers included.
-    model = tiny_dit(attn_impl="reference", num_register_tokens=3).eval()
-    x, t, y = inputs(batch=2)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x, t, y)
-    assert counter.get_total_flops() == 2 * 2 * model.flops_per_image()
-
-
 # ---------------------------------------------------------------------------------------------
 # Initialization and conditioning
-
-def test_fresh_model_outputs_exact_zeros():
-    model = tiny_dit()
-    x, t, y = inputs()
-    assert torch.equal(model(x, t, y), torch.zeros_like(x))
-
-
-def test_perturbed_output_depends_on_y_and_t():
-    model = perturb_(tiny_dit()).eval()
-    x, t, y = inputs()
-    out = model(x, t, y)
-    assert out.abs().mean() > 1e-2
-    assert not torch.allclose(out, model(x, t, (y + 1) % 10), atol=1e-4)
-    assert not torch.allclose(out, model(x, (t + 0.3) % 1, y), atol=1e-4)
-    assert torch.equal(out, model(x, t, y))                 # eval mode is deterministic
-
-
-def test_meta_model_materializes_like_a_cpu_model():
-    with torch.device("meta"):
-        meta_model = tiny_dit()
-    meta_model.to_empty(device="cpu")
-    meta_model.initialize_weights()
-    cpu_model = tiny_dit()
-    assert torch.equal(meta_model.pos_embed, cpu_model.pos_embed)
-    assert meta_model.pos_embed.dtype == torch.float32
-    x, t, y = inputs()
-    assert torch.equal(meta_model(x, t, y), torch.zeros_like(x))
-
 
 def test_register_tokens_keep_shape_and_take_part():
     x, t, y = inputs()
@@ -133,14 +96,6 @@ def test_register_tokens_keep_shape_and_take_part():
     with torch.no_grad():
         model.register_tokens.zero_()
     assert not torch.allclose(out, model(x, t, y), atol=1e-5)   # patch tokens do attend to them
-
-
-def test_unconditional_model_uses_the_null_class():
-    model = perturb_(tiny_dit(num_classes=0)).train()
-    x, t, _ = inputs()
-    y = torch.zeros(x.shape[0], dtype=torch.long)
-    assert model.num_classes == 0 and model.y_embedder.embedding_table.num_embeddings == 1
-    assert model(x, t, y).shape == x.shape
 
 
 def test_modulate_per_sample_equals_per_token():
@@ -186,7 +141,6 @@ def test_dit_reference_attention_matches_sdpa(qk_norm):
 
 
 def test_attn_impl_choices_resolve_once():
-    has_triton = archirf_kernels.HAS_TRITON
     assert tiny_dit(attn_impl="auto").attn_impl == "sdpa"                          # no qk_norm: sdpa
     assert tiny_dit(attn_impl="auto", qk_norm=True).attn_impl == "sdpa"             # triton is opt-in for now
     assert tiny_dit(attn_impl="triton").attn_impl == "triton"
@@ -212,42 +166,6 @@ def test_kernels_auto_runs_the_reference_on_cpu(monkeypatch):
     assert perturb_(tiny_dit(kernels="auto"))(x, t, y).shape == x.shape
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_dit_fused_kernels_match_reference(qk_norm):
-    # kernels='triton' runs the fused adaLN kernels (Triton's interpreter on the CPU, see conftest.py):
-    # same outputs and parameter gradients as the reference LayerNorm + modulate path, in fp32.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    shape = dict(qk_norm=qk_norm, hidden_size=40, num_heads=2, class_dropout_prob=0.0)
-    ref = perturb_(tiny_dit(kernels="reference", **shape)).to(device)
-    fused = tiny_dit(kernels="triton", **shape).to(device)
-    fused.load_state_dict(ref.state_dict())
-    x, t, y = (v.to(device) for v in inputs())
-    out_ref, out_fused = ref(x, t, y), fused(x, t, y)
-    torch.testing.assert_close(out_fused, out_ref, atol=1e-5, rtol=1e-5)
-    out_ref.square().mean().backward()
-    out_fused.square().mean().backward()
-    for (name, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(p_fused.grad, p_ref.grad, atol=1e-5, rtol=1e-4,
-                                   msg=lambda m, name=name: f"{name}: {m}")
-
-
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal
-def test_dit_fused_kernels_compile_fullgraph():
-    # The custom ops trace without graph breaks; the compiled train step matches eager.
-    torch._dynamo.reset()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = perturb_(tiny_dit(kernels="triton", class_dropout_prob=0.0, depth=1)).to(device)
-    x, t, y = (v.to(device) for v in inputs())
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    out = compiled(x, t, y)
-    grads = torch.autograd.grad(out.square().mean(), list(model.parameters()))
-    out_eager = model(x, t, y)
-    grads_eager = torch.autograd.grad(out_eager.square().mean(), list(model.parameters()))
-    torch.testing.assert_close(out, out_eager, atol=1e-6, rtol=1e-6)
-    for g, g_eager in zip(grads, grads_eager):
-        torch.testing.assert_close(g, g_eager, atol=1e-6, rtol=1e-6)
-
-
 # ---------------------------------------------------------------------------------------------
 # Label dropout and classifier-free guidance
 
@@ -271,16 +189,6 @@ def test_label_dropout_rate_in_model():
     assert 0.45 < dropped.float().mean().item() < 0.55
 
 
-def test_cfg_batch_equals_two_passes():
-    model = perturb_(tiny_dit()).eval()
-    x, t, y = inputs()
-    null = torch.full_like(y, model.num_classes)
-    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-    cond, uncond = model(x, t, y), model(x, t, null)
-    torch.testing.assert_close(both, torch.cat([cond, uncond]), atol=1e-5, rtol=0)
-    assert not torch.allclose(cond, uncond, atol=1e-4)
-
-
 # ---------------------------------------------------------------------------------------------
 # Compile and training
 
@@ -292,34 +200,6 @@ def test_compile_fullgraph_matches_eager():
     compiled = torch.compile(model, fullgraph=True)         # inductor: generated C++ on the CPU
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t, y), model(x, t, y), atol=1e-5, rtol=1e-5)
-
-
-def test_compile_fullgraph_train_step_traces():
-    # Train mode adds the random label dropout; fullgraph=True fails on any graph break or host sync.
-    torch._dynamo.reset()
-    model = perturb_(tiny_dit(class_dropout_prob=0.5)).train()
-    x, t, y = inputs()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    compiled(x, t, y).square().mean().backward()
-    grads = [p.grad for p in model.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert model.final_layer.linear.weight.grad.abs().sum() > 0
-
-
-def test_few_steps_lower_mse():
-    torch.manual_seed(0)
-    model = tiny_dit().train()
-    x, t, y = inputs(batch=8)
-    target = torch.randn_like(x)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(30):
-        loss = (model(x, t, y) - target).square().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0], losses
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,11 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-import archirf_kernels
-
 from ..config import Config, ConfigError
-from .layers import (Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, resolve_kernels,
-                     sincos_pos_embed_2d, unpatchify, use_fused_kernels)
+from .layers import (AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, init_adaln_transformer_,
+                     resolve_kernels, unpatchify)
 
 # Sizes from DiT Table 1:  hidden_size, depth, num_heads
 _DIT_SIZES = {
@@ -31,51 +29,8 @@ DIT_PRESETS = {f"DiT-{size}/{p}": dict(hidden_size=h, depth=d, num_heads=n, patc
                for size, (h, d, n) in _DIT_SIZES.items() for p in (2, 4, 8)}
 
 
-class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning (DiT Sec. 3.2, Fig. 3)."""
-
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
-                 attn_impl: str = "auto", kernels: str = "reference"):
-        super().__init__()
-        self.kernels = resolve_kernels(kernels)
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm, attn_impl=attn_impl)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        # Regresses shift, scale, gate for attention and for the MLP from the conditioning vector c.
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # (B, 1, D) each: broadcast over the tokens.
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-            self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1))
-        if use_fused_kernels(self.kernels, x):
-            # The same math with the block boundary fused: one pass for x += gate * attn, LN, modulate.
-            h = archirf_kernels.ada_layer_norm(x, shift_msa, scale_msa, eps=self.norm1.eps, impl="triton")
-            x, h = archirf_kernels.gated_residual_ada_layer_norm(
-                x, self.attn(h), gate_msa, shift_mlp, scale_mlp, eps=self.norm2.eps, impl="triton")
-            return archirf_kernels.gated_residual(x, self.mlp(h), gate_mlp, impl="triton")      # (B, T, D)
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))   # (B, T, D)
-        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))    # (B, T, D)
-        return x
-
-
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale; no gate) then a linear map from each token to its p x p x C patch."""
-
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, kernels: str = "reference"):
-        super().__init__()
-        self.kernels = resolve_kernels(kernels)
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)         # (B, 1, D) each
-        if use_fused_kernels(self.kernels, x):
-            h = archirf_kernels.ada_layer_norm(x, shift, scale, eps=self.norm_final.eps, impl="triton")
-            return self.linear(h)                                                     # (B, N, p*p*C)
-        return self.linear(modulate(self.norm_final(x), shift, scale))                # (B, N, p*p*C)
+# DiT's block and output layer are the shared adaLN-Zero pieces (MMDiT's single-stream blocks too).
+DiTBlock = AdaLNZeroBlock
 
 
 class DiT(nn.Module):
@@ -126,43 +81,10 @@ class DiT(nn.Module):
         self.attn_impl = self.blocks[0].attn.attn_impl
         self.initialize_weights()
 
-    @torch.no_grad()
     def initialize_weights(self) -> None:
-        """DiT's initialization. Works on the meta device too (the fills are then no-ops)."""
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        self.apply(_basic_init)
-
-        self.pos_embed.copy_(sincos_pos_embed_2d(self.hidden_size, self.grid_size, self.grid_size)
-                             .float().unsqueeze(0))
-
-        # The patch embedding is a linear map of the flattened patch: initialize it like one.
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        nn.init.normal_(self.register_tokens, std=0.02)
-        for block in self.blocks:
-            for norm in (block.attn.q_norm, block.attn.k_norm):
-                if hasattr(norm, "weight"):
-                    nn.init.ones_(norm.weight)
-
-        # adaLN-Zero (DiT Sec. 3.2): zero modulation makes every gate 0, so each block starts as the
-        # identity, and a zero output layer makes the fresh network predict exactly 0. Training then
-        # starts from a well-conditioned residual stack (DiT Fig. 5: best FID of the conditioning variants).
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.linear.weight)
-        nn.init.zeros_(self.final_layer.linear.bias)
+        """DiT's initialization (layers.init_adaln_transformer_). Works on the meta device too."""
+        init_adaln_transformer_(self, [self.y_embedder.embedding_table.weight, self.t_embedder.mlp[0].weight,
+                                       self.t_embedder.mlp[2].weight])
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:

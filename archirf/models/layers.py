@@ -1,4 +1,4 @@
-"""Shared building blocks of the ArchiRF networks (DiT now; MMDiT and the UNets compose the same pieces).
+"""Shared building blocks of the ArchiRF networks: DiT, MMDiT and the UNets compose these pieces.
 
 Token layout is (B, N, C) throughout: batch, tokens, channels. Every block is device-agnostic
 (tensors are created on the input's device) and free of host syncs, so it runs under
@@ -90,27 +90,63 @@ def drop_labels(labels: torch.Tensor, null_class: int, dropout_prob: float,
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 
-class LabelEmbedder(nn.Module):
-    """Class label -> (B, hidden_size), with label dropout for classifier-free guidance (Ho & Salimans 2022).
+class LabelDropout(nn.Module):
+    """Label dropout for classifier-free guidance (Ho & Salimans 2022): label id num_classes is the null
+    class, which dropped labels and unconditional sampling use. Never writes into the caller's labels."""
 
-    The table has num_classes + 1 rows; the last row (id num_classes) is the null class that both
-    dropped labels and unconditional sampling use. With num_classes == 0 only the null row exists.
-    """
-
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+    def __init__(self, num_classes: int, dropout_prob: float):
         super().__init__()
         self.num_classes = num_classes                                     # also the null label id
         self.dropout_prob = dropout_prob if num_classes > 0 else 0.0
-        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
     def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         return drop_labels(labels, self.num_classes, self.dropout_prob, force_drop_ids)
 
-    def forward(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         # Random dropout only while training; force_drop_ids applies in any mode.
         if (self.training and self.dropout_prob > 0) or force_drop_ids is not None:
-            labels = self.token_drop(labels, force_drop_ids)
-        return self.embedding_table(labels)                                # (B, D)
+            return self.token_drop(labels, force_drop_ids)
+        return labels
+
+
+class LabelEmbedder(LabelDropout):
+    """Class label -> (B, hidden_size) learned embedding, with label dropout into the null class.
+
+    The table has num_classes + 1 rows; the last row (id num_classes) is the null class. With
+    num_classes == 0 only the null row exists. MMDiT's K label tokens are one row of K * width.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__(num_classes, dropout_prob)
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.embedding_table(self.drop(labels, force_drop_ids))    # (B, D)
+
+
+class PretrainedLabelEmbedder(LabelDropout):
+    """Class label -> (B, tokens, dim) fixed embeddings given as a (num_classes, tokens, dim) tensor (e.g.
+    pooled features of an image classifier, as StyleGAN-XL conditions on), with label dropout; the
+    null class is an all-zero row. The table is a persistent buffer: checkpoints and snapshots carry it.
+    """
+
+    def __init__(self, embeddings: torch.Tensor, dropout_prob: float):
+        if embeddings.dim() != 3:
+            raise ValueError(f"class embeddings must be (num_classes, tokens, dim), got shape {tuple(embeddings.shape)}")
+        super().__init__(embeddings.shape[0], dropout_prob)
+        num_classes, tokens, dim = embeddings.shape
+        self.source = embeddings.detach().to("cpu", torch.float32)         # not module state: refills the table
+        self.register_buffer("table", torch.empty(num_classes + 1, tokens, dim))
+        self.reset_table()
+
+    @torch.no_grad()
+    def reset_table(self) -> None:
+        """(Re)fills the table from the given embeddings plus the zero null row (no-op on meta)."""
+        self.table[:-1].copy_(self.source)
+        self.table[-1].zero_()
+
+    def forward(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.table[self.drop(labels, force_drop_ids)]              # (B, K, dim)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,12 +206,12 @@ def sincos_pos_embed_2d(embed_dim: int, grid_h: int, grid_w: int) -> torch.Tenso
 # Normalization, attention, MLP.
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dim with a learnable scale (Zhang & Sennrich 2019); math in fp32."""
+    """RMSNorm over the last dim with a learnable scale (Zhang & Sennrich 2019; optional); math in fp32."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, elementwise_affine: bool = True):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim)) if elementwise_affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return archirf_kernels.reference.rms_norm(x, self.weight, self.eps)
@@ -210,6 +246,7 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         qk_norm: bool = False,                  # RMSNorm on q and k per head, learnable scale
         attn_impl: str = "auto",                # reference | sdpa | triton | auto (= sdpa until triton wins)
+        out_proj: bool = True,                  # False: no output projection (MMDiT's last context stream)
     ):
         super().__init__()
         if dim % num_heads:
@@ -222,12 +259,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim) if out_proj else None
+
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, 3, H, Dh): the qkv projection split into heads, before any norm."""
+        B, N, _ = x.shape
+        return self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+
+    def use_triton(self, x: torch.Tensor) -> bool:
+        return self.attn_impl == "triton" or (self.attn_impl == "auto" and x.is_cuda)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)  # (B, N, 3, H, Dh)
-        if self.attn_impl == "triton" or (self.attn_impl == "auto" and x.is_cuda):
+        qkv = self.project_qkv(x)                                          # (B, N, 3, H, Dh)
+        if self.use_triton(x):
             # One kernel from the projection's layout: QK-RMSNorm, attention, heads merged.
             x = archirf_kernels.qk_norm_attention(
                 qkv, self.q_norm.weight if self.qk_norm else None, self.k_norm.weight if self.qk_norm else None,
@@ -241,6 +286,34 @@ class Attention(nn.Module):
         return self.proj(x)
 
 
+def joint_attention(qkv_a: torch.Tensor, qkv_b: torch.Tensor, attn_a: Attention,
+                    attn_b: Attention) -> tuple[torch.Tensor, torch.Tensor]:
+    """MMDiT joint attention (SD3, Esser et al. 2024, Fig. 2): two streams, each with its own qkv (from
+    `Attention.project_qkv`) and its own QK-norm scales, attend over the keys [a, b].
+
+    qkv_a (B, Na, 3, H, Dh), qkv_b (B, Nb, 3, H, Dh) -> (out_a (B, Na, D), out_b (B, Nb, D)), before
+    each stream's output projection. attn_a's implementation decides: the fused kernel (triton),
+    or per-stream norms, one attention over the concatenation (sdpa / reference) and a split.
+    """
+    na = qkv_a.shape[1]
+    if attn_a.use_triton(qkv_a):
+        weights = [a.q_norm.weight if a.qk_norm else None for a in (attn_a, attn_b)]
+        k_weights = [a.k_norm.weight if a.qk_norm else None for a in (attn_a, attn_b)]
+        return archirf_kernels.joint_qk_norm_attention(
+            qkv_a, qkv_b, weights[0], k_weights[0], weights[1], k_weights[1],
+            eps=(attn_a.q_norm.eps, attn_a.k_norm.eps) if attn_a.qk_norm else 1e-6, qk_norm=attn_a.qk_norm,
+            impl="triton")
+    heads = []
+    for qkv, attn in ((qkv_a, attn_a), (qkv_b, attn_b)):
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                     # (B, H, N, Dh) each
+        heads.append((attn.q_norm(q), attn.k_norm(k), v))
+    q, k, v = (torch.cat(parts, dim=2) for parts in zip(*heads))           # (B, H, Na+Nb, Dh)
+    out = attn_a.attend(q, k, v)                                           # (B, H, Na+Nb, Dh)
+    B, H, N, Dh = out.shape
+    out = out.transpose(1, 2).reshape(B, N, H * Dh)                        # (B, Na+Nb, D)
+    return out[:, :na], out[:, na:]
+
+
 class Mlp(nn.Module):
     """Linear -> GELU (tanh approximation, as DiT) -> Linear."""
 
@@ -252,3 +325,131 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# adaLN-Zero transformer blocks.
+
+class AdaLNZeroBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning (DiT Sec. 3.2, Fig. 3): DiT's block, MMDiT's
+    single-stream block, and (split around a joint attention) each stream of MMDiT's double block.
+
+    `pre_attention` and `post_attention` are the two halves around the attention, so that a double
+    block can run two of them around one joint attention. pre_only keeps only the first half (norm,
+    modulation, qkv): SD3's last context stream, whose output nothing reads.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
+                 attn_impl: str = "auto", kernels: str = "reference", pre_only: bool = False):
+        super().__init__()
+        self.kernels = resolve_kernels(kernels)
+        self.pre_only = pre_only
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qkv_bias=True, qk_norm=qk_norm, attn_impl=attn_impl,
+                              out_proj=not pre_only)
+        if pre_only and qk_norm:  # its queries only make outputs nobody reads: a scale would get no gradient
+            self.attn.q_norm = RMSNorm(self.attn.head_dim, elementwise_affine=False)
+        if not pre_only:
+            self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        # Regresses shift, scale, gate for attention and for the MLP from the conditioning vector c.
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden_size, (2 if pre_only else 6) * hidden_size, bias=True))
+
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, D) -> shift, scale[, gate, shift, scale, gate] of (B, 1, D): broadcast over the tokens."""
+        return self.adaLN_modulation(c).unsqueeze(1).chunk(2 if self.pre_only else 6, dim=-1)
+
+    def pre_attention(self, x: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """LN(x) * (1 + scale) + shift: the attention's input."""
+        if use_fused_kernels(self.kernels, x):
+            return archirf_kernels.ada_layer_norm(x, mod[0], mod[1], eps=self.norm1.eps, impl="triton")
+        return modulate(self.norm1(x), mod[0], mod[1])
+
+    def post_attention(self, x: torch.Tensor, attn_out: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """x + gate * attn_out, then x + gate * MLP(adaLN(x)), from the attention's projected output."""
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
+        if use_fused_kernels(self.kernels, x):
+            # The block boundary fused: one pass for x += gate * attn, LN, modulate.
+            x, h = archirf_kernels.gated_residual_ada_layer_norm(
+                x, attn_out, gate_msa, shift_mlp, scale_mlp, eps=self.norm2.eps, impl="triton")
+            return archirf_kernels.gated_residual(x, self.mlp(h), gate_mlp, impl="triton")
+        x = x + gate_msa * attn_out
+        return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        mod = self.modulation(c)
+        return self.post_attention(x, self.attn(self.pre_attention(x, mod)), mod)   # (B, T, D)
+
+    def zero_init_(self) -> None:
+        """adaLN-Zero: zero modulation makes every gate 0, so the block starts as the identity."""
+        nn.init.zeros_(self.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.adaLN_modulation[-1].bias)
+        for norm in (self.attn.q_norm, self.attn.k_norm):
+            if getattr(norm, "weight", None) is not None:
+                nn.init.ones_(norm.weight)
+
+    def macs(self, num_tokens: int, num_keys: int | None = None) -> int:
+        """Forward multiply-adds per image for num_tokens tokens whose queries attend over num_keys keys
+        (default: the same tokens): modulation, qkv, Q K^T and A V, output projection, MLP."""
+        D, T, K = self.norm1.normalized_shape[0], num_tokens, num_keys or num_tokens
+        macs = D * self.adaLN_modulation[-1].out_features + T * D * 3 * D + 2 * T * K * D
+        if not self.pre_only:
+            macs += T * D * D + 2 * T * D * self.mlp.fc1.out_features
+        return macs
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale; no gate) then a linear map from each token to its p x p x C patch."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, kernels: str = "reference"):
+        super().__init__()
+        self.kernels = resolve_kernels(kernels)
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)         # (B, 1, D) each
+        if use_fused_kernels(self.kernels, x):
+            h = archirf_kernels.ada_layer_norm(x, shift, scale, eps=self.norm_final.eps, impl="triton")
+            return self.linear(h)                                                     # (B, N, p*p*C)
+        return self.linear(modulate(self.norm_final(x), shift, scale))                # (B, N, p*p*C)
+
+    def zero_init_(self) -> None:
+        """Zero modulation and output: the fresh network predicts exactly 0."""
+        for layer in (self.adaLN_modulation[-1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def macs(self, num_tokens: int) -> int:
+        return self.linear.in_features * 2 * self.linear.in_features + num_tokens * self.linear.in_features \
+            * self.linear.out_features
+
+
+@torch.no_grad()
+def init_adaln_transformer_(model: nn.Module, normal_weights: list[torch.Tensor]) -> None:
+    """DiT's initialization of a patch transformer (DiT, MMDiT), in place; works on the meta device too
+    (the fills are then no-ops). `model` has x_embedder, pos_embed, grid_size, hidden_size,
+    register_tokens, blocks and final_layer; `normal_weights` (embedding tables, timestep MLP) get N(0, 0.02)."""
+    def _basic_init(module):
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    model.apply(_basic_init)
+    model.pos_embed.copy_(sincos_pos_embed_2d(model.hidden_size, model.grid_size, model.grid_size)
+                          .float().unsqueeze(0))
+    # The patch embedding is a linear map of the flattened patch: initialize it like one.
+    w = model.x_embedder.proj.weight
+    nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+    nn.init.zeros_(model.x_embedder.proj.bias)
+    for weight in normal_weights:
+        nn.init.normal_(weight, std=0.02)
+    nn.init.normal_(model.register_tokens, std=0.02)
+    # adaLN-Zero (DiT Sec. 3.2): zero modulation makes every gate 0, so each block starts as the
+    # identity, and a zero output layer makes the fresh network predict exactly 0. Training then
+    # starts from a well-conditioned residual stack (DiT Fig. 5: best FID of the conditioning variants).
+    for block in model.blocks:
+        block.zero_init_()
+    model.final_layer.zero_init_()

@@ -1,0 +1,243 @@
+"""MMDiT: the multimodal diffusion transformer of Stable Diffusion 3 (Esser et al. 2024, "Scaling
+Rectified Flow Transformers"), trained class-conditionally.
+
+    model = MMDiT(input_size=32, in_channels=4, num_classes=1000, **MMDIT_PRESETS["MMDiT-XL/2"])
+    out = model(x, t, y)          # x (B, C, H, W), t (B,) in [0, 1], y (B,) in [0, num_classes]
+
+Two token streams: image patches and a context sequence that stands in for SD3's text. Double-stream
+blocks give each stream its own weights (qkv, QK-RMSNorm, output projection, MLP, adaLN-Zero
+modulation) and let both attend jointly over their concatenation; `depth_single_blocks` single-stream
+blocks then run over the concatenated sequence (SD3.5 / Flux). The context is the class: either K
+learned tokens per class (`label_tokens`), or fixed pretrained class embeddings (num_classes, tokens,
+dim_in) projected to the width, whose null class is an all-zero embedding. Its mean over the tokens
+is the pooled condition that joins the timestep in the global adaLN vector (SD3's pooled text
+vector). `num_register_tokens` learned tokens (Darcet et al. 2024) join the context stream.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from ..config import Config, ConfigError
+from .layers import (AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, PretrainedLabelEmbedder,
+                     TimestepEmbedder, init_adaln_transformer_, joint_attention, resolve_kernels, unpatchify)
+
+# SD3's scaling family (Esser et al. 2024, Sec. 5.3): width 64 * depth, head width 64, patch 2.
+_SD3_DEPTHS = (15, 18, 21, 24, 30, 38)
+# hidden_size, depth (double-stream), depth_single_blocks, num_heads, patch_size
+MMDIT_PRESETS = {
+    **{f"MMDiT-d{d}": dict(hidden_size=64 * d, depth=d, depth_single_blocks=0, num_heads=d, patch_size=2)
+       for d in _SD3_DEPTHS},
+    "MMDiT-S/2":  dict(hidden_size=384,  depth=6, depth_single_blocks=0,  num_heads=6,  patch_size=2),   # 32x32 pixels
+    "MMDiT-B/2":  dict(hidden_size=768,  depth=4, depth_single_blocks=8,  num_heads=12, patch_size=2),   # 32x32x4 latents
+    # DiT-XL/2's width and 28 blocks (so about its FLOPs per token), head width 64, a third double-stream.
+    "MMDiT-XL/2": dict(hidden_size=1152, depth=9, depth_single_blocks=19, num_heads=18, patch_size=2),
+}
+
+
+class DoubleStreamBlock(nn.Module):
+    """SD3's MM-DiT block (Fig. 2b): one adaLN-Zero block per stream, split around a joint attention.
+
+    forward(img (B, N, D), ctx (B, M, D), c (B, D)) -> (img, ctx). pre_only: the context stream stops
+    after its qkv (the last block when no single-stream blocks follow; nothing reads its output).
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, attn_impl: str = "auto",
+                 kernels: str = "reference", pre_only: bool = False):
+        super().__init__()
+        self.img = AdaLNZeroBlock(hidden_size, num_heads, mlp_ratio, qk_norm=True, attn_impl=attn_impl,
+                                  kernels=kernels)
+        self.ctx = AdaLNZeroBlock(hidden_size, num_heads, mlp_ratio, qk_norm=True, attn_impl=attn_impl,
+                                  kernels=kernels, pre_only=pre_only)
+
+    def forward(self, img: torch.Tensor, ctx: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mod_img, mod_ctx = self.img.modulation(c), self.ctx.modulation(c)
+        qkv_img = self.img.attn.project_qkv(self.img.pre_attention(img, mod_img))          # (B, N, 3, H, Dh)
+        qkv_ctx = self.ctx.attn.project_qkv(self.ctx.pre_attention(ctx, mod_ctx))          # (B, M, 3, H, Dh)
+        out_img, out_ctx = joint_attention(qkv_img, qkv_ctx, self.img.attn, self.ctx.attn)  # (B, N|M, D)
+        img = self.img.post_attention(img, self.img.attn.proj(out_img), mod_img)          # (B, N, D)
+        if not self.ctx.pre_only:
+            ctx = self.ctx.post_attention(ctx, self.ctx.attn.proj(out_ctx), mod_ctx)      # (B, M, D)
+        return img, ctx
+
+    def zero_init_(self) -> None:
+        self.img.zero_init_()
+        self.ctx.zero_init_()
+
+    def macs(self, num_img: int, num_ctx: int) -> int:
+        return self.img.macs(num_img, num_img + num_ctx) + self.ctx.macs(num_ctx, num_img + num_ctx)
+
+
+class MMDiT(nn.Module):
+    """SD3-style MMDiT over patch tokens and class tokens, conditioned on time and class through adaLN-Zero."""
+
+    def __init__(self,
+        input_size: int = 32,                   # image/latent side (square), multiple of patch_size
+        in_channels: int = 4,                   # C of x; the output has the same C
+        num_classes: int = 1000,                # label id num_classes is the null class; 0 = unconditional
+        patch_size: int = 2,                    # pixels (latent cells) per token side
+        hidden_size: int = 1152,                # width D of both streams
+        depth: int = 9,                         # double-stream blocks
+        depth_single_blocks: int = 19,          # single-stream blocks after them, over [image, context]
+        num_heads: int = 18,                    # attention heads
+        mlp_ratio: float = 4.0,                 # MLP hidden = mlp_ratio * D
+        class_dropout_prob: float = 0.1,        # label dropout in train mode (classifier-free guidance)
+        num_register_tokens: int = 4,           # learned tokens appended to the context stream
+        label_tokens: int = 4,                  # K learned context tokens per class
+        class_embeddings: torch.Tensor | None = None,  # (num_classes, tokens, dim_in) fixed; replaces the learned ones
+        attn_impl: str = "auto",                # reference | sdpa | triton | auto (= sdpa for now)
+        kernels: str = "auto",                  # auto (triton on CUDA) | reference | triton: fused adaLN ops
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
+        if class_embeddings is not None and class_embeddings.shape[0] != num_classes:
+            raise ValueError(f"class_embeddings has {class_embeddings.shape[0]} rows for num_classes={num_classes}")
+        self.kernels = resolve_kernels(kernels)
+        self.in_channels = self.out_channels = in_channels
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.num_classes = num_classes
+        self.num_register_tokens = num_register_tokens
+        self.hidden_size = hidden_size
+        self.depth = depth
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        if class_embeddings is None:
+            self.label_tokens, context_dim = label_tokens, hidden_size
+            # K tokens per class are one table row of K * D.
+            self.y_embedder = LabelEmbedder(num_classes, label_tokens * hidden_size, class_dropout_prob)
+            self.context_embedder = nn.Identity()
+        else:
+            self.label_tokens, context_dim = class_embeddings.shape[1], class_embeddings.shape[2]
+            self.y_embedder = PretrainedLabelEmbedder(class_embeddings, class_dropout_prob)
+            self.context_embedder = nn.Linear(context_dim, hidden_size)
+        # Pooled condition -> width, added to the timestep embedding (SD3's pooled-text projection).
+        self.pooled_embedder = nn.Sequential(nn.Linear(context_dim, hidden_size), nn.SiLU(),
+                                             nn.Linear(hidden_size, hidden_size))
+        self.register_buffer("pos_embed", torch.empty(1, self.num_patches, hidden_size))
+        self.register_tokens = nn.Parameter(torch.empty(1, num_register_tokens, hidden_size))
+        self.blocks = nn.ModuleList([
+            DoubleStreamBlock(hidden_size, num_heads, mlp_ratio, attn_impl=attn_impl, kernels=self.kernels,
+                              pre_only=depth_single_blocks == 0 and i == depth - 1)
+            for i in range(depth)
+        ] + [
+            AdaLNZeroBlock(hidden_size, num_heads, mlp_ratio, qk_norm=True, attn_impl=attn_impl, kernels=self.kernels)
+            for _ in range(depth_single_blocks)
+        ])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, kernels=self.kernels)
+        self.attn_impl = self.blocks[0].img.attn.attn_impl
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialization with adaLN-Zero (layers.init_adaln_transformer_): the fresh network predicts
+        0. Works on the meta device too. A pretrained class table is refilled from its embeddings."""
+        learned = isinstance(self.y_embedder, LabelEmbedder)
+        init_adaln_transformer_(self, [*([self.y_embedder.embedding_table.weight] if learned else []),
+                                       *(layer.weight for layer in (*self.t_embedder.mlp[::2],
+                                                                    *self.pooled_embedder[::2]))])
+        if not learned:
+            self.y_embedder.reset_table()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) in [0, 1], y (B,) long in [0, num_classes] -> (B, C, H, W)."""
+        B = x.shape[0]
+        param_dtype = self.register_tokens.dtype  # the residual streams are fp32 under autocast, as in DiT
+        img = self.x_embedder(x) + self.pos_embed.to(param_dtype)                      # (B, N, D)
+        labels = self.y_embedder(y, force_drop_ids).reshape(B, self.label_tokens, -1)   # (B, K, Dc)
+        ctx = self.context_embedder(labels.to(param_dtype))                             # (B, K, D)
+        if self.num_register_tokens:
+            ctx = torch.cat([ctx, self.register_tokens.expand(B, -1, -1).to(ctx.dtype)], dim=1)  # (B, K+R, D)
+        c = self.t_embedder(t) + self.pooled_embedder(labels.mean(dim=1).to(param_dtype))  # (B, D)
+        for block in self.blocks[:self.depth]:
+            img, ctx = block(img, ctx, c)                                               # (B, N|M, D)
+        if len(self.blocks) > self.depth:
+            h = torch.cat([img, ctx.to(img.dtype)], dim=1)                              # (B, N+M, D)
+            for block in self.blocks[self.depth:]:
+                h = block(h, c)                                                         # (B, N+M, D)
+            img = h[:, :self.num_patches]                                               # (B, N, D)
+        out = self.final_layer(img, c)                                                  # (B, N, p*p*C)
+        return unpatchify(out, self.patch_size, self.grid_size, self.grid_size)         # (B, C, H, W)
+
+    def num_params(self) -> int:
+        """Trainable parameters (fixed positions and pretrained class embeddings are buffers, not counted)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_image(self) -> int:
+        """Forward multiply-adds for one image: every Linear, the patch Conv2d and the attention matmuls over
+        N patch tokens and M = K label + R register tokens. Not counted: norms, softmax, activations,
+        modulation, residual adds, embedding lookups. Training FLOPs = 6 x this."""
+        D, N, C, p = self.hidden_size, self.num_patches, self.in_channels, self.patch_size
+        M = self.label_tokens + self.num_register_tokens
+        context = self.context_embedder
+        return (N * (C * p * p) * D                                        # patch embedding
+                + sum(layer.in_features * layer.out_features               # timestep and pooled MLPs
+                      for layer in (*self.t_embedder.mlp[::2], *self.pooled_embedder[::2]))
+                + (self.label_tokens * context.in_features * D if isinstance(context, nn.Linear) else 0)
+                + sum(block.macs(N, M) for block in self.blocks[:self.depth])
+                + sum(block.macs(N + M) for block in self.blocks[self.depth:])
+                + self.final_layer.macs(N))
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "MMDiT":
+        """Builds from cfg.model (a preset sets hidden_size/depth/depth_single_blocks/num_heads/patch_size)
+        and cfg.data; loads model.class_embeddings when set."""
+        m, d = cfg.model, cfg.data
+        shape = dict(hidden_size=m.hidden_size, depth=m.depth, depth_single_blocks=m.depth_single_blocks,
+                     num_heads=m.num_heads, patch_size=m.patch_size)
+        if m.preset is not None:
+            if m.preset not in MMDIT_PRESETS:
+                raise ConfigError(f"unknown model.preset '{m.preset}' for model.name=mmdit; valid presets: "
+                                  f"{', '.join(MMDIT_PRESETS)}")
+            shape = MMDIT_PRESETS[m.preset]
+        if d.resolution % shape["patch_size"]:
+            raise ConfigError(f"data.resolution ({d.resolution}) must be a multiple of the patch size "
+                              f"({shape['patch_size']}{' of ' + m.preset if m.preset else ''})")
+        if shape["hidden_size"] % shape["num_heads"]:
+            raise ConfigError(f"model.hidden_size ({shape['hidden_size']}) must be divisible by "
+                              f"model.num_heads ({shape['num_heads']})")
+        embeddings = load_class_embeddings(m.class_embeddings, d.num_classes) if m.class_embeddings else None
+        return cls(input_size=d.resolution, in_channels=d.channels, num_classes=d.num_classes,
+                   mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout_prob,
+                   num_register_tokens=m.num_register_tokens, label_tokens=m.label_tokens,
+                   class_embeddings=embeddings, attn_impl=m.attn_impl, kernels=m.kernels, **shape)
+
+
+def load_class_embeddings(path: str, num_classes: int) -> torch.Tensor:
+    """The (num_classes, tokens, dim) tensor of model.class_embeddings: a safetensors file holding one
+    tensor, or a tensor saved with torch.save (.pt / .pth). ConfigError naming the problem and the fix."""
+    fix = ("save a float tensor of shape (data.num_classes, tokens, dim), e.g. "
+           "safetensors.torch.save_file({'embeddings': t}, path), or set model.class_embeddings=null "
+           "to learn the label tokens")
+    if not os.path.isfile(path):
+        raise ConfigError(f"model.class_embeddings: no file at '{path}'; {fix}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            tensors = load_file(path, device="cpu")
+            if len(tensors) != 1:
+                raise ConfigError(f"model.class_embeddings: '{path}' holds {len(tensors)} tensors "
+                                  f"({', '.join(tensors)}), expected exactly one; {fix}")
+            embeddings = next(iter(tensors.values()))
+        else:
+            embeddings = torch.load(path, map_location="cpu", weights_only=True)
+    except ConfigError:
+        raise
+    except Exception as err:  # a corrupt or foreign file: say which and how to make a good one
+        raise ConfigError(f"model.class_embeddings: cannot read '{path}' ({type(err).__name__}: {err}); {fix}") from None
+    if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point():
+        raise ConfigError(f"model.class_embeddings: '{path}' does not hold a float tensor; {fix}")
+    if embeddings.dim() != 3 or embeddings.shape[0] != num_classes:
+        raise ConfigError(f"model.class_embeddings: '{path}' holds a tensor of shape {tuple(embeddings.shape)}, "
+                          f"expected (data.num_classes={num_classes}, tokens, dim); {fix}")
+    if not torch.isfinite(embeddings).all():
+        raise ConfigError(f"model.class_embeddings: '{path}' contains NaN or inf values; {fix}")
+    return embeddings.float()
