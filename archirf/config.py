@@ -37,7 +37,7 @@ class ModelConfig:
     qk_norm: bool = False                        # RMSNorm of q and k per head (SD3 style)
     class_dropout_prob: float = 0.1              # label dropout for classifier-free guidance
     attn_impl: Literal["auto", "reference", "sdpa", "triton"] = "auto"  # auto: sdpa
-    kernels: Literal["auto", "reference", "triton"] = "auto"             # auto: triton on CUDA
+    kernels: Literal["auto", "reference", "triton"] = "auto"             # auto: triton on CUDA (adaLN: eager only)
     # MMDiT
     depth_single_blocks: int = 0                 # single-stream blocks after the `depth` double-stream ones
     label_tokens: int = 4                        # K learned context tokens per class

@@ -215,3 +215,19 @@ def test_preset_patch_must_divide_resolution():
     cfg = Config(model=ModelConfig(preset="DiT-S/8"), data=DataConfig(resolution=12))
     with pytest.raises(ValueError, match="multiple of the patch size"):
         build_model(cfg)
+
+
+def test_auto_kernels_leave_adaln_to_inductor_inside_compile(monkeypatch):
+    """kernels=auto: fused ops on CUDA tensors; the adaLN ops (under_compile=False) only outside
+    torch.compile, the others (EDM2's MP ops) in both; triton forces them, reference never."""
+    from types import SimpleNamespace
+
+    from archirf.models.layers import use_fused_kernels
+
+    gpu, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        assert use_fused_kernels("auto", gpu, under_compile=False) is (not compiling)
+        assert use_fused_kernels("auto", gpu) is True
+        assert not use_fused_kernels("auto", cpu) and not use_fused_kernels("auto", cpu, under_compile=False)
+        assert use_fused_kernels("triton", cpu, under_compile=False) and not use_fused_kernels("reference", gpu)
