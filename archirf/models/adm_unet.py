@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Config, ConfigError
-from .layers import Attention, LabelEmbedder, TimestepEmbedder, modulate
+from .layers import Attention, LabelEmbedder, TimestepEmbedder, modulate, preset_shape
 
 GROUPS = 32  # GroupNorm groups, as ADM's normalization()
 
@@ -296,10 +296,7 @@ class ADMUNet(nn.Module):
         shape = dict(channels=m.channels, channel_mult=list(m.channel_mult), num_res_blocks=m.num_res_blocks,
                      attn_resolutions=list(m.attn_resolutions))
         if m.preset is not None:
-            if m.preset not in ADM_PRESETS:
-                raise ConfigError(f"unknown model.preset '{m.preset}' for model.name=adm_unet; valid presets: "
-                                  f"{', '.join(ADM_PRESETS)}")
-            shape = ADM_PRESETS[m.preset]
+            shape = preset_shape(ADM_PRESETS, m)
         try:
             return cls(input_size=d.resolution, in_channels=d.channels, num_classes=d.num_classes,
                        dropout=m.dropout, class_dropout_prob=m.class_dropout_prob, attn_impl=m.attn_impl, **shape)

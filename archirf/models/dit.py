@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..config import Config, ConfigError
 from .layers import (AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, init_adaln_transformer_,
-                     resolve_kernels, unpatchify)
+                     preset_shape, resolve_kernels, unpatchify)
 
 # Sizes from DiT Table 1:  hidden_size, depth, num_heads
 _DIT_SIZES = {
@@ -131,9 +131,7 @@ class DiT(nn.Module):
         m, d = cfg.model, cfg.data
         shape = dict(hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size)
         if m.preset is not None:
-            if m.preset not in DIT_PRESETS:
-                raise ConfigError(f"unknown model.preset '{m.preset}'; valid presets: {', '.join(DIT_PRESETS)}")
-            shape = DIT_PRESETS[m.preset]
+            shape = preset_shape(DIT_PRESETS, m)
         if d.resolution % shape["patch_size"]:
             raise ConfigError(f"data.resolution ({d.resolution}) must be a multiple of the patch size "
                               f"({shape['patch_size']}{' of ' + m.preset if m.preset else ''})")

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import archirf_kernels as K
 
 from ..config import Config, ConfigError
-from .layers import drop_labels, resolve_kernels, use_fused_kernels
+from .layers import drop_labels, preset_shape, resolve_kernels, use_fused_kernels
 
 # EDM2 Table 2 / config G sizes: base channels and dropout; channel_mult (1, 2, 3, 4), 3 blocks per
 # level, attention at 16x16 and 8x8 for both ImageNet-512 latents (64x64x4) and ImageNet-64 pixels.
@@ -393,10 +393,7 @@ class EDM2UNet(nn.Module):
         m, d = cfg.model, cfg.data
         shape = dict(channels=m.channels, dropout=m.dropout)
         if m.preset is not None:
-            if m.preset not in EDM2_PRESETS:
-                raise ConfigError(f"unknown model.preset '{m.preset}' for model.name=edm2_unet; valid presets: "
-                                  f"{', '.join(EDM2_PRESETS)}")
-            shape = EDM2_PRESETS[m.preset]
+            shape = preset_shape(EDM2_PRESETS, m)
         try:
             return cls(input_size=d.resolution, in_channels=d.channels, num_classes=d.num_classes,
                        channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,

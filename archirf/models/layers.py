@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import archirf_kernels
+
+from ..config import ConfigError
 # adaLN modulation x * (1 + scale) + shift (DiT Sec. 3.2), shift/scale per sample (B, C) or per token
 # (B, N, C): the tree's one modulate lives with the kernels' spec, which cannot import archirf.
 from archirf_kernels.reference import modulate  # noqa: F401  (re-exported for the models)
@@ -33,6 +35,14 @@ def resolve_kernels(kernels: str) -> str:
     if kernels == "auto" and not archirf_kernels.HAS_TRITON:
         return "reference"
     return kernels
+
+
+def preset_shape(presets: dict[str, dict], model_cfg) -> dict:
+    """The shape keys of `model_cfg.preset` for `model_cfg.name`; a ConfigError listing the valid ones."""
+    if model_cfg.preset not in presets:
+        raise ConfigError(f"unknown model.preset '{model_cfg.preset}' for model.name={model_cfg.name}; "
+                          f"valid presets: {', '.join(presets)}")
+    return presets[model_cfg.preset]
 
 
 def use_fused_kernels(kernels: str, x: torch.Tensor, under_compile: bool = True) -> bool:

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from ..config import Config, ConfigError
-from .layers import (AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, PretrainedLabelEmbedder,
-                     TimestepEmbedder, init_adaln_transformer_, joint_attention, resolve_kernels, unpatchify)
+from .layers import (AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, PretrainedLabelEmbedder, TimestepEmbedder,
+                     init_adaln_transformer_, joint_attention, preset_shape, resolve_kernels, unpatchify)
 
 # SD3's scaling family (Esser et al. 2024, Sec. 5.3): width 64 * depth, head width 64, patch 2.
 _SD3_DEPTHS = (15, 18, 21, 24, 30, 38)
@@ -193,10 +193,7 @@ class MMDiT(nn.Module):
         shape = dict(hidden_size=m.hidden_size, depth=m.depth, depth_single_blocks=m.depth_single_blocks,
                      num_heads=m.num_heads, patch_size=m.patch_size)
         if m.preset is not None:
-            if m.preset not in MMDIT_PRESETS:
-                raise ConfigError(f"unknown model.preset '{m.preset}' for model.name=mmdit; valid presets: "
-                                  f"{', '.join(MMDIT_PRESETS)}")
-            shape = MMDIT_PRESETS[m.preset]
+            shape = preset_shape(MMDIT_PRESETS, m)
         if d.resolution % shape["patch_size"]:
             raise ConfigError(f"data.resolution ({d.resolution}) must be a multiple of the patch size "
                               f"({shape['patch_size']}{' of ' + m.preset if m.preset else ''})")
