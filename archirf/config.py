@@ -240,7 +240,8 @@ def validate(cfg: Config) -> None:
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
     m, d = cfg.model, cfg.data
     transformer = m.name in ("dit", "mmdit")
-    need(m.depth >= 1 and m.hidden_size >= 1 and m.num_heads >= 1, "model.depth, hidden_size, num_heads must be >= 1")
+    need(not transformer or (m.depth >= 1 and m.hidden_size >= 1 and m.num_heads >= 1),
+         "model.depth, hidden_size, num_heads must be >= 1")
     need(not transformer or m.preset is not None or m.hidden_size % m.num_heads == 0,
          f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
     need(0.0 <= m.class_dropout_prob < 1.0, "model.class_dropout_prob must be in [0, 1)")
@@ -258,6 +259,9 @@ def validate(cfg: Config) -> None:
     need(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
     if m.name == "edm2_unet":
         _validate_unet(cfg, need)
+    need(m.name == "edm2_unet" or (m.preconditioning == "none" and not m.uncertainty_weighting),
+         f"model.preconditioning and model.uncertainty_weighting belong to model.name=edm2_unet; with "
+         f"{m.name} they would be ignored: set model.preconditioning=none model.uncertainty_weighting=false")
     need(d.channels >= 1, "data.channels must be >= 1")
     need(d.num_classes >= 0, "data.num_classes must be >= 0 (0 = unconditional)")
     need(d.source != "folder" or d.root, "data.source=folder needs data.root=/path/to/images")
@@ -296,6 +300,19 @@ def validate(cfg: Config) -> None:
 
 def _validate_unet(cfg: Config, need) -> None:
     m, d = cfg.model, cfg.data
+    if m.preset is None:
+        _validate_unet_shape(m, d, need)
+    need(0 <= m.label_balance <= 1 and 0 <= m.concat_balance <= 1,
+         "model.label_balance and model.concat_balance must be in [0, 1]")
+    need(m.sigma_data > 0, "model.sigma_data must be > 0")
+    need(m.logvar_channels >= 1, "model.logvar_channels must be >= 1")
+    need(m.preconditioning != "edm" or cfg.objective.name == "rectified_flow",
+         f"model.preconditioning=edm is written for rectified flow's time (sigma = t / (1 - t)); with "
+         f"objective.name={cfg.objective.name} use model.preconditioning=none")
+
+
+def _validate_unet_shape(m: ModelConfig, d: DataConfig, need) -> None:
+    """The shape keys (a preset replaces them and the model checks its own)."""
     down = 1 << (len(m.channel_mult) - 1)
     need(d.resolution % down == 0, f"data.resolution ({d.resolution}) must be divisible by {down}: each of the "
                                    f"{len(m.channel_mult)} levels of model.channel_mult halves it; use fewer levels")
@@ -307,13 +324,6 @@ def _validate_unet(cfg: Config, need) -> None:
     bad = [levels[r] for r in attn if levels[r] % m.channels_per_head]
     need(not bad, f"attention widths {bad} are not multiples of model.channels_per_head ({m.channels_per_head}); "
                   f"change model.channels or model.channels_per_head")
-    need(0 <= m.label_balance <= 1 and 0 <= m.concat_balance <= 1,
-         "model.label_balance and model.concat_balance must be in [0, 1]")
-    need(m.sigma_data > 0, "model.sigma_data must be > 0")
-    need(m.logvar_channels >= 1, "model.logvar_channels must be >= 1")
-    need(m.preconditioning != "edm" or cfg.objective.name == "rectified_flow",
-         f"model.preconditioning=edm is written for rectified flow's time (sigma = t / (1 - t)); with "
-         f"objective.name={cfg.objective.name} use model.preconditioning=none")
 
 
 def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:

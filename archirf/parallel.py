@@ -157,7 +157,8 @@ def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], c
             extra = {}
             if activation_checkpointing == "selective":
                 extra["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
-            block = checkpoint_wrapper(block, preserve_rng_state=False, **extra)  # blocks draw no random numbers
+            # the recompute must draw the forward's random numbers (the UNets' dropout)
+            block = checkpoint_wrapper(block, preserve_rng_state=True, **extra)
         if compile:
             block.compile(fullgraph=True)  # in place: parameter names stay the same
         blocks[i] = block

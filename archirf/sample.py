@@ -74,7 +74,7 @@ def load_for_sampling(path: str | Path, weights: str = "ema") -> tuple[nn.Module
     if path.is_file():
         tensors, meta = load_snapshot(path)
         cfg = from_yaml_text(meta["config"])
-        model = build_model(cfg)
+        model = build_model(cfg, saved=tensors)
         model.load_state_dict(tensors)
         return model, cfg, f"{meta.get('weights', '?')} weights from snapshot {path} (images seen {meta.get('images_seen')})"
     if not path.is_dir():
@@ -84,12 +84,25 @@ def load_for_sampling(path: str | Path, weights: str = "ema") -> tuple[nn.Module
         raise FileNotFoundError(f"{path} holds no complete checkpoint (checkpoints/images-*/COMPLETE); "
                                 f"train longer or pass a snapshot .safetensors file")
     cfg = from_yaml_text((path / "config.yaml").read_text())
-    model = build_model(cfg)
+    model = build_model(cfg, saved=_saved_buffers(ckpt))
     key = "ema" if weights == "ema" else "model"
     sd = {n: p.detach().clone().float() for n, p in model.named_parameters()} if key == "ema" else model.state_dict()
-    state = load_checkpoint(ckpt, {key: sd})
-    model.load_state_dict(state[key], strict=key == "model")  # EMA holds parameters; buffers are rebuilt
+    state = {key: sd}
+    if key == "ema":  # the EMA holds parameters; buffers come from the trained model's state
+        state["model"] = {n: b.detach().clone() for n, b in model.named_buffers()}
+    state = load_checkpoint(ckpt, state)
+    model.load_state_dict({**state.get("model", {}), **state[key]}, strict=key == "model")
     return model, cfg, f"{'EMA' if key == 'ema' else 'raw (non-EMA)'} weights from checkpoint {ckpt}"
+
+
+def _saved_buffers(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Placeholders shaped like the buffers a checkpoint's model state holds (from its metadata, no data
+    read), for models whose construction would otherwise read a file named in the config."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    entries = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    table = entries.get("model.y_embedder.table")
+    return {"y_embedder.table": torch.zeros(tuple(table.size))} if table is not None else {}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

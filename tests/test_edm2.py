@@ -329,3 +329,19 @@ def test_step_benchmark_smoke(tmp_path):
     assert [r["impl"] for r in doc["rows"]] == ["ours", "compiled"]
     assert doc["rows"][1]["first_loss_rel_diff"] < 1e-5            # same init, data and noise
     assert "ours vs this" in (tmp_path / "edm2_step.md").read_text()
+
+
+def test_a_preset_alone_builds_the_papers_network():
+    """model.preset sets the whole config-G shape, whatever channel_mult & co. say (EDM2-S: 280.2M)."""
+    cfg = load_config(None, ["model.name=edm2_unet", "model.preset=EDM2-S", "data.resolution=64",
+                             "data.channels=4", "data.num_classes=1000"])
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert abs(model.num_params() / 1e6 - 280.2) < 0.5
+
+
+@pytest.mark.parametrize("override", ["model.preconditioning=edm", "model.uncertainty_weighting=true"])
+@pytest.mark.parametrize("name", ["dit", "mmdit", "adm_unet"])
+def test_edm2_only_keys_are_refused_elsewhere(name, override):
+    with pytest.raises(ConfigError, match="belong to model.name=edm2_unet"):
+        load_config(None, [f"model.name={name}", override])

@@ -264,8 +264,7 @@ def test_few_steps_lower_mse(name):
 @pytest.mark.parametrize("recipe,pretrained", [("mmdit_digits", False), ("mmdit_digits", True),
                                                ("adm_digits", False)])
 def test_digits_recipe_trains(recipe, pretrained, tmp_path):
-    # The real recipe and trainer (meta-device build, 1-rank FSDP2, broadcast of rank 0's weights and
-    # buffers), cut to a few steps: the loss goes down and the run writes its outputs.
+    # The real recipe and trainer (one rank: the plain module), cut to a few steps: the loss goes down and the run writes its outputs.
     from archirf.trainer import train
 
     config = Path(__file__).resolve().parents[1] / "configs" / f"{recipe}.yaml"
@@ -283,8 +282,16 @@ def test_digits_recipe_trains(recipe, pretrained, tmp_path):
     if pretrained:                                          # the snapshot carries the fixed class table
         from archirf import checkpoint as ckpt
 
+        from archirf.sample import load_for_sampling
+
         tensors = ckpt.load_snapshot(ckpt.latest_snapshot(run))[0]
         assert torch.equal(tensors["y_embedder.table"][:10], class_embeddings(tokens=2, dim=16))
+        # sampling needs no embeddings file: the snapshot and the checkpoint carry the table
+        (tmp_path / "classes.safetensors").unlink()
+        for source in (ckpt.latest_snapshot(run), run):
+            model = load_for_sampling(source)[0]
+            assert torch.equal(model.y_embedder.table[:10], class_embeddings(tokens=2, dim=16)), source
+            assert torch.equal(model.y_embedder.table[10], torch.zeros(2, 16))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernel numerics need a GPU (the interpreter "

@@ -22,7 +22,11 @@ __all__ = ["build_model", "MODELS", "DiT", "DIT_PRESETS", "MMDiT", "MMDIT_PRESET
 MODELS = {"dit": DiT, "mmdit": MMDiT, "adm_unet": ADMUNet, "edm2_unet": EDM2UNet}   # model.name -> class
 
 
-def build_model(cfg: Config) -> nn.Module:
+def build_model(cfg: Config, saved: dict | None = None) -> nn.Module:
+    """The network of cfg.model; `saved` (tensors of a snapshot or checkpoint) supplies what a model
+    would otherwise read from files named in the config (MMDiT's class_embeddings table)."""
     if cfg.model.name not in MODELS:
         raise ConfigError(f"unknown model.name '{cfg.model.name}'; valid names: {', '.join(MODELS)}")
+    if cfg.model.name == "mmdit" and saved is not None and "y_embedder.table" in saved:
+        return MMDiT.from_config(cfg, class_table=saved["y_embedder.table"])
     return MODELS[cfg.model.name].from_config(cfg)

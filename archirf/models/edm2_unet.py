@@ -41,15 +41,16 @@ import archirf_kernels as K
 from ..config import Config, ConfigError
 from .layers import drop_labels, preset_shape, resolve_kernels, use_fused_kernels
 
-# EDM2 Table 2 / config G sizes: base channels and dropout; channel_mult (1, 2, 3, 4), 3 blocks per
+# EDM2 Table 2 / config G sizes: base channels and dropout from the table; channel_mult (1, 2, 3, 4), 3 blocks per
 # level, attention at 16x16 and 8x8 for both ImageNet-512 latents (64x64x4) and ImageNet-64 pixels.
+_CONFIG_G = dict(channel_mult=(1, 2, 3, 4), num_res_blocks=3, attn_resolutions=(16, 8))
 EDM2_PRESETS = {
-    "EDM2-XS":  dict(channels=128, dropout=0.0),
-    "EDM2-S":   dict(channels=192, dropout=0.0),
-    "EDM2-M":   dict(channels=256, dropout=0.1),
-    "EDM2-L":   dict(channels=320, dropout=0.1),
-    "EDM2-XL":  dict(channels=384, dropout=0.1),
-    "EDM2-XXL": dict(channels=448, dropout=0.1),
+    "EDM2-XS":  dict(channels=128, dropout=0.0, **_CONFIG_G),
+    "EDM2-S":   dict(channels=192, dropout=0.0, **_CONFIG_G),
+    "EDM2-M":   dict(channels=256, dropout=0.1, **_CONFIG_G),
+    "EDM2-L":   dict(channels=320, dropout=0.1, **_CONFIG_G),
+    "EDM2-XL":  dict(channels=384, dropout=0.1, **_CONFIG_G),
+    "EDM2-XXL": dict(channels=448, dropout=0.1, **_CONFIG_G),
 }
 PRECONDITIONINGS = ("none", "edm")
 
@@ -389,15 +390,16 @@ class EDM2UNet(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: Config) -> "EDM2UNet":
-        """Builds from cfg.model (preset overrides channels and dropout) and cfg.data."""
+        """Builds from cfg.model (a preset sets channels, channel_mult, num_res_blocks, attn_resolutions and
+        dropout: the paper's network) and cfg.data."""
         m, d = cfg.model, cfg.data
-        shape = dict(channels=m.channels, dropout=m.dropout)
+        shape = dict(channels=m.channels, dropout=m.dropout, channel_mult=tuple(m.channel_mult),
+                     num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions))
         if m.preset is not None:
             shape = preset_shape(EDM2_PRESETS, m)
         try:
             return cls(input_size=d.resolution, in_channels=d.channels, num_classes=d.num_classes,
-                       channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
-                       attn_resolutions=tuple(m.attn_resolutions), channels_per_head=m.channels_per_head,
+                       channels_per_head=m.channels_per_head,
                        label_balance=m.label_balance, concat_balance=m.concat_balance,
                        class_dropout_prob=m.class_dropout_prob, preconditioning=m.preconditioning,
                        sigma_data=m.sigma_data, uncertainty_weighting=m.uncertainty_weighting,

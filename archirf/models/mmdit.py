@@ -186,9 +186,10 @@ class MMDiT(nn.Module):
                 + self.final_layer.macs(N))
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "MMDiT":
+    def from_config(cls, cfg: Config, class_table: torch.Tensor | None = None) -> "MMDiT":
         """Builds from cfg.model (a preset sets hidden_size/depth/depth_single_blocks/num_heads/patch_size)
-        and cfg.data; loads model.class_embeddings when set."""
+        and cfg.data; loads model.class_embeddings when set, unless `class_table` (a saved
+        y_embedder.table, null row last) is given: a snapshot or checkpoint carries its own table."""
         m, d = cfg.model, cfg.data
         shape = dict(hidden_size=m.hidden_size, depth=m.depth, depth_single_blocks=m.depth_single_blocks,
                      num_heads=m.num_heads, patch_size=m.patch_size)
@@ -200,7 +201,10 @@ class MMDiT(nn.Module):
         if shape["hidden_size"] % shape["num_heads"]:
             raise ConfigError(f"model.hidden_size ({shape['hidden_size']}) must be divisible by "
                               f"model.num_heads ({shape['num_heads']})")
-        embeddings = load_class_embeddings(m.class_embeddings, d.num_classes) if m.class_embeddings else None
+        embeddings = None
+        if m.class_embeddings:
+            embeddings = (class_table[:-1].float() if class_table is not None
+                          else load_class_embeddings(m.class_embeddings, d.num_classes))
         return cls(input_size=d.resolution, in_channels=d.channels, num_classes=d.num_classes,
                    mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout_prob,
                    num_register_tokens=m.num_register_tokens, label_tokens=m.label_tokens,
