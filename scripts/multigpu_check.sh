@@ -5,8 +5,8 @@
 #   OUT=summary_dir bash scripts/multigpu_check.sh [PHASE ...]
 #
 # Phases, in order (`all`, the default, runs every one): one, two (= parity: 1-2), det, stop
-# (= stop: the deterministic reference and 3), relaunch, reshard (= resume: 4-5), summary (the
-# comparisons). Each run takes a few minutes on H100s, so the phases can go into separate calls.
+# (= stop: the deterministic reference and 3), relaunch, reshard (= resume: 4-5), half1, grow1
+# (= grow: 6), summary (the comparisons). Each run takes a few minutes on H100s, so the phases can go into separate calls.
 # What the phases share lives in SCRATCH (default runs/multigpu_scratch), deleted by `summary`.
 #
 #   1. parity       1 GPU (2 x 64 accumulated) vs 2 GPUs (64 each): the same 50 steps, losses compared
@@ -14,6 +14,8 @@
 #   3. stop         SIGTERM to rank 1 only, mid-run: both ranks checkpoint once and exit 0
 #   4. relaunch     the same command resumes; bitwise against an uninterrupted run (both deterministic)
 #   5. reshard      the 2-GPU checkpoint resumed on 1 GPU: the same trajectory within bf16 tolerance
+#   6. grow         a 1-GPU run stopped halfway, resumed on 2 GPUs: the same trajectory within bf16
+#                   tolerance (one GPU trains the plain module, two FSDP2: the checkpoint moves across)
 #
 # Runs 3-5 and their reference use torch.use_deterministic_algorithms (bitwise comparisons need
 # deterministic kernels); 1-2 run the normal fast path. Writes $OUT/summary.md (default
@@ -99,10 +101,21 @@ echo "== 5: the 2-GPU checkpoint resumed on 1 GPU"
 train_det 1 "$OUT/reshard.log" run_dir="$SCRATCH/reshard"; note "resume on 1 GPU: exit $?"
 fi
 
+if phase half1 grow; then
+echo "== 6: a 1-GPU run to half way"
+train_det 1 "$OUT/half1.log" run_dir="$SCRATCH/grow" total_images=$((STEPS / 2 * GB)); note "1-GPU half run: exit $?"
+rm -rf "$SCRATCH/grow/snapshots"
+fi
+
+if phase grow1 grow; then
+echo "== 6: its checkpoint resumed on 2 GPUs"
+train_det 2 "$OUT/grow.log" run_dir="$SCRATCH/grow"; note "resume on 2 GPUs: exit $?"
+fi
+
 phase summary summary || exit 0
 for f in gpus.txt exits.txt stop_checkpoints.txt stop_before_relaunch.jsonl; do cp "$SCRATCH/$f" "$OUT/" 2>/dev/null; done
-for run in one two det stop reshard; do cp "$SCRATCH/$run/metrics.jsonl" "$OUT/$run.jsonl" 2>/dev/null; done
-python - "$OUT" "$SCRATCH" <<'EOF'
+for run in one two det stop reshard grow; do cp "$SCRATCH/$run/metrics.jsonl" "$OUT/$run.jsonl" 2>/dev/null; done
+python - "$OUT" "$SCRATCH" "$STEPS" "$GB" <<'EOF'
 import json, statistics, sys
 from pathlib import Path
 
@@ -111,6 +124,8 @@ import torch
 from archirf import checkpoint as ckpt
 
 out, scratch = Path(sys.argv[1]), Path(sys.argv[2])
+STEPS, GB = int(sys.argv[3]), int(sys.argv[4])
+STEPS_HALF = STEPS // 2
 
 def rows(name):
     path = out / f"{name}.jsonl"
@@ -126,7 +141,7 @@ def text(name):
 lines = ["# ArchiRF multi-GPU check: DiT-XL/2, 32x32x4 latents, global batch 128 (64 per GPU)", "",
          "GPUs: " + text("gpus.txt").replace("\n", "; "), "",
          "exit codes: " + text("exits.txt").replace("\n", "; "), ""]
-one, two, det, stop, reshard = (rows(n) for n in ("one", "two", "det", "stop", "reshard"))
+one, two, det, stop, reshard, grow = (rows(n) for n in ("one", "two", "det", "stop", "reshard", "grow"))
 
 # 1. parity
 if one and two:
@@ -166,6 +181,13 @@ if det and reshard:
     lines += [f"5. 2-GPU checkpoint resumed on 1 GPU: {len(diffs)} steps after the resume, max relative loss difference "
               f"to the 2-GPU run {max(diffs, default=float('nan')):.2e} -> "
               f"{'PASS' if diffs and max(diffs) < 2e-2 else 'CHECK'}"]
+# 6. grow 1 -> 2
+if det and grow:
+    half = STEPS_HALF * GB
+    diffs = [rel(x["loss"], y["loss"]) for x, y in zip(grow, det) if x["images_seen"] > half]
+    lines += [f"6. 1-GPU checkpoint (images {half}) resumed on 2 GPUs: {len(diffs)} steps after the resume, max "
+              f"relative loss difference to the 2-GPU run {max(diffs, default=float('nan')):.2e} -> "
+              f"{'PASS' if len(diffs) == STEPS - STEPS_HALF and max(diffs) < 2e-2 else 'CHECK'}"]
 text = "\n".join(lines) + "\n"
 (out / "summary.md").write_text(text)
 print(text)
