@@ -6,7 +6,7 @@
 #
 # Phases, in order (`all`, the default, runs every one): one, two (= parity: 1-2), det, stop
 # (= stop: the deterministic reference and 3), relaunch, reshard (= resume: 4-5), half1, grow1
-# (= grow: 6), summary (the comparisons). Each run takes a few minutes on H100s, so the phases can go into separate calls.
+# (= grow: 6), edm2 (7), summary (the comparisons). Each run takes a few minutes on H100s, so the phases can go into separate calls.
 # What the phases share lives in SCRATCH (default runs/multigpu_scratch), deleted by `summary`.
 #
 #   1. parity       1 GPU (2 x 64 accumulated) vs 2 GPUs (64 each): the same 50 steps, losses compared
@@ -16,6 +16,8 @@
 #   5. reshard      the 2-GPU checkpoint resumed on 1 GPU: the same trajectory within bf16 tolerance
 #   6. grow         a 1-GPU run stopped halfway, resumed on 2 GPUs: the same trajectory within bf16
 #                   tolerance (one GPU trains the plain module, two FSDP2: the checkpoint moves across)
+#   7. edm2         EDM2-S's forced weight normalisation on 2 GPUs' shards equals the one-GPU result
+#                   (scripts/edm2_sharded_check.py)
 #
 # Runs 3-5 and their reference use torch.use_deterministic_algorithms (bitwise comparisons need
 # deterministic kernels); 1-2 run the normal fast path. Writes $OUT/summary.md (default
@@ -112,6 +114,12 @@ echo "== 6: its checkpoint resumed on 2 GPUs"
 train_det 2 "$OUT/grow.log" run_dir="$SCRATCH/grow"; note "resume on 2 GPUs: exit $?"
 fi
 
+if phase edm2 edm2; then
+echo "== 7: EDM2 forced weight normalisation on shards"
+torchrun --standalone --nproc_per_node=2 scripts/edm2_sharded_check.py --preset EDM2-S ${EDM2_OVERRIDES:-} \
+  > "$OUT/edm2.log" 2>&1; note "EDM2 sharded weight norm: exit $?"
+fi
+
 phase summary summary || exit 0
 for f in gpus.txt exits.txt stop_checkpoints.txt stop_before_relaunch.jsonl; do cp "$SCRATCH/$f" "$OUT/" 2>/dev/null; done
 for run in one two det stop reshard grow; do cp "$SCRATCH/$run/metrics.jsonl" "$OUT/$run.jsonl" 2>/dev/null; done
@@ -188,6 +196,10 @@ if det and grow:
     lines += [f"6. 1-GPU checkpoint (images {half}) resumed on 2 GPUs: {len(diffs)} steps after the resume, max "
               f"relative loss difference to the 2-GPU run {max(diffs, default=float('nan')):.2e} -> "
               f"{'PASS' if len(diffs) == STEPS - STEPS_HALF and max(diffs) < 2e-2 else 'CHECK'}"]
+# 7. EDM2 forced weight normalisation
+edm2 = [line for line in text("edm2.log").splitlines() if line.startswith("edm2 forced weight norm")]
+if edm2:
+    lines += ["7. " + edm2[-1]]
 text = "\n".join(lines) + "\n"
 (out / "summary.md").write_text(text)
 print(text)
