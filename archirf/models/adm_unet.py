@@ -200,8 +200,9 @@ class ADMUNet(nn.Module):
         sides = [input_size // 2 ** i for i in range(levels)]
         if bad := sorted(set(attn_resolutions) - set(sides)):
             raise ValueError(f"attn_resolutions {bad} are not feature-map sides of this UNet; choose from {sides}")
-        if bad := [channels * m for m in channel_mult if channels * m % GROUPS]:
-            raise ValueError(f"level widths {bad} (channels * channel_mult) must be multiples of {GROUPS} (GroupNorm groups)")
+        if bad := [w for w in dict.fromkeys([channels] + [channels * m for m in channel_mult]) if w % GROUPS]:
+            raise ValueError(f"widths {bad} (channels and channels * channel_mult) must be multiples of {GROUPS} "
+                             f"(GroupNorm groups)")
         self.in_channels = self.out_channels = in_channels
         self.input_size = input_size
         self.num_classes = num_classes
