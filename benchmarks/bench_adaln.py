@@ -39,7 +39,7 @@ import torch
 import archirf_kernels
 from archirf_kernels import reference
 
-from .harness import SMOKE, note_baseline
+from .harness import SMOKE, as_tuple, note_baseline, pass_target, rel_err
 
 pytestmark = pytest.mark.cuda
 
@@ -198,15 +198,6 @@ def make_inputs(op: str, shape, dtype, mod_dtype, device):
     return inputs, grads
 
 
-def as_tuple(out):
-    return out if isinstance(out, tuple) else (out,)
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()  # note: host sync (setup only)
-
-
 def first_call(op, impl, case, fn, inputs, grads) -> float:
     """Seconds of this implementation's first fwd+bwd on this case (compile / JIT / autotune),
     once per (op, impl, case); its outputs and gradients are checked against the eager reference."""
@@ -225,7 +216,7 @@ def first_call(op, impl, case, fn, inputs, grads) -> float:
             tol = 2e-2 if inputs[0].dtype in (torch.bfloat16, torch.float16) else 1e-4
             names = [f"out{i}" for i in range(len(outs))] + [f"d{n}" for n in ARGS[op]]
             for name, got, want in zip(names, (*outs, *dins), (*ref_outs, *ref_dins)):
-                err = _rel_err(got, want)
+                err = rel_err(got, want)
                 assert err < tol, f"{impl} {op} {case}: {name} relative error {err:.3g} vs the reference (tol {tol})"
     return _FIRST_CALL[key]
 
@@ -241,19 +232,7 @@ def test_adaln(bench, device, case, op, pass_, impl):
     inputs, grads = make_inputs(op, shape, dtype, mod_dtype, device)
     first_s = first_call(op, impl, case, fn, inputs, grads)
 
-    prepare = None
-    if pass_ == "fwd":
-        def target():
-            return fn(*inputs)
-    elif pass_ == "bwd":
-        def prepare():  # a fresh graph before each round, untimed; the round runs its backward
-            return (as_tuple(fn(*inputs)),)
-
-        def target(outs):
-            return torch.autograd.grad(outs, inputs, grads)
-    else:
-        def target():
-            return torch.autograd.grad(as_tuple(fn(*inputs)), inputs, grads)
+    target, prepare = pass_target(pass_, fn, inputs, grads)
 
     bench.benchmark.group = f"{op} {pass_.replace('_', '+')} {case}"
     bench.run(

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import archirf_kernels
 from archirf_kernels import reference
 
-from .harness import SMOKE, note_baseline
+from .harness import SMOKE, as_tuple, note_baseline, pass_target, rel_err
 
 pytestmark = pytest.mark.cuda
 
@@ -225,15 +225,6 @@ def make_inputs(impl: str, shape, device):
     return inputs, tuple(torch.randn(s, device=device, generator=gen).bfloat16() for s in outs)
 
 
-def as_tuple(out):
-    return out if isinstance(out, tuple) else (out,)
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()  # note: host sync (setup only)
-
-
 def first_call(impl, case, fn, inputs, grads) -> float:
     """Seconds of this implementation's first fwd+bwd on this case (compile / JIT / autotune), once per
     (impl, case); outputs and input gradients are checked against eager norm + default SDPA. A
@@ -260,7 +251,7 @@ def first_call(impl, case, fn, inputs, grads) -> float:
             ref_dins = torch.autograd.grad(ref_outs, inputs, grads)
             names = [f"out{i}" for i in range(len(outs))] + [f"d(input {i})" for i in range(len(inputs))]
             for name, got, want in zip(names, (*outs, *dins), (*ref_outs, *ref_dins)):
-                err = _rel_err(got, want)
+                err = rel_err(got, want)
                 assert err < 3e-2, f"{impl} {case}: {name} relative error {err:.3g} vs eager norm + SDPA"
     return _FIRST_CALL[key]
 
@@ -276,19 +267,7 @@ def test_attention(bench, device, case, pass_, impl):
     inputs, grads = make_inputs(impl, shape, device)
     first_s = first_call(impl, case, fn, inputs, grads)
 
-    prepare = None
-    if pass_ == "fwd":
-        def target():
-            return fn(*inputs)
-    elif pass_ == "bwd":
-        def prepare():  # a fresh graph before each round, untimed; the round runs its backward
-            return (as_tuple(fn(*inputs)),)
-
-        def target(outs):
-            return torch.autograd.grad(outs, inputs, grads)
-    else:
-        def target():
-            return torch.autograd.grad(as_tuple(fn(*inputs)), inputs, grads)
+    target, prepare = pass_target(pass_, fn, inputs, grads)
 
     b, h, n_img, n_ctx, d = shape
     bench.benchmark.group = f"attention {pass_.replace('_', '+')} {case}"

@@ -32,8 +32,7 @@ import torch
 import archirf_kernels
 from archirf_kernels import reference
 
-from .bench_adaln import _rel_err, as_tuple
-from .harness import SMOKE
+from .harness import SMOKE, as_tuple, pass_target, rel_err
 
 pytestmark = pytest.mark.cuda
 
@@ -139,7 +138,7 @@ def first_call(op: str, impl: str, fn, inputs, grads) -> float:
             ref_outs = as_tuple(ref(*inputs))
             ref_dins = torch.autograd.grad(ref_outs, inputs, grads)
             for i, (got, want) in enumerate(zip((*outs, *dins), (*ref_outs, *ref_dins))):
-                err = _rel_err(got, want)
+                err = rel_err(got, want)
                 assert err < 2e-2, f"{impl} {op}: output/grad {i} relative error {err:.3g} vs the reference"
     return _FIRST_CALL[op, impl]
 
@@ -156,19 +155,7 @@ def test_mp(bench, device, op, pass_, impl):
                               else torch.contiguous_format) for o in probe)
     first_s = first_call(op, impl, fn, inputs, grads)
 
-    prepare = None
-    if pass_ == "fwd":
-        def target():
-            return fn(*inputs)
-    elif pass_ == "bwd":
-        def prepare():
-            return (as_tuple(fn(*inputs)),)
-
-        def target(outs):
-            return torch.autograd.grad(outs, inputs, grads)
-    else:
-        def target():
-            return torch.autograd.grad(as_tuple(fn(*inputs)), inputs, grads)
+    target, prepare = pass_target(pass_, fn, inputs, grads)
 
     bench.benchmark.group = f"{op} {pass_.replace('_', '+')}"
     bench.run(target, prepare=prepare, bytes_moved=bytes_moved(op, pass_, inputs), info={

@@ -274,3 +274,25 @@ def note_baseline(suite: str, impl: str, reason: str):
     pytest.skip(f"{impl}: {reason}")
 
 
+
+
+# -- shared by the op suites --------------------------------------------------------------------------
+
+def as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()  # note: host sync (setup only)
+
+
+def pass_target(pass_: str, fn, inputs, grads):
+    """(target, prepare) for Bench.run timing `pass_` ("fwd", "bwd" or "fwd_bwd") of fn(*inputs) with
+    output gradients `grads`. "bwd" builds a fresh graph before each round, untimed (prepare); the
+    round runs its backward."""
+    if pass_ == "fwd":
+        return (lambda: fn(*inputs)), None
+    if pass_ == "bwd":
+        return (lambda outs: torch.autograd.grad(outs, inputs, grads)), (lambda: (as_tuple(fn(*inputs)),))
+    return (lambda: torch.autograd.grad(as_tuple(fn(*inputs)), inputs, grads)), None
