@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 
 import pytest
 import torch
@@ -39,7 +38,7 @@ import torch
 import archirf_kernels
 from archirf_kernels import reference
 
-from .harness import SMOKE, as_tuple, note_baseline, pass_target, rel_err
+from .harness import SMOKE, as_tuple, fwd_bwd_once, note_baseline, pass_target, rel_err
 
 pytestmark = pytest.mark.cuda
 
@@ -203,13 +202,7 @@ def first_call(op, impl, case, fn, inputs, grads) -> float:
     once per (op, impl, case); its outputs and gradients are checked against the eager reference."""
     key = (op, impl, case)
     if key not in _FIRST_CALL:
-        sync = torch.cuda.synchronize if inputs[0].is_cuda else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        outs = as_tuple(fn(*inputs))
-        dins = torch.autograd.grad(outs, inputs, grads)
-        sync()
-        _FIRST_CALL[key] = time.perf_counter() - t0
+        _FIRST_CALL[key], outs, dins = fwd_bwd_once(fn, inputs, grads)
         if impl != "eager":
             ref_outs = as_tuple(getattr(reference, op)(*inputs))
             ref_dins = torch.autograd.grad(ref_outs, inputs, grads)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import warnings
 
 import pytest
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 import archirf_kernels
 from archirf_kernels import reference
 
-from .harness import SMOKE, as_tuple, note_baseline, pass_target, rel_err
+from .harness import SMOKE, as_tuple, fwd_bwd_once, note_baseline, pass_target, rel_err
 
 pytestmark = pytest.mark.cuda
 
@@ -231,21 +230,15 @@ def first_call(impl, case, fn, inputs, grads) -> float:
     baseline that rejects the shape (e.g. an SDPA backend) is skipped with the error as reason."""
     key = (impl, case)
     if key not in _FIRST_CALL:
-        sync = torch.cuda.synchronize if inputs[0].is_cuda else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:    # SDPA says why a backend declines as a warning
             warnings.simplefilter("always")
             try:
-                outs = as_tuple(fn(*inputs))
-                dins = torch.autograd.grad(outs, inputs, grads)
+                _FIRST_CALL[key], outs, dins = fwd_bwd_once(fn, inputs, grads)
             except RuntimeError as e:
                 if impl == "ours":
                     raise
                 why = [str(w.message).strip().splitlines()[0] for w in caught] or [str(e).strip().splitlines()[0]]
                 note_baseline(SUITE, impl, f"{case}: {why[0][:200]}")
-        sync()
-        _FIRST_CALL[key] = time.perf_counter() - t0
         if impl not in NO_NORM:
             ref_outs = as_tuple(norm_sdpa(F.scaled_dot_product_attention, *inputs))
             ref_dins = torch.autograd.grad(ref_outs, inputs, grads)

@@ -32,7 +32,7 @@ import torch
 import archirf_kernels
 from archirf_kernels import reference
 
-from .harness import SMOKE, as_tuple, pass_target, rel_err
+from .harness import SMOKE, as_tuple, fwd_bwd_once, pass_target, rel_err
 
 pytestmark = pytest.mark.cuda
 
@@ -123,16 +123,8 @@ def implementation(op: str, impl: str, device: torch.device):
 
 
 def first_call(op: str, impl: str, fn, inputs, grads) -> float:
-    import time
-
     if (op, impl) not in _FIRST_CALL:
-        sync = torch.cuda.synchronize if inputs[0].is_cuda else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        outs = as_tuple(fn(*inputs))
-        dins = torch.autograd.grad(outs, inputs, grads)
-        sync()
-        _FIRST_CALL[op, impl] = time.perf_counter() - t0
+        _FIRST_CALL[op, impl], outs, dins = fwd_bwd_once(fn, inputs, grads)
         if impl != "eager":
             ref = implementation(op, "eager", inputs[0].device)
             ref_outs = as_tuple(ref(*inputs))

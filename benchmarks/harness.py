@@ -296,3 +296,15 @@ def pass_target(pass_: str, fn, inputs, grads):
     if pass_ == "bwd":
         return (lambda outs: torch.autograd.grad(outs, inputs, grads)), (lambda: (as_tuple(fn(*inputs)),))
     return (lambda: torch.autograd.grad(as_tuple(fn(*inputs)), inputs, grads)), None
+
+
+def fwd_bwd_once(fn, inputs, grads):
+    """(seconds, outputs, input gradients) of one synchronised fwd+bwd: a first call's compile / JIT /
+    autotune time, and what the suites check against their references."""
+    sync = torch.cuda.synchronize if inputs[0].is_cuda else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    outs = as_tuple(fn(*inputs))
+    dins = torch.autograd.grad(outs, inputs, grads)
+    sync()
+    return time.perf_counter() - t0, outs, dins
