@@ -232,14 +232,20 @@ def test_compile_fullgraph_matches_eager(backend):
     torch.manual_seed(0)
     block = TinyBlock(40).to(DEVICE)
     x, c = _randn((2, 7, 40), torch.float32, 0), _randn((2, 40), torch.float32, 1)
-    compiled = torch.compile(block, fullgraph=True, backend=backend)
-    out = block(x, c)
-    grads = torch.autograd.grad(out.square().sum(), list(block.parameters()))
-    out_c = compiled(x, c)
+    assert_compiled_matches(block, (x, c), backend, atol=1e-5, rtol=1e-5)
+
+
+def assert_compiled_matches(block, args, backend, atol, rtol, eager=None):
+    """torch.compile(block, fullgraph=True) on args gives the output and parameter gradients (of
+    out.square().sum()) of `eager` (default: block itself, uncompiled), within atol / rtol."""
+    eager = block if eager is None else eager
+    out = eager(*args)
+    grads = torch.autograd.grad(out.square().sum(), list(eager.parameters()))
+    out_c = torch.compile(block, fullgraph=True, backend=backend)(*args)
     grads_c = torch.autograd.grad(out_c.square().sum(), list(block.parameters()))
-    torch.testing.assert_close(out_c, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_c, out, atol=atol, rtol=rtol)
     for g_c, g in zip(grads_c, grads):
-        torch.testing.assert_close(g_c, g, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g_c, g, atol=atol, rtol=rtol)
 
 
 def _opcheck_cases():

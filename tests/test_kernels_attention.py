@@ -16,8 +16,8 @@ import torch
 
 import archirf_kernels as K
 from archirf_kernels import attention, reference
+from test_kernels_adaln import DEVICE, _randn, assert_compiled_matches
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Max error relative to max(1, max |reference|): fp16 rounds q.k's operands, P and dS before each
 # product (as flash attention does), so outputs and gradients inherit fp16's ~5e-4 relative error.
 TOL = {torch.float32: 3e-5, torch.float16: 5e-3}
@@ -32,11 +32,6 @@ def poison(monkeypatch):
     def alloc(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     monkeypatch.setattr(attention, "_alloc", alloc)
-
-
-def _randn(shape, dtype, seed, std=1.0, mean=0.0):
-    g = torch.Generator().manual_seed(seed)
-    return (mean + std * torch.randn(shape, generator=g)).to(device=DEVICE, dtype=dtype)
 
 
 def qkv_input(B, N, H, D, dtype, seed, layout="packed"):
@@ -238,15 +233,8 @@ def test_compile_fullgraph_dit_block(backend):
         for p in block.parameters():
             p.add_(torch.randn_like(p) * 0.1)      # off adaLN-Zero's zeros, so that attention carries signal
     x, c = _randn((2, 19, 32), torch.float32, 0), _randn((2, 32), torch.float32, 1)
-    compiled = torch.compile(block, fullgraph=True, backend=backend)
-    out = block(x, c)
-    grads = torch.autograd.grad(out.square().sum(), list(block.parameters()))
-    out_c = compiled(x, c)
-    grads_c = torch.autograd.grad(out_c.square().sum(), list(block.parameters()))
     # inductor fuses the rest of the block differently: fp32 rounding, not the kernel, sets the tolerance
-    torch.testing.assert_close(out_c, out, atol=5e-5, rtol=1e-4)
-    for g_c, g in zip(grads_c, grads):
-        torch.testing.assert_close(g_c, g, atol=5e-5, rtol=1e-4)
+    assert_compiled_matches(block, (x, c), backend, atol=5e-5, rtol=1e-4)
 
 
 def _opcheck_cases():

@@ -12,7 +12,7 @@ import torch
 
 import archirf_kernels as K
 from archirf_kernels import mp, reference
-from test_kernels_adaln import DEVICE, _randn, check_against_reference, leaf
+from test_kernels_adaln import DEVICE, _randn, assert_compiled_matches, check_against_reference, leaf
 
 DTYPES = [torch.float32, torch.float16]
 CL = torch.channels_last
@@ -196,14 +196,7 @@ def test_compile_fullgraph_matches_eager_and_reference(backend):
     ref.load_state_dict(block.state_dict())
     x, skip = act((2, C, 5, 4), torch.float32, 0, "cl"), act((2, C, 5, 4), torch.float32, 1, "cl")
     c = _randn((2, C), torch.float32, 2, mean=1.0)
-    out_ref = ref(x, skip, c)
-    grads_ref = torch.autograd.grad(out_ref.square().sum(), list(ref.parameters()))
-    compiled = torch.compile(block, fullgraph=True, backend=backend)
-    out_c = compiled(x, skip, c)
-    grads_c = torch.autograd.grad(out_c.square().sum(), list(block.parameters()))
-    torch.testing.assert_close(out_c, out_ref, atol=1e-4, rtol=1e-4)
-    for g_c, g in zip(grads_c, grads_ref):
-        torch.testing.assert_close(g_c, g, atol=1e-4, rtol=1e-4)
+    assert_compiled_matches(block, (x, skip, c), backend, atol=1e-4, rtol=1e-4, eager=ref)
 
 
 def _opcheck_cases():
