@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import archirf_kernels as K
 from archirf_kernels import attention, reference
+from test_kernels_gpu import assert_bf16_as_accurate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -159,21 +160,7 @@ def _dit(attn_impl, kernels="reference"):
 def test_dit_bf16_autocast_triton_attention_is_as_accurate_as_sdpa():
     # The training configuration: bf16 autocast, fp32 parameters (the norm weights reach the kernel in
     # fp32, the qkv projection in bf16). Ground truth: the reference model in fp32, no autocast.
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(8, 4, 16, 16, device="cuda", generator=g)
-    t, y = torch.rand(8, device="cuda", generator=g), torch.randint(0, 10, (8,), device="cuda", generator=g)
-
-    def run(attn_impl, autocast):
-        m = _dit(attn_impl)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            out = m(x, t, y)
-        out.float().square().mean().backward()
-        return torch.cat([out.detach().float().flatten()] + [p.grad.flatten() for p in m.parameters()])
-
-    truth = run("reference", autocast=False)
-    err_sdpa = (run("sdpa", autocast=True) - truth).norm() / truth.norm()
-    err_fused = (run("triton", autocast=True) - truth).norm() / truth.norm()
-    assert err_fused <= 1.5 * err_sdpa + 1e-4, (err_fused, err_sdpa)
+    assert_bf16_as_accurate(_dit, baseline="sdpa", fused="triton")
 
 
 def test_dit_qk_norm_compiles_fullgraph_with_the_fused_attention():
