@@ -39,6 +39,15 @@ def poison(monkeypatch):
     monkeypatch.setattr(ada_norm, "_alloc", alloc)
 
 
+def assert_close_to_fp64(name, got, want, dtype, tol):
+    """got (a kernel's result, of `dtype`) within tol x max(1, max |want|) of the float64 `want`, finite."""
+    assert got.dtype == dtype and got.shape == want.shape, (name, got.dtype, dtype, got.shape, want.shape)
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (an unwritten element?)"
+    scale = max(1.0, want.abs().max().item())
+    err = (got.double() - want).abs().max().item()
+    assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol * scale:.3g}"
+
+
 def _randn(shape, dtype, seed, std=1.0, mean=0.0):
     g = torch.Generator().manual_seed(seed)
     return (mean + std * torch.randn(shape, generator=g)).to(device=DEVICE, dtype=dtype)
@@ -83,17 +92,10 @@ def check_against_reference(triton_fn, reference_fn, inputs, act_dtype, seed=0, 
     grads = torch.autograd.grad(loss, leaves, materialize_grads=True)
     grads64 = torch.autograd.grad(loss64, [t for t in ins64 if t is not None], materialize_grads=True)
 
-    def close(name, got, want, dtype):
-        assert got.dtype == dtype and got.shape == want.shape, (name, got.dtype, dtype, got.shape, want.shape)
-        assert torch.isfinite(got).all(), f"{name}: non-finite values (an unwritten element?)"
-        scale = max(1.0, want.abs().max().item())
-        err = (got.double() - want).abs().max().item()
-        assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol * scale:.3g}"
-
     for i, (o, r) in enumerate(zip(outs, refs)):
-        close(f"output {i}", o, r, act_dtype)
+        assert_close_to_fp64(f"output {i}", o, r, act_dtype, tol)
     for i, (t, g, g64) in enumerate(zip(leaves, grads, grads64)):
-        close(f"grad of input {i}", g, g64, t.dtype)
+        assert_close_to_fp64(f"grad of input {i}", g, g64, t.dtype, tol)
 
 
 def case_ids(value):

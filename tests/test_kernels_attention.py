@@ -16,7 +16,7 @@ import torch
 
 import archirf_kernels as K
 from archirf_kernels import attention, reference
-from test_kernels_adaln import DEVICE, _randn, assert_compiled_matches
+from test_kernels_adaln import DEVICE, _randn, assert_close_to_fp64, assert_compiled_matches
 
 # Max error relative to max(1, max |reference|): fp16 rounds q.k's operands, P and dS before each
 # product (as flash attention does), so outputs and gradients inherit fp16's ~5e-4 relative error.
@@ -87,17 +87,10 @@ def check_against_reference(triton_fn, reference_fn, inputs, dtype, seed=0, used
     grads64 = torch.autograd.grad(sum((refs[i] * cots[i]).sum() for i in used), flat(ins64),
                                   materialize_grads=True)
 
-    def close(name, got, want, dtype):
-        assert got.dtype == dtype and got.shape == want.shape, (name, got.dtype, dtype, got.shape, want.shape)
-        assert torch.isfinite(got).all(), f"{name}: non-finite values (an unwritten element?)"
-        scale = max(1.0, want.abs().max().item())
-        err = (got.double() - want).abs().max().item()
-        assert err <= tol * scale, f"{name}: max error {err:.3g} > {tol * scale:.3g}"
-
     for i, (o, r) in enumerate(zip(outs, refs)):
-        close(f"output {i}", o, r, dtype)
+        assert_close_to_fp64(f"output {i}", o, r, dtype, tol)
     for i, (t, g, g64) in enumerate(zip(flat(ins), grads, grads64)):
-        close(f"grad of input {i}", g, g64, t.dtype)
+        assert_close_to_fp64(f"grad of input {i}", g, g64, t.dtype, tol)
 
 
 def ids(value):
