@@ -48,15 +48,10 @@ def _run(fn, inputs, cotangents, used):
     return [o.detach() for o in outs], list(grads)
 
 
-def check(triton_fn, reference_fn, inputs, seed=0, used=None):
-    outs_t = None
-    probe = reference_fn(*inputs)
-    probe = probe if isinstance(probe, tuple) else (probe,)
-    used = range(len(probe)) if used is None else used
-    cots = {i: _randn(probe[i].shape, torch.float64, seed + 100 + i) for i in used}
-    outs_t, grads_t = _run(triton_fn, inputs, cots, used)
-    outs_l, grads_l = _run(reference_fn, inputs, cots, used)
-    outs_r, grads_r = _run(reference_fn, [t.double() if t is not None else None for t in inputs], cots, used)
+def assert_within_pytorch_error(kernel, pytorch, exact):
+    """Each (outputs, input grads) pair: the kernel's results are finite, of PyTorch's dtype and shape, and
+    within 2x PyTorch's own low-precision error (+ 4 ulps) of the float64 ones."""
+    (outs_t, grads_t), (outs_l, grads_l), (outs_r, grads_r) = kernel, pytorch, exact
     names = [f"output {i}" for i in range(len(outs_t))] + [f"grad of input {i}" for i in range(len(grads_t))]
     for name, got, low, want in zip(names, outs_t + grads_t, outs_l + grads_l, outs_r + grads_r):
         assert got.dtype == low.dtype and got.shape == low.shape, (name, got.dtype, low.dtype)
@@ -66,6 +61,18 @@ def check(triton_fn, reference_fn, inputs, seed=0, used=None):
         err_low = (low.double() - want).abs().max().item()
         bound = 2 * err_low + 4 * torch.finfo(got.dtype).eps * scale
         assert err <= bound, f"{name} ({got.dtype}): kernel error {err:.3g} > {bound:.3g} (PyTorch's {err_low:.3g})"
+
+
+def check(triton_fn, reference_fn, inputs, seed=0, used=None):
+    outs_t = None
+    probe = reference_fn(*inputs)
+    probe = probe if isinstance(probe, tuple) else (probe,)
+    used = range(len(probe)) if used is None else used
+    cots = {i: _randn(probe[i].shape, torch.float64, seed + 100 + i) for i in used}
+    outs_t, grads_t = _run(triton_fn, inputs, cots, used)
+    outs_l, grads_l = _run(reference_fn, inputs, cots, used)
+    outs_r, grads_r = _run(reference_fn, [t.double() if t is not None else None for t in inputs], cots, used)
+    assert_within_pytorch_error((outs_t, grads_t), (outs_l, grads_l), (outs_r, grads_r))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import archirf_kernels as K
 from archirf_kernels import attention, reference
-from test_kernels_gpu import assert_bf16_as_accurate
+from test_kernels_gpu import assert_bf16_as_accurate, assert_within_pytorch_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -94,15 +94,7 @@ def check(inputs, seed=0):
     outs_t, grads_t = _run(_fused, inputs, cots)
     outs_l, grads_l = _run(_pytorch_lowp, inputs, cots)
     outs_r, grads_r = _run(_spec, [t.double() for t in inputs], cots)
-    names = [f"output {i}" for i in range(len(outs_t))] + [f"grad of input {i}" for i in range(len(grads_t))]
-    for name, got, low, want in zip(names, outs_t + grads_t, outs_l + grads_l, outs_r + grads_r):
-        assert got.dtype == low.dtype and got.shape == low.shape, (name, got.dtype, low.dtype)
-        assert torch.isfinite(got).all(), name
-        scale = max(1.0, want.abs().max().item())
-        err = (got.double() - want).abs().max().item()
-        err_low = (low.double() - want).abs().max().item()
-        bound = 2 * err_low + 4 * torch.finfo(got.dtype).eps * scale
-        assert err <= bound, f"{name} ({got.dtype}): kernel error {err:.3g} > {bound:.3g} (PyTorch's {err_low:.3g})"
+    assert_within_pytorch_error((outs_t, grads_t), (outs_l, grads_l), (outs_r, grads_r))
 
 
 # bf16 everywhere; fp16 on the DiT shape (each (dtype, D, joint) is one more compile of five kernels)
