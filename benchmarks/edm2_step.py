@@ -8,8 +8,10 @@ backward, fused AdamW, the forced weight normalisation of every MPConv weight. B
 synthetic data, EDM2-S (280M parameters), at 64x64x4 (latents) and 64x64x3 (pixels).
 
 Implementations (each a fresh model from the same seed; the same data):
-  ours           kernels=triton: the fused MP ops of archirf_kernels.mp, activations channels_last,
-                 each block compiled (torch.compile fullgraph, as parallel.py does), Triton forced norm
+  ours           kernels=auto, what the trainer runs: each block compiled (torch.compile fullgraph, as
+                 parallel.py does) with the MP ops left to inductor there, activations channels_last,
+                 the Triton forced weight norm
+  ours-fused     kernels=triton: the fused MP ops of archirf_kernels.mp inside the compiled blocks
   compiled       kernels=reference (the plain-PyTorch spec), channels_last, each block compiled, and the
                  forced weight norm compiled
   compiled-nchw  the same in NCHW (the memory format of NVlabs/edm2)
@@ -42,7 +44,8 @@ from archirf.sample import autocast_model_fn
 PAPER_MACS = {"EDM2-S": 102.2e9}
 CASES = {"latents-64x64x4": (64, 4), "pixels-64x64x3": (64, 3)}
 IMPLS = {  # name: (kernels, channels_last, compile); run in this order
-    "ours": ("triton", True, True),
+    "ours": ("auto", True, True),
+    "ours-fused": ("triton", True, True),
     "compiled": ("reference", True, True),
     "eager": ("reference", True, False),
     "compiled-nchw": ("reference", False, True),
@@ -115,6 +118,7 @@ def make_step(model: EDM2UNet, impl: str, device: torch.device, batch: int, size
 
 
 def measure(impl: str, case: str, args, device: torch.device, peak: float | None) -> dict:
+    torch._dynamo.reset()              # each implementation compiles afresh (recompile limits are per code object)
     size, channels = CASES[case]
     size = 8 if args.smoke else size
     model = build(impl, size, channels, args.preset, device, args.smoke)
@@ -175,6 +179,8 @@ def render(doc: dict) -> str:
         vs = f"{r['ours_speedup']:.2f}×" if r.get("ours_speedup") else ""
         lines.append(f"| {r['case']} | {r['impl']} | {r['img_per_s']:.0f} | {r['step_ms']:.1f} | {mfu} | {mem} | "
                      f"{r['first_step_s']:.1f} | {r['first_loss']:.4f} | {vs} |")
+    for failure in doc.get("failed", []):
+        lines += ["", f"Failed: {failure}"]
     skipped = doc.get("skipped")
     if skipped:
         lines += ["", f"Not run (time budget): {', '.join(skipped)}."]
@@ -216,7 +222,12 @@ def main(argv=None) -> int:
             if args.budget_s and time.monotonic() - started > args.budget_s:
                 doc["skipped"].append(f"{case}/{impl}")
                 continue
-            row = measure(impl, case, args, device, env["peak_tflops"])
+            try:
+                row = measure(impl, case, args, device, env["peak_tflops"])
+            except Exception as err:  # noqa: BLE001  (one failing implementation must not lose the others)
+                doc["failed"] = doc.get("failed", []) + [f"{case}/{impl}: {type(err).__name__}: {str(err)[:200]}"]
+                print(doc["failed"][-1], flush=True)
+                continue
             print(json.dumps(row), flush=True)
             doc["rows"].append(row)
             write(doc, args.out)                          # after every row: a run cut short keeps what it measured
