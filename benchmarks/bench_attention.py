@@ -1,12 +1,16 @@
 """Attention: the fused QK-RMSNorm + flash attention (`qk_norm_attention`, `joint_qk_norm_attention`);
 fwd, bwd and fwd+bwd, bf16, RMSNorm weights in fp32 (a model's parameters under autocast).
 
+Ours: `ours` is the default (backend='auto', which picks by sequence length), `ours-fused` the norm
+inside our flash kernels, `ours-sdpa` our Triton norm pass + PyTorch's SDPA (cuDNN first).
+
 Baselines, same process and shapes:
   eager-{flash,cudnn,efficient}  what the models' sdpa path runs: per-head RMSNorm of q and k
                                  (reference.rms_norm: fp32 math, bf16 out) + SDPA pinned to that
                                  backend with torch.nn.attention.sdpa_kernel, from the qkv projection's
                                  (B, N, 3, H, D) layout to the merged (B, N, H*D) output;
   compiled                       torch.compile of the same (default SDPA dispatch, fullgraph);
+  compiled-cudnn                 the same with SDPA pinned to cuDNN (sdpa_kernel inside the graph);
   sdpa-{cudnn,flash}             SDPA alone, *without the norm*, on contiguous (B, H, N, D) q, k, v
                                  (no layout work either): the attention kernel by itself;
   flash-attn, xformers           eager RMSNorm + flash_attn_func / memory_efficient_attention on the
@@ -56,8 +60,8 @@ CASES = {  # name: (B, H, N_img, N_ctx, D); N_ctx > 0: joint attention over [img
 SMOKE_CASES = {"dit-xl": (2, 2, 40, 0, 72), "mmdit-joint": (1, 2, 33, 7, 64), "sd3-4k": (1, 2, 64, 0, 64),
                "d128-2k": (1, 2, 48, 0, 128)}
 PASSES = ("fwd", "bwd", "fwd_bwd")
-IMPLS = ("ours", "eager-flash", "eager-cudnn", "eager-efficient", "compiled", "sdpa-cudnn", "sdpa-flash",
-         "flash-attn", "xformers")
+IMPLS = ("ours", "ours-fused", "ours-sdpa", "eager-flash", "eager-cudnn", "eager-efficient", "compiled",
+         "compiled-cudnn", "sdpa-cudnn", "sdpa-flash", "flash-attn", "xformers")
 NO_NORM = ("sdpa-cudnn", "sdpa-flash")       # take (q, k, v) (B, H, N, D); the others the qkv layout
 EPS = 1e-6
 
@@ -144,14 +148,17 @@ _COMPILED: dict = {}
 _FIRST_CALL: dict = {}
 
 
-def _compiled(case: str):
-    """torch.compile of eager norm + SDPA, one compiled function per case (static shapes; no recompiles
-    of one function across cases, which inductor mis-handled on CPU for the joint case)."""
-    if case not in _COMPILED:
+def _compiled(case: str, backend: str | None = None):
+    """torch.compile of eager norm + SDPA (default dispatch, or pinned to `backend`), one compiled
+    function per (case, backend) (static shapes; no recompiles of one function across cases, which
+    inductor mis-handled on CPU for the joint case)."""
+    if (case, backend) not in _COMPILED:
+        sdpa = F.scaled_dot_product_attention if backend is None else _pinned_sdpa(backend)
+
         def fn(*args):
-            return norm_sdpa(F.scaled_dot_product_attention, *args)
-        _COMPILED[case] = torch.compile(fn, dynamic=False, fullgraph=True)
-    return _COMPILED[case]
+            return norm_sdpa(sdpa, *args)
+        _COMPILED[case, backend] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[case, backend]
 
 
 def _bnhd_norm(kernel):
@@ -173,16 +180,17 @@ def _bnhd_norm(kernel):
 
 
 def implementation(impl: str, case: str, joint: bool, device: torch.device):
-    if impl == "ours":
+    if impl.startswith("ours"):
         kind = "triton" if device.type == "cuda" else "auto"     # no silent fallback on the GPU
+        backend = impl.removeprefix("ours").removeprefix("-") or "auto"
         if joint:
-            return lambda *a: archirf_kernels.joint_qk_norm_attention(*a, eps=EPS, impl=kind)
-        return lambda *a: archirf_kernels.qk_norm_attention(*a, eps=EPS, impl=kind)
+            return lambda *a: archirf_kernels.joint_qk_norm_attention(*a, eps=EPS, impl=kind, backend=backend)
+        return lambda *a: archirf_kernels.qk_norm_attention(*a, eps=EPS, impl=kind, backend=backend)
     if impl.startswith("eager-"):
         sdpa = _pinned_sdpa(impl.removeprefix("eager-"))
         return lambda *a: norm_sdpa(sdpa, *a)
-    if impl == "compiled":
-        return _compiled(case)
+    if impl.startswith("compiled"):
+        return _compiled(case, impl.removeprefix("compiled").removeprefix("-") or None)
     if impl in NO_NORM:
         return _pinned_sdpa(impl.removeprefix("sdpa-"))
     if impl == "flash-attn":
@@ -235,7 +243,7 @@ def first_call(impl, case, fn, inputs, grads) -> float:
             try:
                 _FIRST_CALL[key], outs, dins = fwd_bwd_once(fn, inputs, grads)
             except RuntimeError as e:
-                if impl == "ours":
+                if impl.startswith("ours"):
                     raise
                 why = [str(w.message).strip().splitlines()[0] for w in caught] or [str(e).strip().splitlines()[0]]
                 note_baseline(SUITE, impl, f"{case}: {why[0][:200]}")

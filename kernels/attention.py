@@ -46,6 +46,13 @@ autotuned block size), and summed by torch: no atomics, same bits every run.
 Registered as torch.library custom ops (archirf_kernels::qk_norm_attention for the packed qkv,
 archirf_kernels::qk_norm_attention_split for separate q, k, v) with fake and autograd
 implementations, so torch.compile(fullgraph=True) traces through a model that uses them.
+
+Two backends (`backend=`): 'fused', the kernels above; 'sdpa', the prep pass alone as a custom op
+(archirf_kernels::qk_norm: qhat, khat written (B, N0 + N1, H, D), no softmax scale folded) feeding
+PyTorch's scaled_dot_product_attention (cuDNN first), whose gradients of qhat, khat go through one
+Triton pass of the norm's backward into d(q), d(k) and the weight gradients. The norm then costs two
+memory-bound passes around the fastest attention kernel the installed PyTorch has. 'auto' picks by
+the token count (choose_backend; the crossover is measured, see SDPA_MIN_TOKENS).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -353,24 +361,29 @@ def _input_grad(dxa, dxb, X0, X1, DX0, DX1, R, W0, W1, DW, rows, row_mask, block
 # khat = k.
 
 @triton.jit
+def _row_block(N0, N1, H, BLOCK_R: tl.constexpr):
+    """A row pass's program: (pid, bh, b, h, its rows of [img, ctx], their mask, the (b, h) stats offset)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    N = N0 + N1
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    return pid, bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), rows, rows < N, bh.to(tl.int64) * N
+
+
+@triton.jit
 def _prep_kernel(
     Q0, K0, Q1, K1, QW0, KW0, QW1, KW1,  # raw q, k of each stream (B, N, H, D); weights fp32
     O0, DO0, O1, DO1,                    # BACKWARD: out and dout of each stream (B, N, H*D)
-    QH, KH, RQ, RK, DELTA,               # (B*H, N0 + N1, D) storage dtype; (B*H, N0 + N1) fp32
+    QH, KH, RQ, RK, DELTA,               # (B, H, N0 + N1, D) or (B, N0 + N1, H, D) storage dtype; (B*H, N0 + N1) fp32
     s0_b, s0_n, s0_h, s1_b, s1_n, s1_h,  # strides of each stream's q, k (shared)
+    h_b, h_n, h_h,                       # strides of qhat, khat (shared)
     N0, N1, H, q_eps, k_eps, qk_scale,
     BACKWARD: tl.constexpr, NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr,
     DB: tl.constexpr, TAIL: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
-    N = N0 + N1
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask = rows < N
-    stats = bh.to(tl.int64) * N
+    pid, bh, b, h, rows, mask, stats = _row_block(N0, N1, H, BLOCK_R)
     out = QH.dtype.element_ty
-    scratch = stats * HEAD_DIM + rows * HEAD_DIM
+    scratch = b * h_b + h * h_h + rows * h_n
     in0, in1 = b * s0_b + h * s0_h, b * s1_b + h * s1_h
     qa, qb = _load_rows(Q0 + in0, Q1 + in1, rows, mask, N0, s0_n, s1_n, HAS_CTX, HEAD_DIM, DA, DB, TAIL)
     ka, kb = _load_rows(K0 + in0, K1 + in1, rows, mask, N0, s0_n, s1_n, HAS_CTX, HEAD_DIM, DA, DB, TAIL)
@@ -788,6 +801,23 @@ class _Launch:
     def empty(self) -> bool:
         return self.B * self.H * self.N == 0
 
+    def weight_partials(self) -> tuple[int, Tensor, Tensor]:
+        """(S, dqw, dkw): the weight-gradient partial rows, (streams, B*H, S, D) fp32 each, S slots of
+        MIN_BLOCK tokens per (stream, b, h); zeros when there is nothing to launch."""
+        S = triton.cdiv(self.N, MIN_BLOCK)
+        dqw = _alloc((1 + self.has_ctx, self.B * self.H, S, self.D), torch.float32, self.device)
+        dkw = _alloc((1 + self.has_ctx, self.B * self.H, S, self.D), torch.float32, self.device)
+        if self.empty():
+            dqw.zero_()
+            dkw.zero_()
+        return S, dqw, dkw
+
+    @staticmethod
+    def weight_grads(dqw: Tensor, dkw: Tensor, weights) -> list[Tensor | None]:
+        """The partials summed: [dq_weight, dk_weight, dq_weight_ctx, dk_weight_ctx] in the weights' dtypes."""
+        sums = [dqw[0].sum((0, 1)), dkw[0].sum((0, 1)), dqw[-1].sum((0, 1)), dkw[-1].sum((0, 1))]
+        return [sm.to(wt.dtype) if wt is not None else None for sm, wt in zip(sums, weights)]
+
     def grid(self, block: str):
         return lambda META: (triton.cdiv(self.N, META[block]), self.B * self.H)
 
@@ -801,7 +831,8 @@ class _Launch:
         o1, do1 = (outs[1], douts[1]) if backward and self.has_ctx else (o0, do0)
         _prep_kernel[(triton.cdiv(self.N, ROWSTAT_ROWS), self.B * self.H)](
             self.s0[0], self.s0[1], self.s1[0], self.s1[1], *self.w, o0, do0, o1, do1, qhat, khat, rq, rk,
-            delta if backward else lse, *self.strides, self.N0, self.N1, self.H, q_eps, k_eps, scale * LOG2E,
+            delta if backward else lse, *self.strides, self.H * self.N * self.D, self.D, self.N * self.D,
+            self.N0, self.N1, self.H, q_eps, k_eps, scale * LOG2E,
             BACKWARD=backward, BLOCK_R=ROWSTAT_ROWS, num_warps=4, **self.dims)
         return qhat, khat
 
@@ -833,13 +864,8 @@ def _backward(douts, streams, weights, outs, stats, scale: float, qk_norm: bool,
     outs = [outs[0], outs[1] if L.has_ctx else outs[0]]
     douts = [d.contiguous() if d is not None else torch.zeros_like(o) for d, o in zip(douts[:1 + L.has_ctx], outs)]
     douts = douts if L.has_ctx else douts * 2
-    S = triton.cdiv(L.N, MIN_BLOCK)                    # weight-gradient partial slots per (stream, b, h)
-    dqw = _alloc((1 + L.has_ctx, L.B * L.H, S, L.D), torch.float32, L.device)
-    dkw = _alloc((1 + L.has_ctx, L.B * L.H, S, L.D), torch.float32, L.device)
-    if L.empty():
-        dqw.zero_()
-        dkw.zero_()
-    else:
+    S, dqw, dkw = L.weight_partials()
+    if not L.empty():
         lse, rq, rk = stats.unbind(0) if qk_norm else (stats[0],) * 3
         delta = _alloc((L.B * L.H, L.N), torch.float32, L.device)
         qhat, khat = L.prep(outs, douts, stats, delta, 0.0, 0.0, scale)
@@ -850,10 +876,7 @@ def _backward(douts, streams, weights, outs, stats, scale: float, qk_norm: bool,
         _attn_bwd_dq_kernel[L.grid("BLOCK_M")](
             qhat, khat, lse, delta, rq, L.s0[0], L.s0[2], douts[0], g0[0], L.w[0],
             L.s1[0], L.s1[2], douts[1], g1[0], L.w[2], dqw, *strides, scale, **L.meta)
-    if not qk_norm:
-        return [None] * 4
-    sums = [dqw[0].sum((0, 1)), dkw[0].sum((0, 1)), dqw[-1].sum((0, 1)), dkw[-1].sum((0, 1))]
-    return [s.to(wt.dtype) if wt is not None else None for s, wt in zip(sums, weights)]
+    return L.weight_grads(dqw, dkw, weights) if qk_norm else [None] * 4
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1027,13 +1050,192 @@ _split_op.register_autograd(_split_backward, setup_context=_split_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
+# The SDPA-backed path (backend="sdpa"): the prep pass alone as the norm's forward, writing qhat, khat
+# (no scale folded) as (B, N0 + N1, H, D), the layout SDPA's flash and cuDNN kernels read through a
+# transposed view and whose output merges the heads without a copy; PyTorch's SDPA (cuDNN first, then
+# flash, then memory-efficient, then math) on (qhat, khat, [v, v_ctx]); and one backward pass per row
+# block through the norm from SDPA's d(qhat), d(khat), written straight into d(q), d(k), with the
+# weight-gradient partials. Only the two streams' v are concatenated (one copy of v); SDPA keeps
+# qhat, khat for its backward (the memory of torch.compile(rms_norm + SDPA), which keeps the same).
+
+@triton.jit
+def _norm_bwd_kernel(
+    DQH, DKH, Q0, K0, Q1, K1, DQ0, DK0, DQ1, DK1, RQ, RK, QW0, KW0, QW1, KW1, DQW, DKW,
+    d_b, d_n, d_h,                       # strides of d(qhat), d(khat) (B, N0 + N1, H, D) (shared)
+    s0_b, s0_n, s0_h, g0_b, g0_n, g0_h,  # strides of stream 0's q, k and of their gradients
+    s1_b, s1_n, s1_h, g1_b, g1_n, g1_h,
+    N0, N1, H, S,
+    HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, TAIL: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid, bh, b, h, rows, mask, stats = _row_block(N0, N1, H, BLOCK_R)
+    in0, in1 = b * s0_b + h * s0_h, b * s1_b + h * s1_h
+    gr0, gr1 = b * g0_b + h * g0_h, b * g1_b + h * g1_h
+    dw = bh.to(tl.int64) * S * HEAD_DIM
+    d = b * d_b + h * d_h + rows * d_n
+    dqa, dqb = _load_tile(DQH + d, mask, True, HEAD_DIM, DA, DB, TAIL)
+    _input_grad(dqa.to(tl.float32), dqb.to(tl.float32), Q0 + in0, Q1 + in1, DQ0 + gr0, DQ1 + gr1, RQ + stats,
+                QW0, QW1, DQW + dw, rows, mask, pid, N0, S, s0_n, s1_n, g0_n, g1_n, True, HAS_CTX, HEAD_DIM, DA,
+                DB, TAIL, BLOCK_R)
+    dka, dkb = _load_tile(DKH + d, mask, True, HEAD_DIM, DA, DB, TAIL)
+    _input_grad(dka.to(tl.float32), dkb.to(tl.float32), K0 + in0, K1 + in1, DK0 + gr0, DK1 + gr1, RK + stats,
+                KW0, KW1, DKW + dw, rows, mask, pid, N0, S, s0_n, s1_n, g0_n, g1_n, True, HAS_CTX, HEAD_DIM, DA,
+                DB, TAIL, BLOCK_R)
+
+
+def _qk_streams(q, k, q_ctx, k_ctx):
+    """(q, k, v) stream tuples for _Launch from the raw q, k views (v unused: q stands in)."""
+    return [(q, k, q), (q_ctx, k_ctx, q_ctx) if q_ctx is not None else None]
+
+
+def _norm_forward(streams, weights, q_eps: float, k_eps: float):
+    """-> (qhat, khat) (B, N0 + N1, H, D) in the storage dtype, rstats (2, B*H, N0 + N1) fp32 = [rq, rk]."""
+    L = _Launch(streams, weights, True)
+    qhat = _alloc((L.B, L.N, L.H, L.D), L.dtype, L.device)
+    khat = _alloc((L.B, L.N, L.H, L.D), L.dtype, L.device)
+    rstats = _alloc((2, L.B * L.H, L.N), torch.float32, L.device)
+    if not L.empty():
+        _prep_kernel[(triton.cdiv(L.N, ROWSTAT_ROWS), L.B * L.H)](
+            L.s0[0], L.s0[1], L.s1[0], L.s1[1], *L.w, qhat, qhat, qhat, qhat, qhat, khat, rstats[0], rstats[1],
+            rstats[0], *L.strides, L.N * L.H * L.D, L.H * L.D, L.D, L.N0, L.N1, L.H, q_eps, k_eps, 1.0,
+            BACKWARD=False, BLOCK_R=ROWSTAT_ROWS, num_warps=4, **L.dims)
+    return qhat, khat, rstats
+
+
+def _norm_backward_launch(dqhat, dkhat, streams, weights, rstats, grads):
+    """grads: per stream a (dq, dk) pair of preallocated (B, N, H, D) views with shared strides. Fills
+    them and returns the four weight gradients (the weights' dtypes; None where the weight is None)."""
+    L = _Launch(streams, weights, True)
+    g0 = grads[0]
+    g1 = grads[1] if L.has_ctx else g0
+    dqhat, dkhat = _unit_d(dqhat), _unit_d(dkhat)
+    if dkhat.stride() != dqhat.stride():
+        dqhat, dkhat = dqhat.contiguous(), dkhat.contiguous()
+    S, dqw, dkw = L.weight_partials()
+    if not L.empty():
+        _norm_bwd_kernel[(triton.cdiv(L.N, ROWSTAT_ROWS), L.B * L.H)](
+            dqhat, dkhat, L.s0[0], L.s0[1], L.s1[0], L.s1[1], g0[0], g0[1], g1[0], g1[1], rstats[0], rstats[1],
+            *L.w, dqw, dkw, dqhat.stride(0), dqhat.stride(1), dqhat.stride(2), *_bnh(L.s0[0]), *_bnh(g0[0]),
+            *_bnh(L.s1[0]), *_bnh(g1[0]), L.N0, L.N1, L.H, S, BLOCK_R=ROWSTAT_ROWS, num_warps=4,
+            **{k: v for k, v in L.dims.items() if k != "NORM"})
+    return L.weight_grads(dqw, dkw, weights)
+
+
+@torch.library.custom_op("archirf_kernels::qk_norm", mutates_args=())
+def _norm_op(q: Tensor, k: Tensor, q_ctx: Tensor | None, k_ctx: Tensor | None, q_weight: Tensor | None,
+             k_weight: Tensor | None, q_weight_ctx: Tensor | None, k_weight_ctx: Tensor | None, q_eps: float,
+             k_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    streams = _qk_streams(q, k, q_ctx, k_ctx)
+    weights = (q_weight, k_weight, q_weight_ctx, k_weight_ctx)
+    _check(streams, weights, True)
+    return _norm_forward(streams, weights, q_eps, k_eps)
+
+
+@_norm_op.register_fake
+def _(q, k, q_ctx, k_ctx, q_weight, k_weight, q_weight_ctx, k_weight_ctx, q_eps, k_eps):
+    _check(_qk_streams(q, k, q_ctx, k_ctx), (q_weight, k_weight, q_weight_ctx, k_weight_ctx), True)
+    B, N, H, D = q.shape
+    N += q_ctx.shape[1] if q_ctx is not None else 0
+    return q.new_empty((B, N, H, D)), q.new_empty((B, N, H, D)), q.new_empty((2, B * H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("archirf_kernels::qk_norm_backward", mutates_args=())
+def _norm_backward_op(dqhat: Tensor, dkhat: Tensor, q: Tensor, k: Tensor, q_ctx: Tensor | None,
+                      k_ctx: Tensor | None, q_weight: Tensor | None, k_weight: Tensor | None,
+                      q_weight_ctx: Tensor | None, k_weight_ctx: Tensor | None,
+                      rstats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    has_ctx = q_ctx is not None
+    weights = (q_weight, k_weight, q_weight_ctx, k_weight_ctx)
+    grads = [(_alloc(q.shape, q.dtype, q.device), _alloc(k.shape, k.dtype, k.device)),
+             (_alloc(q_ctx.shape, q.dtype, q.device), _alloc(k_ctx.shape, k.dtype, k.device)) if has_ctx else None]
+    dws = _norm_backward_launch(dqhat, dkhat, _qk_streams(q, k, q_ctx, k_ctx), weights, rstats, grads)
+    ctx_grads = grads[1] if has_ctx else (q.new_empty(_EMPTY), q.new_empty(_EMPTY))
+    return (*grads[0], *ctx_grads, *(_empty_if_none(d, q) for d in dws))
+
+
+@_norm_backward_op.register_fake
+def _(dqhat, dkhat, q, k, q_ctx, k_ctx, q_weight, k_weight, q_weight_ctx, k_weight_ctx, rstats):
+    ctx_grads = tuple(t.new_empty(t.shape) if t is not None else q.new_empty(_EMPTY) for t in (q_ctx, k_ctx))
+    return (q.new_empty(q.shape), k.new_empty(k.shape), *ctx_grads,
+            *(w.new_empty(w.shape) if w is not None else q.new_empty(_EMPTY)
+              for w in (q_weight, k_weight, q_weight_ctx, k_weight_ctx)))
+
+
+def _norm_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8], output[2])
+    ctx.mark_non_differentiable(output[2])
+
+
+def _norm_op_backward(ctx, dqhat, dkhat, _drstats):
+    q, k, q_ctx, k_ctx, *weights, rstats = ctx.saved_tensors
+    has_ctx = q_ctx is not None
+    grads = torch.ops.archirf_kernels.qk_norm_backward(dqhat, dkhat, q, k, q_ctx, k_ctx, *weights, rstats)
+    dws = [_none_if_empty(d, w is not None) for d, w in zip(grads[4:], weights)]
+    return (*grads[:2], *(grads[2:4] if has_ctx else (None, None)), *dws, None, None)
+
+
+_norm_op.register_autograd(_norm_op_backward, setup_context=_norm_setup_context)
+
+
+def _sdpa_order():
+    """SDPA's backends, cuDNN first: on the H100 its fwd+bwd ran 1.6x faster than the flash backend
+    at N = 4096 (benchmarks/results/nvidia-h100-80gb-hbm3/attention.json); a backend that declines a
+    shape passes it on to the next."""
+    from torch.nn.attention import SDPBackend
+    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.MATH]
+
+
+def _sdpa_call(streams, weights, eps, scale, qk_norm):
+    """backend='sdpa': the Triton norm pass, SDPA, the heads merged; -> (out, out_ctx or None)."""
+    from torch.nn.attention import sdpa_kernel
+
+    _check(streams, weights, qk_norm)
+    (q, k, v), ctx = streams
+    has_ctx = ctx is not None
+    if qk_norm:
+        q, k, _ = torch.ops.archirf_kernels.qk_norm(q, k, ctx[0] if has_ctx else None, ctx[1] if has_ctx else None,
+                                                    *weights, *eps)
+    elif has_ctx:
+        q, k = torch.cat([q, ctx[0]], 1), torch.cat([k, ctx[1]], 1)
+    if has_ctx:
+        v = torch.cat([v, ctx[2]], 1)
+    B, N, H, D = q.shape
+    with sdpa_kernel(_sdpa_order(), set_priority=True):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             scale=D ** -0.5 if scale is None else float(scale))
+    out = out.transpose(1, 2).reshape(B, N, H * D)                     # (B, N0 + N1, H*D)
+    if not has_ctx:
+        return out, None
+    n0 = streams[0][0].shape[1]
+    return out[:, :n0], out[:, n0:]
+
+
+BACKENDS = ("auto", "fused", "sdpa")
+SDPA_MIN_TOKENS = 512   # backend='auto' takes SDPA from this many tokens (N0 + N1) on
+
+
+def choose_backend(backend: str, n_tokens: int) -> str:
+    """'fused' | 'sdpa' for a call with n_tokens tokens in all (see SDPA_MIN_TOKENS)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"archirf_kernels attention: unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    return "sdpa" if n_tokens >= SDPA_MIN_TOKENS else "fused"
+
+
+# ----------------------------------------------------------------------------------------------
 # Differentiable entry points (archirf_kernels.* dispatches here for impl="triton").
 
-def _call(qkv, qkv_ctx, weights, eps, scale, qk_norm):
+def _call(qkv, qkv_ctx, weights, eps, scale, qk_norm, backend):
     q_eps, k_eps = qk_eps(eps)
     packed = isinstance(qkv, Tensor)
     if qkv_ctx is not None and isinstance(qkv_ctx, Tensor) != packed:
         raise ValueError("archirf_kernels attention: pass both streams packed (B, N, 3, H, D) or both as (q, k, v)")
+    streams = [unpack_qkv(qkv), unpack_qkv(qkv_ctx, "qkv_ctx") if qkv_ctx is not None else None]
+    n_tokens = streams[0][0].shape[1] + (streams[1][0].shape[1] if qkv_ctx is not None else 0)
+    if choose_backend(backend, n_tokens) == "sdpa":
+        return (*_sdpa_call(streams, weights, (q_eps, k_eps), scale, qk_norm), None)
     D = (qkv.shape[-1] if packed else unpack_qkv(qkv)[0].shape[-1])
     scale = D ** -0.5 if scale is None else float(scale)
     if packed:
@@ -1049,15 +1251,15 @@ def _call(qkv, qkv_ctx, weights, eps, scale, qk_norm):
 
 def qk_norm_attention(qkv, q_weight: Tensor | None = None, k_weight: Tensor | None = None,
                       eps: float | tuple[float, float] = 1e-6, scale: float | None = None,
-                      qk_norm: bool = True) -> Tensor:
-    return _call(qkv, None, (q_weight, k_weight, None, None), eps, scale, qk_norm)[0]
+                      qk_norm: bool = True, backend: str = "auto") -> Tensor:
+    return _call(qkv, None, (q_weight, k_weight, None, None), eps, scale, qk_norm, backend)[0]
 
 
 def joint_qk_norm_attention(qkv_img, qkv_ctx, q_weight_img: Tensor | None = None, k_weight_img: Tensor | None = None,
                             q_weight_ctx: Tensor | None = None, k_weight_ctx: Tensor | None = None,
                             eps: float | tuple[float, float] = 1e-6, scale: float | None = None,
-                            qk_norm: bool = True) -> tuple[Tensor, Tensor]:
+                            qk_norm: bool = True, backend: str = "auto") -> tuple[Tensor, Tensor]:
     out, out_ctx, _ = _call(qkv_img, qkv_ctx, (q_weight_img, k_weight_img, q_weight_ctx, k_weight_ctx), eps, scale,
-                            qk_norm)
+                            qk_norm, backend)
     return out, out_ctx
 

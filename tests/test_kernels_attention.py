@@ -314,14 +314,90 @@ def test_impl_errors(monkeypatch):
     (dict(qkv_ctx=torch.randn(2, 5, 3, 2, 8).half()), "every q, k, v must be torch.float32"),
     (dict(qkv_ctx=torch.randn(2, 5, 3, 2, 8).unbind(2)), "both streams packed"),
 ])
-def test_launcher_checks(bad, match):
+@pytest.mark.parametrize("backend", ["fused", "sdpa"])
+def test_launcher_checks(bad, match, backend):
     args = dict(qkv=torch.randn(2, 5, 3, 2, 8), q_weight=None, k_weight=None, qk_norm=True)
     args.update(bad)
     qkv_ctx = args.pop("qkv_ctx", None)
     args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     with pytest.raises(ValueError, match=match):
         if qkv_ctx is None:
-            K.qk_norm_attention(**args, impl="triton")
+            K.qk_norm_attention(**args, impl="triton", backend=backend)
         else:
             K.joint_qk_norm_attention(args["qkv"], qkv_ctx, args["q_weight"], args["k_weight"],
-                                      qk_norm=args["qk_norm"], impl="triton")
+                                      qk_norm=args["qk_norm"], impl="triton", backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# backend='sdpa': the Triton norm pass (archirf_kernels::qk_norm) + PyTorch's SDPA
+
+@pytest.mark.parametrize("dtypes,shape,layout", [
+    ("fp32", (2, 17, 2, 72), "packed"),           # split head dim, N % 64 != 0 (a partial row block)
+    ("fp32", (1, 70, 2, 16), "split"),            # more than one row block of the norm passes
+    ("fp16", (1, 33, 2, 64), "packed"),
+    ("fp16-fp32-weights", (2, 9, 3, 40), "split"),
+], ids=ids)
+def test_sdpa_backend(dtypes, shape, layout):
+    act, wdt = DTYPES[dtypes]
+    inputs = [qkv_input(*shape, act, 0, layout), *weights(shape[-1], wdt, 10)]
+    check_against_reference(lambda *a: K.qk_norm_attention(*a, eps=(1e-6, 1e-3), impl="triton", backend="sdpa"),
+                            lambda *a: reference.qk_norm_attention(*a, eps=(1e-6, 1e-3)), inputs, act)
+
+
+@pytest.mark.parametrize("dtypes,lengths,D,layout", [
+    ("fp32", (17, 5), 16, "packed"),
+    ("fp32", (60, 11), 72, "split"),              # a row block straddles the streams
+    ("fp16-fp32-weights", (9, 21), 64, "packed"),
+], ids=ids)
+def test_sdpa_backend_joint(dtypes, lengths, D, layout):
+    (act, wdt), (n_img, n_ctx) = DTYPES[dtypes], lengths
+    inputs = [qkv_input(2, n_img, 2, D, act, 0, layout), qkv_input(2, n_ctx, 2, D, act, 1, layout),
+              *weights(D, wdt, 10, n=4)]
+    check_against_reference(lambda *a: K.joint_qk_norm_attention(*a, impl="triton", backend="sdpa"),
+                            reference.joint_qk_norm_attention, inputs, act)
+
+
+def test_sdpa_backend_without_norm_or_weights():
+    a, b = qkv_input(1, 17, 2, 16, torch.float32, 0), qkv_input(1, 7, 2, 16, torch.float32, 1)
+    check_against_reference(lambda x, y: K.joint_qk_norm_attention(x, y, qk_norm=False, impl="triton", backend="sdpa"),
+                            lambda x, y: reference.joint_qk_norm_attention(x, y, qk_norm=False), [a, b],
+                            torch.float32)
+    check_against_reference(lambda x: K.qk_norm_attention(x, scale=0.3, impl="triton", backend="sdpa"),
+                            lambda x: reference.qk_norm_attention(x, scale=0.3), [a], torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_sdpa_backend_compiles_fullgraph(compiler):
+    torch._dynamo.reset()
+    qkv, qkv_ctx = qkv_input(2, 19, 2, 16, torch.float32, 0), qkv_input(2, 6, 2, 16, torch.float32, 1)
+    ws = [w.requires_grad_() for w in weights(16, torch.float32, 5, n=4)]
+
+    def fn(a, b):
+        out, out_ctx = K.joint_qk_norm_attention(a, b, *ws, impl="triton", backend="sdpa")
+        return torch.cat([out, out_ctx], 1)
+
+    want = fn(qkv, qkv_ctx)
+    got = torch.compile(fn, fullgraph=True, backend=compiler)(qkv, qkv_ctx)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g_want = torch.autograd.grad(want.square().sum(), ws)
+    g_got = torch.autograd.grad(got.square().sum(), ws)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_qk_norm_opcheck():
+    q, k, _ = qkv_input(1, 9, 2, 16, torch.float32, 3, layout="split")
+    qc, kc, _ = qkv_input(1, 5, 2, 16, torch.float32, 4, layout="split")
+    qw, kw, qwc = weights(16, torch.float32, 2, n=3)
+    for args in ((q, k, None, None, qw, kw, None, None, 1e-6, 1e-5), (q, k, qc, kc, qw, None, qwc, None, 1e-6, 1e-6)):
+        torch.library.opcheck(torch.ops.archirf_kernels.qk_norm.default,
+                              [leaf(a) if isinstance(a, torch.Tensor) else a for a in args])
+
+
+def test_choose_backend():
+    assert attention.choose_backend("auto", attention.SDPA_MIN_TOKENS - 1) == "fused"
+    assert attention.choose_backend("auto", attention.SDPA_MIN_TOKENS) == "sdpa"
+    assert attention.choose_backend("fused", 10**6) == "fused"
+    with pytest.raises(ValueError, match="unknown backend 'flash'"):
+        K.qk_norm_attention(qkv_input(1, 5, 2, 16, torch.float32, 0), impl="triton", backend="flash")

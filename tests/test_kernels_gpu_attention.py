@@ -72,10 +72,14 @@ def _spec(*args):
     return reference.qk_norm_attention(*args)
 
 
-def _fused(*args):
+def _fused(*args, backend="fused"):
     if len(args) == 6:
-        return K.joint_qk_norm_attention(*args, impl="triton")
-    return K.qk_norm_attention(*args, impl="triton")
+        return K.joint_qk_norm_attention(*args, impl="triton", backend=backend)
+    return K.qk_norm_attention(*args, impl="triton", backend=backend)
+
+
+def _sdpa_backed(*args):
+    return _fused(*args, backend="sdpa")
 
 
 def _run(fn, inputs, cotangents):
@@ -87,11 +91,11 @@ def _run(fn, inputs, cotangents):
     return [o.detach() for o in outs], list(grads)
 
 
-def check(inputs, seed=0):
+def check(inputs, seed=0, ours=_fused):
     probe = _spec(*inputs)
     probe = probe if isinstance(probe, tuple) else (probe,)
     cots = [_randn(p.shape, torch.float64, seed + 100 + i) for i, p in enumerate(probe)]
-    outs_t, grads_t = _run(_fused, inputs, cots)
+    outs_t, grads_t = _run(ours, inputs, cots)
     outs_l, grads_l = _run(_pytorch_lowp, inputs, cots)
     outs_r, grads_r = _run(_spec, [t.double() for t in inputs], cots)
     assert_within_pytorch_error((outs_t, grads_t), (outs_l, grads_l), (outs_r, grads_r))
@@ -99,8 +103,9 @@ def check(inputs, seed=0):
 
 # bf16 everywhere; fp16 on the DiT shape (each (dtype, D, joint) is one more compile of five kernels)
 @pytest.mark.parametrize("case,dtype", [(c, "bf16") for c in CASES] + [("dit-xl", "fp16")])
-def test_qk_norm_attention_gpu(case, dtype):
-    check(_inputs(case, DTYPES[dtype]))
+@pytest.mark.parametrize("backend", ["fused", "sdpa"])
+def test_qk_norm_attention_gpu(case, dtype, backend):
+    check(_inputs(case, DTYPES[dtype]), ours=_fused if backend == "fused" else _sdpa_backed)
 
 
 @pytest.mark.parametrize("index", [1, 2])
@@ -138,10 +143,10 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-def _dit(attn_impl, kernels="reference"):
+def _dit(attn_impl, kernels="reference", input_size=16):
     from archirf.models import DiT
     torch.manual_seed(0)
-    m = DiT(input_size=16, in_channels=4, num_classes=10, patch_size=2, hidden_size=384, depth=2, num_heads=6,
+    m = DiT(input_size=input_size, in_channels=4, num_classes=10, patch_size=2, hidden_size=384, depth=2, num_heads=6,
             class_dropout_prob=0.0, qk_norm=True, attn_impl=attn_impl, kernels=kernels).cuda()
     with torch.no_grad():
         for p in m.parameters():
@@ -155,10 +160,11 @@ def test_dit_bf16_autocast_triton_attention_is_as_accurate_as_sdpa():
     assert_bf16_as_accurate(_dit, baseline="sdpa", fused="triton")
 
 
-def test_dit_qk_norm_compiles_fullgraph_with_the_fused_attention():
+@pytest.mark.parametrize("side", [16, 64], ids=["64-tokens-fused", "1024-tokens-sdpa"])
+def test_dit_qk_norm_compiles_fullgraph_with_the_fused_attention(side):
     torch._dynamo.reset()
-    m = _dit("triton", kernels="auto")
-    x, t, y = torch.randn(4, 4, 16, 16, device="cuda"), torch.rand(4, device="cuda"), torch.arange(4, device="cuda")
+    m = _dit("triton", kernels="auto", input_size=side)
+    x, t, y = torch.randn(4, 4, side, side, device="cuda"), torch.rand(4, device="cuda"), torch.arange(4, device="cuda")
     compiled = torch.compile(m, fullgraph=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager, comp = m(x, t, y), compiled(x, t, y)
