@@ -2,7 +2,7 @@
 prepares a model for training (torchtitan's order):
 
     activation checkpointing per block -> torch.compile per block (fullgraph) -> fully_shard per block
-    -> fully_shard at the root
+    (or per `parallel.blocks_per_shard` blocks) -> fully_shard at the root
 
 Everything runs under torchrun (c10d rendezvous for several nodes); a plain `python -m archirf.train`
 gets a 1-rank process group of its own. A world of one rank takes the same path without the two
@@ -35,6 +35,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 from .config import Config, ConfigError
 from .data.order import stream_seed
@@ -240,8 +241,6 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor (the tensor it holds: no copy, no dispatch); a plain tensor as is."""
-    from torch.distributed.tensor import DTensor
-
     return t._local_tensor if isinstance(t, DTensor) else t
 
 
@@ -270,8 +269,6 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor
     partial norms are combined as DTensor would do it (square, all-reduce sum over the sharded mesh
     dims, square root: on the device, no host sync), but without sending every gradient through
     DTensor dispatch twice per step (the norm and the scaling). The same numbers either way."""
-    from torch.distributed.tensor import DTensor, Shard
-
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())

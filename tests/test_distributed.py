@@ -240,6 +240,20 @@ def test_shard_local_steps_do_not_depend_on_the_world_size(optimizer_paths):
                                                                         rel=1e-5)
 
 
+def test_host_overhead_benchmark_times_every_phase_on_two_ranks(tmp_path):
+    """benchmarks/host_overhead.py runs the trainer's step under torchrun and accounts for its time."""
+    out = tmp_path / "ho.jsonl"
+    torchrun(2, "--steps", "2", "--warmup", "1", "--compile", "off", "--run-dir", str(tmp_path / "run"), "--out", str(out),
+             "--variants", "torch_step;parallel.blocks_per_shard=3+parallel.reshard_after_forward=false",
+             module="benchmarks.host_overhead")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["torch_step", "parallel.blocks_per_shard=3+parallel.reshard_after_forward=false"]
+    for r in rows:
+        assert r["world_size"] == 2 and r["fsdp"] and r["micro_batch"] == 2
+        phases = sum(r[f"{k}_ms"] for k in ("forward_backward", "clip", "optimizer_step", "zero_grad", "ema", "other"))
+        assert phases == pytest.approx(r["host_ms_per_step"], rel=1e-3) and 0 < phases <= r["ms_per_step"] * 1.01
+
+
 def _worker_pids(launcher_pid: int) -> dict[int, int]:
     """rank -> pid of torchrun's worker processes (Linux /proc)."""
     children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
