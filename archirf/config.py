@@ -123,6 +123,7 @@ class ParallelConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     hsdp_replicate: int = 1                      # HSDP: replicas (e.g. nodes); shard within each. 1 = plain FSDP
     reshard_after_forward: bool = True           # free gathered block weights after forward (False: less traffic)
+    blocks_per_shard: int = 1                    # consecutive blocks per fully_shard unit (fewer collectives and hooks)
     shard_single_rank: bool = False              # FSDP2 even on one rank (off: a plain module, less host time per step)
     stop_check_steps: int = 10                   # ranks agree on a stop signal every this many steps (a host sync)
     reference_img_per_s: Optional[float] = None  # one-GPU img/s of this recipe: enables scaling_efficiency in metrics
@@ -293,6 +294,7 @@ def validate(cfg: Config) -> None:
     need(e.half_life_images is None or e.half_life_images > 0, "ema.half_life_images must be > 0")
     q = cfg.parallel
     need(q.hsdp_replicate >= 1, f"parallel.hsdp_replicate must be >= 1 (got {q.hsdp_replicate}; 1 = plain FSDP)")
+    need(q.blocks_per_shard >= 1, f"parallel.blocks_per_shard must be >= 1 (got {q.blocks_per_shard}; 1 = each block)")
     need(q.stop_check_steps >= 1, f"parallel.stop_check_steps must be >= 1 (got {q.stop_check_steps})")
     need(q.reference_img_per_s is None or q.reference_img_per_s > 0,
          "parallel.reference_img_per_s must be > 0 or null (the one-GPU img/s of this recipe)")

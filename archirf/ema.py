@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .parallel import clean_fqn
+from .parallel import clean_fqn, local_tensor as _local
 
 
 def decay_per_step(batch_images: int, half_life_images: Optional[float], decay: Optional[float]) -> float:
@@ -23,11 +23,6 @@ def decay_per_step(batch_images: int, half_life_images: Optional[float], decay: 
     if decay is not None:
         return decay
     return 0.5 ** (batch_images / half_life_images)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a DTensor (a view, no copy); a plain tensor as is."""
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _named_params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -47,7 +42,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, images_seen: int, batch_images: int) -> None:
         params = _named_params(model)
-        src = [_local(params[n].detach()) for n in self.names]
+        src = [_local(params[n]) for n in self.names]  # no grad here: the tensors themselves
         dst = [_local(self.shadow[n]) for n in self.names]
         if images_seen <= self.start_images:
             torch._foreach_copy_(dst, src)

@@ -6,15 +6,52 @@ import math
 
 import torch
 from torch import nn
+from torch.optim.adam import adam
 
 from .config import OptimConfig
+from .parallel import local_tensor as _local
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+class AdamW(torch.optim.AdamW):
+    """torch's fused AdamW, its update run on each parameter's local tensor.
+
+    Under FSDP2 a parameter, its gradient and its two moments are DTensors sharded alike, so the
+    update is element-wise on each rank's shard. torch's step hands all of them to the fused op as
+    DTensors, and DTensor dispatch then checks and propagates the sharding of every tensor of the
+    lists, every step: host time that grows with the number of parameters (it is most of the
+    step's host time outside forward and backward). This step calls the same functional update
+    (torch.optim.adam.adam, fused) on the local tensors: the same kernel on the same numbers, so
+    bitwise the same result. The first step (which creates the state) and anything this does not
+    cover (a closure, amsgrad, not fused) take torch's own step.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if closure is not None or not self._local_step_ready():
+            return super().step(closure)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            states = [self.state[p] for p in params]
+            beta1, beta2 = group["betas"]
+            adam([_local(p) for p in params], [_local(p.grad) for p in params],
+                 [_local(s["exp_avg"]) for s in states], [_local(s["exp_avg_sq"]) for s in states], [],
+                 [_local(s["step"]) for s in states], fused=True, decoupled_weight_decay=group["decoupled_weight_decay"],
+                 grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
+                 amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                 eps=group["eps"], maximize=group["maximize"])
+        return None
+
+    def _local_step_ready(self) -> bool:
+        """Fused, no amsgrad, and every parameter with a gradient has its state already."""
+        return all(group["fused"] and not group["amsgrad"] and not group["differentiable"]
+                   and all(p in self.state for p in group["params"] if p.grad is not None)
+                   for group in self.param_groups)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.type == "cuda"  # one kernel for the whole update on the GPU
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, fused=fused or None)
+    # fused: one kernel for the whole update (CUDA and CPU have one)
+    return AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=True)
 
 
 def lr_at(cfg: OptimConfig, images: int, total_images: int) -> float:

@@ -154,6 +154,106 @@ def test_initial_weights_grad_norm_and_ema_gather_do_not_depend_on_the_world_siz
     assert two["clipped"] == pytest.approx(1e-3, rel=1e-3)  # clipping scaled the global norm down to max_norm
 
 
+_STEP_SCRIPT = '''
+import sys, torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+from torch.distributed.tensor import DTensor
+from archirf import parallel
+from archirf.config import load_config
+from archirf.optim import build_optimizer
+
+cfg = load_config(None, sys.argv[2:])
+paths = {"torch": {}, "local": {}, "grouped": {"parallel.blocks_per_shard": 2, "parallel.reshard_after_forward": False}}
+with parallel.distributed(cfg) as env:
+    out = {}
+    for path, knobs in paths.items():
+        cfg.parallel.blocks_per_shard = knobs.get("parallel.blocks_per_shard", 1)
+        cfg.parallel.reshard_after_forward = knobs.get("parallel.reshard_after_forward", True)
+        model, _ = parallel.build_training_model(cfg, env, param_dtype=None, compile=False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = build_optimizer(model, cfg.optim, env.device)
+        if path == "torch":  # torch's own step and clipping, through DTensor dispatch under FSDP2
+            opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                    weight_decay=cfg.optim.weight_decay, fused=True)
+        gen, norms = torch.Generator().manual_seed(1), []
+        for step in range(3):  # 8 fixed samples a step, split over the ranks
+            x, t = torch.randn(8, 1, 8, 8, generator=gen), torch.rand(8, generator=gen)
+            y = torch.randint(0, 10, (8,), generator=gen)
+            part = slice(env.rank * 8 // env.world_size, (env.rank + 1) * 8 // env.world_size)
+            (model(x[part], t[part], y[part]) - x[part]).square().mean().backward()
+            if path == "torch":
+                norm = torch.nn.utils.clip_grad_norm_(params, 1e-2, foreach=True)
+                norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+            else:
+                norm = parallel.clip_grad_norm_(params, 1e-2)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            norms.append(norm.item())
+        weights, state = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        out[path] = {"norms": norms, "weights": weights, "state": state.get("state")}  # rank 0 holds them
+    if env.is_main:
+        torch.save(out, sys.argv[1])
+'''
+
+
+@pytest.fixture(scope="module")
+def optimizer_paths(tmp_path_factory) -> dict[str, dict]:
+    """Three steps of AdamW (weight decay, clipped) by torch's own step and clip, by the shard-local ones,
+    and by the shard-local ones on grouped fully_shard units: plain on 1 rank, FSDP2 on 1 and 2 ranks."""
+    root = tmp_path_factory.mktemp("optim")
+    script = root / "steps.py"
+    script.write_text(_STEP_SCRIPT)
+    args = [*TINY, "model.depth=3", "model.class_dropout_prob=0", "optim.weight_decay=0.1", "optim.lr=1e-2"]
+    runs = {"plain": (1, []), "fsdp1": (1, ["parallel.shard_single_rank=true"]), "fsdp2": (2, [])}
+    for name, (n, extra) in runs.items():
+        torchrun(n, str(root / f"{name}.pt"), *args, *extra, module=str(script))
+    return {name: torch.load(root / f"{name}.pt") for name in runs}
+
+
+def _flat(tree) -> dict[str, torch.Tensor]:
+    """Nested dicts of tensors -> {dotted key: tensor}."""
+    if isinstance(tree, torch.Tensor):
+        return {"": tree}
+    return {f"{k}.{sub}" if sub else str(k): t for k, v in tree.items() for sub, t in _flat(v).items()}
+
+
+@pytest.mark.parametrize("run", ["plain", "fsdp1", "fsdp2"])
+def test_shard_local_optimizer_and_clip_equal_torchs_own(optimizer_paths, run):
+    """The shard-local AdamW step and clipping take bitwise torch's steps; grouped units the same within fp."""
+    ref, local, grouped = (optimizer_paths[run][p] for p in ("torch", "local", "grouped"))
+    assert ref["norms"][0] > 1e-2 and ref["norms"] == local["norms"]    # clipped, the same global norm
+    assert len(set(ref["norms"])) == 3                                 # the steps moved the weights
+    for key in ("weights", "state"):
+        a, b, c = _flat(ref[key]), _flat(local[key]), _flat(grouped[key])
+        assert a.keys() == b.keys() == c.keys() and len(a) > 10
+        assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+        assert all(torch.allclose(a[k], c[k], rtol=1e-6, atol=1e-7) for k in a)
+    assert grouped["norms"] == pytest.approx(ref["norms"], rel=1e-6)
+
+
+def test_shard_local_steps_do_not_depend_on_the_world_size(optimizer_paths):
+    one, fsdp1, two = (_flat(optimizer_paths[r]["local"]["state"]) for r in ("plain", "fsdp1", "fsdp2"))
+    assert one.keys() == two.keys() == fsdp1.keys()
+    assert all(torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-7) and torch.allclose(one[k], fsdp1[k], rtol=1e-5,
+                                                                                     atol=1e-7) for k in one)
+    assert optimizer_paths["fsdp2"]["local"]["norms"] == pytest.approx(optimizer_paths["plain"]["local"]["norms"],
+                                                                        rel=1e-5)
+
+
+def test_host_overhead_benchmark_times_every_phase_on_two_ranks(tmp_path):
+    """benchmarks/host_overhead.py runs the trainer's step under torchrun and accounts for its time."""
+    out = tmp_path / "ho.jsonl"
+    torchrun(2, "--steps", "2", "--warmup", "1", "--compile", "off", "--run-dir", str(tmp_path / "run"), "--out", str(out),
+             "--variants", "torch_step;parallel.blocks_per_shard=3+parallel.reshard_after_forward=false",
+             module="benchmarks.host_overhead")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["torch_step", "parallel.blocks_per_shard=3+parallel.reshard_after_forward=false"]
+    for r in rows:
+        assert r["world_size"] == 2 and r["fsdp"] and r["micro_batch"] == 2
+        phases = sum(r[f"{k}_ms"] for k in ("forward_backward", "clip", "optimizer_step", "zero_grad", "ema", "other"))
+        assert phases == pytest.approx(r["host_ms_per_step"], rel=1e-3) and 0 < phases <= r["ms_per_step"] * 1.01
+
+
 def _worker_pids(launcher_pid: int) -> dict[int, int]:
     """rank -> pid of torchrun's worker processes (Linux /proc)."""
     children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
@@ -215,6 +315,7 @@ def test_hsdp_replicas_must_divide_the_world_size(tmp_path):
 @pytest.mark.parametrize("override, words", [
     ("parallel.stop_check_steps=0", "parallel.stop_check_steps must be >= 1"),
     ("parallel.hsdp_replicate=0", "parallel.hsdp_replicate must be >= 1"),
+    ("parallel.blocks_per_shard=0", "parallel.blocks_per_shard must be >= 1"),
     ("parallel.reference_img_per_s=0", "parallel.reference_img_per_s must be > 0"),
     ("parallel.activation_checkpointing=some", "none"),
 ])
