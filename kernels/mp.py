@@ -32,6 +32,8 @@ implementations, so torch.compile(fullgraph=True) traces through a model that us
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -575,7 +577,7 @@ def _weight_block(fan_in: int, device: torch.device) -> int:
 def _mp_weight_fwd(w: Tensor, gain: Tensor | None, eps: float, scale: float, out: Tensor | None = None) -> Tensor:
     w = w.contiguous()
     out = torch.empty_like(w) if out is None else out
-    fan_in = w[0].numel()
+    fan_in = math.prod(w.shape[1:])         # (not w[0]: an FSDP2 shard may hold no rows)
     if w.numel():
         _mp_weight_fwd_kernel[(w.shape[0],)](w, gain if gain is not None else w, out, fan_in, scale, eps,
                                              HAS_GAIN=gain is not None,
@@ -585,7 +587,7 @@ def _mp_weight_fwd(w: Tensor, gain: Tensor | None, eps: float, scale: float, out
 
 def _mp_weight_bwd(dout: Tensor, w: Tensor, gain: Tensor | None, eps: float) -> tuple[Tensor, Tensor | None]:
     dout, w = dout.contiguous(), w.contiguous()
-    fan_in = w[0].numel()
+    fan_in = math.prod(w.shape[1:])         # (not w[0]: an FSDP2 shard may hold no rows)
     dw = torch.empty_like(w)
     part = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
     if w.numel():

@@ -153,13 +153,15 @@ def test_forced_weight_normalisation_is_a_step_hook_not_a_forward_write():
     assert torch.equal(before["out_gain"], model.out_gain)  # gains are not normalised
 
 
-def test_forced_weight_normalisation_sharded_equals_unsharded(tmp_path):
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+def test_forced_weight_normalisation_sharded_equals_unsharded(tmp_path, kernels):
     # scripts/edm2_sharded_check.py on 2 gloo ranks with a tiny UNet of odd row counts (a 3-row
-    # out_conv, a 1-row logvar_linear): post_optimizer_step on each rank's local shards equals the
-    # unsharded hook (allclose 1e-6, checked by the script on rank 0, which then saves the weights)
+    # out_conv, a 1-row logvar_linear: rank 1's shard of it holds no rows): post_optimizer_step on each
+    # rank's local shards equals the unsharded hook (allclose 1e-6, checked by the script on rank 0,
+    # which then saves the weights); kernels=triton runs the Triton normalisation (the interpreter here)
     out = tmp_path / "weights.pt"
     shape = ["model.channels=16", "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[4]",
-             "model.channels_per_head=16", "model.kernels=reference", "data.resolution=8", "data.channels=3",
+             "model.channels_per_head=16", f"model.kernels={kernels}", "data.resolution=8", "data.channels=3",
              "data.num_classes=10"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            str(ROOT / "scripts" / "edm2_sharded_check.py"), "--preset", "none", "--out", str(out), *shape]

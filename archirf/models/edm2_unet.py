@@ -328,7 +328,8 @@ class EDM2UNet(nn.Module):
         """Forced weight normalisation (EDM2 Sec. 2.5, Eq. 69): every MPConv weight's rows back to unit
         RMS, in place, on this rank's local part (whole rows under FSDP2). Call after optimizer.step()."""
         for conv in self.mp_convs():
-            K.normalize_weight_(_local(conv.weight))
+            w = _local(conv.weight)
+            K.normalize_weight_(w, impl=_impl(self.kernels, w))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 force_drop_ids: torch.Tensor | None = None, return_logvar: bool = False):
