@@ -51,8 +51,8 @@ Two backends (`backend=`): 'fused', the kernels above; 'sdpa', the prep pass alo
 (archirf_kernels::qk_norm: qhat, khat written (B, N0 + N1, H, D), no softmax scale folded) feeding
 PyTorch's scaled_dot_product_attention (cuDNN first), whose gradients of qhat, khat go through one
 Triton pass of the norm's backward into d(q), d(k) and the weight gradients. The norm then costs two
-memory-bound passes around the fastest attention kernel the installed PyTorch has. 'auto' picks by
-the token count (choose_backend; the crossover is measured, see SDPA_MIN_TOKENS).
+memory-bound passes around the fastest attention kernel the installed PyTorch has. 'auto' picks from
+measurements (choose_backend): SDPA, except joint attention over fewer than JOINT_SDPA_MIN_TOKENS.
 """
 
 from __future__ import annotations
@@ -1212,16 +1212,21 @@ def _sdpa_call(streams, weights, eps, scale, qk_norm):
 
 
 BACKENDS = ("auto", "fused", "sdpa")
-SDPA_MIN_TOKENS = 512   # backend='auto' takes SDPA from this many tokens (N0 + N1) on
+JOINT_SDPA_MIN_TOKENS = 2048   # backend='auto': joint attention takes SDPA from this many tokens (N0 + N1) on
 
 
-def choose_backend(backend: str, n_tokens: int) -> str:
-    """'fused' | 'sdpa' for a call with n_tokens tokens in all (see SDPA_MIN_TOKENS)."""
+def choose_backend(backend: str, n_tokens: int, joint: bool) -> str:
+    """'fused' | 'sdpa' for a call over n_tokens tokens in all, joint or not. 'auto', from the fwd+bwd
+    times of both backends in one run (H200, bf16; benchmarks/results/nvidia-h200/attention.json):
+    single-stream attention takes SDPA (DiT-XL 64x16x256x72: 0.85 vs 0.95 ms; 4x24x4096x64: 3.44 vs
+    3.77; 8x16x2048x128: 2.16 vs 3.24); joint attention keeps the fused kernels below
+    JOINT_SDPA_MIN_TOKENS (16x24x(1024+77)x64: 1.85 vs 2.15 ms), where SDPA's input concatenation and
+    output split cost more than cuDNN's faster attention saves."""
     if backend not in BACKENDS:
         raise ValueError(f"archirf_kernels attention: unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    return "sdpa" if n_tokens >= SDPA_MIN_TOKENS else "fused"
+    return "fused" if joint and n_tokens < JOINT_SDPA_MIN_TOKENS else "sdpa"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1234,7 +1239,7 @@ def _call(qkv, qkv_ctx, weights, eps, scale, qk_norm, backend):
         raise ValueError("archirf_kernels attention: pass both streams packed (B, N, 3, H, D) or both as (q, k, v)")
     streams = [unpack_qkv(qkv), unpack_qkv(qkv_ctx, "qkv_ctx") if qkv_ctx is not None else None]
     n_tokens = streams[0][0].shape[1] + (streams[1][0].shape[1] if qkv_ctx is not None else 0)
-    if choose_backend(backend, n_tokens) == "sdpa":
+    if choose_backend(backend, n_tokens, qkv_ctx is not None) == "sdpa":
         return (*_sdpa_call(streams, weights, (q_eps, k_eps), scale, qk_norm), None)
     D = (qkv.shape[-1] if packed else unpack_qkv(qkv)[0].shape[-1])
     scale = D ** -0.5 if scale is None else float(scale)

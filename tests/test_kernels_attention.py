@@ -5,7 +5,8 @@ packed (B, N, 3, H, D) and the split (q, k, v) layouts, N not a multiple of the 
 power-of-two head dims (16, 64), split ones (72 = 64 + 16 and 40 = 32 + 16, the tails masked) and a
 padded one (24 -> 32), joint streams of unequal lengths (blocks straddling the two), other block
 sizes, qk_norm off, torch.compile (fullgraph=True) of a DiT block, torch.library.opcheck, DiT
-parity, impl dispatch and errors.
+parity, impl dispatch and errors; each with backend='fused' (the flash kernels) and, at the end and in
+the model-level tests, backend='sdpa' (the Triton norm pass + PyTorch's SDPA).
 
 On a CPU machine the kernels run in Triton's interpreter (tests/conftest.py) with 16 x 16 blocks;
 bf16 and DiT-sized shapes are in tests/test_kernels_gpu_attention.py.
@@ -106,7 +107,7 @@ def ids(value):
 def test_qk_norm_attention(dtypes, shape, layout):
     (act, wdt), (B, N, H, D) = DTYPES[dtypes], shape
     inputs = [qkv_input(B, N, H, D, act, 0, layout), *weights(D, wdt, 5)]
-    check_against_reference(lambda *a: K.qk_norm_attention(*a, impl="triton"), reference.qk_norm_attention,
+    check_against_reference(lambda *a: K.qk_norm_attention(*a, impl="triton", backend="fused"), reference.qk_norm_attention,
                             inputs, act)
 
 
@@ -117,7 +118,7 @@ def test_other_head_dims(dtypes, D):
     (act, wdt) = DTYPES[dtypes]
     assert attention.head_split(D) == {40: (32, 16, True), 24: (32, 16, False)}[D]
     inputs = [qkv_input(2, 19, 2, D, act, 7), *weights(D, wdt, 8)]
-    check_against_reference(lambda *a: K.qk_norm_attention(*a, impl="triton"), reference.qk_norm_attention,
+    check_against_reference(lambda *a: K.qk_norm_attention(*a, impl="triton", backend="fused"), reference.qk_norm_attention,
                             inputs, act)
 
 
@@ -139,7 +140,7 @@ def test_other_block_sizes(monkeypatch, blocks):
         monkeypatch.setattr(kernel, "cache", {})
     inputs = [qkv_input(1, 37, 2, 72, torch.float32, 0), qkv_input(1, 11, 2, 72, torch.float32, 1),
               *weights(72, torch.float32, 10, n=4)]
-    check_against_reference(lambda *a: K.joint_qk_norm_attention(*a, impl="triton"),
+    check_against_reference(lambda *a: K.joint_qk_norm_attention(*a, impl="triton", backend="fused"),
                             reference.joint_qk_norm_attention, inputs, torch.float32)
     assert attention._attn_bwd_dkdv_kernel.best_config.kwargs == config.kwargs      # the blocks were used
 
@@ -148,7 +149,7 @@ def test_other_block_sizes(monkeypatch, blocks):
 def test_plain_attention_without_norm(dtype):
     # qk_norm=False compiles the norm out: the same kernels serve plain attention.
     inputs = [qkv_input(2, 17, 2, 72, dtype, 1)]
-    check_against_reference(lambda x: K.qk_norm_attention(x, qk_norm=False, impl="triton"),
+    check_against_reference(lambda x: K.qk_norm_attention(x, qk_norm=False, impl="triton", backend="fused"),
                             lambda x: reference.qk_norm_attention(x, qk_norm=False), inputs, dtype)
 
 
@@ -156,17 +157,17 @@ def test_no_weights_own_eps_and_scale():
     # Weights None (normalise only); distinct q / k eps that matter (rows of RMS ~ 0.03); a custom scale.
     inputs = [_randn((1, 17, 3, 2, 16), torch.float32, 2, std=0.03)]
     kw = dict(eps=(1e-3, 3e-4), scale=0.7)
-    check_against_reference(lambda x: K.qk_norm_attention(x, **kw, impl="triton"),
+    check_against_reference(lambda x: K.qk_norm_attention(x, **kw, impl="triton", backend="fused"),
                             lambda x: reference.qk_norm_attention(x, **kw), inputs, torch.float32)
 
 
 def test_one_token_and_large_logits():
     # One key: P = 1 exactly; weights of 3 make logits of ~ 9 sqrt(D) scale: exp2 without overflow.
-    check_against_reference(lambda *a: K.qk_norm_attention(*a, impl="triton"), reference.qk_norm_attention,
+    check_against_reference(lambda *a: K.qk_norm_attention(*a, impl="triton", backend="fused"), reference.qk_norm_attention,
                             [qkv_input(2, 1, 2, 16, torch.float32, 3), *weights(16, torch.float32, 6)],
                             torch.float32)
     big = [qkv_input(1, 20, 1, 16, torch.float32, 4), *(w * 3 for w in weights(16, torch.float32, 7))]
-    check_against_reference(lambda *a: K.qk_norm_attention(*a, impl="triton"), reference.qk_norm_attention,
+    check_against_reference(lambda *a: K.qk_norm_attention(*a, impl="triton", backend="fused"), reference.qk_norm_attention,
                             big, torch.float32)
 
 
@@ -184,7 +185,7 @@ def test_joint_qk_norm_attention(dtypes, lengths, D, layout):
     B, H = 2, 2
     inputs = [qkv_input(B, n_img, H, D, act, 0, layout), qkv_input(B, n_ctx, H, D, act, 1, layout),
               *weights(D, wdt, 10, n=4)]
-    check_against_reference(lambda *a: K.joint_qk_norm_attention(*a, impl="triton"),
+    check_against_reference(lambda *a: K.joint_qk_norm_attention(*a, impl="triton", backend="fused"),
                             reference.joint_qk_norm_attention, inputs, act)
 
 
@@ -192,13 +193,13 @@ def test_joint_qk_norm_attention(dtypes, lengths, D, layout):
 def test_joint_one_output_used(used):
     inputs = [qkv_input(1, 17, 2, 16, torch.float32, 0), qkv_input(1, 5, 2, 16, torch.float32, 1),
               *weights(16, torch.float32, 10, n=4)]
-    check_against_reference(lambda *a: K.joint_qk_norm_attention(*a, impl="triton"),
+    check_against_reference(lambda *a: K.joint_qk_norm_attention(*a, impl="triton", backend="fused"),
                             reference.joint_qk_norm_attention, inputs, torch.float32, used=used)
 
 
 def test_joint_without_norm():
     inputs = [qkv_input(1, 17, 2, 16, torch.float32, 0), qkv_input(1, 7, 2, 16, torch.float32, 1)]
-    check_against_reference(lambda a, b: K.joint_qk_norm_attention(a, b, qk_norm=False, impl="triton"),
+    check_against_reference(lambda a, b: K.joint_qk_norm_attention(a, b, qk_norm=False, impl="triton", backend="fused"),
                             lambda a, b: reference.joint_qk_norm_attention(a, b, qk_norm=False), inputs,
                             torch.float32)
 
@@ -207,8 +208,8 @@ def test_joint_equals_single_stream_on_the_concatenation():
     # Joint attention over [img, ctx] with shared weights is self-attention over the concatenated tokens.
     qkv_img, qkv_ctx = qkv_input(1, 17, 2, 16, torch.float32, 0), qkv_input(1, 6, 2, 16, torch.float32, 1)
     qw, kw = weights(16, torch.float32, 3)
-    out_img, out_ctx = K.joint_qk_norm_attention(qkv_img, qkv_ctx, qw, kw, qw, kw, impl="triton")
-    out = K.qk_norm_attention(torch.cat([qkv_img, qkv_ctx], dim=1), qw, kw, impl="triton")
+    out_img, out_ctx = K.joint_qk_norm_attention(qkv_img, qkv_ctx, qw, kw, qw, kw, impl="triton", backend="fused")
+    out = K.qk_norm_attention(torch.cat([qkv_img, qkv_ctx], dim=1), qw, kw, impl="triton", backend="fused")
     torch.testing.assert_close(torch.cat([out_img, out_ctx], dim=1), out, atol=2e-6, rtol=0)
 
 
@@ -216,9 +217,16 @@ def test_joint_equals_single_stream_on_the_concatenation():
 # torch.compile, custom-op checks, models
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal
+def pin_backend(monkeypatch, backend):
+    """Models call the ops with backend='auto': make 'auto' mean `backend`."""
+    monkeypatch.setattr(attention, "choose_backend", lambda requested, n, joint: backend)
+
+
+@pytest.mark.parametrize("attn_backend", ["fused", "sdpa"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compile_fullgraph_dit_block(backend):
+def test_compile_fullgraph_dit_block(backend, attn_backend, monkeypatch):
     from archirf.models.dit import DiTBlock
+    pin_backend(monkeypatch, attn_backend)
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = DiTBlock(32, 2, qk_norm=True, attn_impl="triton", kernels="reference").to(DEVICE)
@@ -249,9 +257,11 @@ def test_opcheck(case):
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.parametrize("attn_backend", ["fused", "sdpa"])
 @pytest.mark.parametrize("qk_norm", [True, False], ids=["qk_norm", "plain"])
-def test_dit_triton_attention_matches_reference(qk_norm):
+def test_dit_triton_attention_matches_reference(qk_norm, attn_backend, monkeypatch):
     from archirf.models import DiT
+    pin_backend(monkeypatch, attn_backend)
 
     def model(attn_impl):
         torch.manual_seed(0)
@@ -296,10 +306,10 @@ def test_impl_errors(monkeypatch):
     monkeypatch.setattr(attention, "INTERPRETED", False)          # as on a machine without the interpreter
     monkeypatch.setattr(K.ada_norm, "INTERPRETED", False)
     with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
-        K.joint_qk_norm_attention(qkv, qkv, impl="triton")
+        K.joint_qk_norm_attention(qkv, qkv, impl="triton", backend="fused")
     monkeypatch.setattr(K, "HAS_TRITON", False)
     with pytest.raises(ValueError, match="triton is not installed"):
-        K.qk_norm_attention(qkv, impl="triton")
+        K.qk_norm_attention(qkv, impl="triton", backend="fused")
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -395,9 +405,17 @@ def test_qk_norm_opcheck():
                               [leaf(a) if isinstance(a, torch.Tensor) else a for a in args])
 
 
-def test_choose_backend():
-    assert attention.choose_backend("auto", attention.SDPA_MIN_TOKENS - 1) == "fused"
-    assert attention.choose_backend("auto", attention.SDPA_MIN_TOKENS) == "sdpa"
-    assert attention.choose_backend("fused", 10**6) == "fused"
+def test_choose_backend(monkeypatch):
+    assert attention.choose_backend("auto", 256, joint=False) == "sdpa"
+    assert attention.choose_backend("auto", attention.JOINT_SDPA_MIN_TOKENS - 1, joint=True) == "fused"
+    assert attention.choose_backend("auto", attention.JOINT_SDPA_MIN_TOKENS, joint=True) == "sdpa"
+    assert attention.choose_backend("fused", 10**6, joint=False) == "fused"
+    calls = []                                   # the public entry points dispatch through it
+    monkeypatch.setattr(attention, "choose_backend", lambda *a: calls.append(a) or "fused")
+    K.qk_norm_attention(qkv_input(1, 5, 2, 16, torch.float32, 0), impl="triton")
+    K.joint_qk_norm_attention(qkv_input(1, 5, 2, 16, torch.float32, 0), qkv_input(1, 3, 2, 16, torch.float32, 1),
+                              impl="triton")
+    assert calls == [("auto", 5, False), ("auto", 8, True)]
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="unknown backend 'flash'"):
         K.qk_norm_attention(qkv_input(1, 5, 2, 16, torch.float32, 0), impl="triton", backend="flash")
