@@ -242,9 +242,10 @@ def _attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 def resolve_attn_impl(attn_impl: str, qk_norm: bool = False) -> str:
     """Checks the attention choice at construction -> 'reference' | 'sdpa' | 'triton' | 'auto'.
 
-    'auto' is 'sdpa' for now: measured on an H100 (benchmarks/results/), the fused QK-norm kernel is
-    still slower than torch.compile of rms_norm + SDPA, so it stays opt-in ('triton') until it wins.
-    Forward code keeps the per-call 'auto' branch (Triton on CUDA inputs) for when that flips."""
+    'auto' is 'sdpa': measured on an H100 and an H200 (benchmarks/results/), neither backend of the
+    QK-norm attention op beats torch.compile of rms_norm + SDPA by more than 1%, so the op stays
+    opt-in ('triton'). Forward code keeps the per-call 'auto' branch (Triton on CUDA inputs) for when
+    that flips."""
     if attn_impl not in ATTN_IMPLS:
         raise ValueError(f"unknown attn_impl '{attn_impl}'; choose one of {', '.join(ATTN_IMPLS)}")
     if attn_impl == "triton" and not archirf_kernels.HAS_TRITON:
