@@ -42,9 +42,11 @@ class AdamW(torch.optim.AdamW):
         return None
 
     def _local_step_ready(self) -> bool:
-        """Fused, no amsgrad, and every parameter with a gradient has its state already."""
+        """Fused, no amsgrad / capturable, and every parameter with a gradient has its state already
+        (self.state is a defaultdict: a mere read of state[p] leaves an empty entry behind)."""
         return all(group["fused"] and not group["amsgrad"] and not group["differentiable"]
-                   and all(p in self.state for p in group["params"] if p.grad is not None)
+                   and not group["capturable"]
+                   and all("exp_avg" in self.state.get(p, ()) for p in group["params"] if p.grad is not None)
                    for group in self.param_groups)
 
 

@@ -84,6 +84,13 @@ def gated_residual_ada_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.
     return reference.gated_residual_ada_layer_norm(x, y, gate, shift, scale, weight, bias, eps, norm)
 
 
+def _check_backend(backend: str) -> None:
+    """The attention backend is checked whichever implementation runs (the reference ignores it)."""
+    if backend not in reference.ATTENTION_BACKENDS:
+        raise ValueError(f"archirf_kernels attention: unknown backend '{backend}'; choose one of "
+                         f"{', '.join(reference.ATTENTION_BACKENDS)}")
+
+
 def _first_tensor(qkv) -> torch.Tensor:
     return qkv if isinstance(qkv, torch.Tensor) else qkv[0]
 
@@ -96,6 +103,7 @@ def qk_norm_attention(qkv, q_weight: torch.Tensor | None = None, k_weight: torch
     None; eps one float or (q_eps, k_eps); scale D^-1/2 by default; qk_norm=False: plain attention.
     backend (Triton only): 'fused' (the norm inside the flash kernels), 'sdpa' (a Triton norm pass, then
     PyTorch's SDPA), 'auto' (by sequence length, attention.choose_backend). See reference.qk_norm_attention."""
+    _check_backend(backend)
     if _use_triton(impl, _first_tensor(qkv)):
         return attention.qk_norm_attention(qkv, q_weight, k_weight, eps, scale, qk_norm, backend)
     return reference.qk_norm_attention(qkv, q_weight, k_weight, eps, scale, qk_norm)
@@ -110,6 +118,7 @@ def joint_qk_norm_attention(qkv_img, qkv_ctx, q_weight_img: torch.Tensor | None 
     over the keys [img, ctx] -> (out_img (B, N_img, H*D), out_ctx (B, N_ctx, H*D)); the concatenation
     is never materialised by the fused backend (the sdpa backend concatenates v). backend as in
     qk_norm_attention. See reference.joint_qk_norm_attention."""
+    _check_backend(backend)
     if _use_triton(impl, _first_tensor(qkv_img)):
         return attention.joint_qk_norm_attention(qkv_img, qkv_ctx, q_weight_img, k_weight_img, q_weight_ctx,
                                                  k_weight_ctx, eps, scale, qk_norm, backend)

@@ -41,7 +41,9 @@ It walks the key (query) tiles of the image stream, then of the context stream, 
 pointers; each stream's full tiles run unmasked and its last partial tile masked. The gradients of
 the (D,) weights are reduced per program and stream into fp32 partial rows, one per MIN_BLOCK tokens
 (a program of a larger block writes zeros into its other slots, so the layout is the same for every
-autotuned block size), and summed by torch: no atomics, same bits every run.
+autotuned block size), and summed by torch: no atomics, same bits every run (the fused backend; the
+sdpa backend's attention backward is PyTorch's, whose determinism follows
+torch.use_deterministic_algorithms).
 
 Registered as torch.library custom ops (archirf_kernels::qk_norm_attention for the packed qkv,
 archirf_kernels::qk_norm_attention_split for separate q, k, v) with fake and autograd
@@ -64,7 +66,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .reference import qk_eps, unpack_qkv
+from .reference import ATTENTION_BACKENDS, qk_eps, unpack_qkv
 
 Tensor = torch.Tensor
 
@@ -1211,7 +1213,7 @@ def _sdpa_call(streams, weights, eps, scale, qk_norm):
     return out[:, :n0], out[:, n0:]
 
 
-BACKENDS = ("auto", "fused", "sdpa")
+BACKENDS = ATTENTION_BACKENDS
 JOINT_SDPA_MIN_TOKENS = 2048   # backend='auto': joint attention takes SDPA from this many tokens (N0 + N1) on
 
 

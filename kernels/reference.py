@@ -110,6 +110,10 @@ def unpack_qkv(qkv, name: str = "qkv") -> tuple[torch.Tensor, torch.Tensor, torc
     return q, k, v
 
 
+# The attention ops' Triton backends (archirf_kernels.attention.choose_backend); the reference ignores them.
+ATTENTION_BACKENDS = ("auto", "fused", "sdpa")
+
+
 def qk_eps(eps: float | tuple[float, float]) -> tuple[float, float]:
     """eps of the q and of the k RMSNorm: one float for both, or a pair (q_eps, k_eps)."""
     if isinstance(eps, (tuple, list)):

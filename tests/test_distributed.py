@@ -163,6 +163,16 @@ from archirf.config import load_config
 from archirf.optim import build_optimizer
 
 cfg = load_config(None, sys.argv[2:])
+torch_steps = [0]  # calls of torch's own AdamW.step (the shard-local step makes one, to create the state)
+_step = torch.optim.AdamW.step
+def _counted(self, *args, **kwargs):
+    torch_steps[0] += 1
+    return _step(self, *args, **kwargs)
+torch.optim.AdamW.step = _counted
+def fsdp_units(model):  # distinct FSDP2 parameter groups: one per fully_shard call with parameters
+    from torch.distributed.fsdp import FSDPModule
+    states = [m._get_fsdp_state() for m in model.modules() if isinstance(m, FSDPModule)]
+    return len({id(st._fsdp_param_group) for st in states if st._fsdp_param_group is not None})
 paths = {"torch": {}, "local": {}, "grouped": {"parallel.blocks_per_shard": 2, "parallel.reshard_after_forward": False}}
 with parallel.distributed(cfg) as env:
     out = {}
@@ -175,7 +185,7 @@ with parallel.distributed(cfg) as env:
         if path == "torch":  # torch's own step and clipping, through DTensor dispatch under FSDP2
             opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                     weight_decay=cfg.optim.weight_decay, fused=True)
-        gen, norms = torch.Generator().manual_seed(1), []
+        gen, norms, torch_steps[0] = torch.Generator().manual_seed(1), [], 0
         for step in range(3):  # 8 fixed samples a step, split over the ranks
             x, t = torch.randn(8, 1, 8, 8, generator=gen), torch.rand(8, generator=gen)
             y = torch.randint(0, 10, (8,), generator=gen)
@@ -190,7 +200,8 @@ with parallel.distributed(cfg) as env:
             opt.zero_grad(set_to_none=True)
             norms.append(norm.item())
         weights, state = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        out[path] = {"norms": norms, "weights": weights, "state": state.get("state")}  # rank 0 holds them
+        out[path] = {"norms": norms, "weights": weights, "state": state.get("state"),  # rank 0 holds them
+                     "torch_steps": torch_steps[0], "units": fsdp_units(model)}
     if env.is_main:
         torch.save(out, sys.argv[1])
 '''
@@ -229,6 +240,10 @@ def test_shard_local_optimizer_and_clip_equal_torchs_own(optimizer_paths, run):
         assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
         assert all(torch.allclose(a[k], c[k], rtol=1e-6, atol=1e-7) for k in a)
     assert grouped["norms"] == pytest.approx(ref["norms"], rel=1e-6)
+    # the fast paths ran: torch's step only once (it creates the state), and the blocks grouped
+    assert (ref["torch_steps"], local["torch_steps"], grouped["torch_steps"]) == (3, 1, 1)
+    sharded = run != "plain"                                            # depth 3: 3 units + root, or 2 + root
+    assert (local["units"], grouped["units"]) == ((4, 3) if sharded else (0, 0))
 
 
 def test_shard_local_steps_do_not_depend_on_the_world_size(optimizer_paths):

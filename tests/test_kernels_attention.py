@@ -216,12 +216,12 @@ def test_joint_equals_single_stream_on_the_concatenation():
 # ---------------------------------------------------------------------------------------------
 # torch.compile, custom-op checks, models
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal
 def pin_backend(monkeypatch, backend):
     """Models call the ops with backend='auto': make 'auto' mean `backend`."""
     monkeypatch.setattr(attention, "choose_backend", lambda requested, n, joint: backend)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal
 @pytest.mark.parametrize("attn_backend", ["fused", "sdpa"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compile_fullgraph_dit_block(backend, attn_backend, monkeypatch):
@@ -417,5 +417,9 @@ def test_choose_backend(monkeypatch):
                               impl="triton")
     assert calls == [("auto", 5, False), ("auto", 8, True)]
     monkeypatch.undo()
-    with pytest.raises(ValueError, match="unknown backend 'flash'"):
-        K.qk_norm_attention(qkv_input(1, 5, 2, 16, torch.float32, 0), impl="triton", backend="flash")
+    for impl in ("triton", "reference", "auto"):                  # checked whichever path runs
+        with pytest.raises(ValueError, match="unknown backend 'flash'"):
+            K.qk_norm_attention(qkv_input(1, 5, 2, 16, torch.float32, 0), impl=impl, backend="flash")
+        with pytest.raises(ValueError, match="unknown backend 'flash'"):
+            K.joint_qk_norm_attention(qkv_input(1, 5, 2, 16, torch.float32, 0), qkv_input(1, 3, 2, 16, torch.float32, 1),
+                                      impl=impl, backend="flash")

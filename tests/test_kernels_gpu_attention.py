@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import archirf_kernels as K
 from archirf_kernels import attention, reference
+from test_kernels_attention import pin_backend
 from test_kernels_gpu import assert_bf16_as_accurate, assert_within_pytorch_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -154,14 +155,18 @@ def _dit(attn_impl, kernels="reference", input_size=16):
     return m
 
 
-def test_dit_bf16_autocast_triton_attention_is_as_accurate_as_sdpa():
+@pytest.mark.parametrize("backend", ["fused", "sdpa"])
+def test_dit_bf16_autocast_triton_attention_is_as_accurate_as_sdpa(backend, monkeypatch):
     # The training configuration: bf16 autocast, fp32 parameters (the norm weights reach the kernel in
     # fp32, the qkv projection in bf16). Ground truth: the reference model in fp32, no autocast.
+    pin_backend(monkeypatch, backend)
     assert_bf16_as_accurate(_dit, baseline="sdpa", fused="triton")
 
 
-@pytest.mark.parametrize("side", [16, 64], ids=["64-tokens-fused", "1024-tokens-sdpa"])
-def test_dit_qk_norm_compiles_fullgraph_with_the_fused_attention(side):
+@pytest.mark.parametrize("backend", ["fused", "sdpa"])
+@pytest.mark.parametrize("side", [16, 64], ids=["64-tokens", "1024-tokens"])
+def test_dit_qk_norm_compiles_fullgraph_with_the_fused_attention(side, backend, monkeypatch):
+    pin_backend(monkeypatch, backend)
     torch._dynamo.reset()
     m = _dit("triton", kernels="auto", input_size=side)
     x, t, y = torch.randn(4, 4, side, side, device="cuda"), torch.rand(4, device="cuda"), torch.arange(4, device="cuda")
