@@ -12,3 +12,30 @@ if not torch.cuda.is_available():
     if "archirf_kernels" in sys.modules:
         raise RuntimeError("archirf_kernels was imported before tests/conftest.py set TRITON_INTERPRET=1")
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _strict_interpreted_launches() -> None:
+    """A compiled launch rejects a keyword argument the kernel does not declare (KeyError); Triton's
+    interpreter drops it silently. Make the interpreter as strict for our constexpr names (upper
+    case), so that a launcher passing a stale one fails on the CPU too, not only on a GPU."""
+    import inspect
+
+    from triton.runtime import interpreter
+
+    call = interpreter.GridExecutor.__call__
+    if getattr(call, "_archirf_strict", False):
+        return
+
+    def checked(self, *args, **kwargs):
+        declared = inspect.getfullargspec(self.fn).args
+        unknown = sorted(k for k in kwargs if k not in declared and k.isupper())
+        if unknown:
+            raise TypeError(f"Triton kernel {self.fn.__name__} got arguments it does not declare: {unknown}")
+        return call(self, *args, **kwargs)
+
+    checked._archirf_strict = True
+    interpreter.GridExecutor.__call__ = checked
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _strict_interpreted_launches()

@@ -326,3 +326,21 @@ def test_modules():
     x_new, h = K.GatedResidualAdaLayerNorm(8, eps=1e-5)(x, x, mod, mod, mod)
     ref = reference.gated_residual_ada_layer_norm(x, x, mod, mod, mod, eps=1e-5)
     torch.testing.assert_close((x_new, h), ref, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's strictness (tests/conftest.py)")
+def test_interpreted_launch_rejects_undeclared_constexprs():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def copy(X, Y, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs))
+
+    x = torch.arange(16.0)
+    y = torch.empty_like(x)
+    copy[(1,)](x, y, BLOCK=16)
+    assert torch.equal(x, y)
+    with pytest.raises(TypeError, match=r"does not declare: \['NORM'\]"):
+        copy[(1,)](x, y, BLOCK=16, NORM=True)
