@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import Config, ConfigError
+from ..config import Config
 from .layers import (AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, init_adaln_transformer_,
-                     preset_shape, resolve_kernels, unpatchify)
+                     patch_transformer_shape, resolve_kernels, unpatchify)
 
 # Sizes from DiT Table 1:  hidden_size, depth, num_heads
 _DIT_SIZES = {
@@ -129,15 +129,7 @@ class DiT(nn.Module):
     def from_config(cls, cfg: Config) -> "DiT":
         """Builds from cfg.model (preset overrides hidden_size/depth/num_heads/patch_size) and cfg.data."""
         m, d = cfg.model, cfg.data
-        shape = dict(hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads, patch_size=m.patch_size)
-        if m.preset is not None:
-            shape = preset_shape(DIT_PRESETS, m)
-        if d.resolution % shape["patch_size"]:
-            raise ConfigError(f"data.resolution ({d.resolution}) must be a multiple of the patch size "
-                              f"({shape['patch_size']}{' of ' + m.preset if m.preset else ''})")
-        if shape["hidden_size"] % shape["num_heads"]:
-            raise ConfigError(f"model.hidden_size ({shape['hidden_size']}) must be divisible by "
-                              f"model.num_heads ({shape['num_heads']})")
+        shape = patch_transformer_shape(DIT_PRESETS, cfg, ("hidden_size", "depth", "num_heads", "patch_size"))
         return cls(input_size=d.resolution, in_channels=d.channels, num_classes=d.num_classes,
                    mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout_prob,
                    num_register_tokens=m.num_register_tokens, qk_norm=m.qk_norm, attn_impl=m.attn_impl,

@@ -45,6 +45,20 @@ def preset_shape(presets: dict[str, dict], model_cfg) -> dict:
     return presets[model_cfg.preset]
 
 
+def patch_transformer_shape(presets: dict[str, dict], cfg, keys: tuple[str, ...]) -> dict:
+    """A patch transformer's shape from cfg.model: the `keys` it sets, or its preset's; ConfigError
+    where data.resolution is not a multiple of the patch size or the width not of the head count."""
+    m, d = cfg.model, cfg.data
+    shape = preset_shape(presets, m) if m.preset is not None else {k: getattr(m, k) for k in keys}
+    if d.resolution % shape["patch_size"]:
+        raise ConfigError(f"data.resolution ({d.resolution}) must be a multiple of the patch size "
+                          f"({shape['patch_size']}{' of ' + m.preset if m.preset else ''})")
+    if shape["hidden_size"] % shape["num_heads"]:
+        raise ConfigError(f"model.hidden_size ({shape['hidden_size']}) must be divisible by "
+                          f"model.num_heads ({shape['num_heads']})")
+    return shape
+
+
 def use_fused_kernels(kernels: str, x: torch.Tensor, under_compile: bool = True) -> bool:
     """kernels='triton': always; 'auto': when x is on CUDA, and, for ops with under_compile=False, only
     outside torch.compile. A model does not know its device when it is built, so 'auto' is decided per

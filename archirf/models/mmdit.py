@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from ..config import Config, ConfigError
 from .layers import (AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, PretrainedLabelEmbedder, TimestepEmbedder,
-                     init_adaln_transformer_, joint_attention, preset_shape, resolve_kernels, unpatchify)
+                     init_adaln_transformer_, joint_attention, patch_transformer_shape, resolve_kernels,
+                     unpatchify)
 
 # SD3's scaling family (Esser et al. 2024, Sec. 5.3): width 64 * depth, head width 64, patch 2.
 _SD3_DEPTHS = (15, 18, 21, 24, 30, 38)
@@ -191,16 +192,8 @@ class MMDiT(nn.Module):
         and cfg.data; loads model.class_embeddings when set, unless `class_table` (a saved
         y_embedder.table, null row last) is given: a snapshot or checkpoint carries its own table."""
         m, d = cfg.model, cfg.data
-        shape = dict(hidden_size=m.hidden_size, depth=m.depth, depth_single_blocks=m.depth_single_blocks,
-                     num_heads=m.num_heads, patch_size=m.patch_size)
-        if m.preset is not None:
-            shape = preset_shape(MMDIT_PRESETS, m)
-        if d.resolution % shape["patch_size"]:
-            raise ConfigError(f"data.resolution ({d.resolution}) must be a multiple of the patch size "
-                              f"({shape['patch_size']}{' of ' + m.preset if m.preset else ''})")
-        if shape["hidden_size"] % shape["num_heads"]:
-            raise ConfigError(f"model.hidden_size ({shape['hidden_size']}) must be divisible by "
-                              f"model.num_heads ({shape['num_heads']})")
+        shape = patch_transformer_shape(MMDIT_PRESETS, cfg, ("hidden_size", "depth", "depth_single_blocks",
+                                                             "num_heads", "patch_size"))
         embeddings = None
         if m.class_embeddings:
             embeddings = (class_table[:-1].float() if class_table is not None
