@@ -17,7 +17,7 @@ import torch
 
 import archirf_kernels as K
 from archirf_kernels import attention, reference
-from test_kernels_adaln import DEVICE, _randn, assert_close_to_fp64, assert_compiled_matches
+from test_kernels_adaln import DEVICE, _randn, assert_close_to_fp64, assert_compiled_matches, run_opcheck
 
 # Max error relative to max(1, max |reference|): fp16 rounds q.k's operands, P and dS before each
 # product (as flash attention does), so outputs and gradients inherit fp16's ~5e-4 relative error.
@@ -248,13 +248,14 @@ def _opcheck_cases():
     yield ops.qk_norm_attention.default, (qkv, None, None, None, None, None, 1e-6, 1e-6, 0.25, False)
     yield ops.qk_norm_attention_split.default, (q, k, v, None, None, None, qw, None, None, None, 1e-6, 1e-6, 0.25,
                                                 True)
+    qc, kc, _ = qkv_input(1, 5, 2, 16, torch.float32, 4, layout="split")
+    yield ops.qk_norm.default, (q, k, None, None, qw, kw, None, None, 1e-6, 1e-5)     # backend='sdpa''s norm pass
+    yield ops.qk_norm.default, (q, k, qc, kc, qw, None, qwc, None, 1e-6, 1e-6)
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("case", range(6))
 def test_opcheck(case):
-    op, args = list(_opcheck_cases())[case]
-    args = [leaf(a) if isinstance(a, torch.Tensor) else a for a in args]
-    torch.library.opcheck(op, args)
+    run_opcheck(*list(_opcheck_cases())[case])
 
 
 @pytest.mark.parametrize("attn_backend", ["fused", "sdpa"])
@@ -394,15 +395,6 @@ def test_sdpa_backend_compiles_fullgraph(compiler):
     g_got = torch.autograd.grad(got.square().sum(), ws)
     for a, b in zip(g_got, g_want):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-
-
-def test_qk_norm_opcheck():
-    q, k, _ = qkv_input(1, 9, 2, 16, torch.float32, 3, layout="split")
-    qc, kc, _ = qkv_input(1, 5, 2, 16, torch.float32, 4, layout="split")
-    qw, kw, qwc = weights(16, torch.float32, 2, n=3)
-    for args in ((q, k, None, None, qw, kw, None, None, 1e-6, 1e-5), (q, k, qc, kc, qw, None, qwc, None, 1e-6, 1e-6)):
-        torch.library.opcheck(torch.ops.archirf_kernels.qk_norm.default,
-                              [leaf(a) if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def test_choose_backend(monkeypatch):

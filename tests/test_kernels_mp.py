@@ -12,7 +12,7 @@ import torch
 
 import archirf_kernels as K
 from archirf_kernels import mp, reference
-from test_kernels_adaln import DEVICE, _randn, assert_compiled_matches, check_against_reference, leaf
+from test_kernels_adaln import DEVICE, _randn, assert_compiled_matches, check_against_reference, leaf, run_opcheck
 
 DTYPES = [torch.float32, torch.float16]
 CL = torch.channels_last
@@ -223,9 +223,7 @@ def _opcheck_cases():
 
 @pytest.mark.parametrize("case", range(13))
 def test_opcheck(case):
-    op, args = list(_opcheck_cases())[case]
-    args = [leaf(a) if isinstance(a, torch.Tensor) and "backward" not in str(op) else a for a in args]
-    torch.library.opcheck(op, args)
+    run_opcheck(*list(_opcheck_cases())[case])
 
 
 # ---------------------------------------------------------------------------------------------
