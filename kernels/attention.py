@@ -1188,7 +1188,7 @@ def _sdpa_order():
             SDPBackend.MATH]
 
 
-def _sdpa_call(streams, weights, eps, scale, qk_norm):
+def _sdpa_call(streams, weights, eps, scale: float, qk_norm):
     """backend='sdpa': the Triton norm pass, SDPA, the heads merged; -> (out, out_ctx or None)."""
     from torch.nn.attention import sdpa_kernel
 
@@ -1204,8 +1204,7 @@ def _sdpa_call(streams, weights, eps, scale, qk_norm):
         v = torch.cat([v, ctx[2]], 1)
     B, N, H, D = q.shape
     with sdpa_kernel(_sdpa_order(), set_priority=True):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             scale=D ** -0.5 if scale is None else float(scale))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     out = out.transpose(1, 2).reshape(B, N, H * D)                     # (B, N0 + N1, H*D)
     if not has_ctx:
         return out, None
@@ -1240,18 +1239,13 @@ def _call(qkv, qkv_ctx, weights, eps, scale, qk_norm, backend):
     if qkv_ctx is not None and isinstance(qkv_ctx, Tensor) != packed:
         raise ValueError("archirf_kernels attention: pass both streams packed (B, N, 3, H, D) or both as (q, k, v)")
     streams = [unpack_qkv(qkv), unpack_qkv(qkv_ctx, "qkv_ctx") if qkv_ctx is not None else None]
-    n_tokens = streams[0][0].shape[1] + (streams[1][0].shape[1] if qkv_ctx is not None else 0)
-    if choose_backend(backend, n_tokens, qkv_ctx is not None) == "sdpa":
+    (q, k, v), ctx = streams
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if choose_backend(backend, q.shape[1] + (ctx[0].shape[1] if ctx else 0), ctx is not None) == "sdpa":
         return (*_sdpa_call(streams, weights, (q_eps, k_eps), scale, qk_norm), None)
-    D = (qkv.shape[-1] if packed else unpack_qkv(qkv)[0].shape[-1])
-    scale = D ** -0.5 if scale is None else float(scale)
     if packed:
-        unpack_qkv(qkv)
-        if qkv_ctx is not None:
-            unpack_qkv(qkv_ctx, "qkv_ctx")
         return torch.ops.archirf_kernels.qk_norm_attention(qkv, qkv_ctx, *weights, q_eps, k_eps, scale, qk_norm)
-    q, k, v = unpack_qkv(qkv)
-    qc, kc, vc = unpack_qkv(qkv_ctx, "qkv_ctx") if qkv_ctx is not None else (None, None, None)
+    qc, kc, vc = ctx if ctx else (None, None, None)
     return torch.ops.archirf_kernels.qk_norm_attention_split(q, k, v, qc, kc, vc, *weights, q_eps, k_eps, scale,
                                                                qk_norm)
 
