@@ -36,7 +36,7 @@ class ModelConfig:
     num_register_tokens: int = 4                 # learned extra tokens, dropped at the output
     qk_norm: bool = False                        # RMSNorm of q and k per head (SD3 style)
     class_dropout_prob: float = 0.1              # label dropout for classifier-free guidance
-    attn_impl: Literal["auto", "reference", "sdpa", "triton"] = "auto"  # auto: sdpa
+    attn_impl: Literal["auto", "reference", "sdpa", "triton"] = "auto"  # auto: triton on CUDA, else sdpa
     kernels: Literal["auto", "reference", "triton"] = "auto"             # auto: triton on CUDA (adaLN: eager only)
     # MMDiT
     depth_single_blocks: int = 0                 # single-stream blocks after the `depth` double-stream ones

@@ -3,12 +3,14 @@ DiT-XL/2-comparable size (MMDiT-XL/2: width 1152, 9 double- + 19 single-stream b
 and of DiT-XL/2, on 32×32×4 latents (256² images), batch 64, bf16 autocast, 1000 classes.
 
 Implementations, same process, same initial weights, same inputs:
-  ours       the fused Triton kernels: kernels=triton (adaLN) and attn_impl=triton (QK-norm / joint
-             attention), every block compiled (fullgraph) as the trainer compiles it (parallel.py);
-  ours-sdpa  the fused adaLN kernels with SDPA attention (attn_impl=sdpa), compiled the same way;
-  compiled   the same model in plain PyTorch (kernels=reference, attn_impl=sdpa), compiled the same way:
-             the baseline of the targets;
-  eager      plain PyTorch, not compiled.
+  ours         the trainer's defaults on CUDA: attn_impl=auto (our QK-norm / joint attention op) and
+               kernels=auto (the adaLN steps left to inductor inside the compiled blocks), every block
+               compiled (fullgraph) as the trainer compiles it (parallel.py);
+  ours-triton  every fused Triton kernel forced: kernels=triton (adaLN) and attn_impl=triton;
+  ours-triton-sdpa  the fused adaLN kernels with SDPA attention (kernels=triton, attn_impl=sdpa);
+  compiled     the same model in plain PyTorch (kernels=reference, attn_impl=sdpa), compiled the same
+               way: the baseline of the targets;
+  eager        plain PyTorch, not compiled.
 The model is not wrapped in FSDP (one GPU; the trainer's 1-rank FSDP adds the parameters' bf16 cast).
 
 One round = one optimizer step on a fixed batch: the rectified-flow loss (x_t = (1-t) x + t ε, target
@@ -51,9 +53,10 @@ CASES = {  # name: (model class, constructor arguments)
 }
 SELECTED = os.environ.get("ARCHIRF_BENCH_MODEL_CASES", "mmdit-xl2,dit-xl2").split(",")
 IMPLS = {  # name: (kernels, attn_impl, compiled)
-    "ours": ("triton", "triton", True),
+    "ours": ("auto", "auto", True),
     "compiled": ("reference", "sdpa", True),
-    "ours-sdpa": ("triton", "sdpa", True),
+    "ours-triton": ("triton", "triton", True),
+    "ours-triton-sdpa": ("triton", "sdpa", True),
     "eager": ("reference", "sdpa", False),
 }
 TARGETS = {
@@ -67,11 +70,11 @@ _PEAK: list[float] = []
 
 
 def _params():
-    # ours and compiled of every case first (the targets), so that an ARCHIRF_BENCH_BUDGET_S cut drops the rest
+    # ours, compiled and ours-triton of every case first (the targets), so that an ARCHIRF_BENCH_BUDGET_S cut drops the rest
     for case in SELECTED:
         if case not in CASES:
             raise ValueError(f"ARCHIRF_BENCH_MODEL_CASES: unknown case '{case}'; choose from {', '.join(CASES)}")
-    for impls in (("ours", "compiled"), ("ours-sdpa", "eager")):
+    for impls in (("ours", "compiled", "ours-triton"), ("ours-triton-sdpa", "eager")):
         for case in SELECTED:
             for impl in impls:
                 yield pytest.param(case, impl, id=f"{case}-{impl}")

@@ -49,16 +49,17 @@ Registered as torch.library custom ops (archirf_kernels::qk_norm_attention for t
 archirf_kernels::qk_norm_attention_split for separate q, k, v) with fake and autograd
 implementations, so torch.compile(fullgraph=True) traces through a model that uses them.
 
-Two backends (`backend=`): 'fused', the kernels above; 'sdpa', the prep pass alone as a custom op
-(archirf_kernels::qk_norm: qhat, khat written (B, N0 + N1, H, D), no softmax scale folded) feeding
-PyTorch's scaled_dot_product_attention (cuDNN first), whose gradients of qhat, khat go through one
-Triton pass of the norm's backward into d(q), d(k) and the weight gradients. The norm then costs two
-memory-bound passes around the fastest attention kernel the installed PyTorch has. 'auto' picks from
-measurements (choose_backend): SDPA, except joint attention over fewer than JOINT_SDPA_MIN_TOKENS.
+Two backends (`backend=`): 'fused', the kernels above; 'sdpa', a Triton pass that writes SDPA's
+operands (archirf_kernels::qkv_prep: qhat, khat and a copy of v, (B, N0 + N1, H, D), no softmax scale
+folded; the streams concatenated) feeding PyTorch's scaled_dot_product_attention (cuDNN first),
+whose gradients go through one Triton pass of the norm's backward straight into d(qkv) and the
+weight gradients. The norm then costs two memory-bound passes around the fastest attention kernel
+the installed PyTorch has. 'auto' picks from measurements (choose_backend): SDPA.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -963,6 +964,7 @@ def _packed_setup_context(ctx, inputs, output):
                           out_ctx if qkv_ctx is not None else None, stats)
     ctx.scale, ctx.qk_norm = scale, qk_norm
     ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)   # no zero-filled d(stats); absent output gradients arrive as None
 
 
 def _packed_backward(ctx, dout, dout_ctx, _dstats):
@@ -1033,6 +1035,7 @@ def _split_setup_context(ctx, inputs, output):
                           out_ctx if q_ctx is not None else None, stats)
     ctx.scale, ctx.qk_norm = scale, qk_norm
     ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)   # no zero-filled d(stats); absent output gradients arrive as None
 
 
 def _split_backward(ctx, dout, dout_ctx, _dstats):
@@ -1052,182 +1055,453 @@ _split_op.register_autograd(_split_backward, setup_context=_split_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
-# The SDPA-backed path (backend="sdpa"): the prep pass alone as the norm's forward, writing qhat, khat
-# (no scale folded) as (B, N0 + N1, H, D), the layout SDPA's flash and cuDNN kernels read through a
-# transposed view and whose output merges the heads without a copy; PyTorch's SDPA (cuDNN first, then
-# flash, then memory-efficient, then math) on (qhat, khat, [v, v_ctx]); and one backward pass per row
-# block through the norm from SDPA's d(qhat), d(khat), written straight into d(q), d(k), with the
-# weight-gradient partials. Only the two streams' v are concatenated (one copy of v); SDPA keeps
-# qhat, khat for its backward (the memory of torch.compile(rms_norm + SDPA), which keeps the same).
+# The SDPA-backed path (backend="sdpa"): one Triton pass turns the projections into SDPA's operands,
+#
+#     qhat = q * rq * w_q        khat = k * rk * w_k        vhat = v        (storage dtype)
+#
+# written (B, N0 + N1, H, D) (the streams end to end), the layout SDPA's cuDNN and flash kernels read
+# through a transposed view and whose output merges the heads without a copy; PyTorch's SDPA (cuDNN
+# first) on (qhat, khat, vhat); one backward pass through the norm from SDPA's d(qhat), d(khat), d(vhat)
+# straight into d(qkv) (packed: one (B, N, 3, H, D) buffer, so autograd stacks nothing) and the weight
+# gradients. v is copied so that the pass owns all three operands: a v read by SDPA as a view of qkv
+# would reach d(qkv) through a second autograd path (a zero-filled d(qkv) plus a strided stack), which
+# on the H200 cost more than the copy (benchmarks/profile_attention.py). The joint streams are
+# concatenated by the same pass.
+#
+# Both passes enumerate rows = (b, n, h) flattened, BLOCK_R consecutive rows per program: the heads of
+# one token lie next to each other in every operand, so a program reads and writes contiguous memory
+# (one program per (b, h) walking tokens would stride over H * D). The weight gradients are reduced
+# per program and stream into fp32 partial rows, summed by torch (no atomics: the same bits every run).
+
+# Launch shapes of the sdpa backend's passes ((token, head) rows per block, warps; the backward's
+# programs per SM), from benchmarks/profile_attention.py --prep-sweep on the H200 (bf16, the four
+# benchmark shapes).
+PREP_ROWS = 32
+PREP_WARPS = 4
+PREP_BWD_ROWS = 16
+PREP_BWD_WARPS = 4
+PREP_BWD_PER_SM = 4
+
 
 @triton.jit
-def _norm_bwd_kernel(
-    DQH, DKH, Q0, K0, Q1, K1, DQ0, DK0, DQ1, DK1, RQ, RK, QW0, KW0, QW1, KW1, DQW, DKW,
-    d_b, d_n, d_h,                       # strides of d(qhat), d(khat) (B, N0 + N1, H, D) (shared)
-    s0_b, s0_n, s0_h, g0_b, g0_n, g0_h,  # strides of stream 0's q, k and of their gradients
-    s1_b, s1_n, s1_h, g1_b, g1_n, g1_h,
-    N0, N1, H, S,
-    HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, TAIL: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+def _token_rows(pid, N0, N1, H, n_rows, s0_b, s0_n, s0_h, s1_b, s1_n, s1_h, HAS_CTX: tl.constexpr,
+                BLOCK_R: tl.constexpr, ALIGN: tl.constexpr):
+    """A program's rows of the flattened (b, n, h) grid over [img, ctx]: (rows, mask, whether each is in
+    stream 0, b, n, h, the row's offset in its stream's (B, N, H, D) view (s0_* strides; s1_* for ctx))."""
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)     # pid * BLOCK_R < n_rows + BLOCK_R: int32
+    mask = rows < n_rows
+    h = rows % H
+    t = rows // H
+    N = N0 + N1
+    n = t % N
+    b = t // N
+    first = n < N0
+    off = b * s0_b + n * s0_n + h * s0_h
+    if HAS_CTX:
+        off = tl.where(first, off, b * s1_b + (n - N0) * s1_n + h * s1_h)
+    return rows, mask, first, b, n, h, tl.multiple_of(off, ALIGN)
+
+
+@triton.jit
+def _sel(X0, X1, off, first, HAS_CTX: tl.constexpr):
+    """Per row, the pointer into stream 0's or stream 1's tensor."""
+    if HAS_CTX:
+        return tl.where(first, X0 + off, X1 + off)
+    return X0 + off
+
+
+@triton.jit
+def _row_weight(W0, W1, first, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr,
+                HAS_CTX: tl.constexpr):
+    cols = COL0 + tl.arange(0, WIDTH)
+    w = tl.load(W0 + cols, mask=cols < HEAD_DIM, other=0.0)[None, :]
+    if HAS_CTX:
+        w = tl.where(first[:, None], w, tl.load(W1 + cols, mask=cols < HEAD_DIM, other=0.0)[None, :])
+    return w
+
+
+@triton.jit
+def _rows_prep_kernel(
+    Q0, K0, V0, Q1, K1, V1, QW0, KW0, QW1, KW1,   # each stream's q, k, v (B, N, H, D) views; fp32 weights
+    QH, KH, VH, RQ, RK,                           # (B, N0 + N1, H, D) contiguous; (B * (N0 + N1) * H,) fp32
+    s0_b, s0_n, s0_h, s1_b, s1_n, s1_h, N0, N1, H, n_rows, q_eps, k_eps,
+    NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+    TAIL: tl.constexpr, BLOCK_R: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    pid, bh, b, h, rows, mask, stats = _row_block(N0, N1, H, BLOCK_R)
-    in0, in1 = b * s0_b + h * s0_h, b * s1_b + h * s1_h
-    gr0, gr1 = b * g0_b + h * g0_h, b * g1_b + h * g1_h
-    dw = bh.to(tl.int64) * S * HEAD_DIM
-    d = b * d_b + h * d_h + rows * d_n
-    dqa, dqb = _load_tile(DQH + d, mask, True, HEAD_DIM, DA, DB, TAIL)
-    _input_grad(dqa.to(tl.float32), dqb.to(tl.float32), Q0 + in0, Q1 + in1, DQ0 + gr0, DQ1 + gr1, RQ + stats,
-                QW0, QW1, DQW + dw, rows, mask, pid, N0, S, s0_n, s1_n, g0_n, g1_n, True, HAS_CTX, HEAD_DIM, DA,
-                DB, TAIL, BLOCK_R)
-    dka, dkb = _load_tile(DKH + d, mask, True, HEAD_DIM, DA, DB, TAIL)
-    _input_grad(dka.to(tl.float32), dkb.to(tl.float32), K0 + in0, K1 + in1, DK0 + gr0, DK1 + gr1, RK + stats,
-                KW0, KW1, DKW + dw, rows, mask, pid, N0, S, s0_n, s1_n, g0_n, g1_n, True, HAS_CTX, HEAD_DIM, DA,
-                DB, TAIL, BLOCK_R)
+    rows, mask, first, _, _, _, off = _token_rows(tl.program_id(0), N0, N1, H, n_rows, s0_b, s0_n, s0_h, s1_b,
+                                                  s1_n, s1_h, HAS_CTX, BLOCK_R, ALIGN)
+    dst = rows * HEAD_DIM
+    va, vb = _load_tile(_sel(V0, V1, off, first, HAS_CTX), mask, True, HEAD_DIM, DA, DB, TAIL)
+    _store_tile(VH + dst, mask, va, vb, HEAD_DIM, DA, DB, TAIL)
+    qa, qb = _load_tile(_sel(Q0, Q1, off, first, HAS_CTX), mask, True, HEAD_DIM, DA, DB, TAIL)
+    ka, kb = _load_tile(_sel(K0, K1, off, first, HAS_CTX), mask, True, HEAD_DIM, DA, DB, TAIL)
+    if NORM:
+        rq = tl.math.rsqrt(_row_dot(qa, qb, qa, qb, TAIL) / HEAD_DIM + q_eps)
+        rk = tl.math.rsqrt(_row_dot(ka, kb, ka, kb, TAIL) / HEAD_DIM + k_eps)
+        tl.store(RQ + rows, rq, mask=mask)
+        tl.store(RK + rows, rk, mask=mask)
+        qa = qa.to(tl.float32) * rq[:, None] * _row_weight(QW0, QW1, first, 0, DA, HEAD_DIM, HAS_CTX)
+        ka = ka.to(tl.float32) * rk[:, None] * _row_weight(KW0, KW1, first, 0, DA, HEAD_DIM, HAS_CTX)
+        if TAIL:
+            qb = qb.to(tl.float32) * rq[:, None] * _row_weight(QW0, QW1, first, DA, DB, HEAD_DIM, HAS_CTX)
+            kb = kb.to(tl.float32) * rk[:, None] * _row_weight(KW0, KW1, first, DA, DB, HEAD_DIM, HAS_CTX)
+    _store_tile(QH + dst, mask, qa, qb, HEAD_DIM, DA, DB, TAIL)
+    _store_tile(KH + dst, mask, ka, kb, HEAD_DIM, DA, DB, TAIL)
 
 
-def _qk_streams(q, k, q_ctx, k_ctx):
-    """(q, k, v) stream tuples for _Launch from the raw q, k views (v unused: q stands in)."""
-    return [(q, k, q), (q_ctx, k_ctx, q_ctx) if q_ctx is not None else None]
+@triton.jit
+def _rows_norm_grad(DH, X0, X1, DX0, DX1, R, W0, W1, rows, mask, first, off, goff, NORM: tl.constexpr,
+                    HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                    TAIL: tl.constexpr):
+    """d(xhat) at DH (rows' pointers) through xhat = x * r * w into dx (at DX0 / DX1 + goff):
+    dx = r * (dn - xn * mean_D(xn * dn)), dn = d(xhat) * w, xn = x * r. Returns the rows' terms of the
+    weight gradient, d(xhat) * xn, per column part (fp32; zero in masked rows). Without the norm
+    dx = d(xhat) (and the terms are unused)."""
+    da, db = _load_tile(DH, mask, True, HEAD_DIM, DA, DB, TAIL)
+    ga, gb = da.to(tl.float32), db.to(tl.float32)
+    if NORM:
+        r = tl.load(R + rows, mask=mask, other=0.0)
+        xa, xb = _load_tile(_sel(X0, X1, off, first, HAS_CTX), mask, True, HEAD_DIM, DA, DB, TAIL)
+        da = da.to(tl.float32)
+        xna = xa.to(tl.float32) * r[:, None]
+        dna = da * _row_weight(W0, W1, first, 0, DA, HEAD_DIM, HAS_CTX)
+        dot = tl.sum(xna * dna, 1)
+        ga = da * xna
+        xnb, dnb = xna, dna
+        if TAIL:
+            db = db.to(tl.float32)
+            xnb = xb.to(tl.float32) * r[:, None]
+            dnb = db * _row_weight(W0, W1, first, DA, DB, HEAD_DIM, HAS_CTX)
+            dot += tl.sum(xnb * dnb, 1)
+            gb = db * xnb
+        mean = (dot / HEAD_DIM)[:, None]
+        da, db = r[:, None] * (dna - xna * mean), r[:, None] * (dnb - xnb * mean)
+    _store_tile(_sel(DX0, DX1, goff, first, HAS_CTX), mask, da, db, HEAD_DIM, DA, DB, TAIL)
+    return ga, gb
 
 
-def _norm_forward(streams, weights, q_eps: float, k_eps: float):
-    """-> (qhat, khat) (B, N0 + N1, H, D) in the storage dtype, rstats (2, B*H, N0 + N1) fp32 = [rq, rk]."""
-    L = _Launch(streams, weights, True)
-    qhat = _alloc((L.B, L.N, L.H, L.D), L.dtype, L.device)
-    khat = _alloc((L.B, L.N, L.H, L.D), L.dtype, L.device)
-    rstats = _alloc((2, L.B * L.H, L.N), torch.float32, L.device)
+@triton.jit
+def _split_acc(acc0, acc1, g, first, HAS_CTX: tl.constexpr):
+    """Add the rows' terms g to stream 0's accumulator and (with a context stream) stream 1's."""
+    if HAS_CTX:
+        return acc0 + tl.where(first[:, None], g, 0.0), acc1 + tl.where(first[:, None], 0.0, g)
+    return acc0 + g, acc1
+
+
+@triton.jit
+def _store_partial(DW, slot, acc, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
+    cols = COL0 + tl.arange(0, WIDTH)
+    tl.store(DW + slot * HEAD_DIM + cols, tl.sum(acc, 0), mask=cols < HEAD_DIM)
+
+
+@triton.jit
+def _rows_prep_bwd_kernel(
+    DQH, DKH, DVH,                          # d(qhat), d(khat), d(vhat): (B, N0 + N1, H, D) views
+    Q0, K0, Q1, K1, DQ0, DK0, DV0, DQ1, DK1, DV1, RQ, RK, QW0, KW0, QW1, KW1, DQW, DKW,
+    dq_b, dq_n, dq_h, dk_b, dk_n, dk_h, dv_b, dv_n, dv_h,
+    s0_b, s0_n, s0_h, g0_b, g0_n, g0_h,     # strides of stream 0's q, k and of their gradients
+    s1_b, s1_n, s1_h, g1_b, g1_n, g1_h,
+    N0, N1, H, n_rows, n_blocks,
+    NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+    TAIL: tl.constexpr, BLOCK_R: tl.constexpr, ALIGN: tl.constexpr,
+):
+    """Persistent: each program walks row blocks pid, pid + programs, ... and keeps the weight-gradient
+    terms in 2-D fp32 accumulators, reduced over rows once at the end into its partial rows of DQW, DKW
+    (programs, streams, D): a reduction across rows per block (through shared memory) ran the pass at
+    a quarter of the forward's bandwidth on the H200."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    q0a = tl.zeros([BLOCK_R, DA], tl.float32)
+    q0b = tl.zeros([BLOCK_R, DB], tl.float32)
+    q1a, k0a, k1a = q0a, q0a, q0a
+    q1b, k0b, k1b = q0b, q0b, q0b
+    for blk in range(pid, n_blocks, programs):
+        rows, mask, first, b, n, h, off = _token_rows(blk, N0, N1, H, n_rows, s0_b, s0_n, s0_h, s1_b, s1_n, s1_h,
+                                                      HAS_CTX, BLOCK_R, ALIGN)
+        goff = b * g0_b + n * g0_n + h * g0_h
+        if HAS_CTX:
+            goff = tl.where(first, goff, b * g1_b + (n - N0) * g1_n + h * g1_h)
+        goff = tl.multiple_of(goff, ALIGN)
+        dva, dvb = _load_tile(DVH + tl.multiple_of(b * dv_b + n * dv_n + h * dv_h, ALIGN), mask, True, HEAD_DIM, DA,
+                              DB, TAIL)
+        _store_tile(_sel(DV0, DV1, goff, first, HAS_CTX), mask, dva, dvb, HEAD_DIM, DA, DB, TAIL)
+        dq = tl.multiple_of(b * dq_b + n * dq_n + h * dq_h, ALIGN)
+        ga, gb = _rows_norm_grad(DQH + dq, Q0, Q1, DQ0, DQ1, RQ, QW0, QW1, rows, mask, first, off, goff, NORM, HAS_CTX,
+                                 HEAD_DIM, DA, DB, TAIL)
+        if NORM:
+            q0a, q1a = _split_acc(q0a, q1a, ga, first, HAS_CTX)
+            if TAIL:
+                q0b, q1b = _split_acc(q0b, q1b, gb, first, HAS_CTX)
+        dk = tl.multiple_of(b * dk_b + n * dk_n + h * dk_h, ALIGN)
+        ga, gb = _rows_norm_grad(DKH + dk, K0, K1, DK0, DK1, RK, KW0, KW1, rows, mask, first, off, goff, NORM, HAS_CTX,
+                                 HEAD_DIM, DA, DB, TAIL)
+        if NORM:
+            k0a, k1a = _split_acc(k0a, k1a, ga, first, HAS_CTX)
+            if TAIL:
+                k0b, k1b = _split_acc(k0b, k1b, gb, first, HAS_CTX)
+    if NORM:
+        slot = pid.to(tl.int64) * (1 + HAS_CTX)
+        _store_partial(DQW, slot, q0a, 0, DA, HEAD_DIM)
+        _store_partial(DKW, slot, k0a, 0, DA, HEAD_DIM)
+        if TAIL:
+            _store_partial(DQW, slot, q0b, DA, DB, HEAD_DIM)
+            _store_partial(DKW, slot, k0b, DA, DB, HEAD_DIM)
+        if HAS_CTX:
+            _store_partial(DQW, slot + 1, q1a, 0, DA, HEAD_DIM)
+            _store_partial(DKW, slot + 1, k1a, 0, DA, HEAD_DIM)
+            if TAIL:
+                _store_partial(DQW, slot + 1, q1b, DA, DB, HEAD_DIM)
+                _store_partial(DKW, slot + 1, k1b, DA, DB, HEAD_DIM)
+
+
+def _align(tensors) -> int:
+    """The largest power of two, up to 16 bytes' worth of elements, dividing every (B, N, H) stride and
+    the address (in elements) of every tensor: the row offsets' divisibility, passed as the ALIGN
+    constexpr so that the compiler vectorises the rows' loads and stores. Triton specialises only
+    integers divisible by 16; DiT-XL's head stride 72 is not, and without the hint the D = 72 backward
+    ran at a quarter of the D = 64 bandwidth on the H200."""
+    g = 16 // tensors[0].element_size()
+    for t in tensors:
+        g = math.gcd(g, t.data_ptr() // t.element_size(), *_bnh(t))
+    return g & -g if g else 1
+
+
+_SMS: dict = {}
+
+
+def _bwd_programs(n_blocks: int, device: torch.device) -> int:
+    """The backward's persistent grid: PREP_BWD_PER_SM programs per SM (the interpreter: a few, so that
+    the CPU tests walk several blocks per program), never more than there are blocks."""
+    if INTERPRETED or device.type != "cuda":
+        return max(1, min(n_blocks, 3))
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_blocks, _SMS[device] * PREP_BWD_PER_SM))
+
+
+def _prep_forward(streams, weights, q_eps: float, k_eps: float, qk_norm: bool):
+    """-> qhat, khat, vhat (B, N0 + N1, H, D) in the storage dtype, rstats (2, B * (N0 + N1) * H) fp32
+    ([rq, rk]; (2, 0) without the norm)."""
+    L = _Launch(streams, weights, qk_norm)
+    hats = [_alloc((L.B, L.N, L.H, L.D), L.dtype, L.device) for _ in range(3)]
+    n_rows = L.B * L.N * L.H
+    rstats = _alloc((2, n_rows if qk_norm else 0), torch.float32, L.device)
+    rq, rk = (rstats[0], rstats[1]) if qk_norm else (hats[0], hats[0])
     if not L.empty():
-        _prep_kernel[(triton.cdiv(L.N, ROWSTAT_ROWS), L.B * L.H)](
-            L.s0[0], L.s0[1], L.s1[0], L.s1[1], *L.w, qhat, qhat, qhat, qhat, qhat, khat, rstats[0], rstats[1],
-            rstats[0], *L.strides, L.N * L.H * L.D, L.H * L.D, L.D, L.N0, L.N1, L.H, q_eps, k_eps, 1.0,
-            BACKWARD=False, BLOCK_R=ROWSTAT_ROWS, num_warps=4, **L.dims)
-    return qhat, khat, rstats
+        (q0, k0, v0), (q1, k1, v1) = L.s0, L.s1
+        _rows_prep_kernel[(triton.cdiv(n_rows, PREP_ROWS),)](
+            q0, k0, v0, q1, k1, v1, *L.w, *hats, rq, rk, *L.strides, L.N0, L.N1, L.H, n_rows, q_eps, k_eps,
+            BLOCK_R=PREP_ROWS, ALIGN=_align([*L.s0, *L.s1]), num_warps=PREP_WARPS, **L.dims)
+    return (*hats, rstats)
 
 
-def _norm_backward_launch(dqhat, dkhat, streams, weights, rstats, grads):
-    """grads: per stream a (dq, dk) pair of preallocated (B, N, H, D) views with shared strides. Fills
-    them and returns the four weight gradients (the weights' dtypes; None where the weight is None)."""
-    L = _Launch(streams, weights, True)
+def _prep_backward(dhats, streams, weights, rstats, grads, qk_norm: bool) -> Tensor:
+    """dhats: d(qhat), d(khat), d(vhat) (None: zero); grads: per stream a (dq, dk, dv) triple of
+    preallocated (B, N, H, D) views with shared strides. Fills them and returns the weight gradients as
+    one fp32 tensor (2 = [q, k], streams, D), summed from the programs' partial rows by one reduction
+    ((0,) without the norm)."""
+    L = _Launch(streams, weights, qk_norm)
     g0 = grads[0]
     g1 = grads[1] if L.has_ctx else g0
-    dqhat, dkhat = _unit_d(dqhat), _unit_d(dkhat)
-    if dkhat.stride() != dqhat.stride():
-        dqhat, dkhat = dqhat.contiguous(), dkhat.contiguous()
-    S, dqw, dkw = L.weight_partials()
+    shape = (L.B, L.N, L.H, L.D)
+    dhats = [_unit_d(d) if d is not None else torch.zeros(shape, dtype=L.dtype, device=L.device) for d in dhats]
+    n_rows = L.B * L.N * L.H
+    n_blocks = triton.cdiv(n_rows, PREP_BWD_ROWS)
+    programs = _bwd_programs(n_blocks, L.device)
+    partials = _alloc((2, programs, 1 + L.has_ctx, L.D), torch.float32, L.device)     # [q, k]
+    rq, rk = (rstats[0], rstats[1]) if qk_norm else (partials, partials)
     if not L.empty():
-        _norm_bwd_kernel[(triton.cdiv(L.N, ROWSTAT_ROWS), L.B * L.H)](
-            dqhat, dkhat, L.s0[0], L.s0[1], L.s1[0], L.s1[1], g0[0], g0[1], g1[0], g1[1], rstats[0], rstats[1],
-            *L.w, dqw, dkw, dqhat.stride(0), dqhat.stride(1), dqhat.stride(2), *_bnh(L.s0[0]), *_bnh(g0[0]),
-            *_bnh(L.s1[0]), *_bnh(g1[0]), L.N0, L.N1, L.H, S, BLOCK_R=ROWSTAT_ROWS, num_warps=4,
-            **{k: v for k, v in L.dims.items() if k != "NORM"})
-    return L.weight_grads(dqw, dkw, weights)
+        _rows_prep_bwd_kernel[(programs,)](
+            *dhats, L.s0[0], L.s0[1], L.s1[0], L.s1[1], *g0, *g1, rq, rk, *L.w, partials[0], partials[1],
+            *(s for d in dhats for s in _bnh(d)), *_bnh(L.s0[0]), *_bnh(g0[0]), *_bnh(L.s1[0]), *_bnh(g1[0]),
+            L.N0, L.N1, L.H, n_rows, n_blocks, BLOCK_R=PREP_BWD_ROWS,
+            ALIGN=_align([*L.s0, *L.s1, *g0, *g1, *dhats]), num_warps=PREP_BWD_WARPS, **L.dims)
+    elif qk_norm:
+        partials.zero_()
+    return partials.sum(1) if qk_norm else partials.new_empty(_EMPTY)
 
 
-@torch.library.custom_op("archirf_kernels::qk_norm", mutates_args=())
-def _norm_op(q: Tensor, k: Tensor, q_ctx: Tensor | None, k_ctx: Tensor | None, q_weight: Tensor | None,
-             k_weight: Tensor | None, q_weight_ctx: Tensor | None, k_weight_ctx: Tensor | None, q_eps: float,
-             k_eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    streams = _qk_streams(q, k, q_ctx, k_ctx)
-    weights = (q_weight, k_weight, q_weight_ctx, k_weight_ctx)
-    _check(streams, weights, True)
-    return _norm_forward(streams, weights, q_eps, k_eps)
+def _weight_grads(dw: Tensor, weights, qk_norm: bool) -> list[Tensor | None]:
+    """The backward op's (2, streams, D) weight gradients as [dq_weight, dk_weight, dq_weight_ctx,
+    dk_weight_ctx] in the weights' dtypes (None where a weight is None or without the norm)."""
+    if not qk_norm:
+        return [None] * 4
+    grads = [dw[0, 0], dw[1, 0], dw[0, -1], dw[1, -1]]
+    return [g.to(w.dtype) if w is not None else None for g, w in zip(grads, weights)]
 
 
-@_norm_op.register_fake
-def _(q, k, q_ctx, k_ctx, q_weight, k_weight, q_weight_ctx, k_weight_ctx, q_eps, k_eps):
-    _check(_qk_streams(q, k, q_ctx, k_ctx), (q_weight, k_weight, q_weight_ctx, k_weight_ctx), True)
+def _prep_fake(q: Tensor, q_ctx: Tensor | None, qk_norm: bool):
     B, N, H, D = q.shape
     N += q_ctx.shape[1] if q_ctx is not None else 0
-    return q.new_empty((B, N, H, D)), q.new_empty((B, N, H, D)), q.new_empty((2, B * H, N), dtype=torch.float32)
+    return (*(q.new_empty((B, N, H, D)) for _ in range(3)),
+            q.new_empty((2, B * N * H if qk_norm else 0), dtype=torch.float32))
 
 
-@torch.library.custom_op("archirf_kernels::qk_norm_backward", mutates_args=())
-def _norm_backward_op(dqhat: Tensor, dkhat: Tensor, q: Tensor, k: Tensor, q_ctx: Tensor | None,
-                      k_ctx: Tensor | None, q_weight: Tensor | None, k_weight: Tensor | None,
-                      q_weight_ctx: Tensor | None, k_weight_ctx: Tensor | None,
-                      rstats: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    has_ctx = q_ctx is not None
+def _weight_grads_fake(qkv_ctx: Tensor | None, qk_norm: bool, like: Tensor) -> Tensor:
+    if not qk_norm:
+        return like.new_empty(_EMPTY)
+    return like.new_empty((2, 1 + (qkv_ctx is not None), like.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("archirf_kernels::qkv_prep", mutates_args=())
+def _prep_packed_op(qkv: Tensor, qkv_ctx: Tensor | None, q_weight: Tensor | None, k_weight: Tensor | None,
+                    q_weight_ctx: Tensor | None, k_weight_ctx: Tensor | None, q_eps: float, k_eps: float,
+                    qk_norm: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    streams = _packed_streams(qkv, qkv_ctx)
     weights = (q_weight, k_weight, q_weight_ctx, k_weight_ctx)
-    grads = [(_alloc(q.shape, q.dtype, q.device), _alloc(k.shape, k.dtype, k.device)),
-             (_alloc(q_ctx.shape, q.dtype, q.device), _alloc(k_ctx.shape, k.dtype, k.device)) if has_ctx else None]
-    dws = _norm_backward_launch(dqhat, dkhat, _qk_streams(q, k, q_ctx, k_ctx), weights, rstats, grads)
-    ctx_grads = grads[1] if has_ctx else (q.new_empty(_EMPTY), q.new_empty(_EMPTY))
-    return (*grads[0], *ctx_grads, *(_empty_if_none(d, q) for d in dws))
+    _check(streams, weights, qk_norm)
+    return _prep_forward(streams, weights, q_eps, k_eps, qk_norm)
 
 
-@_norm_backward_op.register_fake
-def _(dqhat, dkhat, q, k, q_ctx, k_ctx, q_weight, k_weight, q_weight_ctx, k_weight_ctx, rstats):
-    ctx_grads = tuple(t.new_empty(t.shape) if t is not None else q.new_empty(_EMPTY) for t in (q_ctx, k_ctx))
-    return (q.new_empty(q.shape), k.new_empty(k.shape), *ctx_grads,
-            *(w.new_empty(w.shape) if w is not None else q.new_empty(_EMPTY)
-              for w in (q_weight, k_weight, q_weight_ctx, k_weight_ctx)))
+@_prep_packed_op.register_fake
+def _(qkv, qkv_ctx, q_weight, k_weight, q_weight_ctx, k_weight_ctx, q_eps, k_eps, qk_norm):
+    streams = _packed_streams(qkv, qkv_ctx)
+    _check(streams, (q_weight, k_weight, q_weight_ctx, k_weight_ctx), qk_norm)
+    return _prep_fake(streams[0][0], streams[1][0] if streams[1] is not None else None, qk_norm)
 
 
-def _norm_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:8], output[2])
-    ctx.mark_non_differentiable(output[2])
+@torch.library.custom_op("archirf_kernels::qkv_prep_backward", mutates_args=())
+def _prep_packed_backward_op(dqhat: Tensor | None, dkhat: Tensor | None, dvhat: Tensor | None, qkv: Tensor,
+                             qkv_ctx: Tensor | None, q_weight: Tensor | None, k_weight: Tensor | None,
+                             q_weight_ctx: Tensor | None, k_weight_ctx: Tensor | None, rstats: Tensor,
+                             qk_norm: bool) -> tuple[Tensor, Tensor, Tensor]:
+    weights = (q_weight, k_weight, q_weight_ctx, k_weight_ctx)
+    dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
+    dqkv_ctx = _alloc(qkv_ctx.shape, qkv_ctx.dtype, qkv_ctx.device) if qkv_ctx is not None else None
+    grads = [dqkv.unbind(2), dqkv_ctx.unbind(2) if dqkv_ctx is not None else None]
+    dw = _prep_backward((dqhat, dkhat, dvhat), _packed_streams(qkv, qkv_ctx), weights, rstats, grads, qk_norm)
+    return dqkv, _empty_if_none(dqkv_ctx, qkv), dw
 
 
-def _norm_op_backward(ctx, dqhat, dkhat, _drstats):
-    q, k, q_ctx, k_ctx, *weights, rstats = ctx.saved_tensors
+@_prep_packed_backward_op.register_fake
+def _(dqhat, dkhat, dvhat, qkv, qkv_ctx, q_weight, k_weight, q_weight_ctx, k_weight_ctx, rstats, qk_norm):
+    dqkv_ctx = qkv_ctx.new_empty(qkv_ctx.shape) if qkv_ctx is not None else qkv.new_empty(_EMPTY)
+    return qkv.new_empty(qkv.shape), dqkv_ctx, _weight_grads_fake(qkv_ctx, qk_norm, qkv)
+
+
+def _prep_setup_context(n_tensors: int):
+    """setup_context of a prep op whose first n_tensors inputs are the tensors its backward needs,
+    followed by q_eps, k_eps, qk_norm."""
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:n_tensors], output[3])
+        ctx.qk_norm = inputs[n_tensors + 2]
+        ctx.mark_non_differentiable(output[3])
+        ctx.set_materialize_grads(False)   # no zero-filled d(rstats); absent gradients arrive as None
+    return setup_context
+
+
+def _prep_packed_backward(ctx, dqhat, dkhat, dvhat, _drstats):
+    qkv, qkv_ctx, *weights, rstats = ctx.saved_tensors
+    has_ctx = qkv_ctx is not None
+    dqkv, dqkv_ctx, dw = torch.ops.archirf_kernels.qkv_prep_backward(dqhat, dkhat, dvhat, qkv, qkv_ctx, *weights,
+                                                                      rstats, ctx.qk_norm)
+    return (dqkv, _none_if_empty(dqkv_ctx, has_ctx), *_weight_grads(dw, weights, ctx.qk_norm), None, None, None)
+
+
+_prep_packed_op.register_autograd(_prep_packed_backward, setup_context=_prep_setup_context(6))
+
+
+@torch.library.custom_op("archirf_kernels::qkv_prep_split", mutates_args=())
+def _prep_split_op(q: Tensor, k: Tensor, v: Tensor, q_ctx: Tensor | None, k_ctx: Tensor | None,
+                   v_ctx: Tensor | None, q_weight: Tensor | None, k_weight: Tensor | None,
+                   q_weight_ctx: Tensor | None, k_weight_ctx: Tensor | None, q_eps: float, k_eps: float,
+                   qk_norm: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    streams = [(q, k, v), (q_ctx, k_ctx, v_ctx) if q_ctx is not None else None]
+    weights = (q_weight, k_weight, q_weight_ctx, k_weight_ctx)
+    _check(streams, weights, qk_norm)
+    return _prep_forward(streams, weights, q_eps, k_eps, qk_norm)
+
+
+@_prep_split_op.register_fake
+def _(q, k, v, q_ctx, k_ctx, v_ctx, q_weight, k_weight, q_weight_ctx, k_weight_ctx, q_eps, k_eps, qk_norm):
+    streams = [(q, k, v), (q_ctx, k_ctx, v_ctx) if q_ctx is not None else None]
+    _check(streams, (q_weight, k_weight, q_weight_ctx, k_weight_ctx), qk_norm)
+    return _prep_fake(q, q_ctx, qk_norm)
+
+
+@torch.library.custom_op("archirf_kernels::qkv_prep_split_backward", mutates_args=())
+def _prep_split_backward_op(dqhat: Tensor | None, dkhat: Tensor | None, dvhat: Tensor | None, q: Tensor, k: Tensor,
+                            v: Tensor, q_ctx: Tensor | None, k_ctx: Tensor | None, v_ctx: Tensor | None,
+                            q_weight: Tensor | None, k_weight: Tensor | None, q_weight_ctx: Tensor | None,
+                            k_weight_ctx: Tensor | None, rstats: Tensor,
+                            qk_norm: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     has_ctx = q_ctx is not None
-    grads = torch.ops.archirf_kernels.qk_norm_backward(dqhat, dkhat, q, k, q_ctx, k_ctx, *weights, rstats)
-    dws = [_none_if_empty(d, w is not None) for d, w in zip(grads[4:], weights)]
-    return (*grads[:2], *(grads[2:4] if has_ctx else (None, None)), *dws, None, None)
+    streams = [(q, k, v), (q_ctx, k_ctx, v_ctx) if has_ctx else None]
+    weights = (q_weight, k_weight, q_weight_ctx, k_weight_ctx)
+    grads = [tuple(_alloc(q.shape, q.dtype, q.device) for _ in range(3)),
+             tuple(_alloc(q_ctx.shape, q.dtype, q.device) for _ in range(3)) if has_ctx else None]
+    dw = _prep_backward((dqhat, dkhat, dvhat), streams, weights, rstats, grads, qk_norm)
+    ctx_grads = grads[1] if has_ctx else tuple(q.new_empty(_EMPTY) for _ in range(3))
+    return (*grads[0], *ctx_grads, dw)
 
 
-_norm_op.register_autograd(_norm_op_backward, setup_context=_norm_setup_context)
+@_prep_split_backward_op.register_fake
+def _(dqhat, dkhat, dvhat, q, k, v, q_ctx, k_ctx, v_ctx, q_weight, k_weight, q_weight_ctx, k_weight_ctx, rstats,
+      qk_norm):
+    ctx_grads = tuple(t.new_empty(t.shape) if t is not None else q.new_empty(_EMPTY) for t in (q_ctx, k_ctx, v_ctx))
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *ctx_grads,
+            _weight_grads_fake(q_ctx, qk_norm, q))
+
+
+def _prep_split_backward(ctx, dqhat, dkhat, dvhat, _drstats):
+    q, k, v, q_ctx, k_ctx, v_ctx, *weights, rstats = ctx.saved_tensors
+    has_ctx = q_ctx is not None
+    grads = torch.ops.archirf_kernels.qkv_prep_split_backward(dqhat, dkhat, dvhat, q, k, v, q_ctx, k_ctx, v_ctx,
+                                                               *weights, rstats, ctx.qk_norm)
+    return (*grads[:3], *(grads[3:6] if has_ctx else (None,) * 3), *_weight_grads(grads[6], weights, ctx.qk_norm),
+            None, None, None)
+
+
+_prep_split_op.register_autograd(_prep_split_backward, setup_context=_prep_setup_context(10))
 
 
 def _sdpa_order():
     """SDPA's backends, cuDNN first: on the H100 its fwd+bwd ran 1.6x faster than the flash backend
     at N = 4096 (benchmarks/results/nvidia-h100-80gb-hbm3/attention.json); a backend that declines a
-    shape passes it on to the next."""
+    shape passes it on to the next. Under torch.use_deterministic_algorithms flash comes first, as in
+    PyTorch's own order (its backward has a deterministic mode; cuDNN's is not documented to)."""
     from torch.nn.attention import SDPBackend
-    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-            SDPBackend.MATH]
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+             SDPBackend.MATH]
+    if torch.are_deterministic_algorithms_enabled():
+        order = [order[1], order[0], *order[2:]]
+    return order
 
 
-def _sdpa_call(streams, weights, eps, scale: float, qk_norm):
-    """backend='sdpa': the Triton norm pass, SDPA, the heads merged; -> (out, out_ctx or None)."""
+def _sdpa_call(qkv, qkv_ctx, streams, weights, eps, scale: float, qk_norm):
+    """backend='sdpa': the prep pass, SDPA, the heads merged; -> (out, out_ctx or None)."""
     from torch.nn.attention import sdpa_kernel
 
-    _check(streams, weights, qk_norm)
     (q, k, v), ctx = streams
-    has_ctx = ctx is not None
-    if qk_norm:
-        q, k, _ = torch.ops.archirf_kernels.qk_norm(q, k, ctx[0] if has_ctx else None, ctx[1] if has_ctx else None,
-                                                    *weights, *eps)
-    elif has_ctx:
-        q, k = torch.cat([q, ctx[0]], 1), torch.cat([k, ctx[1]], 1)
-    if has_ctx:
-        v = torch.cat([v, ctx[2]], 1)
-    B, N, H, D = q.shape
+    if isinstance(qkv, Tensor):
+        qh, kh, vh, _ = torch.ops.archirf_kernels.qkv_prep(qkv, qkv_ctx, *weights, *eps, qk_norm)
+    else:
+        qc, kc, vc = ctx if ctx is not None else (None, None, None)
+        qh, kh, vh, _ = torch.ops.archirf_kernels.qkv_prep_split(q, k, v, qc, kc, vc, *weights, *eps, qk_norm)
+    B, N, H, D = qh.shape
     with sdpa_kernel(_sdpa_order(), set_priority=True):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+        out = F.scaled_dot_product_attention(qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2), scale=scale)
     out = out.transpose(1, 2).reshape(B, N, H * D)                     # (B, N0 + N1, H*D)
-    if not has_ctx:
+    if ctx is None:
         return out, None
-    n0 = streams[0][0].shape[1]
-    return out[:, :n0], out[:, n0:]
+    n0 = q.shape[1]
+    img, txt = out.split([n0, N - n0], 1)          # backward: one concatenation (slices would each zero-fill)
+    return img, txt
 
 
 BACKENDS = ATTENTION_BACKENDS
-JOINT_SDPA_MIN_TOKENS = 2048   # backend='auto': joint attention takes SDPA from this many tokens (N0 + N1) on
 
 
 def choose_backend(backend: str, n_tokens: int, joint: bool) -> str:
-    """'fused' | 'sdpa' for a call over n_tokens tokens in all, joint or not. 'auto', from the fwd+bwd
-    times of both backends in one run (H200, bf16; benchmarks/results/nvidia-h200/attention.json):
-    single-stream attention takes SDPA (DiT-XL 64x16x256x72: 0.85 vs 0.95 ms; 4x24x4096x64: 3.44 vs
-    3.77; 8x16x2048x128: 2.16 vs 3.24); joint attention keeps the fused kernels below
-    JOINT_SDPA_MIN_TOKENS (16x24x(1024+77)x64: 1.85 vs 2.15 ms), where SDPA's input concatenation and
-    output split cost more than cuDNN's faster attention saves."""
+    """'fused' | 'sdpa' for a call over n_tokens tokens in all, joint or not. 'auto' takes SDPA: in one
+    H200 run of both (bf16, fwd+bwd; benchmarks/results/nvidia-h200/attention.json) it was the faster
+    at every benchmark shape, single-stream and joint (DiT-XL 64x16x256x72: 0.59 vs 0.94 ms; joint
+    16x24x(1024+77)x64: 1.54 vs 1.85; 4x24x4096x64: 3.37 vs 3.75; 8x16x2048x128: 2.07 vs 3.23). The
+    fused kernels keep less activation memory (no qhat, khat, vhat held for SDPA's backward: three
+    (B, N, H, D) tensors per call): backend='fused' where memory, not time, is the limit."""
     if backend not in BACKENDS:
         raise ValueError(f"archirf_kernels attention: unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
-    if backend != "auto":
-        return backend
-    return "fused" if joint and n_tokens < JOINT_SDPA_MIN_TOKENS else "sdpa"
+    return "sdpa" if backend == "auto" else backend
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1242,7 +1516,7 @@ def _call(qkv, qkv_ctx, weights, eps, scale, qk_norm, backend):
     (q, k, v), ctx = streams
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if choose_backend(backend, q.shape[1] + (ctx[0].shape[1] if ctx else 0), ctx is not None) == "sdpa":
-        return (*_sdpa_call(streams, weights, (q_eps, k_eps), scale, qk_norm), None)
+        return (*_sdpa_call(qkv, qkv_ctx, streams, weights, (q_eps, k_eps), scale, qk_norm), None)
     if packed:
         return torch.ops.archirf_kernels.qk_norm_attention(qkv, qkv_ctx, *weights, q_eps, k_eps, scale, qk_norm)
     qc, kc, vc = ctx if ctx else (None, None, None)

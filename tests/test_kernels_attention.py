@@ -248,12 +248,18 @@ def _opcheck_cases():
     yield ops.qk_norm_attention.default, (qkv, None, None, None, None, None, 1e-6, 1e-6, 0.25, False)
     yield ops.qk_norm_attention_split.default, (q, k, v, None, None, None, qw, None, None, None, 1e-6, 1e-6, 0.25,
                                                 True)
-    qc, kc, _ = qkv_input(1, 5, 2, 16, torch.float32, 4, layout="split")
-    yield ops.qk_norm.default, (q, k, None, None, qw, kw, None, None, 1e-6, 1e-5)     # backend='sdpa''s norm pass
-    yield ops.qk_norm.default, (q, k, qc, kc, qw, None, qwc, None, 1e-6, 1e-6)
+    qc, kc, vc = qkv_input(1, 5, 2, 16, torch.float32, 4, layout="split")
+    # backend='sdpa''s prep pass
+    yield ops.qkv_prep.default, (qkv, None, qw, kw, None, None, 1e-6, 1e-5, True)
+    yield ops.qkv_prep.default, (qkv, qkv_ctx, qw, None, qwc, kwc, 1e-6, 1e-6, True)
+    yield ops.qkv_prep.default, (qkv, qkv_ctx, None, None, None, None, 1e-6, 1e-6, False)
+    yield ops.qkv_prep_split.default, (q, k, v, qc, kc, vc, qw, kw, None, kwc, 1e-6, 1e-6, True)
 
 
-@pytest.mark.parametrize("case", range(6))
+OPCHECK_CASES = 8
+
+
+@pytest.mark.parametrize("case", range(OPCHECK_CASES))
 def test_opcheck(case):
     run_opcheck(*list(_opcheck_cases())[case])
 
@@ -397,10 +403,39 @@ def test_sdpa_backend_compiles_fullgraph(compiler):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+class _AtenLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("joint", [False, True], ids=["single", "joint"])
+def test_sdpa_backend_backward_writes_dqkv_without_copies(joint):
+    # The prep pass owns q, k and v, so its backward writes d(qkv) whole: autograd must neither stack
+    # dq, dk, dv nor zero-fill and add per-view gradients (each a full pass over d(qkv) on the GPU).
+    qkv, qkv_ctx = (qkv_input(2, n, 2, 16, torch.float32, i).requires_grad_() for i, n in enumerate((19, 6)))
+    ws = [w.requires_grad_() for w in weights(16, torch.float32, 5, n=4)]
+    if joint:
+        out = torch.cat(K.joint_qk_norm_attention(qkv, qkv_ctx, *ws, impl="triton", backend="sdpa"), 1)
+    else:
+        out = K.qk_norm_attention(qkv, *ws[:2], impl="triton", backend="sdpa")
+    log = _AtenLog()
+    with log:
+        out.backward(torch.randn_like(out))
+    copies = [op for op in log.ops if op in ("stack", "zeros", "zeros_like", "new_zeros", "add", "slice_backward",
+                                             "select_backward", "fill_", "zero_", "copy_")]
+    assert copies == [], log.ops
+    assert log.ops.count("cat") == (1 if joint else 0), log.ops   # joint: the output split's backward alone
+    assert qkv.grad is not None and qkv.grad.is_contiguous()
+
+
 def test_choose_backend(monkeypatch):
     assert attention.choose_backend("auto", 256, joint=False) == "sdpa"
-    assert attention.choose_backend("auto", attention.JOINT_SDPA_MIN_TOKENS - 1, joint=True) == "fused"
-    assert attention.choose_backend("auto", attention.JOINT_SDPA_MIN_TOKENS, joint=True) == "sdpa"
+    assert attention.choose_backend("auto", 333, joint=True) == "sdpa"
     assert attention.choose_backend("fused", 10**6, joint=False) == "fused"
     calls = []                                   # the public entry points dispatch through it
     monkeypatch.setattr(attention, "choose_backend", lambda *a: calls.append(a) or "fused")

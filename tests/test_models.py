@@ -3,6 +3,8 @@ fused kernels, label dropout, torch.compile. What every model of the zoo must do
 batching, cost counter, meta materialisation, a short fit ...) is in test_models_zoo.py, DiT included.
 CPU, a few seconds (plus one inductor compile: ~15 s with a cold cache, ~3 s warm)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -56,7 +58,8 @@ def test_build_model_from_default_config():
     x, t, y = inputs(channels=cfg.data.channels, size=cfg.data.resolution)
     y[0] = model.num_classes                                # the null class is a valid label
     assert model(x, t, y).shape == x.shape
-    assert model.kernels == ("auto" if archirf_kernels.HAS_TRITON else "reference") and model.attn_impl == "sdpa"
+    auto = "auto" if archirf_kernels.HAS_TRITON else "reference"
+    assert model.kernels == auto and model.attn_impl == ("auto" if archirf_kernels.HAS_TRITON else "sdpa")
 
 
 def test_preset_overrides_shape_fields():
@@ -140,10 +143,14 @@ def test_dit_reference_attention_matches_sdpa(qk_norm):
     torch.testing.assert_close(sdpa(x, t, y), ref(x, t, y), atol=1e-5, rtol=0)
 
 
-def test_attn_impl_choices_resolve_once():
-    assert tiny_dit(attn_impl="auto").attn_impl == "sdpa"                          # no qk_norm: sdpa
-    assert tiny_dit(attn_impl="auto", qk_norm=True).attn_impl == "sdpa"             # triton is opt-in for now
+def test_attn_impl_choices_resolve_once(monkeypatch):
+    assert tiny_dit(attn_impl="auto", qk_norm=True).attn_impl == "auto"             # decided per call
+    m = tiny_dit(attn_impl="auto")
+    assert not m.blocks[0].attn.use_triton(torch.zeros(1))                          # CPU input: SDPA
+    assert m.blocks[0].attn.use_triton(SimpleNamespace(is_cuda=True))               # CUDA input: the op
     assert tiny_dit(attn_impl="triton").attn_impl == "triton"
+    monkeypatch.setattr(archirf_kernels, "HAS_TRITON", False)
+    assert tiny_dit(attn_impl="auto").attn_impl == "sdpa"                           # no Triton: SDPA
     with pytest.raises(ValueError, match="reference, sdpa"):
         tiny_dit(attn_impl="flash")
 

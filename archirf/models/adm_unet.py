@@ -83,7 +83,9 @@ class AttentionBlock(nn.Module):
         super().__init__()
         self.side = side
         self.norm = nn.GroupNorm(GROUPS, channels)
-        self.attn = Attention(channels, max(1, channels // head_channels), qkv_bias=True, attn_impl=attn_impl)
+        # auto = sdpa here: the QK-norm attention op's gain was measured on the transformers only
+        self.attn = Attention(channels, max(1, channels // head_channels), qkv_bias=True,
+                              attn_impl="sdpa" if attn_impl == "auto" else attn_impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -190,7 +192,7 @@ class ADMUNet(nn.Module):
         dropout: float = 0.0,                   # in every residual block
         head_channels: int = 64,                # attention head width (ADM's num_head_channels)
         class_dropout_prob: float = 0.1,        # label dropout in train mode (classifier-free guidance)
-        attn_impl: str = "auto",                # reference | sdpa | triton | auto (= sdpa)
+        attn_impl: str = "auto",                # reference | sdpa | triton | auto (= sdpa for this UNet)
     ):
         super().__init__()
         levels = len(channel_mult)

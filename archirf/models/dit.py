@@ -48,7 +48,7 @@ class DiT(nn.Module):
         class_dropout_prob: float = 0.1,        # label dropout in train mode (classifier-free guidance)
         num_register_tokens: int = 4,           # learned extra tokens without position, dropped at the output
         qk_norm: bool = False,                  # per-head RMSNorm of q and k (SD3)
-        attn_impl: str = "auto",                # reference | sdpa | triton | auto (triton on CUDA with qk_norm)
+        attn_impl: str = "auto",                # reference | sdpa | triton | auto (triton on CUDA, else sdpa)
         kernels: str = "auto",                  # auto (triton on CUDA) | reference | triton: fused adaLN ops
     ):
         super().__init__()

@@ -256,15 +256,15 @@ def _attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 def resolve_attn_impl(attn_impl: str, qk_norm: bool = False) -> str:
     """Checks the attention choice at construction -> 'reference' | 'sdpa' | 'triton' | 'auto'.
 
-    'auto' is 'sdpa': measured on an H100 and an H200 (benchmarks/results/), neither backend of the
-    QK-norm attention op beats torch.compile of rms_norm + SDPA by more than 1%, so the op stays
-    opt-in ('triton'). Forward code keeps the per-call 'auto' branch (Triton on CUDA inputs) for when
-    that flips."""
+    'auto' decides per call: the QK-norm attention op (archirf_kernels, backend 'auto') on CUDA inputs
+    where Triton is installed, SDPA elsewhere. Inside the trainer's compiled blocks the op beat
+    torch.compile of rms_norm + SDPA in whole training steps on an H200 (bf16, batch 64: DiT-XL/2 with
+    QK-norm 1.12x, MMDiT-XL/2 1.14x, DiT-XL/2 1.02x; benchmarks/results/nvidia-h200/models.json)."""
     if attn_impl not in ATTN_IMPLS:
         raise ValueError(f"unknown attn_impl '{attn_impl}'; choose one of {', '.join(ATTN_IMPLS)}")
     if attn_impl == "triton" and not archirf_kernels.HAS_TRITON:
         raise ValueError("attn_impl='triton' needs the triton package; install it or use attn_impl='auto'")
-    if attn_impl == "auto":
+    if attn_impl == "auto" and not archirf_kernels.HAS_TRITON:
         return "sdpa"
     return attn_impl
 
@@ -278,7 +278,7 @@ class Attention(nn.Module):
         num_heads: int,                         # H; head width D / H
         qkv_bias: bool = True,
         qk_norm: bool = False,                  # RMSNorm on q and k per head, learnable scale
-        attn_impl: str = "auto",                # reference | sdpa | triton | auto (= sdpa until triton wins)
+        attn_impl: str = "auto",                # reference | sdpa | triton | auto (triton on CUDA, else sdpa)
         out_proj: bool = True,                  # False: no output projection (MMDiT's last context stream)
     ):
         super().__init__()

@@ -89,7 +89,7 @@ class MMDiT(nn.Module):
         num_register_tokens: int = 4,           # learned tokens appended to the context stream
         label_tokens: int = 4,                  # K learned context tokens per class
         class_embeddings: torch.Tensor | None = None,  # (num_classes, tokens, dim_in) fixed; replaces the learned ones
-        attn_impl: str = "auto",                # reference | sdpa | triton | auto (= sdpa for now)
+        attn_impl: str = "auto",                # reference | sdpa | triton | auto (triton on CUDA, else sdpa)
         kernels: str = "auto",                  # auto (triton on CUDA) | reference | triton: fused adaLN ops
     ):
         super().__init__()
