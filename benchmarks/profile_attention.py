@@ -121,7 +121,7 @@ def prep_sweep(case: str, device) -> str:
     hats = ops.qkv_prep(qkv, qkv_ctx, *ws, 1e-6, 1e-6, True)
     dhats = [torch.randn_like(t) for t in hats[:3]]
     t_bytes = b * (n_img + n_ctx) * h * d * 2
-    src = torch.empty(6 * t_bytes // 2, dtype=torch.bfloat16, device=device)
+    src = torch.empty(3 * t_bytes // 2, dtype=torch.bfloat16, device=device)   # 3 T bytes: the copy moves 6 T
     dst = torch.empty_like(src)
     copy_ms = do_bench(lambda: dst.copy_(src))
 

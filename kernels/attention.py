@@ -67,12 +67,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .reference import ATTENTION_BACKENDS, qk_eps, unpack_qkv
+from .reference import ATTENTION_BACKENDS, ATTENTION_DTYPES, ATTENTION_MAX_HEAD_DIM, qk_eps, unpack_qkv
 
 Tensor = torch.Tensor
 
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = ATTENTION_MAX_HEAD_DIM
 MIN_BLOCK = 16          # the smallest BLOCK_M / BLOCK_N of any config: one dw partial slot per this many tokens
 _MIN_BLOCK = tl.constexpr(MIN_BLOCK)
 ROWSTAT_ROWS = 64       # tokens per program of the prep passes
@@ -687,7 +687,7 @@ INTERPRETED = INTERPRET
 # ----------------------------------------------------------------------------------------------
 # Checks and layouts.
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = ATTENTION_DTYPES
 
 
 def _alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -1339,7 +1339,7 @@ def _prep_fake(q: Tensor, q_ctx: Tensor | None, qk_norm: bool):
 
 def _weight_grads_fake(qkv_ctx: Tensor | None, qk_norm: bool, like: Tensor) -> Tensor:
     if not qk_norm:
-        return like.new_empty(_EMPTY)
+        return like.new_empty(_EMPTY, dtype=torch.float32)
     return like.new_empty((2, 1 + (qkv_ctx is not None), like.shape[-1]), dtype=torch.float32)
 
 

@@ -112,6 +112,8 @@ def unpack_qkv(qkv, name: str = "qkv") -> tuple[torch.Tensor, torch.Tensor, torc
 
 # The attention ops' Triton backends (archirf_kernels.attention.choose_backend); the reference ignores them.
 ATTENTION_BACKENDS = ("auto", "fused", "sdpa")
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)   # what the Triton attention ops take
+ATTENTION_MAX_HEAD_DIM = 256
 
 
 def qk_eps(eps: float | tuple[float, float]) -> tuple[float, float]:

@@ -254,9 +254,16 @@ def _opcheck_cases():
     yield ops.qkv_prep.default, (qkv, qkv_ctx, qw, None, qwc, kwc, 1e-6, 1e-6, True)
     yield ops.qkv_prep.default, (qkv, qkv_ctx, None, None, None, None, 1e-6, 1e-6, False)
     yield ops.qkv_prep_split.default, (q, k, v, qc, kc, vc, qw, kw, None, kwc, 1e-6, 1e-6, True)
+    # the backward ops directly, fp16 without the norm (the empty weight gradient stays fp32)
+    h16 = qkv_input(1, 17, 2, 16, torch.float16, 5)
+    qh, kh, vh, rs = ops.qkv_prep(h16, None, None, None, None, None, 1e-6, 1e-6, False)
+    yield ops.qkv_prep_backward.default, (qh, kh, vh, h16, None, None, None, None, None, rs, False)
+    q16, k16, v16 = h16.unbind(2)
+    yield ops.qkv_prep_split_backward.default, (qh, kh, vh, q16, k16, v16, None, None, None, None, None, None, None,
+                                                rs, False)
 
 
-OPCHECK_CASES = 8
+OPCHECK_CASES = 10
 
 
 @pytest.mark.parametrize("case", range(OPCHECK_CASES))
@@ -431,6 +438,19 @@ def test_sdpa_backend_backward_writes_dqkv_without_copies(joint):
     assert copies == [], log.ops
     assert log.ops.count("cat") == (1 if joint else 0), log.ops   # joint: the output split's backward alone
     assert qkv.grad is not None and qkv.grad.is_contiguous()
+
+
+def test_align_hint_is_the_offsets_true_divisibility():
+    x = torch.zeros(8192, dtype=torch.float16)
+    view = lambda off, shape, strides: x.as_strided(shape, strides, off)   # noqa: E731  (B, N, H, D)
+    assert attention._align([view(0, (2, 3, 4, 16), (192, 64, 16, 1))]) == 8       # 16 bytes of fp16
+    assert attention._align([view(2, (2, 3, 4, 16), (192, 64, 16, 1))]) == 2       # storage offset 2
+    assert attention._align([view(1, (2, 3, 4, 16), (192, 64, 16, 1))]) == 1
+    assert attention._align([view(0, (2, 3, 4, 17), (204, 68, 17, 1))]) == 1       # head stride 17
+    assert attention._align([view(0, (2, 3, 4, 72), (3 * 4 * 72 * 3, 3 * 4 * 72, 72, 1))]) == 8   # DiT-XL: 72
+    assert attention._align([view(0, (2, 3, 4, 16), (192, 64, 16, 1)),            # the least of all tensors
+                             view(0, (2, 3, 4, 16), (196, 64, 16, 1))]) == 4
+    assert attention._align([torch.zeros(2, 3, 4, 16)]) == 4                       # fp32: 4 elements
 
 
 def test_choose_backend(monkeypatch):

@@ -109,6 +109,21 @@ def test_qk_norm_attention_gpu(case, dtype, backend):
     check(_inputs(case, DTYPES[dtype]), ours=_fused if backend == "fused" else _sdpa_backed)
 
 
+def _misaligned(fn):
+    """fn on copies of the packed projections that start one element past an aligned address: the
+    sdpa backend's alignment hint must fall to 1 (a wrong hint would vectorise misaligned accesses)."""
+    def run(*args):
+        shifted = [torch.cat([t.new_zeros(1), t.flatten()])[1:].view(t.shape) if t.dim() == 5 else t for t in args]
+        assert all(t.data_ptr() % 16 for t in shifted if t.dim() == 5)
+        return fn(*shifted)
+    return run
+
+
+@pytest.mark.parametrize("case", ["dit-xl", "mmdit-joint"])
+def test_sdpa_backend_misaligned_inputs_gpu(case):
+    check(_inputs(case, torch.bfloat16), ours=_misaligned(_sdpa_backed))
+
+
 @pytest.mark.parametrize("index", [1, 2])
 def test_every_candidate_config_of_the_dit_class(monkeypatch, index):
     # The default configs run above; here the others of the D = 72 class (what autotuning may pick).

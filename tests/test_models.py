@@ -147,7 +147,10 @@ def test_attn_impl_choices_resolve_once(monkeypatch):
     assert tiny_dit(attn_impl="auto", qk_norm=True).attn_impl == "auto"             # decided per call
     m = tiny_dit(attn_impl="auto")
     assert not m.blocks[0].attn.use_triton(torch.zeros(1))                          # CPU input: SDPA
-    assert m.blocks[0].attn.use_triton(SimpleNamespace(is_cuda=True))               # CUDA input: the op
+    cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    assert m.blocks[0].attn.use_triton(cuda)                                        # CUDA input: the op
+    assert not m.blocks[0].attn.use_triton(SimpleNamespace(is_cuda=True, dtype=torch.float64))   # the op's dtypes
+    assert not Attention(2 * 288, 2, attn_impl="auto").use_triton(cuda)             # head dim > the op's 256
     assert tiny_dit(attn_impl="triton").attn_impl == "triton"
     monkeypatch.setattr(archirf_kernels, "HAS_TRITON", False)
     assert tiny_dit(attn_impl="auto").attn_impl == "sdpa"                           # no Triton: SDPA

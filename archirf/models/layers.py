@@ -299,13 +299,18 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         return self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
 
-    def use_triton(self, x: torch.Tensor) -> bool:
-        return self.attn_impl == "triton" or (self.attn_impl == "auto" and x.is_cuda)
+    def use_triton(self, qkv: torch.Tensor) -> bool:
+        """Whether this call runs the QK-norm attention op: 'triton' always; 'auto' for CUDA inputs
+        the op takes (fp16 / bf16 / fp32, head dim up to its maximum; else SDPA)."""
+        if self.attn_impl == "triton":
+            return True
+        return (self.attn_impl == "auto" and qkv.is_cuda and qkv.dtype in archirf_kernels.reference.ATTENTION_DTYPES
+                and self.head_dim <= archirf_kernels.reference.ATTENTION_MAX_HEAD_DIM)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.project_qkv(x)                                          # (B, N, 3, H, Dh)
-        if self.use_triton(x):
+        if self.use_triton(qkv):
             # One kernel from the projection's layout: QK-RMSNorm, attention, heads merged.
             x = archirf_kernels.qk_norm_attention(
                 qkv, self.q_norm.weight if self.qk_norm else None, self.k_norm.weight if self.qk_norm else None,
