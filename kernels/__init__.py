@@ -101,8 +101,9 @@ def qk_norm_attention(qkv, q_weight: torch.Tensor | None = None, k_weight: torch
     """softmax(N(q) N(k)^T * scale) v with per-head RMSNorm N over D (SD3's QK-norm) -> (B, N, H*D).
     qkv: the projection's (B, N, 3, H, D), or a tuple (q, k, v) of (B, N, H, D) views; weights (D,) or
     None; eps one float or (q_eps, k_eps); scale D^-1/2 by default; qk_norm=False: plain attention.
-    backend (Triton only): 'fused' (the norm inside the flash kernels), 'sdpa' (a Triton norm pass, then
-    PyTorch's SDPA), 'auto' (by sequence length, attention.choose_backend). See reference.qk_norm_attention."""
+    backend (Triton only): 'fused' (the norm inside the flash kernels: the least memory), 'sdpa' (a Triton
+    pass writes the normalised operands, then PyTorch's SDPA, cuDNN first), 'auto' (attention.choose_backend:
+    sdpa, the faster at every measured shape). See reference.qk_norm_attention."""
     _check_backend(backend)
     if _use_triton(impl, _first_tensor(qkv)):
         return attention.qk_norm_attention(qkv, q_weight, k_weight, eps, scale, qk_norm, backend)
@@ -116,7 +117,7 @@ def joint_qk_norm_attention(qkv_img, qkv_ctx, q_weight_img: torch.Tensor | None 
                             impl: str = "auto", backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """MMDiT joint attention: image and context streams, each with its own qkv and QK-norm weights, attend
     over the keys [img, ctx] -> (out_img (B, N_img, H*D), out_ctx (B, N_ctx, H*D)); the concatenation
-    is never materialised by the fused backend (the sdpa backend concatenates v). backend as in
+    is never materialised by the fused backend (the sdpa backend's prep pass writes it). backend as in
     qk_norm_attention. See reference.joint_qk_norm_attention."""
     _check_backend(backend)
     if _use_triton(impl, _first_tensor(qkv_img)):

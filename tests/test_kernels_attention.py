@@ -6,7 +6,7 @@ power-of-two head dims (16, 64), split ones (72 = 64 + 16 and 40 = 32 + 16, the 
 padded one (24 -> 32), joint streams of unequal lengths (blocks straddling the two), other block
 sizes, qk_norm off, torch.compile (fullgraph=True) of a DiT block, torch.library.opcheck, DiT
 parity, impl dispatch and errors; each with backend='fused' (the flash kernels) and, at the end and in
-the model-level tests, backend='sdpa' (the Triton norm pass + PyTorch's SDPA).
+the model-level tests, backend='sdpa' (the Triton prep pass + PyTorch's SDPA).
 
 On a CPU machine the kernels run in Triton's interpreter (tests/conftest.py) with 16 x 16 blocks;
 bf16 and DiT-sized shapes are in tests/test_kernels_gpu_attention.py.
@@ -353,7 +353,7 @@ def test_launcher_checks(bad, match, backend):
 
 
 # ---------------------------------------------------------------------------------------------
-# backend='sdpa': the Triton norm pass (archirf_kernels::qk_norm) + PyTorch's SDPA
+# backend='sdpa': the Triton prep pass (archirf_kernels::qkv_prep) + PyTorch's SDPA
 
 @pytest.mark.parametrize("dtypes,shape,layout", [
     ("fp32", (2, 17, 2, 72), "packed"),           # split head dim, N % 64 != 0 (a partial row block)
