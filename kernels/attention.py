@@ -1150,37 +1150,6 @@ def _rows_prep_kernel(
 
 
 @triton.jit
-def _rows_norm_grad(DH, X0, X1, DX0, DX1, R, W0, W1, rows, mask, first, off, goff, NORM: tl.constexpr,
-                    HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-                    TAIL: tl.constexpr):
-    """d(xhat) at DH (rows' pointers) through xhat = x * r * w into dx (at DX0 / DX1 + goff):
-    dx = r * (dn - xn * mean_D(xn * dn)), dn = d(xhat) * w, xn = x * r. Returns the rows' terms of the
-    weight gradient, d(xhat) * xn, per column part (fp32; zero in masked rows). Without the norm
-    dx = d(xhat) (and the terms are unused)."""
-    da, db = _load_tile(DH, mask, True, HEAD_DIM, DA, DB, TAIL)
-    ga, gb = da.to(tl.float32), db.to(tl.float32)
-    if NORM:
-        r = tl.load(R + rows, mask=mask, other=0.0)
-        xa, xb = _load_tile(_sel(X0, X1, off, first, HAS_CTX), mask, True, HEAD_DIM, DA, DB, TAIL)
-        da = da.to(tl.float32)
-        xna = xa.to(tl.float32) * r[:, None]
-        dna = da * _row_weight(W0, W1, first, 0, DA, HEAD_DIM, HAS_CTX)
-        dot = tl.sum(xna * dna, 1)
-        ga = da * xna
-        xnb, dnb = xna, dna
-        if TAIL:
-            db = db.to(tl.float32)
-            xnb = xb.to(tl.float32) * r[:, None]
-            dnb = db * _row_weight(W0, W1, first, DA, DB, HEAD_DIM, HAS_CTX)
-            dot += tl.sum(xnb * dnb, 1)
-            gb = db * xnb
-        mean = (dot / HEAD_DIM)[:, None]
-        da, db = r[:, None] * (dna - xna * mean), r[:, None] * (dnb - xnb * mean)
-    _store_tile(_sel(DX0, DX1, goff, first, HAS_CTX), mask, da, db, HEAD_DIM, DA, DB, TAIL)
-    return ga, gb
-
-
-@triton.jit
 def _split_acc(acc0, acc1, g, first, HAS_CTX: tl.constexpr):
     """Add the rows' terms g to stream 0's accumulator and (with a context stream) stream 1's."""
     if HAS_CTX:
@@ -1189,9 +1158,52 @@ def _split_acc(acc0, acc1, g, first, HAS_CTX: tl.constexpr):
 
 
 @triton.jit
+def _rows_norm_grad(DH, X0, X1, DX0, DX1, R, W0, W1, acc0a, acc1a, acc0b, acc1b, rows, mask, first, off, goff,
+                    NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr,
+                    DB: tl.constexpr, TAIL: tl.constexpr):
+    """d(xhat) at DH (rows' pointers) through xhat = x * r * w into dx (at DX0 / DX1 + goff):
+    dx = r * (dn - xn * mean_D(xn * dn)), dn = d(xhat) * w, xn = x * r. The rows' terms of the weight
+    gradient, d(xhat) * xn (zero in masked rows), are added to the per-stream, per-column-part fp32
+    accumulators, which it returns. Without the norm dx = d(xhat) (and the accumulators stay)."""
+    da, db = _load_tile(DH, mask, True, HEAD_DIM, DA, DB, TAIL)
+    if NORM:
+        r = tl.load(R + rows, mask=mask, other=0.0)
+        xa, xb = _load_tile(_sel(X0, X1, off, first, HAS_CTX), mask, True, HEAD_DIM, DA, DB, TAIL)
+        da = da.to(tl.float32)
+        xna = xa.to(tl.float32) * r[:, None]
+        dna = da * _row_weight(W0, W1, first, 0, DA, HEAD_DIM, HAS_CTX)
+        dot = tl.sum(xna * dna, 1)
+        acc0a, acc1a = _split_acc(acc0a, acc1a, da * xna, first, HAS_CTX)
+        xnb, dnb = xna, dna
+        if TAIL:
+            db = db.to(tl.float32)
+            xnb = xb.to(tl.float32) * r[:, None]
+            dnb = db * _row_weight(W0, W1, first, DA, DB, HEAD_DIM, HAS_CTX)
+            dot += tl.sum(xnb * dnb, 1)
+            acc0b, acc1b = _split_acc(acc0b, acc1b, db * xnb, first, HAS_CTX)
+        mean = (dot / HEAD_DIM)[:, None]
+        da, db = r[:, None] * (dna - xna * mean), r[:, None] * (dnb - xnb * mean)
+    _store_tile(_sel(DX0, DX1, goff, first, HAS_CTX), mask, da, db, HEAD_DIM, DA, DB, TAIL)
+    return acc0a, acc1a, acc0b, acc1b
+
+
+@triton.jit
 def _store_partial(DW, slot, acc, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr):
     cols = COL0 + tl.arange(0, WIDTH)
     tl.store(DW + slot * HEAD_DIM + cols, tl.sum(acc, 0), mask=cols < HEAD_DIM)
+
+
+@triton.jit
+def _store_partials(DW, slot, acc0a, acc1a, acc0b, acc1b, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    DA: tl.constexpr, DB: tl.constexpr, TAIL: tl.constexpr):
+    """A program's accumulators, summed over rows, into its partial rows (slot: stream 0, slot + 1: 1)."""
+    _store_partial(DW, slot, acc0a, 0, DA, HEAD_DIM)
+    if TAIL:
+        _store_partial(DW, slot, acc0b, DA, DB, HEAD_DIM)
+    if HAS_CTX:
+        _store_partial(DW, slot + 1, acc1a, 0, DA, HEAD_DIM)
+        if TAIL:
+            _store_partial(DW, slot + 1, acc1b, DA, DB, HEAD_DIM)
 
 
 @triton.jit
@@ -1207,8 +1219,9 @@ def _rows_prep_bwd_kernel(
 ):
     """Persistent: each program walks row blocks pid, pid + programs, ... and keeps the weight-gradient
     terms in 2-D fp32 accumulators, reduced over rows once at the end into its partial rows of DQW, DKW
-    (programs, streams, D): a reduction across rows per block (through shared memory) ran the pass at
-    a quarter of the forward's bandwidth on the H200."""
+    (programs, streams, D), so the partials to sum are a few rows per SM rather than one per block. (On
+    the H200 this ran no faster than one partial row per block: what had slowed the D = 72 pass was
+    unvectorised access, fixed by ALIGN.)"""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     q0a = tl.zeros([BLOCK_R, DA], tl.float32)
@@ -1225,33 +1238,16 @@ def _rows_prep_bwd_kernel(
         dva, dvb = _load_tile(DVH + tl.multiple_of(b * dv_b + n * dv_n + h * dv_h, ALIGN), mask, True, HEAD_DIM, DA,
                               DB, TAIL)
         _store_tile(_sel(DV0, DV1, goff, first, HAS_CTX), mask, dva, dvb, HEAD_DIM, DA, DB, TAIL)
-        dq = tl.multiple_of(b * dq_b + n * dq_n + h * dq_h, ALIGN)
-        ga, gb = _rows_norm_grad(DQH + dq, Q0, Q1, DQ0, DQ1, RQ, QW0, QW1, rows, mask, first, off, goff, NORM, HAS_CTX,
-                                 HEAD_DIM, DA, DB, TAIL)
-        if NORM:
-            q0a, q1a = _split_acc(q0a, q1a, ga, first, HAS_CTX)
-            if TAIL:
-                q0b, q1b = _split_acc(q0b, q1b, gb, first, HAS_CTX)
-        dk = tl.multiple_of(b * dk_b + n * dk_n + h * dk_h, ALIGN)
-        ga, gb = _rows_norm_grad(DKH + dk, K0, K1, DK0, DK1, RK, KW0, KW1, rows, mask, first, off, goff, NORM, HAS_CTX,
-                                 HEAD_DIM, DA, DB, TAIL)
-        if NORM:
-            k0a, k1a = _split_acc(k0a, k1a, ga, first, HAS_CTX)
-            if TAIL:
-                k0b, k1b = _split_acc(k0b, k1b, gb, first, HAS_CTX)
+        q0a, q1a, q0b, q1b = _rows_norm_grad(DQH + tl.multiple_of(b * dq_b + n * dq_n + h * dq_h, ALIGN), Q0, Q1, DQ0,
+                                             DQ1, RQ, QW0, QW1, q0a, q1a, q0b, q1b, rows, mask, first, off, goff, NORM,
+                                             HAS_CTX, HEAD_DIM, DA, DB, TAIL)
+        k0a, k1a, k0b, k1b = _rows_norm_grad(DKH + tl.multiple_of(b * dk_b + n * dk_n + h * dk_h, ALIGN), K0, K1, DK0,
+                                             DK1, RK, KW0, KW1, k0a, k1a, k0b, k1b, rows, mask, first, off, goff, NORM,
+                                             HAS_CTX, HEAD_DIM, DA, DB, TAIL)
     if NORM:
         slot = pid.to(tl.int64) * (1 + HAS_CTX)
-        _store_partial(DQW, slot, q0a, 0, DA, HEAD_DIM)
-        _store_partial(DKW, slot, k0a, 0, DA, HEAD_DIM)
-        if TAIL:
-            _store_partial(DQW, slot, q0b, DA, DB, HEAD_DIM)
-            _store_partial(DKW, slot, k0b, DA, DB, HEAD_DIM)
-        if HAS_CTX:
-            _store_partial(DQW, slot + 1, q1a, 0, DA, HEAD_DIM)
-            _store_partial(DKW, slot + 1, k1a, 0, DA, HEAD_DIM)
-            if TAIL:
-                _store_partial(DQW, slot + 1, q1b, DA, DB, HEAD_DIM)
-                _store_partial(DKW, slot + 1, k1b, DA, DB, HEAD_DIM)
+        _store_partials(DQW, slot, q0a, q1a, q0b, q1b, HAS_CTX, HEAD_DIM, DA, DB, TAIL)
+        _store_partials(DKW, slot, k0a, k1a, k0b, k1b, HAS_CTX, HEAD_DIM, DA, DB, TAIL)
 
 
 def _align(tensors) -> int:
