@@ -1,6 +1,7 @@
 """Where the attention fwd+bwd time goes: per implementation and case of bench_attention, the
-median fwd+bwd time and the GPU kernels that make it up (torch.profiler), so that the gap between
-ours and SDPA alone can be read kernel by kernel instead of guessed.
+median fwd+bwd time (timed as the benchmarks time it: benchmarks/harness.py) and the GPU kernels
+that make it up (torch.profiler), so that the gap between ours and SDPA alone can be read kernel by
+kernel instead of guessed.
 
 Besides bench_attention's implementations it times SDPA alone on two more layouts, to separate the
 cost of the layout from the cost of the norm:
@@ -19,11 +20,13 @@ T = B N H D 2 bytes), against a device copy of the same bytes.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 import torch.nn.functional as F
 
 from .bench_attention import CASES, implementation, make_inputs
+from .harness import SESSION, pass_target
 
 EXTRA = ("sdpa-cudnn-bnhd", "sdpa-cudnn-qkv")
 DEFAULT_IMPLS = ("ours-fused", "ours-sdpa", "compiled", "sdpa-cudnn", *EXTRA)
@@ -58,24 +61,7 @@ def _step(impl: str, case: str, device):
         return step
     fn = implementation(impl, case, shape[3] > 0, device)
     inputs, grads = make_inputs(impl, shape, device)
-
-    def step():
-        outs = fn(*inputs)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        torch.autograd.grad(outs, inputs, grads)
-    return step
-
-
-def _median_ms(step, reps: int = 30) -> float:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return pass_target("fwd_bwd", fn, inputs, grads)[0]
 
 
 def profile(impl: str, case: str, device, top: int) -> str:
@@ -83,7 +69,7 @@ def profile(impl: str, case: str, device, top: int) -> str:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    ms = _median_ms(step)
+    ms = statistics.median(SESSION.gpu_times(step, rounds=30)) * 1e3   # the benchmarks' timing
     reps = 10
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
@@ -109,7 +95,7 @@ _KNOBS = ("PREP_ROWS", "PREP_WARPS", "PREP_BWD_ROWS", "PREP_BWD_WARPS", "PREP_BW
 
 
 def prep_sweep(case: str, device) -> str:
-    from triton.testing import do_bench, do_bench_cudagraph
+    from triton.testing import do_bench_cudagraph
 
     from archirf_kernels import attention
     b, h, n_img, n_ctx, d = CASES[case]
@@ -121,9 +107,7 @@ def prep_sweep(case: str, device) -> str:
     hats = ops.qkv_prep(qkv, qkv_ctx, *ws, 1e-6, 1e-6, True)
     dhats = [torch.randn_like(t) for t in hats[:3]]
     t_bytes = b * (n_img + n_ctx) * h * d * 2
-    src = torch.empty(3 * t_bytes // 2, dtype=torch.bfloat16, device=device)   # 3 T bytes: the copy moves 6 T
-    dst = torch.empty_like(src)
-    copy_ms = do_bench(lambda: dst.copy_(src))
+    copy_ms = 6 * t_bytes / SESSION.copy_gbps / 1e6        # a device copy of 6 T at the session's bandwidth
 
     def fwd_fn():
         ops.qkv_prep(qkv, qkv_ctx, *ws, 1e-6, 1e-6, True)
@@ -165,6 +149,7 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("profile_attention: needs a CUDA GPU")
     device = torch.device("cuda")
+    SESSION.start(device)                          # L2 flush buffer, sleep calibration, copy bandwidth
     if args.prep_sweep:
         for case in args.cases:
             print(prep_sweep(case, device), flush=True)
