@@ -89,7 +89,8 @@ def profile(impl: str, case: str, device, top: int) -> str:
 
 
 FWD_SWEEP = [(16, 4), (32, 4), (32, 8), (64, 4), (64, 8)]                       # (rows, warps)
-BWD_SWEEP = [(16, 4, 4), (16, 8, 4), (32, 4, 4), (32, 4, 8), (32, 8, 4), (64, 4, 4), (64, 8, 4), (64, 8, 8)]
+BWD_SWEEP = [(16, 2, 8), (16, 4, 4), (16, 4, 8), (16, 4, 16), (16, 8, 4), (32, 4, 4), (32, 4, 8), (32, 8, 4),
+             (32, 8, 8), (64, 4, 4), (64, 8, 4), (64, 8, 8)]
 #            (rows, warps, programs per SM)
 _KNOBS = ("PREP_ROWS", "PREP_WARPS", "PREP_BWD_ROWS", "PREP_BWD_WARPS", "PREP_BWD_PER_SM")
 

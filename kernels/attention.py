@@ -1132,9 +1132,9 @@ def _rows_prep_kernel(
                                                   s1_n, s1_h, HAS_CTX, BLOCK_R, ALIGN)
     dst = rows * HEAD_DIM
     va, vb = _load_tile(_sel(V0, V1, off, first, HAS_CTX), mask, True, HEAD_DIM, DA, DB, TAIL)
-    _store_tile(VH + dst, mask, va, vb, HEAD_DIM, DA, DB, TAIL)
     qa, qb = _load_tile(_sel(Q0, Q1, off, first, HAS_CTX), mask, True, HEAD_DIM, DA, DB, TAIL)
     ka, kb = _load_tile(_sel(K0, K1, off, first, HAS_CTX), mask, True, HEAD_DIM, DA, DB, TAIL)
+    _store_tile(VH + dst, mask, va, vb, HEAD_DIM, DA, DB, TAIL)      # after every load (see the backward)
     if NORM:
         rq = tl.math.rsqrt(_row_dot(qa, qb, qa, qb, TAIL) / HEAD_DIM + q_eps)
         rk = tl.math.rsqrt(_row_dot(ka, kb, ka, kb, TAIL) / HEAD_DIM + k_eps)
@@ -1158,33 +1158,47 @@ def _split_acc(acc0, acc1, g, first, HAS_CTX: tl.constexpr):
 
 
 @triton.jit
-def _rows_norm_grad(DH, X0, X1, DX0, DX1, R, W0, W1, acc0a, acc1a, acc0b, acc1b, rows, mask, first, off, goff,
-                    NORM: tl.constexpr, HAS_CTX: tl.constexpr, HEAD_DIM: tl.constexpr, DA: tl.constexpr,
-                    DB: tl.constexpr, TAIL: tl.constexpr):
-    """d(xhat) at DH (rows' pointers) through xhat = x * r * w into dx (at DX0 / DX1 + goff):
-    dx = r * (dn - xn * mean_D(xn * dn)), dn = d(xhat) * w, xn = x * r. The rows' terms of the weight
-    gradient, d(xhat) * xn (zero in masked rows), are added to the per-stream, per-column-part fp32
-    accumulators, which it returns. Without the norm dx = d(xhat) (and the accumulators stay)."""
-    da, db = _load_tile(DH, mask, True, HEAD_DIM, DA, DB, TAIL)
-    if NORM:
-        r = tl.load(R + rows, mask=mask, other=0.0)
-        xa, xb = _load_tile(_sel(X0, X1, off, first, HAS_CTX), mask, True, HEAD_DIM, DA, DB, TAIL)
-        da = da.to(tl.float32)
-        xna = xa.to(tl.float32) * r[:, None]
-        dna = da * _row_weight(W0, W1, first, 0, DA, HEAD_DIM, HAS_CTX)
-        dot = tl.sum(xna * dna, 1)
-        acc0a, acc1a = _split_acc(acc0a, acc1a, da * xna, first, HAS_CTX)
-        xnb, dnb = xna, dna
-        if TAIL:
-            db = db.to(tl.float32)
-            xnb = xb.to(tl.float32) * r[:, None]
-            dnb = db * _row_weight(W0, W1, first, DA, DB, HEAD_DIM, HAS_CTX)
-            dot += tl.sum(xnb * dnb, 1)
-            acc0b, acc1b = _split_acc(acc0b, acc1b, db * xnb, first, HAS_CTX)
-        mean = (dot / HEAD_DIM)[:, None]
-        da, db = r[:, None] * (dna - xna * mean), r[:, None] * (dnb - xnb * mean)
-    _store_tile(_sel(DX0, DX1, goff, first, HAS_CTX), mask, da, db, HEAD_DIM, DA, DB, TAIL)
-    return acc0a, acc1a, acc0b, acc1b
+def _stream_weights(W0, W1, COL0: tl.constexpr, WIDTH: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_CTX: tl.constexpr):
+    """Columns [COL0, COL0 + WIDTH) of both streams' (D,) fp32 weights as (1, WIDTH) rows (stream 1's
+    is stream 0's without a context stream): loaded once, before a persistent program's loop."""
+    cols = COL0 + tl.arange(0, WIDTH)
+    w0 = tl.load(W0 + cols, mask=cols < HEAD_DIM, other=0.0)[None, :]
+    w1 = w0
+    if HAS_CTX:
+        w1 = tl.load(W1 + cols, mask=cols < HEAD_DIM, other=0.0)[None, :]
+    return w0, w1
+
+
+@triton.jit
+def _pick(w0, w1, first, HAS_CTX: tl.constexpr):
+    """Per row, its stream's weight row: (1 or rows, WIDTH)."""
+    w = w0
+    if HAS_CTX:
+        w = tl.where(first[:, None], w0, w1)
+    return w
+
+
+@triton.jit
+def _norm_grad(da, db, xa, xb, r, w0a, w1a, w0b, w1b, acc0a, acc1a, acc0b, acc1b, first, HAS_CTX: tl.constexpr,
+               HEAD_DIM: tl.constexpr, TAIL: tl.constexpr):
+    """d(xhat) (da, db) through xhat = x * r * w into dx = r * (dn - xn * mean_D(xn * dn)), dn = d(xhat) * w,
+    xn = x * r; registers only (the caller has issued every load of the block before any store). The
+    rows' weight-gradient terms d(xhat) * xn (zero in masked rows, whose loads gave 0) are added to the
+    per-stream, per-column-part fp32 accumulators. -> (dxa, dxb, accumulators)."""
+    da = da.to(tl.float32)
+    xna = xa.to(tl.float32) * r[:, None]
+    dna = da * _pick(w0a, w1a, first, HAS_CTX)
+    dot = tl.sum(xna * dna, 1)
+    acc0a, acc1a = _split_acc(acc0a, acc1a, da * xna, first, HAS_CTX)
+    xnb, dnb = xna, dna
+    if TAIL:
+        db = db.to(tl.float32)
+        xnb = xb.to(tl.float32) * r[:, None]
+        dnb = db * _pick(w0b, w1b, first, HAS_CTX)
+        dot += tl.sum(xnb * dnb, 1)
+        acc0b, acc1b = _split_acc(acc0b, acc1b, db * xnb, first, HAS_CTX)
+    mean = (dot / HEAD_DIM)[:, None]
+    return r[:, None] * (dna - xna * mean), r[:, None] * (dnb - xnb * mean), acc0a, acc1a, acc0b, acc1b
 
 
 @triton.jit
@@ -1228,6 +1242,13 @@ def _rows_prep_bwd_kernel(
     q0b = tl.zeros([BLOCK_R, DB], tl.float32)
     q1a, k0a, k1a = q0a, q0a, q0a
     q1b, k0b, k1b = q0b, q0b, q0b
+    if NORM:
+        wq0a, wq1a = _stream_weights(QW0, QW1, 0, DA, HEAD_DIM, HAS_CTX)
+        wk0a, wk1a = _stream_weights(KW0, KW1, 0, DA, HEAD_DIM, HAS_CTX)
+        wq0b, wq1b, wk0b, wk1b = wq0a, wq1a, wk0a, wk1a
+        if TAIL:
+            wq0b, wq1b = _stream_weights(QW0, QW1, DA, DB, HEAD_DIM, HAS_CTX)
+            wk0b, wk1b = _stream_weights(KW0, KW1, DA, DB, HEAD_DIM, HAS_CTX)
     for blk in range(pid, n_blocks, programs):
         rows, mask, first, b, n, h, off = _token_rows(blk, N0, N1, H, n_rows, s0_b, s0_n, s0_h, s1_b, s1_n, s1_h,
                                                       HAS_CTX, BLOCK_R, ALIGN)
@@ -1235,15 +1256,26 @@ def _rows_prep_bwd_kernel(
         if HAS_CTX:
             goff = tl.where(first, goff, b * g1_b + (n - N0) * g1_n + h * g1_h)
         goff = tl.multiple_of(goff, ALIGN)
+        # Every load of the block before its first store: a store may alias a later load as far as the
+        # compiler knows, so loads after it would wait for it, one latency per tensor.
         dva, dvb = _load_tile(DVH + tl.multiple_of(b * dv_b + n * dv_n + h * dv_h, ALIGN), mask, True, HEAD_DIM, DA,
                               DB, TAIL)
+        dqa, dqb = _load_tile(DQH + tl.multiple_of(b * dq_b + n * dq_n + h * dq_h, ALIGN), mask, True, HEAD_DIM, DA,
+                              DB, TAIL)
+        dka, dkb = _load_tile(DKH + tl.multiple_of(b * dk_b + n * dk_n + h * dk_h, ALIGN), mask, True, HEAD_DIM, DA,
+                              DB, TAIL)
+        if NORM:
+            rq = tl.load(RQ + rows, mask=mask, other=0.0)
+            rk = tl.load(RK + rows, mask=mask, other=0.0)
+            qa, qb = _load_tile(_sel(Q0, Q1, off, first, HAS_CTX), mask, True, HEAD_DIM, DA, DB, TAIL)
+            ka, kb = _load_tile(_sel(K0, K1, off, first, HAS_CTX), mask, True, HEAD_DIM, DA, DB, TAIL)
+            dqa, dqb, q0a, q1a, q0b, q1b = _norm_grad(dqa, dqb, qa, qb, rq, wq0a, wq1a, wq0b, wq1b, q0a, q1a, q0b,
+                                                      q1b, first, HAS_CTX, HEAD_DIM, TAIL)
+            dka, dkb, k0a, k1a, k0b, k1b = _norm_grad(dka, dkb, ka, kb, rk, wk0a, wk1a, wk0b, wk1b, k0a, k1a, k0b,
+                                                      k1b, first, HAS_CTX, HEAD_DIM, TAIL)
         _store_tile(_sel(DV0, DV1, goff, first, HAS_CTX), mask, dva, dvb, HEAD_DIM, DA, DB, TAIL)
-        q0a, q1a, q0b, q1b = _rows_norm_grad(DQH + tl.multiple_of(b * dq_b + n * dq_n + h * dq_h, ALIGN), Q0, Q1, DQ0,
-                                             DQ1, RQ, QW0, QW1, q0a, q1a, q0b, q1b, rows, mask, first, off, goff, NORM,
-                                             HAS_CTX, HEAD_DIM, DA, DB, TAIL)
-        k0a, k1a, k0b, k1b = _rows_norm_grad(DKH + tl.multiple_of(b * dk_b + n * dk_n + h * dk_h, ALIGN), K0, K1, DK0,
-                                             DK1, RK, KW0, KW1, k0a, k1a, k0b, k1b, rows, mask, first, off, goff, NORM,
-                                             HAS_CTX, HEAD_DIM, DA, DB, TAIL)
+        _store_tile(_sel(DQ0, DQ1, goff, first, HAS_CTX), mask, dqa, dqb, HEAD_DIM, DA, DB, TAIL)
+        _store_tile(_sel(DK0, DK1, goff, first, HAS_CTX), mask, dka, dkb, HEAD_DIM, DA, DB, TAIL)
     if NORM:
         slot = pid.to(tl.int64) * (1 + HAS_CTX)
         _store_partials(DQW, slot, q0a, q1a, q0b, q1b, HAS_CTX, HEAD_DIM, DA, DB, TAIL)
