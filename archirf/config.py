@@ -37,6 +37,7 @@ class ModelConfig:
     qk_norm: bool = False                        # RMSNorm of q and k per head (SD3 style)
     class_dropout_prob: float = 0.1              # label dropout for classifier-free guidance
     attn_impl: Literal["auto", "reference", "sdpa", "triton"] = "auto"  # auto: triton on CUDA, else sdpa
+    attn_backend: Literal["auto", "sdpa", "fused"] = "auto"  # the triton op's backend; fused: least memory
     kernels: Literal["auto", "reference", "triton"] = "auto"             # auto: triton on CUDA (adaLN: eager only)
     # MMDiT
     depth_single_blocks: int = 0                 # single-stream blocks after the `depth` double-stream ones

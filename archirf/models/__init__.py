@@ -14,6 +14,7 @@ from ..config import Config, ConfigError
 from .adm_unet import ADM_PRESETS, ADMUNet
 from .dit import DIT_PRESETS, DiT
 from .edm2_unet import EDM2_PRESETS, EDM2UNet
+from .layers import set_attention_backend
 from .mmdit import MMDIT_PRESETS, MMDiT
 
 __all__ = ["build_model", "MODELS", "DiT", "DIT_PRESETS", "MMDiT", "MMDIT_PRESETS", "ADMUNet", "ADM_PRESETS",
@@ -28,5 +29,7 @@ def build_model(cfg: Config, saved: dict | None = None) -> nn.Module:
     if cfg.model.name not in MODELS:
         raise ConfigError(f"unknown model.name '{cfg.model.name}'; valid names: {', '.join(MODELS)}")
     if cfg.model.name == "mmdit" and saved is not None and "y_embedder.table" in saved:
-        return MMDiT.from_config(cfg, class_table=saved["y_embedder.table"])
-    return MODELS[cfg.model.name].from_config(cfg)
+        model = MMDiT.from_config(cfg, class_table=saved["y_embedder.table"])
+    else:
+        model = MODELS[cfg.model.name].from_config(cfg)
+    return set_attention_backend(model, cfg.model.attn_backend)

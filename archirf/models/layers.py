@@ -269,6 +269,20 @@ def resolve_attn_impl(attn_impl: str, qk_norm: bool = False) -> str:
     return attn_impl
 
 
+def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
+    """The QK-norm attention op's backend for every Attention in `model` (where the op runs: attn_impl
+    triton, or auto on CUDA): 'auto' (= 'sdpa', the faster), 'sdpa' (a norm pass, then SDPA; keeps the
+    normalised q, k, v for the backward) or 'fused' (the norm inside our flash kernels: nothing
+    normalised kept, streams never concatenated; the least activation memory)."""
+    if backend not in archirf_kernels.reference.ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend '{backend}'; choose one of "
+                         f"{', '.join(archirf_kernels.reference.ATTENTION_BACKENDS)}")
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.backend = backend
+    return model
+
+
 class Attention(nn.Module):
     """Multi-head self-attention: fused qkv projection, optional per-head QK-RMSNorm (SD3, Esser et al.
     2024), attention, output projection. (B, N, D) -> (B, N, D)."""
@@ -288,6 +302,7 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qk_norm = qk_norm
         self.attn_impl = resolve_attn_impl(attn_impl, qk_norm)
+        self.backend = "auto"                   # the op's backend when it runs: set_attention_backend
         self.attend = attention_reference if self.attn_impl == "reference" else _attention_sdpa
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
@@ -315,7 +330,7 @@ class Attention(nn.Module):
             x = archirf_kernels.qk_norm_attention(
                 qkv, self.q_norm.weight if self.qk_norm else None, self.k_norm.weight if self.qk_norm else None,
                 eps=(self.q_norm.eps, self.k_norm.eps) if self.qk_norm else 1e-6, qk_norm=self.qk_norm,
-                impl="triton")                                               # (B, N, D)
+                impl="triton", backend=self.backend)                         # (B, N, D)
             return self.proj(x)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                     # (B, H, N, Dh) each
         q, k = self.q_norm(q), self.k_norm(k)
@@ -340,7 +355,7 @@ def joint_attention(qkv_a: torch.Tensor, qkv_b: torch.Tensor, attn_a: Attention,
         return archirf_kernels.joint_qk_norm_attention(
             qkv_a, qkv_b, weights[0], k_weights[0], weights[1], k_weights[1],
             eps=(attn_a.q_norm.eps, attn_a.k_norm.eps) if attn_a.qk_norm else 1e-6, qk_norm=attn_a.qk_norm,
-            impl="triton")
+            impl="triton", backend=attn_a.backend)
     heads = []
     for qkv, attn in ((qkv_a, attn_a), (qkv_b, attn_b)):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                     # (B, H, N, Dh) each
