@@ -56,9 +56,11 @@ CASES = {  # name: (B, H, N_img, N_ctx, D); N_ctx > 0: joint attention over [img
     "mmdit-joint": (16, 24, 1024, 77, 64),       # MMDiT-like: 1024 image + 77 text tokens
     "sd3-4k": (4, 24, 4096, 0, 64),              # SD3-like long sequence
     "d128-2k": (8, 16, 2048, 0, 128),            # head dim 128
+    "mmdit-xl2-joint": (64, 18, 256, 8, 64),     # MMDiT-XL/2's double blocks: 256 patches + 4 label + 4 registers
+    "mmdit-xl2-single": (64, 18, 264, 0, 64),    # its single blocks, over the concatenation
 }
 SMOKE_CASES = {"dit-xl": (2, 2, 40, 0, 72), "mmdit-joint": (1, 2, 33, 7, 64), "sd3-4k": (1, 2, 64, 0, 64),
-               "d128-2k": (1, 2, 48, 0, 128)}
+               "d128-2k": (1, 2, 48, 0, 128), "mmdit-xl2-joint": (2, 2, 32, 8, 64), "mmdit-xl2-single": (2, 2, 40, 0, 64)}
 PASSES = ("fwd", "bwd", "fwd_bwd")
 IMPLS = ("ours", "ours-fused", "ours-sdpa", "eager-flash", "eager-cudnn", "eager-efficient", "compiled",
          "compiled-cudnn", "sdpa-cudnn", "sdpa-flash", "flash-attn", "xformers")

@@ -102,8 +102,8 @@ def qk_norm_attention(qkv, q_weight: torch.Tensor | None = None, k_weight: torch
     qkv: the projection's (B, N, 3, H, D), or a tuple (q, k, v) of (B, N, H, D) views; weights (D,) or
     None; eps one float or (q_eps, k_eps); scale D^-1/2 by default; qk_norm=False: plain attention.
     backend (Triton only): 'fused' (the norm inside the flash kernels: the least memory), 'sdpa' (a Triton
-    pass writes the normalised operands, then PyTorch's SDPA, cuDNN first), 'auto' (attention.choose_backend:
-    sdpa, the faster at every measured shape). See reference.qk_norm_attention."""
+    pass writes the normalised operands, then PyTorch's SDPA, cuDNN first), 'auto' (attention.choose_backend,
+    from measurements: fused up to 512 tokens with head dims up to 64, else sdpa). See reference.qk_norm_attention."""
     _check_backend(backend)
     if _use_triton(impl, _first_tensor(qkv)):
         return attention.qk_norm_attention(qkv, q_weight, k_weight, eps, scale, qk_norm, backend)

@@ -54,7 +54,8 @@ operands (archirf_kernels::qkv_prep: qhat, khat and a copy of v, (B, N0 + N1, H,
 folded; the streams concatenated) feeding PyTorch's scaled_dot_product_attention (cuDNN first),
 whose gradients go through one Triton pass of the norm's backward straight into d(qkv) and the
 weight gradients. The norm then costs two memory-bound passes around the fastest attention kernel
-the installed PyTorch has. 'auto' picks from measurements (choose_backend): SDPA.
+the installed PyTorch has. 'auto' picks from measurements (choose_backend): the fused kernels for
+short sequences (<= 512 tokens) with head dims up to 64, SDPA otherwise.
 """
 
 from __future__ import annotations
@@ -1520,16 +1521,27 @@ def _sdpa_call(qkv, qkv_ctx, streams, weights, eps, scale: float, qk_norm):
 BACKENDS = ATTENTION_BACKENDS
 
 
-def choose_backend(backend: str, n_tokens: int, joint: bool) -> str:
-    """'fused' | 'sdpa' for a call over n_tokens tokens in all, joint or not. 'auto' takes SDPA: in one
-    H200 run of both (bf16, fwd+bwd; benchmarks/results/nvidia-h200/attention.json) it was the faster
-    at every benchmark shape, single-stream and joint (DiT-XL 64x16x256x72: 0.59 vs 0.94 ms; joint
-    16x24x(1024+77)x64: 1.54 vs 1.85; 4x24x4096x64: 3.37 vs 3.75; 8x16x2048x128: 2.07 vs 3.23). The
-    fused kernels keep less activation memory (no qhat, khat, vhat held for SDPA's backward: three
+FUSED_MAX_TOKENS = 512     # auto: the fused kernels up to this many tokens (power-of-two head dims <= 64)
+
+
+def choose_backend(backend: str, n_tokens: int, joint: bool, head_dim: int) -> str:
+    """'fused' | 'sdpa' for a call over n_tokens tokens in all (joint or not) with this head dim. 'auto',
+    from bf16 fwd+bwd measurements of both backends (benchmarks/results/nvidia-h100-80gb-hbm3/
+    attention_short_sequences.txt and nvidia-h200/attention.json):
+      - fused for head dims 16, 32, 64 up to FUSED_MAX_TOKENS tokens: on the H100 at MMDiT-XL/2's
+        single-stream shape (64x18x264x64) 0.647 vs 0.777 ms, at its joint shape (256 + 8 tokens) a tie
+        (0.788 vs 0.778; fused keeps no normalised copies: the less memory). The whole MMDiT-XL/2
+        training step ran 446 vs 436 img/s with 33.9 vs 37.3 GiB peak, fused vs sdpa everywhere.
+      - sdpa otherwise: at 1024 tokens and more (joint 16x24x(1024+77)x64: 1.54 vs 1.85 ms on the
+        H200; 4x24x4096x64: 3.37 vs 3.75; 8x16x2048x128: 2.07 vs 3.23), and for DiT-XL's head dim 72 even
+        at 256 tokens (0.676 vs 0.961 on the H100), where the fused kernels tile 72 as 64 + 16.
+    The fused kernels keep less activation memory (no qhat, khat, vhat held for SDPA's backward: three
     (B, N, H, D) tensors per call): backend='fused' where memory, not time, is the limit."""
     if backend not in BACKENDS:
         raise ValueError(f"archirf_kernels attention: unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
-    return "sdpa" if backend == "auto" else backend
+    if backend != "auto":
+        return backend
+    return "fused" if head_dim in (16, 32, 64) and n_tokens <= FUSED_MAX_TOKENS else "sdpa"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1543,7 +1555,7 @@ def _call(qkv, qkv_ctx, weights, eps, scale, qk_norm, backend):
     streams = [unpack_qkv(qkv), unpack_qkv(qkv_ctx, "qkv_ctx") if qkv_ctx is not None else None]
     (q, k, v), ctx = streams
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if choose_backend(backend, q.shape[1] + (ctx[0].shape[1] if ctx else 0), ctx is not None) == "sdpa":
+    if choose_backend(backend, q.shape[1] + (ctx[0].shape[1] if ctx else 0), ctx is not None, q.shape[-1]) == "sdpa":
         return (*_sdpa_call(qkv, qkv_ctx, streams, weights, (q_eps, k_eps), scale, qk_norm), None)
     if packed:
         return torch.ops.archirf_kernels.qk_norm_attention(qkv, qkv_ctx, *weights, q_eps, k_eps, scale, qk_norm)

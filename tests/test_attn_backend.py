@@ -15,9 +15,9 @@ def _spy(monkeypatch) -> list[str]:
     """Record the backend every op call asks for (the op still runs it)."""
     asked, choose = [], attention.choose_backend
 
-    def spy(requested, n, joint):
+    def spy(requested, n, joint, head_dim):
         asked.append(requested)
-        return choose(requested, n, joint)
+        return choose(requested, n, joint, head_dim)
     monkeypatch.setattr(attention, "choose_backend", spy)
     return asked
 

@@ -218,7 +218,7 @@ def test_joint_equals_single_stream_on_the_concatenation():
 
 def pin_backend(monkeypatch, backend):
     """Models call the ops with backend='auto': make 'auto' mean `backend`."""
-    monkeypatch.setattr(attention, "choose_backend", lambda requested, n, joint: backend)
+    monkeypatch.setattr(attention, "choose_backend", lambda requested, n, joint, head_dim: backend)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal
@@ -454,15 +454,22 @@ def test_align_hint_is_the_offsets_true_divisibility():
 
 
 def test_choose_backend(monkeypatch):
-    assert attention.choose_backend("auto", 256, joint=False) == "sdpa"
-    assert attention.choose_backend("auto", 333, joint=True) == "sdpa"
-    assert attention.choose_backend("fused", 10**6, joint=False) == "fused"
+    choose = attention.choose_backend
+    assert choose("auto", 264, joint=False, head_dim=64) == "fused"        # MMDiT-XL/2's single blocks
+    assert choose("auto", 264, joint=True, head_dim=64) == "fused"         # and its double blocks
+    assert choose("auto", 512, joint=False, head_dim=32) == "fused"
+    assert choose("auto", 513, joint=False, head_dim=64) == "sdpa"
+    assert choose("auto", 1101, joint=True, head_dim=64) == "sdpa"
+    assert choose("auto", 256, joint=False, head_dim=72) == "sdpa"         # DiT-XL: 72 = 64 + 16 tiles
+    assert choose("auto", 256, joint=False, head_dim=128) == "sdpa"
+    assert choose("fused", 10**6, joint=False, head_dim=128) == "fused"
+    assert choose("sdpa", 8, joint=False, head_dim=16) == "sdpa"
     calls = []                                   # the public entry points dispatch through it
     monkeypatch.setattr(attention, "choose_backend", lambda *a: calls.append(a) or "fused")
     K.qk_norm_attention(qkv_input(1, 5, 2, 16, torch.float32, 0), impl="triton")
     K.joint_qk_norm_attention(qkv_input(1, 5, 2, 16, torch.float32, 0), qkv_input(1, 3, 2, 16, torch.float32, 1),
                               impl="triton")
-    assert calls == [("auto", 5, False), ("auto", 8, True)]
+    assert calls == [("auto", 5, False, 16), ("auto", 8, True, 16)]
     monkeypatch.undo()
     for impl in ("triton", "reference", "auto"):                  # checked whichever path runs
         with pytest.raises(ValueError, match="unknown backend 'flash'"):
