@@ -145,12 +145,14 @@ def test_dit_reference_attention_matches_sdpa(qk_norm):
 
 def test_attn_impl_choices_resolve_once(monkeypatch):
     assert tiny_dit(attn_impl="auto", qk_norm=True).attn_impl == "auto"             # decided per call
-    m = tiny_dit(attn_impl="auto")
+    m = tiny_dit(attn_impl="auto", qk_norm=True)
     assert not m.blocks[0].attn.use_triton(torch.zeros(1))                          # CPU input: SDPA
     cuda = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
     assert m.blocks[0].attn.use_triton(cuda)                                        # CUDA input: the op
     assert not m.blocks[0].attn.use_triton(SimpleNamespace(is_cuda=True, dtype=torch.float64))   # the op's dtypes
-    assert not Attention(2 * 288, 2, attn_impl="auto").use_triton(cuda)             # head dim > the op's 256
+    assert not Attention(2 * 288, 2, qk_norm=True, attn_impl="auto").use_triton(cuda)   # head dim > the op's 256
+    assert not tiny_dit(attn_impl="auto").blocks[0].attn.use_triton(cuda)           # no norm to fuse: SDPA
+    assert tiny_dit(attn_impl="triton").blocks[0].attn.use_triton(cuda)             # unless pinned
     assert tiny_dit(attn_impl="triton").attn_impl == "triton"
     monkeypatch.setattr(archirf_kernels, "HAS_TRITON", False)
     assert tiny_dit(attn_impl="auto").attn_impl == "sdpa"                           # no Triton: SDPA

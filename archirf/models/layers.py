@@ -256,10 +256,11 @@ def _attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 def resolve_attn_impl(attn_impl: str, qk_norm: bool = False) -> str:
     """Checks the attention choice at construction -> 'reference' | 'sdpa' | 'triton' | 'auto'.
 
-    'auto' decides per call: the QK-norm attention op (archirf_kernels, backend 'auto') on CUDA inputs
-    where Triton is installed, SDPA elsewhere. Inside the trainer's compiled blocks the op beat
-    torch.compile of rms_norm + SDPA in whole training steps on an H200 (bf16, batch 64: DiT-XL/2 with
-    QK-norm 1.12x, MMDiT-XL/2 1.14x, DiT-XL/2 1.02x; benchmarks/results/nvidia-h200/models.json)."""
+    'auto' decides per call (Attention.use_triton): the QK-norm attention op (archirf_kernels, backend
+    `Attention.backend`) for QK-norm attention on CUDA inputs where Triton is installed, SDPA elsewhere.
+    Inside the trainer's compiled blocks the op beat torch.compile of rms_norm + SDPA in whole training
+    steps on an H200 (bf16, batch 64: DiT-XL/2 with QK-norm 1.12x, MMDiT-XL/2 1.14x;
+    benchmarks/results/nvidia-h200/models.json)."""
     if attn_impl not in ATTN_IMPLS:
         raise ValueError(f"unknown attn_impl '{attn_impl}'; choose one of {', '.join(ATTN_IMPLS)}")
     if attn_impl == "triton" and not archirf_kernels.HAS_TRITON:
@@ -315,11 +316,14 @@ class Attention(nn.Module):
         return self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
 
     def use_triton(self, qkv: torch.Tensor) -> bool:
-        """Whether this call runs the QK-norm attention op: 'triton' always; 'auto' for CUDA inputs
-        the op takes (fp16 / bf16 / fp32, head dim up to its maximum; else SDPA)."""
+        """Whether this call runs the QK-norm attention op: 'triton' always; 'auto' for QK-norm attention
+        on CUDA inputs the op takes (fp16 / bf16 / fp32, head dim up to its maximum; else SDPA). Plain
+        attention under 'auto' is SDPA on the projection's views: with no norm to fuse, the op would only
+        add a copy of q, k, v (DiT-XL/2 step on the H100: 0.98x of the compiled model with it)."""
         if self.attn_impl == "triton":
             return True
-        return (self.attn_impl == "auto" and qkv.is_cuda and qkv.dtype in archirf_kernels.reference.ATTENTION_DTYPES
+        return (self.attn_impl == "auto" and self.qk_norm and qkv.is_cuda
+                and qkv.dtype in archirf_kernels.reference.ATTENTION_DTYPES
                 and self.head_dim <= archirf_kernels.reference.ATTENTION_MAX_HEAD_DIM)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
