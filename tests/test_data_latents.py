@@ -1,6 +1,7 @@
 """The latents source: values, labels, exact resume, rank shards, every error, and training on a file."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -97,6 +98,16 @@ def test_the_global_rng_is_left_alone(tmp_path):
     before = torch.get_rng_state()
     take(loader, 3)
     assert torch.equal(before, torch.get_rng_state())
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc/self/maps")
+def test_the_set_is_read_from_the_file_mapping_not_copied(tmp_path):
+    write_latents(tmp_path / "l.safetensors", n=64, dtype=torch.bfloat16)
+    loader = build_loader(latent_cfg(tmp_path / "l.safetensors"), 4, CPU)
+    address = loader.images.data_ptr()
+    mapped = [line.split()[-1] for line in open("/proc/self/maps").read().splitlines()
+              if int(line.split("-")[0], 16) <= address < int(line.split()[0].split("-")[1], 16)]
+    assert mapped == [str(tmp_path / "l.safetensors")], mapped   # ranks of a node share the page cache
 
 
 def test_storage_setting():

@@ -9,12 +9,12 @@ The loader yields x = (latents - data.latent_shift) * data.latent_scale as float
 (data.num_classes must be 0); with data.num_classes=0 any labels are ignored, as the other sources do.
 
 Horizontal flips (data.random_flip) mirror the latent along its width. For a convolutional
-autoencoder that is close to the latent of the mirrored image (DiT-style pipelines flip latents
-this way); for exact flips, store the encodings of the mirrored images as extra samples and leave
-random_flip off.
+autoencoder that is close to, not exactly, the latent of the mirrored image; for exact flips,
+store the encodings of the mirrored images as extra samples and leave random_flip off.
 
-Where the set lives (data.latent_storage): safetensors maps the file into memory, so reading it
-costs no process memory of its own and the ranks of a node share one copy in the page cache.
+Where the set lives (data.latent_storage): safetensors maps the file into memory and hands out
+tensors backed by the mapping (no copy; checked with safetensors 0.8), so reading it costs no
+process memory of its own and the ranks of a node share one copy in the page cache.
 `device` copies it once to the training device in its stored dtype (a step is then two
 index_selects on the device, like the digits source); `host` leaves it mapped and sends each batch
 through pinned memory (a gather of B samples on the host and one asynchronous copy per step);
