@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -61,14 +62,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["digits", "folder", "synthetic"] = "digits"
-    root: Optional[str] = None                   # folder: ImageFolder root (class per sub-folder)
-    resolution: int = 16                         # images are resized/cropped to this square size
-    channels: int = 1                            # 1 (grey) or 3 (RGB); digits are grey
+    source: Literal["digits", "folder", "latents", "synthetic"] = "digits"
+    root: Optional[str] = None                   # folder: ImageFolder root (class per sub-folder); latents: the file
+    resolution: int = 16                         # images are resized/cropped to this square size (latents: their side)
+    channels: int = 1                            # 1 (grey) or 3 (RGB); digits are grey; latents: their channels
     num_classes: int = 10                        # classes of the dataset (0 = unconditional)
     random_flip: bool = False                    # horizontal flips (off for digits: a flipped 3 is no 3)
     num_workers: int = 2                         # folder: DataLoader worker processes
     synthetic_size: int = 4096                   # synthetic: number of distinct random samples
+    latent_scale: float = 1.0                    # latents: x = (latents - latent_shift) * latent_scale
+    latent_shift: float = 0.0                    # latents: subtracted before scaling (e.g. SD3's VAE: 0.0609)
+    latent_storage: Literal["auto", "device", "host"] = "auto"  # latents: where the set lives (auto: see Data)
 
 
 @dataclass
@@ -267,6 +271,10 @@ def validate(cfg: Config) -> None:
     need(d.channels >= 1, "data.channels must be >= 1")
     need(d.num_classes >= 0, "data.num_classes must be >= 0 (0 = unconditional)")
     need(d.source != "folder" or d.root, "data.source=folder needs data.root=/path/to/images")
+    need(d.source != "latents" or d.root, "data.source=latents needs data.root=/path/to/latents.safetensors")
+    need(math.isfinite(d.latent_scale) and d.latent_scale != 0 and math.isfinite(d.latent_shift),
+         f"data.latent_scale ({d.latent_scale}) must be finite and non-zero, data.latent_shift "
+         f"({d.latent_shift}) finite")
     o = cfg.objective
     need(o.logit_normal_std > 0, "objective.logit_normal_std must be > 0")
     need(o.time_shift > 0, "objective.time_shift must be > 0")

@@ -1,8 +1,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from archirf.config import Config, ConfigError, batch_split, from_yaml_text, load_config, parse_cli, to_yaml
+from archirf.models import build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -70,6 +72,23 @@ def test_cli(capsys):
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_every_recipe_loads(recipe):
+def test_every_recipe_loads_and_its_model_takes_its_data(recipe):
     cfg = load_config(str(CONFIGS / recipe))
     assert cfg.total_images > 0 and cfg.run_dir
+    d = cfg.data
+    assert d.source != "folder" or d.channels in (1, 3), "the folder source decodes grey or RGB"
+    with torch.device("meta"):                              # full-size models: no memory, no compute
+        model = build_model(cfg)
+        x = torch.empty(2, d.channels, d.resolution, d.resolution)
+        out = model(x, torch.rand(2), torch.tensor([0, model.num_classes]))
+    assert (model.in_channels, model.input_size, model.num_classes) == (d.channels, d.resolution, d.num_classes)
+    assert out.shape == x.shape                             # the network maps the data's shape onto itself
+
+
+@pytest.mark.parametrize("recipe, params, macs", [("mmdit_b2_img64", 176.3e6, 107.4e9),
+                                                 ("adm_latent", 289.5e6, 45.0e9)])
+def test_full_size_recipes_have_their_stated_size(recipe, params, macs):
+    with torch.device("meta"):
+        model = build_model(load_config(str(CONFIGS / f"{recipe}.yaml")))
+    assert model.num_params() == pytest.approx(params, rel=1e-3)
+    assert model.flops_per_image() == pytest.approx(macs, rel=1e-3)

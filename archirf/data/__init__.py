@@ -1,7 +1,7 @@
 """Data loaders: an infinite, resumable, rank-sharded stream of (x, y) batches on the device.
 
     loader = build_loader(cfg, batch_size, device, rank, world_size)
-    x, y = next(loader)            # x (B, C, R, R) float32 in [-1, 1], y (B,) long, both on device
+    x, y = next(loader)            # x (B, C, R, R) float32 in [-1, 1] (latents: see below), y (B,) long, on device
     state = loader.state_dict()    # {"epoch": int, "index": int}: global, the same on every rank and any W
     loader.load_state_dict(state)  # continues with exactly the batches (and flips) that would follow
 
@@ -10,7 +10,9 @@ loader adds `classes`, `num_skipped`, `skipped_files` and `close()`. The order i
 (cfg.seed, epoch) only; see order.py for how epochs, ranks and epoch ends work.
 
 Sources (cfg.data.source): digits (scikit-learn's bundled 8x8 digits, kept on the device),
-folder (ImageFolder tree decoded by PIL in DataLoader workers), synthetic (random, benchmarks).
+folder (ImageFolder tree decoded by PIL in DataLoader workers), latents (precomputed latents from a
+safetensors file; x = (latents - data.latent_shift) * data.latent_scale, unbounded, not [-1, 1]),
+synthetic (random, benchmarks).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ def build_loader(cfg, batch_size: int, device: torch.device, rank: int = 0, worl
         from archirf.data.digits import build_digits_loader as build
     elif source == "folder":
         from archirf.data.folder import build_folder_loader as build
+    elif source == "latents":
+        from archirf.data.latents import build_latent_loader as build
     elif source == "synthetic":
         from archirf.data.synthetic import build_synthetic_loader as build
     else:
-        raise DataError(f"unknown data.source={source}; choose one of digits, folder, synthetic")
+        raise DataError(f"unknown data.source={source}; choose one of digits, folder, latents, synthetic")
     return build(cfg, batch_size, torch.device(device), rank, world_size)

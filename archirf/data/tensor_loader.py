@@ -1,4 +1,4 @@
-"""A loader over a dataset that lives whole on the device (digits, synthetic).
+"""A loader over a dataset that lives whole in one tensor, on the device (digits, synthetic, latents).
 
 A step costs two index_selects on the device and no host work: each epoch's permutation and
 flips are copied to the device once, and a batch is a slice of it.
@@ -16,14 +16,17 @@ def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 class DeviceTensorLoader:
-    """Yields (x, y) batches forever from `images` (N, C, R, R) in [-1, 1] and `labels` (N,) long."""
+    """Yields (x, y) batches forever from `images` (N, C, R, R) in [-1, 1] and `labels` (N,) long.
+
+    x comes in the images' dtype from the images' device (latents.py converts, and may keep the set
+    on the host)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int, *,
                  seed: int, rank: int = 0, world_size: int = 1, random_flip: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
-        self.images = images                    # (N, C, R, R) float32 on the device
-        self.labels = labels                    # (N,) long on the device
+        self.images = images                    # (N, C, R, R) float32 on the device (latents: any float, maybe host)
+        self.labels = labels                    # (N,) long, on the images' device
         self.num_samples = images.shape[0]
         self.num_classes = num_classes
         self.batch_size = batch_size
