@@ -1,7 +1,9 @@
 """EDM2 UNet: sizes and cost against the paper's table, shapes, magnitude preservation at init,
 forced weight normalisation (also sharded under FSDP2 on 2 gloo ranks), EDM preconditioning in RF's
-variables, the uncertainty-weighted loss, fused (Triton, interpreted) vs reference model, config
-errors, and the digits recipe end to end for a few steps (RF and DDPM)."""
+variables, the uncertainty-weighted loss (CFG batching and a short fit in that configuration), fused
+(Triton, interpreted) vs reference model, per-block compile, config errors, and the digits recipe end
+to end for a few steps (RF and DDPM). The checks it shares with the other networks (plain
+configuration): test_models_zoo.py."""
 
 import math
 import os
@@ -214,6 +216,52 @@ def test_uncertainty_weighted_loss_trains_logvar():
     assert not tiny().loss_logvar and tiny(uncertainty_weighting=True).loss_logvar
 
 
+def test_fresh_edm_preconditioned_model_outputs_the_skip_path():
+    # Where the zoo's networks output exact zeros at init (test_models_zoo.py): with preconditioning=edm
+    # the zero is F's (the output gain starts at 0), so the velocity is the skip path alone, v = a(t) x_t.
+    model = tiny(preconditioning="edm")
+    x, t, y = inputs()
+    a = edm_preconditioning(t, model.sigma_data)[2]
+    assert torch.equal(model(x, t, y), a.view(-1, 1, 1, 1) * x)
+
+
+def test_cfg_batch_equals_two_passes_with_the_loss_weight():
+    # test_models_zoo.py checks CFG batching of the plain network; here the recipes' configuration, whose
+    # forward also returns the per-sample log loss weight: a function of t alone, whatever the label.
+    model = wake_(tiny(preconditioning="edm", uncertainty_weighting=True)).eval()
+    x, t, _ = inputs()
+    y, null = torch.tensor([0, 3, 7, 9]), torch.full((4,), 10)
+    both, logvar_both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), return_logvar=True)
+    (cond, logvar), (uncond, logvar_null) = model(x, t, y, return_logvar=True), model(x, t, null, return_logvar=True)
+    torch.testing.assert_close(both, torch.cat([cond, uncond]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logvar_both, torch.cat([logvar, logvar]), atol=1e-6, rtol=0)
+    assert torch.equal(logvar, logvar_null) and not torch.allclose(cond, uncond, atol=1e-4)
+
+
+def test_few_steps_lower_the_uncertainty_weighted_loss():
+    # test_models_zoo.py's short fit in the recipes' configuration: (v, logvar) and the loss
+    # mse * exp(-logvar) + logvar. The learned u(t) alone lowers that loss (it fits the log of the current
+    # MSE), so the velocity MSE must fall as well. EDM2's rate 1e-2 and forced weight normalisation after
+    # every step, as the recipes and the trainer.
+    torch.manual_seed(0)
+    model = tiny(preconditioning="edm", uncertainty_weighting=True).train()
+    x, t, y = inputs(batch=8)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    x_t, v = interpolate(x, noise, t), velocity_target(x, noise)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses, mses = [], []
+    for _ in range(30):
+        out, logvar = model(x_t, t, y, return_logvar=True)
+        loss = regression_loss((out, logvar), v).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.post_optimizer_step()
+        losses.append(loss.item())
+        mses.append(regression_loss(out.detach(), v).mean().item())
+    assert losses[-1] < 0.8 * losses[0] and mses[-1] < 0.8 * mses[0], (losses, mses)   # measured: 0.17x, 0.57x
+
+
 # ---------------------------------------------------------------------------------------------
 # Fused (Triton, in the interpreter on CPU) against the reference model
 
@@ -240,17 +288,22 @@ def test_fused_model_matches_reference_model():
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal
 def test_blocks_compile_fullgraph():
+    # The fused model with every block compiled on its own, as parallel.py does (one graph per distinct
+    # block): the same output and parameter gradients as the eager reference model.
     torch._dynamo.reset()
     model = wake_(tiny(kernels="triton", class_dropout_prob=0.0)).to(DEVICE)
+    ref = tiny(class_dropout_prob=0.0).to(DEVICE)
+    ref.load_state_dict(model.state_dict())
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(model.blocks))
     for block in model.blocks:
-        block.compile(fullgraph=True, backend="aot_eager")      # as parallel.py does: one graph per distinct block
+        block.compile(fullgraph=True, backend="aot_eager")
     x, t, y = (v.to(DEVICE) for v in inputs(batch=2))
-    out = model(x, t, y)
-    out.square().mean().backward()
-    ref = wake_(tiny(class_dropout_prob=0.0)).to(DEVICE)
-    ref.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()})
-    torch.testing.assert_close(out, ref(x, t, y), atol=1e-4, rtol=1e-4)
+    out, out_ref = model(x, t, y), ref(x, t, y)
+    grads = torch.autograd.grad(out.square().mean(), list(model.parameters()))
+    grads_ref = torch.autograd.grad(out_ref.square().mean(), list(ref.parameters()))
+    torch.testing.assert_close(out, out_ref, atol=1e-4, rtol=1e-4)
+    for (name, _), g, g_ref in zip(ref.named_parameters(), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-3, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------

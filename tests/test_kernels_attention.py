@@ -216,9 +216,13 @@ def test_joint_equals_single_stream_on_the_concatenation():
 # ---------------------------------------------------------------------------------------------
 # torch.compile, custom-op checks, models
 
-def pin_backend(monkeypatch, backend):
-    """Models call the ops with backend='auto': make 'auto' mean `backend`."""
-    monkeypatch.setattr(attention, "choose_backend", lambda requested, n, joint, head_dim: backend)
+def pin_backend(monkeypatch, backend) -> list[bool]:
+    """Models call the ops with backend='auto': make 'auto' mean `backend`. -> the `joint` flag of each
+    call that took it (so that a test can tell which ops ran pinned)."""
+    calls = []
+    monkeypatch.setattr(attention, "choose_backend",
+                        lambda requested, n, joint, head_dim: calls.append(joint) or backend)
+    return calls
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal

@@ -1,7 +1,7 @@
-"""Every network of the zoo (DiT, MMDiT with learned or pretrained class tokens, ADM UNet) through the same
-checks: shapes, cost counters, zero init, conditioning, CFG batching, meta materialisation, compile,
-a short fit; then what is particular to MMDiT (joint attention, fused kernels, class embeddings) and
-to the ADM UNet. CPU, tiny shapes."""
+"""Every network of the zoo (DiT, MMDiT with learned or pretrained class tokens, ADM UNet, EDM2 UNet) through
+the same checks: shapes, cost counters, zero init, conditioning, CFG batching, meta materialisation, compile,
+a short fit; then what is particular to MMDiT (joint attention, fused kernels with either attention backend,
+class embeddings) and to the ADM UNet (the EDM2 UNet's: test_edm2.py). CPU, tiny shapes."""
 
 import json
 from pathlib import Path
@@ -12,9 +12,11 @@ from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from archirf.config import Config, ConfigError, DataConfig, ModelConfig, load_config
-from archirf.models import (ADM_PRESETS, DIT_PRESETS, MMDIT_PRESETS, MODELS, ADMUNet, DiT, MMDiT, build_model)
+from archirf.models import (ADM_PRESETS, DIT_PRESETS, MMDIT_PRESETS, MODELS, ADMUNet, DiT, EDM2UNet, MMDiT,
+                            build_model)
 from archirf.models.layers import Attention, joint_attention
 
+from test_kernels_attention import pin_backend
 from test_models import inputs, perturb_
 
 EMBED_DIM = 6  # width of the tiny pretrained class embeddings
@@ -37,18 +39,22 @@ def tiny(name: str, **overrides) -> torch.nn.Module:
         "mmdit-double-only": dict(patch_size=2, hidden_size=32, depth=2, depth_single_blocks=0, num_heads=2,
                                   num_register_tokens=0, label_tokens=2),
         "adm_unet": dict(channels=32, channel_mult=(1, 2), num_res_blocks=1, head_channels=16),
+        "edm2_unet": dict(channels=16, channel_mult=(1, 2), num_res_blocks=1, channels_per_head=16),
     }[name]
     kw.update(common)
     kw.update(overrides)
-    if name == "adm_unet":
+    if name in ("adm_unet", "edm2_unet"):
         kw.setdefault("attn_resolutions", (kw["input_size"] // 2,))    # attention on the lower level
-    cls = {"dit": DiT, "adm_unet": ADMUNet}.get(name, MMDiT)
+    cls = {"dit": DiT, "adm_unet": ADMUNet, "edm2_unet": EDM2UNet}.get(name, MMDiT)
     return cls(**kw)
 
 
-ZOO = ["dit", "mmdit", "mmdit-pretrained", "mmdit-double-only", "adm_unet"]
+ZOO = ["dit", "mmdit", "mmdit-pretrained", "mmdit-double-only", "adm_unet", "edm2_unet"]
 FUSED_MMDIT = dict(kernels="triton", attn_impl="triton", depth=1)   # one block of each kind (interpreter: slow)
 NEW = ["mmdit", "mmdit-pretrained", "adm_unet"]
+# The `joint` flags of the QK-norm attention op's calls per model (joint: MMDiT's double blocks). The op's
+# backend ('auto' = 'sdpa') is pinned by test_kernels_attention.pin_backend, as the DiT parity test there does.
+ATTENTION_CALLS = {"dit": {False}, "mmdit": {True, False}, "mmdit-double-only": {True}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +113,8 @@ def test_adm64_has_the_papers_size():
     assert abs(model.num_params() - 296e6) / 296e6 < 0.01, model.num_params()
 
 
-@pytest.mark.parametrize("name", ZOO)
+# The EDM2 UNet's count: test_edm2.py (its attention through SDPA's math backend; its label embedding a gather).
+@pytest.mark.parametrize("name", [n for n in ZOO if n != "edm2_unet"])
 def test_flops_per_image_counts_every_matmul(name):
     # torch's counter sees every mm/bmm/conv actually run (2 FLOPs per multiply-add), embeddings included.
     model = tiny(name, attn_impl="reference").eval()
@@ -159,7 +166,9 @@ def test_cfg_batch_equals_two_passes(name):
     assert not torch.allclose(cond, uncond, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ZOO)
+# Not the EDM2 UNet: it has no initialize_weights() (its init is forced weight normalisation of random
+# weights); a meta-built one is filled with rank 0's CPU init by parallel.build_training_model.
+@pytest.mark.parametrize("name", [n for n in ZOO if n != "edm2_unet"])
 def test_meta_model_materializes_like_a_cpu_model(name):
     with torch.device("meta"):
         model = tiny(name)
@@ -184,7 +193,7 @@ def test_unconditional_model_uses_the_null_class(name):
     assert model(x, t, y).shape == x.shape
 
 
-@pytest.mark.parametrize("name", ["mmdit", "mmdit-pretrained", "adm_unet"])
+@pytest.mark.parametrize("name", ["mmdit", "mmdit-pretrained", "adm_unet", "edm2_unet"])
 def test_label_dropout_leaves_the_callers_labels_alone(name):
     model = perturb_(tiny(name, class_dropout_prob=0.9999)).train()
     x, t, y = inputs()
@@ -199,19 +208,23 @@ def test_label_dropout_leaves_the_callers_labels_alone(name):
 # Compile and training
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal
-@pytest.mark.parametrize("name,fused", [("dit", False), ("dit", True), ("mmdit-pretrained", False), ("mmdit", True)])
-def test_compile_fullgraph_train_step_matches_eager(name, fused):
+@pytest.mark.parametrize("name,fused,attn_backend", [("dit", False, None), ("dit", True, None),
+                                                     ("mmdit-pretrained", False, None),
+                                                     ("mmdit", True, "fused"), ("mmdit", True, "sdpa")])
+def test_compile_fullgraph_train_step_matches_eager(name, fused, attn_backend, monkeypatch):
     # fullgraph=True fails on any graph break or host sync; fused: the Triton custom ops (adaLN, and
-    # MMDiT's joint / single QK-norm attention) trace too, on one block of each kind (they run in the
-    # interpreter on the CPU). Train mode adds the random label dropout (off here, so eager and compiled
-    # see the same labels). The UNet: test_each_block_compiles_fullgraph.
+    # MMDiT's joint / single QK-norm attention with each backend) trace too, on one block of each kind
+    # (they run in the interpreter on the CPU). Train mode adds the random label dropout (off here, so
+    # eager and compiled see the same labels). The UNets: test_each_block_compiles_fullgraph (EDM2's:
+    # test_edm2.py).
     torch._dynamo.reset()
+    calls = pin_backend(monkeypatch, attn_backend) if attn_backend else []
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kernels = {}
     if fused:
         kernels = dict(kernels="triton", depth=1) if name == "dit" else FUSED_MMDIT
     model = perturb_(tiny(name, class_dropout_prob=0.0, **kernels)).train().to(device)
-    x, t, y = (v.to(device) for v in inputs())
+    x, t, y = (v.to(device) for v in inputs(batch=2))   # batch 2: the interpreted kernels cost per program
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(x, t, y)
     grads = torch.autograd.grad(out.square().mean(), list(model.parameters()))
@@ -220,6 +233,7 @@ def test_compile_fullgraph_train_step_matches_eager(name, fused):
     torch.testing.assert_close(out, out_eager, atol=1e-5, rtol=1e-5)
     for g, g_eager in zip(grads, grads_eager):
         torch.testing.assert_close(g, g_eager, atol=1e-5, rtol=1e-4)
+    assert set(calls) == (ATTENTION_CALLS[name] if attn_backend else set())
 
 
 @pytest.mark.parametrize("name,overrides", [
@@ -244,19 +258,25 @@ def test_each_block_compiles_fullgraph(name, overrides):
         torch.testing.assert_close(g, g_expected, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["dit", *NEW])
+@pytest.mark.parametrize("name", ["dit", *NEW, "edm2_unet"])
 def test_few_steps_lower_mse(name):
+    # The EDM2 UNet at its own rate (EDM2's 1e-2, as its recipes): its stored weights have unit RMS per
+    # element (forward normalises them), several times the others' init scale, so a step of 3e-3 changes
+    # them relatively less (20 steps: -4%, not -20%); after each step its forced weight normalisation, as
+    # the trainer does.
     torch.manual_seed(0)
     model = tiny(name).train()
     x, t, y = inputs(batch=8)
     target = torch.randn_like(x)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2 if name == "edm2_unet" else 3e-3)
+    post_step = getattr(model, "post_optimizer_step", lambda: None)
     losses = []
     for _ in range(20):
         loss = (model(x, t, y) - target).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        post_step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
 
@@ -358,16 +378,20 @@ def test_mmdit_reference_attention_matches_sdpa(name):
     torch.testing.assert_close(sdpa(x, t, y), ref(x, t, y), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name,overrides,fused_attention", [
-    ("dit", dict(qk_norm=False), False), ("dit", dict(qk_norm=True), False), ("dit", dict(qk_norm=True), True),
-    ("mmdit", dict(depth=1), True), ("mmdit-double-only", dict(depth=1), True)])   # joint+single; pre-only
-def test_fused_kernels_match_reference(name, overrides, fused_attention):
-    # kernels=triton runs the fused adaLN kernels, attn_impl=triton the fused (joint) QK-norm attention
-    # (Triton's interpreter on the CPU, see conftest.py): same outputs and parameter gradients as the
-    # reference LayerNorm + modulate path and the reference attention, in fp32.
+@pytest.mark.parametrize("name,overrides,attn_backend", [
+    ("dit", dict(qk_norm=False), None), ("dit", dict(qk_norm=True), None),
+    ("dit", dict(qk_norm=True), "sdpa"),        # DiT with each backend: test_dit_triton_attention_matches_reference
+    *[(name, dict(depth=1), backend) for name in ("mmdit", "mmdit-double-only")    # joint+single; pre-only
+      for backend in ("fused", "sdpa")]])
+def test_fused_kernels_match_reference(name, overrides, attn_backend, monkeypatch):
+    # kernels=triton runs the fused adaLN kernels, attn_impl=triton the fused (joint) QK-norm attention op
+    # with `attn_backend` (Triton's interpreter on the CPU, see conftest.py; None: SDPA in both models, the
+    # op must not run): same outputs and parameter gradients as the reference LayerNorm + modulate path and
+    # the reference attention, in fp32.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = dict(hidden_size=40, num_heads=2, class_dropout_prob=0.0, **overrides)
-    ref_attn, fused_attn = ("reference", "triton") if fused_attention else ("sdpa", "sdpa")
+    ref_attn, fused_attn = ("reference", "triton") if attn_backend else ("sdpa", "sdpa")
+    calls = pin_backend(monkeypatch, attn_backend or "sdpa")
     ref = perturb_(tiny(name, kernels="reference", attn_impl=ref_attn, **shape)).to(device)
     fused = tiny(name, kernels="triton", attn_impl=fused_attn, **shape).to(device)
     fused.load_state_dict(ref.state_dict())
@@ -379,6 +403,7 @@ def test_fused_kernels_match_reference(name, overrides, fused_attention):
     for (name_, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters()):
         torch.testing.assert_close(p_fused.grad, p_ref.grad, atol=1e-5, rtol=1e-4,
                                    msg=lambda m, n=name_: f"{n}: {m}")
+    assert set(calls) == (ATTENTION_CALLS[name] if attn_backend else set())     # every attention op ran pinned
 
 
 def test_mmdit_fused_kernels_run_the_custom_ops(monkeypatch):
