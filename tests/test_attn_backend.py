@@ -9,6 +9,7 @@ from archirf.config import ConfigError, load_config
 from archirf.models import build_model
 from archirf.models.layers import Attention, set_attention_backend
 from archirf_kernels import attention
+from test_kernels_adaln import DEVICE
 
 
 def _spy(monkeypatch) -> list[str]:
@@ -29,12 +30,12 @@ def test_config_backend_reaches_every_attention_call(name, backend, monkeypatch)
                              "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.qk_norm=true",
                              "data.resolution=8"])
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_model(cfg).to(DEVICE)
     attns = [m for m in model.modules() if isinstance(m, Attention)]
     assert attns and all(m.backend == backend for m in attns)
     asked = _spy(monkeypatch)
-    x = torch.randn(2, cfg.data.channels, 8, 8)
-    out = model(x, torch.rand(2), torch.tensor([1, 3]))
+    x = torch.randn(2, cfg.data.channels, 8, 8, device=DEVICE)
+    out = model(x, torch.rand(2, device=DEVICE), torch.tensor([1, 3], device=DEVICE))
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert asked and set(asked) == {backend}
 
