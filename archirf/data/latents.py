@@ -139,8 +139,8 @@ class LatentLoader(DeviceTensorLoader):
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = super().__next__()                     # (B, C, R, R) stored dtype, (B,): where the set lives
-        if x.device != self.device:                   # host storage: one asynchronous copy from pinned memory
-            if self.device.type == "cuda":
+        if x.is_cpu and self.device.type != "cpu":    # host storage: one asynchronous copy from pinned memory
+            if self.device.type == "cuda":          # (compare types: cuda and cuda:0 are the same device)
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         x = x.float()
