@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 # Kernel tests run Triton's interpreter where there is no GPU. triton.jit reads TRITON_INTERPRET when it
@@ -39,3 +40,17 @@ def _strict_interpreted_launches() -> None:
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     _strict_interpreted_launches()
+
+
+
+@pytest.fixture(autouse=True)
+def _fp32_references_and_fresh_dynamo():
+    """On a CUDA machine the fp32 tests compare against fp32 references, so TF32 is off for each test
+    (the trainer turns it on for training, in-process tests included). After each test dynamo's caches
+    are dropped, so that its per-code-object recompile limit counts one test's compilations, not the
+    whole session's (models compile per block by default on CUDA)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch._dynamo.reset()

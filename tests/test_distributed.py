@@ -27,7 +27,9 @@ TINY = ["data.resolution=8", "model.hidden_size=32", "model.depth=2", "model.num
         "optim.lr=3e-3", "sample.steps=4", "sample.per_class=2", "sample.classes=[0,1,2]", "sample.gif_frames=3",
         "progress=false", "ema.half_life_images=100", "log_every=24", "sample_every=0", "checkpoint_every=0"]
 STEPS = 6
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+# CPU / gloo on any machine: GPUs hidden (a 2-rank run on a 1-GPU host would otherwise ask for a second
+# device), and Triton kernels, where a recipe asks for them, in the interpreter.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
