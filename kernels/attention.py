@@ -1528,7 +1528,8 @@ def choose_backend(backend: str, n_tokens: int, joint: bool, head_dim: int) -> s
     """'fused' | 'sdpa' for a call over n_tokens tokens in all (joint or not) with this head dim. 'auto',
     from bf16 fwd+bwd measurements of both backends (benchmarks/results/nvidia-h100-80gb-hbm3/
     attention_short_sequences.txt and nvidia-h200/attention.json):
-      - fused for head dims 16, 32, 64 up to FUSED_MAX_TOKENS tokens: on the H100 at MMDiT-XL/2's
+      - fused for head dims 16, 32, 64 (measured at 64; 16 and 32 are tiled the same way, without a
+        masked tail) up to FUSED_MAX_TOKENS tokens: on the H100 at MMDiT-XL/2's
         single-stream shape (64x18x264x64) 0.647 vs 0.777 ms, at its joint shape (256 + 8 tokens) a tie
         (0.788 vs 0.778; fused keeps no normalised copies: the less memory). The whole MMDiT-XL/2
         training step ran 446 vs 436 img/s with 33.9 vs 37.3 GiB peak, fused vs sdpa everywhere.

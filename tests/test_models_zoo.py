@@ -413,8 +413,9 @@ def test_mmdit_fused_kernels_run_the_custom_ops(monkeypatch):
     for op in ("joint_qk_norm_attention", "qk_norm_attention", "ada_layer_norm", "gated_residual_ada_layer_norm"):
         real = getattr(archirf_kernels, op)
         monkeypatch.setattr(archirf_kernels, op, lambda *a, _real=real, _op=op, **k: calls.append(_op) or _real(*a, **k))
-    x, t, y = inputs(batch=1)
-    tiny("mmdit", **FUSED_MMDIT)(x, t, y)
+    device = "cuda" if torch.cuda.is_available() else "cpu"          # impl=triton takes CUDA tensors there
+    x, t, y = (v.to(device) for v in inputs(batch=1))
+    tiny("mmdit", **FUSED_MMDIT).to(device)(x, t, y)
     assert {"joint_qk_norm_attention", "qk_norm_attention", "ada_layer_norm", "gated_residual_ada_layer_norm"} <= set(calls)
 
 
