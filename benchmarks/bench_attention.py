@@ -1,7 +1,7 @@
 """Attention: the fused QK-RMSNorm + flash attention (`qk_norm_attention`, `joint_qk_norm_attention`);
 fwd, bwd and fwd+bwd, bf16, RMSNorm weights in fp32 (a model's parameters under autocast).
 
-Ours: `ours` is the default (backend='auto', which picks by sequence length), `ours-fused` the norm
+Ours: `ours` is the default (backend='auto', which picks by sequence length and head dim), `ours-fused` the norm
 inside our flash kernels, `ours-sdpa` our Triton norm pass + PyTorch's SDPA (cuDNN first).
 
 Baselines, same process and shapes:
