@@ -53,7 +53,8 @@ ZOO = ["dit", "mmdit", "mmdit-pretrained", "mmdit-double-only", "adm_unet", "edm
 FUSED_MMDIT = dict(kernels="triton", attn_impl="triton", depth=1)   # one block of each kind (interpreter: slow)
 NEW = ["mmdit", "mmdit-pretrained", "adm_unet"]
 # The `joint` flags of the QK-norm attention op's calls per model (joint: MMDiT's double blocks). The op's
-# backend ('auto' = 'sdpa') is pinned by test_kernels_attention.pin_backend, as the DiT parity test there does.
+# backend (models call it with 'auto', which picks by tokens and head dim) is pinned by
+# test_kernels_attention.pin_backend, as the DiT parity test there does.
 ATTENTION_CALLS = {"dit": {False}, "mmdit": {True, False}, "mmdit-double-only": {True}}
 
 
