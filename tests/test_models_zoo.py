@@ -14,6 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from archirf.config import Config, ConfigError, DataConfig, ModelConfig, load_config
 from archirf.models import (ADM_PRESETS, DIT_PRESETS, MMDIT_PRESETS, MODELS, ADMUNet, DiT, EDM2UNet, MMDiT,
                             build_model)
+from archirf.models.adm_unet import AttentionBlock as AdmAttentionBlock
 from archirf.models.layers import Attention, joint_attention
 
 from test_kernels_attention import pin_backend
@@ -135,6 +136,37 @@ def test_fresh_model_outputs_exact_zeros(name):
     assert torch.equal(model(x, t, y), torch.zeros_like(x))
 
 
+@pytest.mark.parametrize("name", [n for n in ZOO if n != "edm2_unet"])   # EDM2: its own init (test_edm2)
+def test_every_block_starts_as_the_identity(name):
+    # adaLN-Zero gates, ADM's zeroed conv2 and attention projection: each residual unit starts as its skip
+    # path, not only the zeroed output layer (which alone would make the fresh output 0 too).
+    from archirf.models.adm_unet import AttentionBlock, ResBlock
+    from archirf.models.layers import AdaLNZeroBlock
+    from archirf.models.mmdit import DoubleStreamBlock
+
+    def check(module, args, out):
+        if isinstance(module, ResBlock):
+            expected = module.skip(module._resample(args[0]))
+        elif isinstance(module, DoubleStreamBlock):
+            expected = args[:2]
+        else:
+            expected = args[0]
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        seen.append(type(module).__name__)
+
+    model = tiny(name).train()
+    seen = []
+    for module in model.modules():
+        if isinstance(module, (AdaLNZeroBlock, DoubleStreamBlock, ResBlock, AttentionBlock)):
+            module.register_forward_hook(check)
+    x, t, y = inputs()
+    model(x + torch.randn_like(x), t, y)
+    kinds = {"dit": {"AdaLNZeroBlock"}, "mmdit": {"DoubleStreamBlock", "AdaLNZeroBlock"},
+             "mmdit-pretrained": {"DoubleStreamBlock", "AdaLNZeroBlock"}, "mmdit-double-only": {"DoubleStreamBlock"},
+             "adm_unet": {"ResBlock", "AttentionBlock"}}[name]
+    assert set(seen) == kinds
+
+
 @pytest.mark.parametrize("name", ZOO)
 def test_output_depends_on_y_and_t(name):
     model = perturb_(tiny(name)).eval()
@@ -198,6 +230,7 @@ def test_unconditional_model_uses_the_null_class(name):
 def test_label_dropout_leaves_the_callers_labels_alone(name):
     model = perturb_(tiny(name, class_dropout_prob=0.9999)).train()
     x, t, y = inputs()
+    torch.manual_seed(0)                                    # the dropout draws: all four below 0.9999
     y_before = y.clone()
     out = model(x, t, y)
     assert torch.equal(y, y_before)
@@ -499,11 +532,20 @@ def test_adm_structure_mirrors_encoder_and_decoder():
     (["model.channels=24"], "multiples of 32"),
     (["model.channel_mult=[1,2,2,2,2,2]"], "divisible by 2\\^\\(levels-1\\) = 32"),
     (["model.preset=ADM-128"], "valid presets: ADM-32, ADM-64"),
+    (["model.channels=96", "model.attn_resolutions=[16]"], r"attention widths \[96\] are not multiples of the "
+                                                             r"head width 64 \(model.channels_per_head"),
 ])
 def test_adm_config_errors(overrides, match):
     cfg = load_config(None, ["model.name=adm_unet", *overrides])
     with pytest.raises(ConfigError, match=match):
         build_model(cfg)
+
+
+def test_adm_head_width_follows_channels_per_head():
+    cfg = load_config(None, ["model.name=adm_unet", "model.channels=64", "model.channel_mult=[1,2]",
+                             "model.attn_resolutions=[16]", "model.channels_per_head=32", "data.resolution=32"])
+    heads = [m.attn.num_heads for m in build_model(cfg).modules() if isinstance(m, AdmAttentionBlock)]
+    assert heads and set(heads) == {4}                      # 128 channels at 16x16 and in the middle: 32 wide
 
 
 def test_mmdit_unknown_preset_lists_valid_ones():

@@ -177,11 +177,23 @@ def test_constant_velocity_moves_by_exactly_one(sampler):
     assert len(model.calls) == (7 if sampler == "euler" else 13) and ts.min() > 0   # Heun: 2N - 1
 
 
+def test_euler_steps_span_the_shifted_grid():
+    # v(x, t) = t: the step from grid[i] moves x by exactly (grid[i+1] - grid[i]) * grid[i]; a sampler that
+    # calls the model on the shifted grid but steps a fixed 1/N (the slip this guards) moves by -grid[i]/N.
+    steps, noise = 5, torch.zeros(2, 1, 1, 1)
+    _, traj = rf(time_shift=3.0).sample(lambda x, t, y: t.view(-1, 1, 1, 1).expand_as(x), noise, None,
+                                        steps=steps, sampler="euler", return_trajectory=True)
+    grid = sampling_grid(steps, 3.0, torch.device("cpu"))
+    for i in range(steps):
+        torch.testing.assert_close(traj[i + 1] - traj[i], torch.full_like(noise, ((grid[i + 1] - grid[i]) * grid[i]).item()))
+
+
 @pytest.mark.parametrize("mixture", [MIXTURE_1D, MIXTURE_2D], ids=["1d", "2d"])
 @pytest.mark.parametrize("sampler,steps", [("euler", 100), ("heun", 20)])
-def test_rf_samplers_reproduce_gaussian_mixture(mixture, sampler, steps):
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_rf_samplers_reproduce_gaussian_mixture(mixture, sampler, steps, shift):
     noise = noise_for(mixture)
-    x0 = rf().sample(mixture.rf_velocity, noise, None, steps=steps, sampler=sampler)
+    x0 = rf(time_shift=shift).sample(mixture.rf_velocity, noise, None, steps=steps, sampler=sampler)
     assert_moments(x0, mixture)
 
 

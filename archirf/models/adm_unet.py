@@ -205,6 +205,10 @@ class ADMUNet(nn.Module):
         if bad := [w for w in dict.fromkeys([channels] + [channels * m for m in channel_mult]) if w % GROUPS]:
             raise ValueError(f"widths {bad} (channels and channels * channel_mult) must be multiples of {GROUPS} "
                              f"(GroupNorm groups)")
+        attn_widths = [channels * m for side, m in zip(sides, channel_mult) if side in attn_resolutions]
+        if bad := [w for w in dict.fromkeys(attn_widths + [channels * channel_mult[-1]]) if w > head_channels and w % head_channels]:
+            raise ValueError(f"attention widths {bad} are not multiples of the head width {head_channels} "
+                             f"(model.channels_per_head; a width below it is one head)")
         self.in_channels = self.out_channels = in_channels
         self.input_size = input_size
         self.num_classes = num_classes
@@ -302,8 +306,9 @@ class ADMUNet(nn.Module):
             shape = preset_shape(ADM_PRESETS, m)
         try:
             return cls(input_size=d.resolution, in_channels=d.channels, num_classes=d.num_classes,
-                       dropout=m.dropout, class_dropout_prob=m.class_dropout_prob, attn_impl=m.attn_impl, **shape)
+                       dropout=m.dropout, class_dropout_prob=m.class_dropout_prob, attn_impl=m.attn_impl,
+                       head_channels=m.channels_per_head, **shape)
         except ValueError as err:  # shape problems name the model.* keys to change
             raise ConfigError(f"model.name=adm_unet{' preset ' + m.preset if m.preset else ''} with "
                               f"data.resolution={d.resolution}: {err} (model.channels, model.channel_mult, "
-                              f"model.attn_resolutions)") from None
+                              f"model.attn_resolutions, model.channels_per_head)") from None

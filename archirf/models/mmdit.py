@@ -229,9 +229,9 @@ def load_class_embeddings(path: str, num_classes: int) -> torch.Tensor:
         raise ConfigError(f"model.class_embeddings: cannot read '{path}' ({type(err).__name__}: {err}); {fix}") from None
     if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point():
         raise ConfigError(f"model.class_embeddings: '{path}' does not hold a float tensor; {fix}")
-    if embeddings.dim() != 3 or embeddings.shape[0] != num_classes:
+    if embeddings.dim() != 3 or embeddings.shape[0] != num_classes or 0 in embeddings.shape[1:]:
         raise ConfigError(f"model.class_embeddings: '{path}' holds a tensor of shape {tuple(embeddings.shape)}, "
-                          f"expected (data.num_classes={num_classes}, tokens, dim); {fix}")
+                          f"expected (data.num_classes={num_classes}, tokens, dim) with tokens, dim >= 1; {fix}")
     if not torch.isfinite(embeddings).all():
         raise ConfigError(f"model.class_embeddings: '{path}' contains NaN or inf values; {fix}")
     return embeddings.float()
