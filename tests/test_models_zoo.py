@@ -496,6 +496,7 @@ def test_class_embeddings_load_from_safetensors_and_torch_files(tmp_path):
      r"shape \(9, 2, 4\), expected \(data.num_classes=10, tokens, dim\)"),
     (lambda d: save_file({"e": torch.randn(10, 4)}, str(d / "f.safetensors")) or d / "f.safetensors",
      r"shape \(10, 4\), expected"),
+    (lambda d: torch.save(torch.randn(10, 0, 4), d / "f.pt") or d / "f.pt", r"shape \(10, 0, 4\).*tokens, dim >= 1"),
     (lambda d: save_file({"a": torch.randn(10, 1, 4), "b": torch.randn(1)}, str(d / "f.safetensors"))
      or d / "f.safetensors", "holds 2 tensors .*expected exactly one"),
     (lambda d: (d / "f.pt").write_text("not a tensor") and d / "f.pt", "cannot read"),
