@@ -53,7 +53,7 @@ class ModelConfig:
     # EDM2 UNet
     channels_per_head: int = 64                  # attention head width
     label_balance: float = 0.5                   # mp_sum weight of the class embedding (vs. the noise's)
-    concat_balance: float = 0.5                  # mp_cat weight of the main path (vs. the skip connection)
+    concat_balance: float = 0.5                  # mp_cat share of the skip connection (vs. the main path)
     preconditioning: Literal["none", "edm"] = "none"  # edm: EDM's c_in/c_skip/c_out/c_noise and loss weight (RF only)
     sigma_data: float = 0.5                      # edm preconditioning: the data's standard deviation
     uncertainty_weighting: bool = False          # learned per-time loss weight u(t) (EDM2 Eq. 21)
@@ -94,6 +94,7 @@ class ObjectiveConfig:
 class SampleConfig:
     sampler: Literal["auto", "euler", "heun", "ancestral", "ddim"] = "auto"  # auto: euler (RF) / ddim (DDPM)
     steps: int = 50
+    grid: Literal["uniform", "edm"] = "uniform"  # RF times: uniform (+ time_shift) | edm (sigma 80 -> 0.002, rho 7)
     cfg_scale: float = 2.0                       # 1 = no guidance
     ddim_eta: float = 0.0
     per_class: int = 8                           # grid: this many samples per class
@@ -286,6 +287,9 @@ def validate(cfg: Config) -> None:
     need(s.sampler in allowed, f"sample.sampler={s.sampler} does not apply to objective.name={o.name}; "
                                f"choose one of {', '.join(allowed)}")
     need(s.steps >= 1, "sample.steps must be >= 1")
+    need(s.grid == "uniform" or o.name == "rectified_flow",
+         f"sample.grid={s.grid} is a rectified-flow time grid; DDPM samples over its respaced timesteps: "
+         f"set sample.grid=uniform")
     need(0.0 <= s.ddim_eta <= 1.0, "sample.ddim_eta must be in [0, 1]")
     if s.classes is not None:
         bad = [c for c in s.classes if not 0 <= c < max(d.num_classes, 1)]
@@ -295,7 +299,8 @@ def validate(cfg: Config) -> None:
     need(len(p.betas) == 2 and all(0 <= b < 1 for b in p.betas), "optim.betas must be two numbers in [0, 1)")
     need(p.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables)")
     need(p.lr_schedule != "inv_sqrt" or p.decay_start_images > 0,
-         "optim.lr_schedule=inv_sqrt needs optim.decay_start_images > 0 (EDM2 uses 70M images)")
+         "optim.lr_schedule=inv_sqrt needs optim.decay_start_images > 0 (EDM2: 70k batches of 2048 = 143,360,000 "
+         "images on latents)")
     e = cfg.ema
     need((e.half_life_images is None) != (e.decay is None),
          "set exactly one of ema.half_life_images and ema.decay (the other to null)")

@@ -44,7 +44,7 @@ def sample_classes(cfg: Config, classes: Optional[list[int]], per_class: int) ->
 @torch.no_grad()
 def generate(model: nn.Module, objective, cfg: Config, labels: torch.Tensor, *, device: torch.device,
              dtype: Optional[torch.dtype], steps: int, cfg_scale: float, sampler: str = "auto",
-             seed: int = 0, return_trajectory: bool = False):
+             seed: int = 0, return_trajectory: bool = False, grid: Optional[str] = None):
     """Samples one image per label, in [-1, 1], with fixed noise from `seed`."""
     model.eval()
     c, r = cfg.data.channels, cfg.data.resolution
@@ -54,7 +54,7 @@ def generate(model: nn.Module, objective, cfg: Config, labels: torch.Tensor, *, 
     return objective.sample(autocast_model_fn(model, device, dtype), noise, labels.to(device), steps=steps,
                             sampler=sampler, cfg_scale=cfg_scale if null is not None else 1.0,
                             null_class=null, ddim_eta=cfg.sample.ddim_eta,
-                            return_trajectory=return_trajectory)
+                            return_trajectory=return_trajectory, grid=grid or cfg.sample.grid)
 
 
 def trajectory_frames(trajectory: list[torch.Tensor], frames: int) -> list[torch.Tensor]:
@@ -116,6 +116,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
     ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     ap.add_argument("--sampler", default=None, help="euler|heun (RF), ancestral|ddim (DDPM); default: the run's")
+    ap.add_argument("--grid", default=None, choices=["uniform", "edm"],
+                    help="RF time grid: uniform (with the run's time_shift) or edm (EDM's sigma schedule); "
+                         "default: the run's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", choices=["ema", "raw"], default="ema", help="run dir only: EMA or raw weights")
     ap.add_argument("--out", default="samples.png", help="output PNG grid")
@@ -134,7 +137,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = generate(model, build_objective(cfg), cfg, labels, device=device, dtype=dtype,
                    steps=args.steps or cfg.sample.steps,
                    cfg_scale=cfg.sample.cfg_scale if args.cfg is None else args.cfg,
-                   sampler=args.sampler or cfg.sample.sampler, seed=args.seed,
+                   sampler=args.sampler or cfg.sample.sampler, seed=args.seed, grid=args.grid,
                    return_trajectory=args.gif is not None)
     final, traj = out if args.gif is not None else (out, None)
     upscale = max(1, 64 // cfg.data.resolution)

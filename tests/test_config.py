@@ -41,6 +41,8 @@ def test_cross_key_validation():
         load_config(None, ["model.hidden_size=100", "model.num_heads=3"])
     with pytest.raises(ConfigError, match="does not apply"):
         load_config(None, ["sample.sampler=ddim"])
+    with pytest.raises(ConfigError, match="sample.grid=edm is a rectified-flow time grid"):
+        load_config(None, ["objective.name=ddpm", "sample.grid=edm"])
     with pytest.raises(ConfigError, match="exactly one of ema"):
         load_config(None, ["ema.decay=0.999"])
     with pytest.raises(ConfigError, match="data.root"):

@@ -12,7 +12,8 @@ from archirf.config import Config, ObjectiveConfig
 from archirf.objectives import DDPM, RectifiedFlow, build_objective, classifier_free_guidance
 from archirf.objectives.ddpm import (alphas_cumprod, cosine_betas, linear_betas, respaced_betas,
                                      respaced_timesteps)
-from archirf.objectives.rectified_flow import interpolate, sampling_grid, time_shift, velocity_target
+from archirf.objectives.rectified_flow import (edm_sampling_grid, interpolate, sampling_grid, time_shift,
+                                              velocity_target)
 
 
 class Recorder:
@@ -188,12 +189,57 @@ def test_euler_steps_span_the_shifted_grid():
         torch.testing.assert_close(traj[i + 1] - traj[i], torch.full_like(noise, ((grid[i + 1] - grid[i]) * grid[i]).item()))
 
 
+def test_edm_grid_is_karras_schedule_in_rf_time():
+    grid = edm_sampling_grid(32, torch.device("cpu")).double()
+    assert grid.shape == (33,) and grid[-1] == 0 and (grid.diff() < 0).all()
+    sigma = grid[:-1] / (1 - grid[:-1])                                           # t = sigma / (1 + sigma)
+    torch.testing.assert_close(sigma[[0, -1]], torch.tensor([80.0, 0.002], dtype=torch.float64), rtol=1e-5, atol=0)
+    i, n = 10, 32                                          # Karras et al. 2022, Eq. 5, rho = 7
+    expected = (80 ** (1 / 7) + i / (n - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    assert sigma[i].item() == pytest.approx(expected, rel=1e-5)
+    assert edm_sampling_grid(1, torch.device("cpu")).tolist() == pytest.approx([80 / 81, 0.0])
+
+
+@pytest.mark.parametrize("steps", [1, 6])
+def test_euler_on_the_edm_grid_is_edms_euler_sampler(steps):
+    # Data N(0, s^2): the exact denoiser is D(x_sigma) = s^2 / (s^2 + sigma^2) x_sigma. EDM's Euler sampler
+    # (x = sigma_max * noise; x += (sigma' - sigma)(x - D) / sigma) and RF's Euler on the EDM grid with the
+    # matching velocity v = (x_sigma - D) / sigma - D (x_sigma = x_t / (1 - t)) end at the same samples.
+    s2 = 0.7 ** 2
+    denoise = lambda x_sigma, sigma: s2 / (s2 + sigma ** 2) * x_sigma
+
+    def velocity(x_t, t, y):
+        t = t.double().view(-1, 1, 1, 1)
+        sigma = t / (1 - t)
+        x_sigma = x_t.double() / (1 - t)
+        d = denoise(x_sigma, sigma)
+        return ((x_sigma - d) / sigma - d).float()
+
+    noise = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    ours = rf().sample(velocity, noise, None, steps=steps, sampler="euler", grid="edm")
+    grid = edm_sampling_grid(steps, torch.device("cpu")).double()
+    sigmas = torch.cat([grid[:-1] / (1 - grid[:-1]), torch.zeros(1, dtype=torch.float64)])
+    x = noise.double() * sigmas[0]
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x = x + (sigma_next - sigma) * (x - denoise(x, sigma)) / sigma
+    torch.testing.assert_close(ours.double(), x, rtol=1e-4, atol=1e-5)
+
+
+def test_edm_grid_is_refused_for_ddpm():
+    with pytest.raises(ValueError, match="rectified flow's"):
+        ddpm().sample(lambda x, t, y: x, torch.zeros(1, 1, 2, 2), None, steps=2, grid="edm")
+    with pytest.raises(ValueError, match="unknown sampling grid"):
+        rf().sample(lambda x, t, y: x, torch.zeros(1, 1, 2, 2), None, steps=2, grid="karras")
+
+
 @pytest.mark.parametrize("mixture", [MIXTURE_1D, MIXTURE_2D], ids=["1d", "2d"])
 @pytest.mark.parametrize("sampler,steps", [("euler", 100), ("heun", 20)])
-@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("shift", [1.0, 3.0, "edm"])
 def test_rf_samplers_reproduce_gaussian_mixture(mixture, sampler, steps, shift):
     noise = noise_for(mixture)
-    x0 = rf(time_shift=shift).sample(mixture.rf_velocity, noise, None, steps=steps, sampler=sampler)
+    grid = dict(grid="edm") if shift == "edm" else {}
+    x0 = rf(time_shift=1.0 if shift == "edm" else shift).sample(mixture.rf_velocity, noise, None, steps=steps,
+                                                                 sampler=sampler, **grid)
     assert_moments(x0, mixture)
 
 

@@ -107,8 +107,9 @@ class DDPM:
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, *, steps: int,
                sampler: str = "auto", cfg_scale: float = 1.0, null_class: Optional[int] = None,
-               ddim_eta: float = 0.0, return_trajectory: bool = False):
+               ddim_eta: float = 0.0, return_trajectory: bool = False, grid: str = "uniform"):
         """Reverse process from x_T = noise over `steps` respaced timesteps; one model call per step.
+        grid: 'uniform' only (the respacing), accepted for the samplers' common interface.
 
         ancestral: p(x_{t-1} | x_t) with posterior variance β̃ (Ho et al. 2020, eq. 6-7, 11).
         ddim: Song et al. 2021, eq. 12 with σ(η) of eq. 16; η = 0 is deterministic, η = 1 equals
@@ -116,6 +117,8 @@ class DDPM:
         Returns x0 (B, C, H, W) fp32, or (x0, [x_T, ..., x_0]) with steps + 1 states on noise's device.
         """
         sampler = check_sampler(sampler, self.samplers, "ddpm")
+        if grid != "uniform":
+            raise ValueError(f"sampling grid '{grid}' is rectified flow's; DDPM samples over its respaced timesteps")
         guided = classifier_free_guidance(model_fn, cfg_scale, null_class)
         x = noise.float()                                                                # (B, C, H, W)
         device, batch = x.device, x.shape[0]

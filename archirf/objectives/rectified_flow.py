@@ -78,6 +78,28 @@ def sampling_grid(steps: int, shift: float, device: torch.device) -> torch.Tenso
     return time_shift(t, shift).clamp(0, 1).to(device=device, dtype=torch.float32)
 
 
+# Karras et al. 2022 (EDM) / EDM2's sampling schedule: noise levels sigma_max -> sigma_min spaced by rho.
+EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0
+
+
+def edm_sampling_grid(steps: int, device: torch.device, sigma_min: float = EDM_SIGMA_MIN,
+                      sigma_max: float = EDM_SIGMA_MAX, rho: float = EDM_RHO) -> torch.Tensor:
+    """EDM's sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < N, in RF's
+    time t = sigma / (1 + sigma) (x_t = x_sigma / (1 + sigma)), then t_N = 0. -> (N + 1,) fp32.
+
+    The first model call is at sigma_max (t = 80/81), inside the noise levels a log-normal training
+    distribution covers, where a grid from t = 1 asks the network about sigma = inf."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1 (got {steps})")
+    i = torch.arange(steps, dtype=torch.float64) / max(steps - 1, 1)
+    sigma = (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = torch.cat([sigma / (1 + sigma), torch.zeros(1, dtype=torch.float64)])
+    return t.to(device=device, dtype=torch.float32)
+
+
+SAMPLING_GRIDS = ("uniform", "edm")
+
+
 def euler_step(v_fn, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
     """x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i); t, t_next are 0-d tensors."""
     return x + (t_next - t) * v_fn(x, t)
@@ -124,8 +146,10 @@ class RectifiedFlow:
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, *, steps: int,
                sampler: str = "auto", cfg_scale: float = 1.0, null_class: Optional[int] = None,
-               ddim_eta: float = 0.0, return_trajectory: bool = False):
-        """Integrates dx/dt = v(x, t) from x_1 = noise to x_0 over `sampling_grid(steps)`.
+               ddim_eta: float = 0.0, return_trajectory: bool = False, grid: str = "uniform"):
+        """Integrates dx/dt = v(x, t) from x_{t_0} to x_0 over `sampling_grid(steps)` (grid='uniform', with
+        objective.time_shift; t_0 = 1, x_1 = noise) or `edm_sampling_grid(steps)` (grid='edm'; t_0 = 80/81
+        and x_{t_0} = t_0 * noise, as EDM starts from sigma_max * noise, leaving out the data's 1/81 share).
 
         euler: N model calls at t_0 = 1, ..., t_{N-1} > 0 (never at t = 0).
         heun: 2nd-order correction on every step except the last one (into t = 0), which is a plain
@@ -135,10 +159,13 @@ class RectifiedFlow:
         """
         sampler = check_sampler(sampler, self.samplers, "rectified flow")
         guided = classifier_free_guidance(model_fn, cfg_scale, null_class)
-        x = noise.float()                                                        # (B, C, H, W)
-        batch = x.shape[0]
+        if grid not in SAMPLING_GRIDS:
+            raise ValueError(f"unknown sampling grid '{grid}'; choose one of {', '.join(SAMPLING_GRIDS)}")
+        batch = noise.shape[0]
         v_fn = lambda x_, t_: guided(x_, t_.expand(batch), y)                    # t_ 0-d -> (B,)
-        grid = sampling_grid(steps, self.cfg.time_shift, x.device)               # (N + 1,)
+        grid = (sampling_grid(steps, self.cfg.time_shift, noise.device) if grid == "uniform"
+                else edm_sampling_grid(steps, noise.device))                    # (N + 1,)
+        x = noise.float() * grid[0]                                              # (B, C, H, W)
         trajectory = [x]
         for i in range(steps):
             t, t_next = grid[i], grid[i + 1]
