@@ -137,6 +137,56 @@ def test_activations_keep_unit_magnitude_at_init():
     assert all(0.7 < r < 1.3 for r in rms), [round(r, 3) for r in rms]     # measured: 0.80 to 0.99
 
 
+# ---------------------------------------------------------------------------------------------
+# The wiring of the balances and the clip (EDM2 App. B: mp_cat(x, skip, t): t is the skip's share;
+# mp_sum(noise embedding, class embedding, t): t is the class's share; clip at each block's output)
+
+def _first_decoder_block_call(model: EDM2UNet):
+    """(block, (h, emb, skip)) of the first decoder block that concatenates a skip connection."""
+    block = model.blocks[model._skip.index("pop")]
+    seen = []
+    hook = block.register_forward_hook(lambda m, args, out: seen.append(args))
+    x, t, y = inputs()
+    model(x, t, y)
+    hook.remove()
+    return block, seen[0]
+
+
+@torch.no_grad()
+def test_concat_balance_is_the_skip_connections_share():
+    for balance, fixed in ((0.0, "h"), (1.0, "skip")):                  # 0: the skip is ignored; 1: the main path
+        block, (h, emb, skip) = _first_decoder_block_call(wake_(tiny(concat_balance=balance)).eval())
+        other = torch.randn_like(skip if fixed == "h" else h)
+        changed = block(h, emb, other) if fixed == "h" else block(other, emb, skip)
+        torch.testing.assert_close(changed, block(h, emb, skip), atol=1e-6, rtol=0)
+    block, (h, emb, skip) = _first_decoder_block_call(wake_(tiny(concat_balance=0.3)).eval())
+    assert not torch.allclose(block(h, emb, torch.randn_like(skip)), block(h, emb, skip), atol=1e-3)
+    assert not torch.allclose(block(torch.randn_like(h), emb, skip), block(h, emb, skip), atol=1e-3)
+
+
+@torch.no_grad()
+def test_label_balance_is_the_class_embeddings_share():
+    x, t, y = inputs()
+    other_y, other_t = (y + 1) % 10, (t + 0.37) % 1
+    model = wake_(tiny(label_balance=0.0)).eval()                       # the class is ignored
+    torch.testing.assert_close(model(x, t, other_y), model(x, t, y), atol=1e-6, rtol=0)
+    model = wake_(tiny(label_balance=1.0)).eval()                       # only the class (no preconditioning)
+    torch.testing.assert_close(model(x, other_t, y), model(x, t, y), atol=1e-6, rtol=0)
+    assert not torch.allclose(model(x, t, other_y), model(x, t, y), atol=1e-3)
+
+
+@torch.no_grad()
+def test_every_block_output_is_clipped():
+    model = wake_(tiny()).eval()
+    outs = []
+    for block in model.blocks:
+        block.clip_act = 0.25                                           # EDM2's 256, low enough to bite here
+        block.register_forward_hook(lambda m, args, out: outs.append(out.abs().max().item()))
+    model(*inputs())
+    assert len(outs) == len(model.blocks)
+    assert max(outs) == pytest.approx(0.25) and all(o <= 0.25 for o in outs), outs
+
+
 def test_forced_weight_normalisation_is_a_step_hook_not_a_forward_write():
     model = tiny().train()
     for conv in model.mp_convs():                           # unit-RMS rows from init
@@ -315,7 +365,8 @@ FAST = ["total_images=256", "global_batch=64", "log_every=128", "sample_every=0"
 
 
 @pytest.mark.parametrize("objective", [["objective.name=rectified_flow"],
-                                       ["objective.name=ddpm", "model.preconditioning=none"]], ids=["rf", "ddpm"])
+                                       ["objective.name=ddpm", "model.preconditioning=none", "sample.sampler=auto",
+                                        "sample.grid=uniform"]], ids=["rf", "ddpm"])
 def test_recipe_trains_a_few_steps(tmp_path, objective):
     import json
 

@@ -7,6 +7,8 @@ On a CPU machine the kernels run in Triton's interpreter (tests/conftest.py), wh
 wrongly: bf16 and EDM2-sized shapes are in tests/test_kernels_gpu_mp.py.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -197,6 +199,27 @@ def test_compile_fullgraph_matches_eager_and_reference(backend):
     x, skip = act((2, C, 5, 4), torch.float32, 0, "cl"), act((2, C, 5, 4), torch.float32, 1, "cl")
     c = _randn((2, C), torch.float32, 2, mean=1.0)
     assert_compiled_matches(block, (x, skip, c), backend, atol=1e-4, rtol=1e-4, eager=ref)
+
+
+def test_reference_ops_are_the_papers_formulas():
+    # The reference every kernel is checked against, written out from EDM2's equations (fp64): mp_silu
+    # (Eq. 81), mp_sum (Eq. 88), mp_cat (Eq. 103) with unequal widths and t != 1/2, normalize (Eq. 66).
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 3, 5, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(64, 7, 5, 5, generator=g, dtype=torch.float64)
+    t = 0.3
+    share = t ** 2 / ((1 - t) ** 2 + t ** 2)                # b's share of mp_cat's energy
+    torch.testing.assert_close(reference.mp_silu(a), a * torch.sigmoid(a) / 0.596)
+    torch.testing.assert_close(reference.mp_sum(a, a.flip(0), t),
+                               ((1 - t) * a + t * a.flip(0)) / math.sqrt((1 - t) ** 2 + t ** 2))
+    scale = math.sqrt((3 + 7) / ((1 - t) ** 2 + t ** 2))
+    expected = torch.cat([scale * (1 - t) / math.sqrt(3) * a, scale * t / math.sqrt(7) * b], dim=1)
+    torch.testing.assert_close(reference.mp_cat(a, b, t), expected)
+    cat = reference.mp_cat(a, b, t)                         # unit inputs -> unit output
+    assert cat.square().mean().item() == pytest.approx(1.0, rel=0.05)
+    assert cat[:, 3:].square().sum().item() / cat.square().sum().item() == pytest.approx(share, rel=0.05)
+    norm = a.square().sum(dim=1, keepdim=True).sqrt()        # pixel norm: eps + |x| sqrt(1/C), eps 1e-4
+    torch.testing.assert_close(reference.normalize(a), a / (1e-4 + norm * math.sqrt(1 / 3)))
 
 
 def _opcheck_cases():

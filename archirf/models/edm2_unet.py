@@ -174,7 +174,7 @@ class Block(nn.Module):
         dropout: float = 0.0,                   # in the residual branch, after the modulated mp_silu
         res_balance: float = 0.3,               # mp_sum weight of the residual branch
         attn_balance: float = 0.3,              # mp_sum weight of the attention branch
-        concat_balance: float = 0.5,            # mp_cat weight of the main path against the skip
+        concat_balance: float = 0.5,            # mp_cat share of the skip against the main path
         clip_act: float | None = 256,           # clip of the output activations
         kernels: str = "reference",             # auto | triton | reference (archirf_kernels' MP ops)
     ):
@@ -249,7 +249,7 @@ class EDM2UNet(nn.Module):
         channels_per_head: int = 64,
         dropout: float = 0.0,                   # residual-branch dropout
         label_balance: float = 0.5,             # mp_sum weight of the class embedding against the noise's
-        concat_balance: float = 0.5,            # mp_cat weight of the main path against the skip
+        concat_balance: float = 0.5,            # mp_cat share of the skip against the main path
         class_dropout_prob: float = 0.1,        # label dropout in train mode (classifier-free guidance)
         preconditioning: str = "none",          # none | edm (rectified flow only; see the module doc)
         sigma_data: float = 0.5,                # edm: the data's standard deviation
