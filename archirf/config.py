@@ -14,7 +14,7 @@ import difflib
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -70,8 +70,8 @@ class DataConfig:
     random_flip: bool = False                    # horizontal flips (off for digits: a flipped 3 is no 3)
     num_workers: int = 2                         # folder: DataLoader worker processes
     synthetic_size: int = 4096                   # synthetic: number of distinct random samples
-    latent_scale: float = 1.0                    # latents: x = (latents - latent_shift) * latent_scale
-    latent_shift: float = 0.0                    # latents: subtracted before scaling (e.g. SD3's VAE: 0.0609)
+    latent_scale: Any = 1.0                      # latents: x = (latents - latent_shift) * latent_scale; a float
+    latent_shift: Any = 0.0                      # or one per channel; shift subtracted first (SD3's VAE: 0.0609)
     latent_storage: Literal["auto", "device", "host"] = "auto"  # latents: where the set lives (auto: see Data)
 
 
@@ -273,9 +273,9 @@ def validate(cfg: Config) -> None:
     need(d.num_classes >= 0, "data.num_classes must be >= 0 (0 = unconditional)")
     need(d.source != "folder" or d.root, "data.source=folder needs data.root=/path/to/images")
     need(d.source != "latents" or d.root, "data.source=latents needs data.root=/path/to/latents.safetensors")
-    need(math.isfinite(d.latent_scale) and d.latent_scale != 0 and math.isfinite(d.latent_shift),
-         f"data.latent_scale ({d.latent_scale}) must be finite and non-zero, data.latent_shift "
-         f"({d.latent_shift}) finite")
+    for key in ("latent_scale", "latent_shift"):
+        setattr(d, key, _per_channel(getattr(d, key), f"data.{key}", d.channels, need))
+    need(all(v != 0 for v in _as_list(d.latent_scale)), f"data.latent_scale ({d.latent_scale}) must be non-zero")
     o = cfg.objective
     need(o.logit_normal_std > 0, "objective.logit_normal_std must be > 0")
     need(o.time_shift > 0, "objective.time_shift must be > 0")
@@ -340,6 +340,22 @@ def _validate_unet_shape(m: ModelConfig, d: DataConfig, need) -> None:
     bad = [levels[r] for r in attn if levels[r] % m.channels_per_head]
     need(not bad, f"attention widths {bad} are not multiples of model.channels_per_head ({m.channels_per_head}); "
                   f"change model.channels or model.channels_per_head")
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _per_channel(value, key: str, channels: int, need):
+    """A finite float, or a list of data.channels finite floats (one per channel) -> float | list[float]."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if isinstance(value, (list, tuple)):
+        need(len(value) == channels and all(map(number, value)),
+             f"{key}={list(value)} must be one finite number or {channels} of them (one per channel of "
+             f"data.channels={channels})")
+        return [float(v) for v in value]
+    need(number(value), f"{key}={value!r} must be a finite number or a list of {channels} (one per channel)")
+    return float(value)
 
 
 def batch_split(cfg: Config, world_size: int) -> tuple[int, int]:

@@ -187,6 +187,25 @@ def test_missing_root_and_bad_scale_are_refused(tmp_path):
         load_config(None, ["data.latent_storage=disk"])
 
 
+def test_per_channel_scale_and_shift(tmp_path):
+    stored = write_latents(tmp_path / "l.safetensors", dtype=torch.float32)
+    shift, scale = [0.5 * c - 1 for c in range(C)], [0.25 * (c + 1) for c in range(C)]
+    cfg = load_config(None, ["data.source=latents", f"data.root={tmp_path / 'l.safetensors'}", f"data.channels={C}",
+                             f"data.resolution={R}", f"data.num_classes={CLASSES}",
+                             f"data.latent_shift={shift}", f"data.latent_scale={scale}"])
+    assert cfg.data.latent_shift == shift and cfg.data.latent_scale == scale
+    expected = (stored["latents"] - torch.tensor(shift).view(1, C, 1, 1)) * torch.tensor(scale).view(1, C, 1, 1)
+    for x, _ in take(build_loader(cfg, 4, CPU), 3):
+        sample_ids(x, expected)                                             # each row one sample, per channel
+    for bad, match in [([1.0] * (C + 1), f"one finite number or {C} of them"),
+                       (["a"] * C, f"one finite number or {C} of them"),
+                       ([0.0] + [1.0] * (C - 1), "must be non-zero")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [f"data.channels={C}", f"data.latent_scale={bad}"])
+    with pytest.raises(ConfigError, match="data.latent_shift='x' must be a finite number"):
+        load_config(None, ["data.latent_shift=x"])
+
+
 def test_a_tiny_model_trains_on_latents_through_the_entry_point(tmp_path):
     write_latents(tmp_path / "l.safetensors", n=40, with_labels=False)
     data = ["data.source=latents", f"data.root={tmp_path / 'l.safetensors'}", f"data.channels={C}",

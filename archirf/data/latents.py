@@ -5,7 +5,8 @@
 
 The loader yields x = (latents - data.latent_shift) * data.latent_scale as float32, not images in
 [-1, 1]: latents are unbounded, and the scale is what brings them to about unit variance (SD-VAE:
-0.18215), so raw encoder outputs can be stored. Without "labels" the set is unconditional
+0.18215), so raw encoder outputs can be stored. Shift and scale are one number each or one per
+channel (EDM2: shift = the channel means, scale = 0.5 / the channel standard deviations). Without "labels" the set is unconditional
 (data.num_classes must be 0); with data.num_classes=0 any labels are ignored, as the other sources do.
 
 Horizontal flips (data.random_flip) mirror the latent along its width. For a convolutional
@@ -133,9 +134,14 @@ class LatentLoader(DeviceTensorLoader):
     in which case each batch is gathered there and copied over."""
 
     def __init__(self, latents: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int,
-                 device: torch.device, *, scale: float = 1.0, shift: float = 0.0, **order):
+                 device: torch.device, *, scale: float | list[float] = 1.0, shift: float | list[float] = 0.0,
+                 **order):
         super().__init__(latents, labels, num_classes, batch_size, **order)
-        self.device, self.scale, self.shift = torch.device(device), scale, shift
+        self.device = torch.device(device)
+        self.identity = scale == 1 and shift == 0
+        # (1, C, 1, 1) fp32 on the device: one number or one per channel, broadcast over the batch
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=self.device).reshape(1, -1, 1, 1)
+        self.scale, self.shift = as_tensor(scale), as_tensor(shift)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = super().__next__()                     # (B, C, R, R) stored dtype, (B,): where the set lives
@@ -144,7 +150,7 @@ class LatentLoader(DeviceTensorLoader):
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         x = x.float()
-        if self.shift != 0 or self.scale != 1:
+        if not self.identity:
             x = (x - self.shift) * self.scale         # a fresh tensor: never writes into the stored set
         return x, y
 
