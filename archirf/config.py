@@ -119,6 +119,7 @@ class OptimConfig:
 class EMAConfig:
     half_life_images: Optional[float] = 20_000   # weight of an update halves after this many images
     decay: Optional[float] = None                # per-step decay; set this or half_life_images
+    sigma_rel: Optional[float] = None            # EDM2's power-function EMA of this relative width (e.g. 0.05)
     start_images: int = 0                        # copy the weights (no averaging) until then
 
 
@@ -302,8 +303,11 @@ def validate(cfg: Config) -> None:
          "optim.lr_schedule=inv_sqrt needs optim.decay_start_images > 0 (EDM2: 70k batches of 2048 = 143,360,000 "
          "images on latents)")
     e = cfg.ema
-    need((e.half_life_images is None) != (e.decay is None),
-         "set exactly one of ema.half_life_images and ema.decay (the other to null)")
+    need(sum(v is not None for v in (e.half_life_images, e.decay, e.sigma_rel)) == 1,
+         "set exactly one of ema.half_life_images, ema.decay and ema.sigma_rel (the others to null)")
+    need(e.sigma_rel is None or 0 < e.sigma_rel < 0.2886,
+         f"ema.sigma_rel must be in (0, 0.2886): 0.2886 (1/sqrt(12)) is the plain average of every step "
+         f"(got {e.sigma_rel})")
     need(e.decay is None or 0 <= e.decay < 1, "ema.decay must be in [0, 1)")
     need(e.half_life_images is None or e.half_life_images > 0, "ema.half_life_images must be > 0")
     q = cfg.parallel

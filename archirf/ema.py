@@ -1,4 +1,5 @@
-"""Exponential moving average of the weights, kept in fp32 whatever the training dtype.
+"""Moving average of the weights, kept in fp32 whatever the training dtype: exponential (a fixed
+decay per step, or a half-life in images) or EDM2's power-function EMA (a relative width sigma_rel).
 
 The shadow is a dict name -> fp32 tensor shaped like each parameter as this rank holds it: under
 FSDP2 a DTensor whose local part is this rank's shard. The update works on the local parts only,
@@ -25,16 +26,41 @@ def decay_per_step(batch_images: int, half_life_images: Optional[float], decay: 
     return 0.5 ** (batch_images / half_life_images)
 
 
+SIGMA_REL_MAX = 1 / 12 ** 0.5   # gamma = 0: the plain average of every step so far
+
+
+def power_function_exponent(sigma_rel: float) -> float:
+    """EDM2 Eq. 3 solved for gamma: the averaging profile tau^gamma on [0, t] has standard deviation
+    sigma_rel * t when sigma_rel^-2 = (gamma + 2)^2 (gamma + 3) / (gamma + 1), i.e. the largest real root
+    of gamma^3 + 7 gamma^2 + (16 - s) gamma + (12 - s) with s = sigma_rel^-2."""
+    if not 0 < sigma_rel < SIGMA_REL_MAX:
+        raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}) (got {sigma_rel})")
+    s = sigma_rel ** -2
+    f = lambda g: ((g + 2) ** 2 * (g + 3) - s * (g + 1))
+    lo, hi = 0.0, s                                   # f(0) = 12 - s < 0 < f(s): one root in between
+    for _ in range(200):                              # bisection to float precision (f is increasing there)
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def power_function_beta(sigma_rel: float, images_seen: int, batch_images: int) -> float:
+    """EDM2's per-step decay of the power-function EMA at t = images_seen (after the step):
+    beta = (1 - batch / t) ** (gamma + 1); the first step (t = batch) gives 0, a copy of the weights."""
+    return (1 - batch_images / images_seen) ** (power_function_exponent(sigma_rel) + 1)
+
+
 def _named_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {clean_fqn(n): p for n, p in model.named_parameters()}
 
 
 class EMA:
     def __init__(self, model: nn.Module, *, half_life_images: Optional[float] = None,
-                 decay: Optional[float] = None, start_images: int = 0):
-        if (half_life_images is None) == (decay is None):
-            raise ValueError("EMA needs exactly one of half_life_images and decay")
-        self.half_life_images, self.decay, self.start_images = half_life_images, decay, start_images
+                 decay: Optional[float] = None, sigma_rel: Optional[float] = None, start_images: int = 0):
+        if sum(v is not None for v in (half_life_images, decay, sigma_rel)) != 1:
+            raise ValueError("EMA needs exactly one of half_life_images, decay and sigma_rel")
+        self.half_life_images, self.decay, self.sigma_rel = half_life_images, decay, sigma_rel
+        self.start_images = start_images
         params = _named_params(model)
         self.names = list(params)  # frozen ones too (their average is themselves): a complete parameter set
         self.shadow = {n: params[n].detach().float().clone() for n in self.names}
@@ -47,7 +73,8 @@ class EMA:
         if images_seen <= self.start_images:
             torch._foreach_copy_(dst, src)
             return
-        beta = decay_per_step(batch_images, self.half_life_images, self.decay)
+        beta = (power_function_beta(self.sigma_rel, images_seen, batch_images) if self.sigma_rel is not None
+                else decay_per_step(batch_images, self.half_life_images, self.decay))
         # shadow <- beta * shadow + (1 - beta) * param, in fp32
         torch._foreach_lerp_(dst, [s.float() for s in src], 1.0 - beta)
 

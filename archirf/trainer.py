@@ -92,7 +92,7 @@ def _train(cfg: Config, env: Env) -> Path:
         eval_model = eval_model.to(device).eval().requires_grad_(False)
     optimizer = build_optimizer(model, cfg.optim, device)
     ema = EMA(model, half_life_images=cfg.ema.half_life_images, decay=cfg.ema.decay,
-              start_images=cfg.ema.start_images)
+              sigma_rel=cfg.ema.sigma_rel, start_images=cfg.ema.start_images)
 
     images_seen = 0
     resume = _resume_path(cfg, run_dir)

@@ -45,6 +45,11 @@ def test_cross_key_validation():
         load_config(None, ["objective.name=ddpm", "sample.grid=edm"])
     with pytest.raises(ConfigError, match="exactly one of ema"):
         load_config(None, ["ema.decay=0.999"])
+    with pytest.raises(ConfigError, match="exactly one of ema"):
+        load_config(None, ["ema.sigma_rel=0.05"])
+    with pytest.raises(ConfigError, match="ema.sigma_rel must be in"):
+        load_config(None, ["ema.half_life_images=null", "ema.sigma_rel=0.5"])
+    assert load_config(None, ["ema.half_life_images=null", "ema.sigma_rel=0.05"]).ema.sigma_rel == 0.05
     with pytest.raises(ConfigError, match="data.root"):
         load_config(None, ["data.source=folder"])
     with pytest.raises(ConfigError, match="not found"):

@@ -7,7 +7,7 @@ import torch
 
 from archirf import checkpoint as ckpt
 from archirf.config import OptimConfig
-from archirf.ema import EMA, decay_per_step
+from archirf.ema import EMA, decay_per_step, power_function_beta, power_function_exponent
 from archirf.optim import lr_at
 
 
@@ -37,6 +37,37 @@ def test_ema_copies_before_start_and_keeps_fp32_for_bf16_models():
     assert torch.equal(target.weight, model.weight.float())
     with pytest.raises(ValueError, match="exactly one"):
         EMA(model, decay=0.9, half_life_images=10)
+    with pytest.raises(ValueError, match="exactly one"):
+        EMA(model, decay=0.9, sigma_rel=0.05)
+
+
+@pytest.mark.parametrize("sigma_rel,gamma", [(0.05, 16.97), (0.10, 6.94), (0.2, 1.83)])
+def test_power_function_exponent_solves_edm2_eq3(sigma_rel, gamma):
+    g = power_function_exponent(sigma_rel)
+    assert g == pytest.approx(gamma, abs=0.01)            # EDM2's two tracked EMAs: sigma_rel 0.05 and 0.10
+    assert math.sqrt(g + 1) / ((g + 2) * math.sqrt(g + 3)) == pytest.approx(sigma_rel, rel=1e-9)
+    assert power_function_beta(sigma_rel, images_seen=64, batch_images=64) == 0   # the first step copies
+    with pytest.raises(ValueError, match="sigma_rel must be in"):
+        power_function_exponent(0.3)
+
+
+@pytest.mark.parametrize("sigma_rel", [0.05, 0.15])
+def test_power_ema_profile_has_relative_width_sigma_rel(sigma_rel):
+    # Average tau and tau^2 (tau = images seen / T) over T steps: the EMA's averaging profile then has mean
+    # E[tau] and variance E[tau^2] - E[tau]^2, whose square root is sigma_rel at the end of training.
+    model = torch.nn.Module()
+    model.p = torch.nn.Parameter(torch.zeros(2))
+    ema = EMA(model, sigma_rel=sigma_rel)
+    steps, batch = 4000, 8
+    with torch.no_grad():
+        for k in range(1, steps + 1):
+            tau = k / steps
+            model.p.copy_(torch.tensor([tau, tau * tau]))
+            ema.update(model, images_seen=k * batch, batch_images=batch)
+    mean, second = ema.shadow["p"].tolist()
+    g = power_function_exponent(sigma_rel)
+    assert mean == pytest.approx((g + 1) / (g + 2), rel=2e-3)        # the profile tau^gamma's mean on [0, 1]
+    assert math.sqrt(second - mean ** 2) == pytest.approx(sigma_rel, rel=1e-2)
 
 
 def test_lr_schedules():
