@@ -265,6 +265,8 @@ def validate(cfg: Config) -> None:
     need(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
          f"model.channel_mult must be a non-empty list of positive integers (got {m.channel_mult})")
     need(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
+    need(m.name not in ("adm_unet", "edm2_unet") or m.channels_per_head >= 1,
+         f"model.channels_per_head must be >= 1 (got {m.channels_per_head})")
     if m.name == "edm2_unet":
         _validate_unet(cfg, need)
     need(m.name == "edm2_unet" or (m.preconditioning == "none" and not m.uncertainty_weighting),
@@ -339,7 +341,6 @@ def _validate_unet_shape(m: ModelConfig, d: DataConfig, need) -> None:
     levels = {d.resolution >> i: m.channels * c for i, c in enumerate(m.channel_mult)}
     bad = [r for r in m.attn_resolutions if r not in levels]
     need(not bad, f"model.attn_resolutions {bad} are not resolutions of this UNet ({sorted(levels, reverse=True)})")
-    need(m.channels_per_head >= 1, "model.channels_per_head must be >= 1")
     attn = set(m.attn_resolutions) | {min(levels)}              # the decoder's first block always attends
     bad = [levels[r] for r in attn if levels[r] % m.channels_per_head]
     need(not bad, f"attention widths {bad} are not multiples of model.channels_per_head ({m.channels_per_head}); "
@@ -352,7 +353,14 @@ def _as_list(value) -> list:
 
 def _per_channel(value, key: str, channels: int, need):
     """A finite float, or a list of data.channels finite floats (one per channel) -> float | list[float]."""
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    def number(v) -> bool:
+        if isinstance(v, str):                         # a quoted number or an ${oc.env:...} interpolation
+            try:
+                v = float(v)
+            except ValueError:
+                return False
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
     if isinstance(value, (list, tuple)):
         need(len(value) == channels and all(map(number, value)),
              f"{key}={list(value)} must be one finite number or {channels} of them (one per channel of "
@@ -386,6 +394,19 @@ def from_yaml_text(text: str) -> Config:
     obj: Config = OmegaConf.to_object(cfg)
     validate(obj)
     return obj
+
+
+def config_changes(old_yaml: str, new_yaml: str) -> list[str]:
+    """'key: old -> new' for every leaf that differs between two saved configs (any keys, no validation)."""
+    def leaves(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield from leaves(v, f"{prefix}{k}.")
+        else:
+            yield prefix[:-1], node
+    old = dict(leaves(OmegaConf.to_container(OmegaConf.create(old_yaml)) or {}))
+    new = dict(leaves(OmegaConf.to_container(OmegaConf.create(new_yaml)) or {}))
+    return [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
 
 
 def parse_cli(argv: Optional[list[str]] = None) -> tuple[Config, bool]:

@@ -37,17 +37,20 @@ def power_function_exponent(sigma_rel: float) -> float:
         raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}) (got {sigma_rel})")
     s = sigma_rel ** -2
     f = lambda g: ((g + 2) ** 2 * (g + 3) - s * (g + 1))
-    lo, hi = 0.0, s                                   # f(0) = 12 - s < 0 < f(s): one root in between
-    for _ in range(200):                              # bisection to float precision (f is increasing there)
+    lo, hi = 0.0, s            # f(0) = 12 - s < 0 < f(s); f is convex, so it changes sign once in between
+    for _ in range(200):       # bisection to float precision
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
     return 0.5 * (lo + hi)
 
 
-def power_function_beta(sigma_rel: float, images_seen: int, batch_images: int) -> float:
+def power_function_beta(sigma_rel: float, images_seen: int, batch_images: int,
+                        gamma: Optional[float] = None) -> float:
     """EDM2's per-step decay of the power-function EMA at t = images_seen (after the step):
-    beta = (1 - batch / t) ** (gamma + 1); the first step (t = batch) gives 0, a copy of the weights."""
-    return (1 - batch_images / images_seen) ** (power_function_exponent(sigma_rel) + 1)
+    beta = (1 - batch / t) ** (gamma + 1); the first step (t = batch) gives 0, a copy of the weights.
+    gamma: power_function_exponent(sigma_rel), when the caller keeps it."""
+    gamma = power_function_exponent(sigma_rel) if gamma is None else gamma
+    return (1 - batch_images / images_seen) ** (gamma + 1)
 
 
 def _named_params(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -60,6 +63,7 @@ class EMA:
         if sum(v is not None for v in (half_life_images, decay, sigma_rel)) != 1:
             raise ValueError("EMA needs exactly one of half_life_images, decay and sigma_rel")
         self.half_life_images, self.decay, self.sigma_rel = half_life_images, decay, sigma_rel
+        self.gamma = power_function_exponent(sigma_rel) if sigma_rel is not None else None
         self.start_images = start_images
         params = _named_params(model)
         self.names = list(params)  # frozen ones too (their average is themselves): a complete parameter set
@@ -73,7 +77,7 @@ class EMA:
         if images_seen <= self.start_images:
             torch._foreach_copy_(dst, src)
             return
-        beta = (power_function_beta(self.sigma_rel, images_seen, batch_images) if self.sigma_rel is not None
+        beta = (power_function_beta(self.sigma_rel, images_seen, batch_images, self.gamma) if self.gamma is not None
                 else decay_per_step(batch_images, self.half_life_images, self.decay))
         # shadow <- beta * shadow + (1 - beta) * param, in fp32
         torch._foreach_lerp_(dst, [s.float() for s in src], 1.0 - beta)

@@ -129,6 +129,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     model, cfg, which = load_for_sampling(args.source, args.weights)
+    if args.grid == "edm" and cfg.objective.name != "rectified_flow":
+        ap.error(f"--grid edm is a rectified-flow time grid; this model was trained with {cfg.objective.name}")
     print(f"archirf.sample: using {which}")
     model.to(device)
     classes = None if args.classes is None else [int(c) for c in args.classes.split(",") if c.strip()]

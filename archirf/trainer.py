@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import parallel
-from .config import Config, ConfigError, batch_split, to_yaml
+from .config import Config, ConfigError, batch_split, config_changes, to_yaml
 from .data import build_loader
 from .ema import EMA
 from .metrics import Metrics
@@ -67,6 +67,23 @@ def _resume_path(cfg: Config, run_dir: Path) -> Optional[Path]:
     return path
 
 
+def _record_config(run_dir: Path, config_yaml: str) -> None:
+    """Writes the run dir's config.yaml. A run dir that already has a different one (a resume with changed
+    keys) keeps it as config.N.yaml, and the changed keys are printed: e.g. a new EMA kind then averages
+    the resumed shadow under its own rule, which nothing else would show."""
+    path = run_dir / "config.yaml"
+    if path.exists() and (old := path.read_text()) != config_yaml:
+        n = 1
+        while (run_dir / f"config.{n}.yaml").exists():
+            n += 1
+        (run_dir / f"config.{n}.yaml").write_text(old)
+        changes = config_changes(old, config_yaml)
+        print(f"archirf: the config differs from {path} ({'; '.join(changes[:12])}"
+              f"{f'; {len(changes) - 12} more' if len(changes) > 12 else ''}); the previous one is kept as "
+              f"config.{n}.yaml")
+    path.write_text(config_yaml)
+
+
 def train(cfg: Config) -> Path:
     with parallel.distributed(cfg) as env:
         return _train(cfg, env)
@@ -81,7 +98,7 @@ def _train(cfg: Config, env: Env) -> Path:
     run_dir = _prepare_run_dir(cfg, env)
     config_yaml = to_yaml(cfg)
     if env.is_main:
-        (run_dir / "config.yaml").write_text(config_yaml)
+        _record_config(run_dir, config_yaml)
 
     loader = build_loader(cfg, micro, device, env.rank, env.world_size)  # first: a missing dataset fails fast
     objective = build_objective(cfg)

@@ -68,7 +68,8 @@ class Step:
             defaults = {k: v for k, v in self.optimizer.defaults.items() if k != "decoupled_weight_decay"}
             self.optimizer = torch.optim.AdamW(self.params, **defaults)
             self.clip = torch_clip_grad_norm_
-        self.ema = EMA(self.model, half_life_images=cfg.ema.half_life_images, decay=cfg.ema.decay)
+        self.ema = EMA(self.model, half_life_images=cfg.ema.half_life_images, decay=cfg.ema.decay,
+                       sigma_rel=cfg.ema.sigma_rel, start_images=cfg.ema.start_images)
         self.model_fn = autocast_model_fn(self.model, device, self.dtype)
         self.metrics = Metrics(run_dir, total_images=10**12, start_images=0, flops_per_image=None, device=device,
                                is_main=False, progress=False, world_size=env.world_size,

@@ -204,6 +204,7 @@ def test_per_channel_scale_and_shift(tmp_path):
             load_config(None, [f"data.channels={C}", f"data.latent_scale={bad}"])
     with pytest.raises(ConfigError, match="data.latent_shift='x' must be a finite number"):
         load_config(None, ["data.latent_shift=x"])
+    assert load_config(None, ['data.latent_scale="0.18215"']).data.latent_scale == 0.18215   # quoted in YAML
 
 
 def test_a_tiny_model_trains_on_latents_through_the_entry_point(tmp_path):

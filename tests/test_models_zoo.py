@@ -547,6 +547,8 @@ def test_adm_head_width_follows_channels_per_head():
                              "model.attn_resolutions=[16]", "model.channels_per_head=32", "data.resolution=32"])
     heads = [m.attn.num_heads for m in build_model(cfg).modules() if isinstance(m, AdmAttentionBlock)]
     assert heads and set(heads) == {4}                      # 128 channels at 16x16 and in the middle: 32 wide
+    with pytest.raises(ConfigError, match="model.channels_per_head must be >= 1"):
+        load_config(None, ["model.name=adm_unet", "model.channels_per_head=0"])
 
 
 def test_mmdit_unknown_preset_lists_valid_ones():

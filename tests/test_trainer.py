@@ -64,11 +64,16 @@ def test_entry_point_end_to_end(tmp_path):
     assert proc.returncode == 0 and "ema weights from snapshot" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_resume_is_bitwise_exact(tmp_path):
+def test_resume_is_bitwise_exact(tmp_path, capsys):
     common = ["log_every=16", "checkpoint_every=0", "sample_every=0"]
     straight = train(tiny(tmp_path / "a", "total_images=96", *common))
     train(tiny(tmp_path / "b", "total_images=48", *common))  # stop after 3 steps ...
+    capsys.readouterr()
     train(tiny(tmp_path / "b", "total_images=96", *common))  # ... then the same command continues
+    # the changed key is reported and the earlier config kept beside the new one
+    assert "total_images: 48 -> 96" in capsys.readouterr().out
+    assert "total_images: 48" in (tmp_path / "b" / "config.1.yaml").read_text()
+    assert "total_images: 96" in (tmp_path / "b" / "config.yaml").read_text()
     assert losses(straight) == losses(tmp_path / "b")  # bitwise: json round-trips floats exactly
     a, b = (ckpt.load_snapshot(ckpt.latest_snapshot(d))[0] for d in (straight, tmp_path / "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
