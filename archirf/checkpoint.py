@@ -113,26 +113,38 @@ def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def _training_state(model, optimizer, ema, loader, images_seen: int) -> dict[str, Any]:
+def _training_state(model, optimizer, ema, loader, images_seen: int, posthoc=None) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    return {"model": model_state, "optimizer": optim_state, "ema": ema.state_dict(),
-            "loader": loader.state_dict(), "images_seen": images_seen}
+    state = {"model": model_state, "optimizer": optim_state, "ema": ema.state_dict(),
+             "loader": loader.state_dict(), "images_seen": images_seen}
+    if posthoc is not None:                      # the post-hoc EMAs (posthoc_ema.PostHocEMA), when tracked
+        state["posthoc"] = posthoc.state_dict()
+    return state
 
 
-def save_training_state(run_dir: str | Path, images_seen: int, model, optimizer, ema, loader, keep: int) -> Path:
+def save_training_state(run_dir: str | Path, images_seen: int, model, optimizer, ema, loader, keep: int,
+                        posthoc=None) -> Path:
     """One complete training checkpoint; every rank calls it."""
-    return save_checkpoint(run_dir, images_seen, _training_state(model, optimizer, ema, loader, images_seen), keep)
+    return save_checkpoint(run_dir, images_seen, _training_state(model, optimizer, ema, loader, images_seen,
+                                                                 posthoc), keep)
 
 
-def load_training_state(path: str | Path, model, optimizer, ema, loader) -> int:
-    """Restores model, optimizer, EMA and loader in place from `path` (any world size); returns images seen."""
+def load_training_state(path: str | Path, model, optimizer, ema, loader, posthoc=None) -> int:
+    """Restores model, optimizer, EMA(s) and loader in place from `path` (any world size); returns images seen."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    state = load_checkpoint(path, _training_state(model, optimizer, ema, loader, 0))
+    if posthoc is not None:
+        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        if not any(k.startswith("posthoc.") for k in keys):
+            raise ValueError(f"{path} holds no post-hoc EMAs: they average from image 0, so they cannot start in a "
+                             f"resumed run; resume without ema.posthoc_sigma_rels, or train a new run with them")
+    state = load_checkpoint(path, _training_state(model, optimizer, ema, loader, 0, posthoc))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     ema.load_state_dict(state["ema"])
+    if posthoc is not None:
+        posthoc.load_state_dict(state["posthoc"])
     loader.load_state_dict(state["loader"])
     return int(state["images_seen"])
 

@@ -120,6 +120,8 @@ class EMAConfig:
     half_life_images: Optional[float] = 20_000   # weight of an update halves after this many images
     decay: Optional[float] = None                # per-step decay; set this or half_life_images
     sigma_rel: Optional[float] = None            # EDM2's power-function EMA of this relative width (e.g. 0.05)
+    posthoc_sigma_rels: list[float] = field(default_factory=list)  # EDM2's post-hoc EMA: widths tracked, e.g.
+    posthoc_every: int = 0                       # [0.05, 0.1], saved every this many images (posthoc/)
     start_images: int = 0                        # copy the weights (no averaging) until then
 
 
@@ -307,6 +309,10 @@ def validate(cfg: Config) -> None:
     e = cfg.ema
     need(sum(v is not None for v in (e.half_life_images, e.decay, e.sigma_rel)) == 1,
          "set exactly one of ema.half_life_images, ema.decay and ema.sigma_rel (the others to null)")
+    need(all(0 < s < 0.2886 for s in e.posthoc_sigma_rels) and len(set(e.posthoc_sigma_rels)) == len(
+         e.posthoc_sigma_rels), f"ema.posthoc_sigma_rels {e.posthoc_sigma_rels} must be distinct widths in (0, 0.2886)")
+    need(not e.posthoc_sigma_rels or e.posthoc_every > 0,
+         "ema.posthoc_sigma_rels needs ema.posthoc_every > 0: how many images between saved post-hoc EMAs")
     need(e.sigma_rel is None or 0 < e.sigma_rel < 0.2886,
          f"ema.sigma_rel must be in (0, 0.2886): 0.2886 (1/sqrt(12)) is the plain average of every step "
          f"(got {e.sigma_rel})")

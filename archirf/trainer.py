@@ -23,6 +23,7 @@ from . import parallel
 from .config import Config, ConfigError, batch_split, config_changes, to_yaml
 from .data import build_loader
 from .ema import EMA
+from .posthoc_ema import PostHocEMA
 from .metrics import Metrics
 from .objectives import build_objective
 from .optim import build_optimizer, lr_at
@@ -110,11 +111,15 @@ def _train(cfg: Config, env: Env) -> Path:
     optimizer = build_optimizer(model, cfg.optim, device)
     ema = EMA(model, half_life_images=cfg.ema.half_life_images, decay=cfg.ema.decay,
               sigma_rel=cfg.ema.sigma_rel, start_images=cfg.ema.start_images)
+    posthoc = PostHocEMA(model, cfg.ema.posthoc_sigma_rels) if cfg.ema.posthoc_sigma_rels else None
 
     images_seen = 0
     resume = _resume_path(cfg, run_dir)
     if resume is not None:
-        images_seen = ckpt.load_training_state(resume, model, optimizer, ema, loader)
+        try:
+            images_seen = ckpt.load_training_state(resume, model, optimizer, ema, loader, posthoc)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if env.is_main:
             print(f"archirf: resumed from {resume} at {images_seen:,} images")
         if images_seen >= cfg.total_images:
@@ -125,7 +130,8 @@ def _train(cfg: Config, env: Env) -> Path:
             return run_dir
 
     def save(images: int) -> Path:
-        path = ckpt.save_training_state(run_dir, images, model, optimizer, ema, loader, keep=cfg.keep_checkpoints)
+        path = ckpt.save_training_state(run_dir, images, model, optimizer, ema, loader, keep=cfg.keep_checkpoints,
+                                        posthoc=posthoc)
         weights = ema.full_state_dict(keep=env.is_main)  # every rank joins the gather
         if env.is_main:
             buffers = {parallel.clean_fqn(n): b for n, b in model.named_buffers()}
@@ -208,6 +214,8 @@ def _train(cfg: Config, env: Env) -> Path:
             optimizer.zero_grad(set_to_none=True)
             images_seen += cfg.global_batch
             ema.update(model, images_seen, cfg.global_batch)
+            if posthoc is not None:
+                posthoc.update(model, images_seen, cfg.global_batch)
             metrics.step(loss_sum, grad_norm, cfg.global_batch, data_wait,
                          finite=torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
 
@@ -215,6 +223,9 @@ def _train(cfg: Config, env: Env) -> Path:
             if _crossed(images_seen, cfg.global_batch, cfg.log_every) or last:
                 _check_finite(metrics, cfg, images_seen)
                 metrics.log(images_seen, lr, {"skipped_steps": skipped} if skipped else None)
+            if posthoc is not None and (_crossed(images_seen, cfg.global_batch, cfg.ema.posthoc_every) or last):
+                with metrics.paused():
+                    posthoc.save(run_dir, images_seen, env.is_main)
             if _crossed(images_seen, cfg.global_batch, cfg.checkpoint_every) and not last:
                 _check_finite(metrics, cfg, images_seen)
                 with metrics.paused():  # checkpoint and sample time stay out of img/s and MFU

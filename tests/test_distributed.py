@@ -25,7 +25,8 @@ from archirf.config import ConfigError, load_config
 TINY = ["data.resolution=8", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
         "model.num_register_tokens=2", "global_batch=24", "micro_batch=4", "optim.warmup_images=0",
         "optim.lr=3e-3", "sample.steps=4", "sample.per_class=2", "sample.classes=[0,1,2]", "sample.gif_frames=3",
-        "progress=false", "ema.half_life_images=100", "log_every=24", "sample_every=0", "checkpoint_every=0"]
+        "progress=false", "ema.half_life_images=100", "log_every=24", "sample_every=0", "checkpoint_every=0",
+        "ema.posthoc_sigma_rels=[0.05,0.1]", "ema.posthoc_every=48"]   # post-hoc EMAs: sharded, gathered, resumed
 STEPS = 6
 # CPU / gloo on any machine: GPUs hidden (a 2-rank run on a 1-GPU host would otherwise ask for a second
 # device), and Triton kernels, where a recipe asks for them, in the interpreter.
@@ -52,6 +53,22 @@ def rows(run_dir: Path) -> list[dict]:
 
 def snapshot(run_dir: Path) -> dict[str, torch.Tensor]:
     return ckpt.load_snapshot(ckpt.latest_snapshot(run_dir))[0]
+
+
+def posthoc(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from archirf.posthoc_ema import stored_profiles
+    images, path = stored_profiles(run_dir)[-1]
+    assert images == 24 * STEPS
+    return load_file(str(path))
+
+
+def buffers(run_dir: Path) -> set[str]:
+    """The snapshot's buffer entries (the post-hoc files hold parameters only)."""
+    from archirf.sample import load_for_sampling
+    model, _, _ = load_for_sampling(run_dir, "ema")
+    return {n for n, _ in model.named_buffers()}
 
 
 def assert_same_steps(a: list[dict], b: list[dict], rel: float) -> None:
@@ -100,6 +117,9 @@ def test_sharded_checkpoint_resumes_on_one_two_and_three_ranks(runs):
     assert steps(rows(runs["resume2"])) == steps(straight)
     a, b = snapshot(runs["two"]), snapshot(runs["resume2"])
     assert all(torch.equal(a[k], b[k]) for k in a)
+    p, q, r = (posthoc(runs[k]) for k in ("two", "resume2", "one"))   # the post-hoc EMAs too, and 1 rank = 2
+    assert p.keys() == q.keys() == r.keys() and len(p) == 2 * len(a.keys() - buffers(runs["two"]))
+    assert all(torch.equal(p[k], q[k]) and torch.allclose(p[k].float(), r[k].float(), rtol=1e-3, atol=1e-5) for k in p)
     for n in (1, 3):  # resharded (on 1 rank into the plain module): the same trajectory within fp tolerance
         assert_same_steps(rows(runs[f"resume{n}"]), straight, rel=1e-5)
     assert_same_steps(rows(runs["resume_from1"]), straight, rel=1e-5)  # a plain 1-rank checkpoint on 2 ranks
