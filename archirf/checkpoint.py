@@ -137,9 +137,11 @@ def load_training_state(path: str | Path, model, optimizer, ema, loader, posthoc
 
     if posthoc is not None:
         keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        if not any(k.startswith("posthoc.") for k in keys):
-            raise ValueError(f"{path} holds no post-hoc EMAs: they average from image 0, so they cannot start in a "
-                             f"resumed run; resume without ema.posthoc_sigma_rels, or train a new run with them")
+        lacking = [w for w in posthoc.emas if not any(k.startswith(f"posthoc.{w}.") for k in keys)]
+        if lacking:
+            raise ValueError(f"{path} holds no post-hoc EMA of sigma_rel {', '.join(lacking)}: they average from "
+                             f"image 0, so they cannot start in a resumed run; resume with the widths the run "
+                             f"started with (or none), or train a new run")
     state = load_checkpoint(path, _training_state(model, optimizer, ema, loader, 0, posthoc))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     ema.load_state_dict(state["ema"])

@@ -12,7 +12,7 @@ A_ij = <p_i, p_j>, b_i = <p_i, p_target>, in closed form:
 
     python -m archirf.posthoc_ema RUN_DIR --sigma-rel 0.13 [--at IMAGES]
 
-writes RUN_DIR/snapshots/ema_sigma0.130-<images>.safetensors, a snapshot that `python -m archirf.sample`
+writes RUN_DIR/snapshots/ema_sigma0.13-<images>.safetensors, a snapshot that `python -m archirf.sample`
 takes like any other (the buffers and config come from the run's newest snapshot).
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -29,12 +30,14 @@ import torch
 from .ema import EMA, power_function_exponent
 
 FILE = re.compile(r"phema-(\d{12})\.safetensors$")
+FP16_MAX = 65504.0
 
 
 def _inner(ga: torch.Tensor, ta: torch.Tensor, gb: torch.Tensor, tb: torch.Tensor) -> torch.Tensor:
-    """<p_{ga,ta}, p_{gb,tb}> for broadcastable fp64 tensors (times already divided by a common scale)."""
-    m = torch.minimum(ta, tb)
-    return (ga + 1) * (gb + 1) * m ** (ga + gb + 1) / ((ga + gb + 1) * ta ** (ga + 1) * tb ** (gb + 1))
+    """<p_{ga,ta}, p_{gb,tb}> for broadcastable fp64 tensors, written as a ratio of times to a power <= 0
+    over the later time: min^(a+b+1) / (ta^(a+1) tb^(b+1)) itself underflows to 0/0 for narrow profiles."""
+    ratio = torch.where(ta < tb, (ta / tb) ** gb, (tb / ta) ** ga)
+    return (ga + 1) * (gb + 1) * ratio / ((ga + gb + 1) * torch.maximum(ta, tb))
 
 
 def posthoc_coefficients(times: list[float], sigma_rels: list[float], t_target: float,
@@ -76,7 +79,8 @@ class PostHocEMA:
         tensors = {}
         for key, ema in self.emas.items():
             for name, t in ema.full_state_dict(keep=is_main).items():
-                tensors[f"{key}/{name}"] = t.to(torch.float16).contiguous()
+                small = t.abs().max() <= FP16_MAX if t.numel() else True   # fp16 as EDM2, unless it would overflow
+                tensors[f"{key}/{name}"] = (t.to(torch.float16) if small else t).contiguous()
         if not is_main:
             return None
         out = Path(run_dir) / "posthoc"
@@ -87,6 +91,17 @@ class PostHocEMA:
                                                "sigma_rels": json.dumps(sorted(self.emas))})
         tmp.replace(path)
         return path
+
+
+    def set_aside_after(self, run_dir: Path, images_seen: int) -> list[Path]:
+        """Moves saved files later than `images_seen` (a stretch this run does not continue: a resume from an
+        older checkpoint, or a fresh start) to posthoc/abandoned-<time>/, where the solver does not look."""
+        later = [p for n, p in stored_profiles(run_dir) if n > images_seen]
+        if not later:
+            return []
+        keep = Path(run_dir) / "posthoc" / time.strftime("abandoned-%Y%m%d-%H%M%S")
+        keep.mkdir()
+        return [p.rename(keep / p.name) for p in later]
 
 
 def stored_profiles(run_dir: Path, at: Optional[int] = None) -> list[tuple[int, Path]]:
@@ -103,9 +118,12 @@ def reconstruct(run_dir: Path, sigma_rel: float, at: Optional[int] = None) -> tu
 
     files = stored_profiles(run_dir, at)
     if not files:
-        where = Path(run_dir) / "posthoc"
-        raise FileNotFoundError(f"no post-hoc EMA files in {where}{f' up to {at:,} images' if at else ''}: train with "
-                                f"ema.posthoc_sigma_rels=[0.05,0.1] and ema.posthoc_every=IMAGES")
+        where, every = Path(run_dir) / "posthoc", stored_profiles(run_dir)
+        if every:
+            raise FileNotFoundError(f"no post-hoc EMA file in {where} up to {at:,} images: the first is at "
+                                    f"{every[0][0]:,}; choose --at between it and {every[-1][0]:,}")
+        raise FileNotFoundError(f"no post-hoc EMA files in {where}: train with ema.posthoc_sigma_rels=[0.05,0.1] and "
+                                f"ema.posthoc_every=IMAGES")
     times, widths, entries = [], [], []
     for images, path in files:
         with safe_open(str(path), framework="pt") as f:
@@ -139,15 +157,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         weights, images, x = reconstruct(args.run_dir, args.sigma_rel, args.at)
     except (ValueError, FileNotFoundError) as err:
         ap.error(str(err))
+    except RuntimeError as err:   # files of different models in one posthoc/ (shapes that do not add up)
+        ap.error(f"the post-hoc EMA files in {args.run_dir / 'posthoc'} do not belong to one model ({err})")
     base = ckpt.latest_snapshot(args.run_dir)
     if base is None:
         ap.error(f"{args.run_dir} has no snapshot to take the buffers and config from (snapshots/ema-*.safetensors)")
     tensors, meta = ckpt.load_snapshot(base)
-    missing = sorted(set(weights) - set(tensors))
-    if missing:
-        ap.error(f"{base} lacks parameters of the post-hoc files ({missing[:3]}): they are from another model")
+    foreign = sorted(n for n, w in weights.items() if n not in tensors or tensors[n].shape != w.shape)
+    if foreign:
+        ap.error(f"{base} does not match the post-hoc files' parameters ({foreign[:3]}): they are from another model")
     tensors.update(weights)
-    path = ckpt.save_snapshot(args.run_dir, images, tensors, meta["config"], kind=f"ema_sigma{args.sigma_rel:.3f}")
+    path = ckpt.save_snapshot(args.run_dir, images, tensors, meta["config"], kind=f"ema_sigma{args.sigma_rel:.4g}")
     print(f"archirf.posthoc_ema: sigma_rel {args.sigma_rel} at {images:,} images from {len(x)} stored EMAs "
           f"(coefficients {x.min().item():+.3g} .. {x.max().item():+.3g}) -> {path}")
     return 0

@@ -44,7 +44,8 @@ def _prepare_run_dir(cfg: Config, env: Env) -> Path:
     run_dir = Path(cfg.run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        old = [p for p in (run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "snapshots") if p.exists()]
+        old = [p for p in (run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "snapshots", run_dir / "posthoc")
+               if p.exists()]
         if cfg.resume == "none" and old:
             keep = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
             keep.mkdir()
@@ -128,6 +129,10 @@ def _train(cfg: Config, env: Env) -> Path:
                       f"total_images to train on, or sample from it: python -m archirf.sample {run_dir}")
             _close(loader)
             return run_dir
+    if posthoc is not None and env.is_main:    # files of a stretch this run does not continue (an older resume)
+        moved = posthoc.set_aside_after(run_dir, images_seen)
+        if moved:
+            print(f"archirf: moved {len(moved)} post-hoc EMA files after {images_seen:,} images to {moved[0].parent}")
 
     def save(images: int) -> Path:
         path = ckpt.save_training_state(run_dir, images, model, optimizer, ema, loader, keep=cfg.keep_checkpoints,
@@ -224,6 +229,7 @@ def _train(cfg: Config, env: Env) -> Path:
                 _check_finite(metrics, cfg, images_seen)
                 metrics.log(images_seen, lr, {"skipped_steps": skipped} if skipped else None)
             if posthoc is not None and (_crossed(images_seen, cfg.global_batch, cfg.ema.posthoc_every) or last):
+                _check_finite(metrics, cfg, images_seen)
                 with metrics.paused():
                     posthoc.save(run_dir, images_seen, env.is_main)
             if _crossed(images_seen, cfg.global_batch, cfg.checkpoint_every) and not last:
@@ -237,6 +243,8 @@ def _train(cfg: Config, env: Env) -> Path:
         # end of training or a stop signal (agreed by all ranks): one complete checkpoint, then the pictures
         stopped = stop.agreed(step, force=True)
         _check_finite(metrics, cfg, images_seen)
+        if stopped and posthoc is not None and 0 < images_seen < cfg.total_images:   # (the end: saved above)
+            posthoc.save(run_dir, images_seen, env.is_main)
         path = save(images_seen)
         if env.is_main:
             print(f"archirf: checkpoint {path}")

@@ -35,7 +35,13 @@ def test_coefficients_fit_the_target_profile(sigma_target, at):
     assert x.dtype == torch.float64 and x.shape == (32,)
     err = profile_error(times, widths, float(at), sigma_target, x)
     assert err < (1e-6 if (sigma_target, at) == (0.10, 16) else 0.05), err   # a stored profile: exact
-    assert profile_error(times, widths, float(at), sigma_target, torch.zeros(32, dtype=torch.float64)) == 1.0
+
+
+def test_narrow_profiles_stay_finite():
+    # min(s, u)^(a+b+1) / (s^(a+1) u^(b+1)) underflows to 0/0 for narrow widths over many saved times
+    times = [float(k) for k in range(1, 1025) for _ in (0, 1)]
+    x = posthoc_coefficients(times, [0.01, 0.05] * 1024, 1024.0, 0.03)
+    assert torch.isfinite(x).all() and x.sum().item() == pytest.approx(1.0, abs=1e-3)
 
 
 def test_reconstructed_ema_has_the_target_mean_and_width(tmp_path):
@@ -78,19 +84,43 @@ def test_trainer_saves_resumes_and_the_cli_writes_a_snapshot(tmp_path, capsys):
     capsys.readouterr()
     assert main([str(straight), "--sigma-rel", "0.08"]) == 0
     assert "sigma_rel 0.08 at 96 images from 6 stored EMAs" in capsys.readouterr().out
-    path = ckpt.latest_snapshot(straight, kind="ema_sigma0.080")
-    model, cfg, which = load_for_sampling(path)
-    assert cfg.total_images == 96 and not any(p.isnan().any() for p in model.parameters())
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "nothing"), "--sigma-rel", "0.08"])
+    model, cfg, _ = load_for_sampling(ckpt.latest_snapshot(straight, kind="ema_sigma0.08"))
+    weights, _, _ = reconstruct(straight, 0.08)
+    params = dict(model.named_parameters())
+    assert cfg.total_images == 96 and weights.keys() == params.keys()
+    assert all(torch.equal(params[k], weights[k]) for k in weights)       # the snapshot holds the reconstruction
+    for args, message in [([str(tmp_path / "nothing")], "no post-hoc EMA files in"),
+                          ([str(straight), "--at", "16"], "the first is at 32; choose --at between it and 96"),
+                          ([str(straight), "--sigma-rel", "0.4"], "sigma_rel must be in")]:
+        with pytest.raises(SystemExit):
+            main(args + ([] if "--sigma-rel" in args else ["--sigma-rel", "0.08"]))
+        assert message in capsys.readouterr().err
+
+
+def test_files_of_an_abandoned_stretch_are_set_aside(tmp_path):
+    run = tmp_path / "run"
+    common = ["log_every=16", "sample_every=0", "ema.posthoc_sigma_rels=[0.05,0.1]", "ema.posthoc_every=32"]
+    train(tiny(run, "total_images=96", "checkpoint_every=32", "keep_checkpoints=3", *common))
+    older = run / "checkpoints" / f"images-{32:012d}"
+    train(tiny(run, "total_images=64", f"resume={older}", *common))      # back to 32 images, then on to 64
+    assert [n for n, _ in stored_profiles(run)] == [32, 64]
+    aside = list((run / "posthoc").glob("abandoned-*/phema-*.safetensors"))
+    assert sorted(p.name for p in aside) == [f"phema-{64:012d}.safetensors", f"phema-{96:012d}.safetensors"]
+    train(tiny(run, "total_images=32", "resume=none", *common))           # a fresh run: the old files move aside
+    assert [n for n, _ in stored_profiles(run)] == [32]
 
 
 def test_posthoc_cannot_start_in_a_resumed_run(tmp_path):
     run = tmp_path / "run"
     train(tiny(run, "total_images=32", "log_every=16", "sample_every=0"))
-    with pytest.raises(ConfigError, match="holds no post-hoc EMAs"):
+    with pytest.raises(ConfigError, match="holds no post-hoc EMA of sigma_rel 0.0500"):
         train(tiny(run, "total_images=64", "log_every=16", "sample_every=0", "ema.posthoc_sigma_rels=[0.05]",
                    "ema.posthoc_every=16"))
+    train(tiny(tmp_path / "b", "total_images=32", "log_every=16", "sample_every=0", "ema.posthoc_sigma_rels=[0.05]",
+               "ema.posthoc_every=16"))
+    with pytest.raises(ConfigError, match="holds no post-hoc EMA of sigma_rel 0.1000"):   # a width added later
+        train(tiny(tmp_path / "b", "total_images=64", "log_every=16", "sample_every=0",
+                   "ema.posthoc_sigma_rels=[0.05,0.1]", "ema.posthoc_every=16"))
 
 
 def test_config_checks():

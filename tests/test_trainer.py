@@ -130,7 +130,8 @@ def test_nan_skip_policy_skips_the_step(tmp_path, monkeypatch):
 
 def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     run = tmp_path / "run"
-    args = [f"run_dir={run}", *TINY, "total_images=100000000", "log_every=16", "checkpoint_every=0"]
+    posthoc = ["ema.posthoc_sigma_rels=[0.05]", "ema.posthoc_every=100000000"]
+    args = [f"run_dir={run}", *TINY, *posthoc, "total_images=100000000", "log_every=16", "checkpoint_every=0"]
     proc = subprocess.Popen([sys.executable, "-m", "archirf.train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.time() + 120
@@ -142,6 +143,8 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     assert "received signal" in out
     last = ckpt.latest_checkpoint(run)
     assert last is not None and int(last.name.split("-")[1]) >= 16
+    # the post-hoc EMAs are saved at the stop too (their cadence is far off)
+    assert (run / "posthoc" / f"phema-{last.name.split('-')[1]}.safetensors").exists()
     # relaunching the same command resumes from it
     proc = run_cli("archirf.train", *args[:-3], "total_images=" + str(int(last.name.split("-")[1]) + 16),
                    "log_every=16")
