@@ -20,6 +20,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
+# EMA widths sigma_rel lie below 1/sqrt(12) = 0.28868 (gamma = 0: the plain average of every step so far).
+_SIGMA_REL_BOUND = 0.2886
+
+
 class ConfigError(ValueError):
     """A config problem a user can fix; the message names the key and the remedy."""
 
@@ -309,13 +313,14 @@ def validate(cfg: Config) -> None:
     e = cfg.ema
     need(sum(v is not None for v in (e.half_life_images, e.decay, e.sigma_rel)) == 1,
          "set exactly one of ema.half_life_images, ema.decay and ema.sigma_rel (the others to null)")
-    need(all(0 < s < 0.2886 for s in e.posthoc_sigma_rels) and len(set(e.posthoc_sigma_rels)) == len(
-         e.posthoc_sigma_rels), f"ema.posthoc_sigma_rels {e.posthoc_sigma_rels} must be distinct widths in (0, 0.2886)")
+    need(all(0 < s < _SIGMA_REL_BOUND for s in e.posthoc_sigma_rels)
+         and len(set(e.posthoc_sigma_rels)) == len(e.posthoc_sigma_rels),
+         f"ema.posthoc_sigma_rels {e.posthoc_sigma_rels} must be distinct widths in (0, {_SIGMA_REL_BOUND})")
     need(not e.posthoc_sigma_rels or e.posthoc_every > 0,
          "ema.posthoc_sigma_rels needs ema.posthoc_every > 0: how many images between saved post-hoc EMAs")
-    need(e.sigma_rel is None or 0 < e.sigma_rel < 0.2886,
-         f"ema.sigma_rel must be in (0, 0.2886): 0.2886 (1/sqrt(12)) is the plain average of every step "
-         f"(got {e.sigma_rel})")
+    need(e.sigma_rel is None or 0 < e.sigma_rel < _SIGMA_REL_BOUND,
+         f"ema.sigma_rel must be in (0, {_SIGMA_REL_BOUND}): {_SIGMA_REL_BOUND} (1/sqrt(12)) is the plain average of "
+         f"every step (got {e.sigma_rel})")
     need(e.decay is None or 0 <= e.decay < 1, "ema.decay must be in [0, 1)")
     need(e.half_life_images is None or e.half_life_images > 0, "ema.half_life_images must be > 0")
     q = cfg.parallel

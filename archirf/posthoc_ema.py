@@ -124,23 +124,22 @@ def reconstruct(run_dir: Path, sigma_rel: float, at: Optional[int] = None) -> tu
                                     f"{every[0][0]:,}; choose --at between it and {every[-1][0]:,}")
         raise FileNotFoundError(f"no post-hoc EMA files in {where}: train with ema.posthoc_sigma_rels=[0.05,0.1] and "
                                 f"ema.posthoc_every=IMAGES")
-    times, widths, entries = [], [], []
+    times, widths = [], []
     for images, path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in json.loads(f.metadata()["sigma_rels"]):
                 times.append(float(images))
                 widths.append(float(key))
-                entries.append((path, key))
     t_target = times[-1]
     x = posthoc_coefficients(times, widths, t_target, sigma_rel)
+    coef = {(images, f"{w:.4f}"): c for images, w, c in zip(times, widths, x.tolist())}
     out: dict[str, torch.Tensor] = {}
-    for (path, key), coef in zip(entries, x.tolist()):
+    for images, path in files:                          # each file read once: name = "<sigma_rel>/<parameter>"
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                if name.startswith(key + "/"):
-                    param = name[len(key) + 1:]
-                    acc = out.setdefault(param, torch.zeros(f.get_slice(name).get_shape(), dtype=torch.float64))
-                    acc.add_(f.get_tensor(name).double(), alpha=coef)
+                key, param = name.split("/", 1)
+                acc = out.setdefault(param, torch.zeros(f.get_slice(name).get_shape(), dtype=torch.float64))
+                acc.add_(f.get_tensor(name).double(), alpha=coef[(float(images), key)])
     return {k: v.float() for k, v in out.items()}, int(t_target), x
 
 

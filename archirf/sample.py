@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import Config, from_yaml_text
+from .objectives.rectified_flow import SAMPLING_GRIDS
 
 
 def autocast_model_fn(model: nn.Module, device: torch.device, dtype: Optional[torch.dtype], **kwargs) -> Callable:
@@ -116,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
     ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = off)")
     ap.add_argument("--sampler", default=None, help="euler|heun (RF), ancestral|ddim (DDPM); default: the run's")
-    ap.add_argument("--grid", default=None, choices=["uniform", "edm"],
+    ap.add_argument("--grid", default=None, choices=SAMPLING_GRIDS,
                     help="RF time grid: uniform (with the run's time_shift) or edm (EDM's sigma schedule); "
                          "default: the run's")
     ap.add_argument("--seed", type=int, default=0)

@@ -44,8 +44,8 @@ def _prepare_run_dir(cfg: Config, env: Env) -> Path:
     run_dir = Path(cfg.run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        old = [p for p in (run_dir / "checkpoints", run_dir / "metrics.jsonl", run_dir / "snapshots", run_dir / "posthoc")
-               if p.exists()]
+        outputs = ("checkpoints", "metrics.jsonl", "snapshots", "posthoc")
+        old = [run_dir / name for name in outputs if (run_dir / name).exists()]
         if cfg.resume == "none" and old:
             keep = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
             keep.mkdir()

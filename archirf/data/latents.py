@@ -6,8 +6,9 @@
 The loader yields x = (latents - data.latent_shift) * data.latent_scale as float32, not images in
 [-1, 1]: latents are unbounded, and the scale is what brings them to about unit variance (SD-VAE:
 0.18215), so raw encoder outputs can be stored. Shift and scale are one number each or one per
-channel (EDM2: shift = the channel means, scale = 0.5 / the channel standard deviations). Without "labels" the set is unconditional
-(data.num_classes must be 0); with data.num_classes=0 any labels are ignored, as the other sources do.
+channel (EDM2: shift = the channel means, scale = 0.5 / the channel standard deviations). Without
+"labels" the set is unconditional (data.num_classes must be 0); with data.num_classes=0 any labels are
+ignored, as the other sources do.
 
 Horizontal flips (data.random_flip) mirror the latent along its width. For a convolutional
 autoencoder that is close to, not exactly, the latent of the mirrored image; for exact flips,

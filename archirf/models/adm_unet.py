@@ -206,7 +206,8 @@ class ADMUNet(nn.Module):
             raise ValueError(f"widths {bad} (channels and channels * channel_mult) must be multiples of {GROUPS} "
                              f"(GroupNorm groups)")
         attn_widths = [channels * m for side, m in zip(sides, channel_mult) if side in attn_resolutions]
-        if bad := [w for w in dict.fromkeys(attn_widths + [channels * channel_mult[-1]]) if w > head_channels and w % head_channels]:
+        attn_widths = dict.fromkeys(attn_widths + [channels * channel_mult[-1]])      # + the middle's attention
+        if bad := [w for w in attn_widths if w > head_channels and w % head_channels]:
             raise ValueError(f"attention widths {bad} are not multiples of the head width {head_channels} "
                              f"(model.channels_per_head; a width below it is one head)")
         self.in_channels = self.out_channels = in_channels
