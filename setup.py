@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["archirf", "archirf.*"]) + ["archirf_kernels"],
     package_dir={"archirf_kernels": "kernels"},
     install_requires=[
-        "torch>=2.6",
+        "torch>=2.11",              # archirf.MIN_TORCH: the oldest torch the tests run on
         "triton>=3.2; platform_system == 'Linux'",
         "einops",
         "omegaconf>=2.3",

@@ -30,38 +30,54 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """The network. Every key but `name` and `preset` defaults to null, which means: the preset's value,
+    else the family's default (MODEL_DEFAULTS). A key set in the recipe or on the command line always
+    wins over the preset; a key the chosen family does not read must stay null (an error otherwise).
+    models/__init__.py's registry says which keys each family reads and maps them to its constructor."""
     name: Literal["dit", "mmdit", "adm_unet", "edm2_unet"] = "dit"  # network family
-    preset: Optional[str] = None                 # e.g. "DiT-XL/2", "MMDiT-XL/2", "ADM-64", "EDM2-S": sets the shape keys
+    preset: Optional[str] = None                 # e.g. "DiT-XL/2", "MMDiT-XL/2", "ADM-64", "EDM2-S": fills the shape keys
     # Transformers (dit, mmdit)
-    patch_size: int = 4                          # pixels (or latent cells) per token side
-    hidden_size: int = 192                       # transformer width
-    depth: int = 6                               # number of transformer blocks
-    num_heads: int = 3                           # attention heads (hidden_size % num_heads == 0)
-    mlp_ratio: float = 4.0                       # MLP hidden = mlp_ratio * hidden_size
-    num_register_tokens: int = 4                 # learned extra tokens, dropped at the output
-    qk_norm: bool = False                        # RMSNorm of q and k per head (SD3 style)
-    class_dropout_prob: float = 0.1              # label dropout for classifier-free guidance
-    attn_impl: Literal["auto", "reference", "sdpa", "triton"] = "auto"  # auto: triton on CUDA, else sdpa
-    attn_backend: Literal["auto", "sdpa", "fused"] = "auto"  # the triton op's backend; fused: least memory
-    kernels: Literal["auto", "reference", "triton"] = "auto"             # auto: triton on CUDA (adaLN: eager only)
+    patch_size: Optional[int] = None             # pixels (or latent cells) per token side
+    hidden_size: Optional[int] = None            # transformer width
+    depth: Optional[int] = None                  # number of transformer blocks (mmdit: double-stream ones)
+    num_heads: Optional[int] = None              # attention heads (hidden_size % num_heads == 0)
+    mlp_ratio: Optional[float] = None            # MLP hidden = mlp_ratio * hidden_size
+    num_register_tokens: Optional[int] = None    # learned extra tokens, dropped at the output
+    qk_norm: Optional[bool] = None               # dit: RMSNorm of q and k per head (SD3 style; mmdit always has it)
+    class_dropout_prob: Optional[float] = None   # label dropout for classifier-free guidance (every family)
+    attn_impl: Optional[Literal["auto", "reference", "sdpa", "triton"]] = None  # auto: triton on CUDA, else sdpa
+    attn_backend: Optional[Literal["auto", "sdpa", "fused"]] = None  # the triton op's backend; fused: least memory
+    kernels: Optional[Literal["auto", "reference", "triton"]] = None  # auto: triton on CUDA (adaLN: eager only)
     # MMDiT
-    depth_single_blocks: int = 0                 # single-stream blocks after the `depth` double-stream ones
-    label_tokens: int = 4                        # K learned context tokens per class
+    depth_single_blocks: Optional[int] = None    # single-stream blocks after the `depth` double-stream ones
+    label_tokens: Optional[int] = None           # K learned context tokens per class
     class_embeddings: Optional[str] = None       # file of a (num_classes, tokens, dim) tensor; replaces the learned tokens
     # UNets (adm_unet, edm2_unet)
-    channels: int = 64                           # base channels; level i has channels * channel_mult[i]
-    channel_mult: list[int] = field(default_factory=lambda: [1, 2])  # one entry per resolution level
-    num_res_blocks: int = 2                      # residual blocks per level (EDM2: per encoder level; the decoder has one more)
-    attn_resolutions: list[int] = field(default_factory=lambda: [8])  # feature-map sides with self-attention
-    dropout: float = 0.0                         # dropout in the residual blocks
+    channels: Optional[int] = None               # base channels; level i has channels * channel_mult[i]
+    channel_mult: Optional[list[int]] = None     # one entry per resolution level
+    num_res_blocks: Optional[int] = None         # residual blocks per encoder level (the decoder has one more)
+    attn_resolutions: Optional[list[int]] = None  # feature-map sides with self-attention
+    dropout: Optional[float] = None              # dropout in the residual blocks
+    channels_per_head: Optional[int] = None      # attention head width
     # EDM2 UNet
-    channels_per_head: int = 64                  # attention head width
-    label_balance: float = 0.5                   # mp_sum weight of the class embedding (vs. the noise's)
-    concat_balance: float = 0.5                  # mp_cat share of the skip connection (vs. the main path)
-    preconditioning: Literal["none", "edm"] = "none"  # edm: EDM's c_in/c_skip/c_out/c_noise and loss weight (RF only)
-    sigma_data: float = 0.5                      # edm preconditioning: the data's standard deviation
-    uncertainty_weighting: bool = False          # learned per-time loss weight u(t) (EDM2 Eq. 21)
-    logvar_channels: int = 128                   # uncertainty_weighting: Fourier features of u(t)
+    label_balance: Optional[float] = None        # mp_sum weight of the class embedding (vs. the noise's)
+    concat_balance: Optional[float] = None       # mp_cat share of the skip connection (vs. the main path)
+    preconditioning: Optional[Literal["none", "edm"]] = None  # edm: EDM's c_in/c_skip/c_out/c_noise and loss weight (RF only)
+    sigma_data: Optional[float] = None           # edm preconditioning: the data's standard deviation
+    uncertainty_weighting: Optional[bool] = None  # learned per-time loss weight u(t) (EDM2 Eq. 21)
+    logvar_channels: Optional[int] = None        # uncertainty_weighting: Fourier features of u(t)
+
+
+# A model.* key's value where neither the config nor the preset sets it: the small digits-sized network
+# of the default job (configs/digits.yaml). Only the keys the chosen family reads are filled in.
+MODEL_DEFAULTS: dict[str, Any] = dict(
+    patch_size=4, hidden_size=192, depth=6, num_heads=3, mlp_ratio=4.0, num_register_tokens=4, qk_norm=False,
+    class_dropout_prob=0.1, attn_impl="auto", attn_backend="auto", kernels="auto",
+    depth_single_blocks=0, label_tokens=4, class_embeddings=None,
+    channels=64, channel_mult=[1, 2], num_res_blocks=2, attn_resolutions=[8], dropout=0.0, channels_per_head=64,
+    label_balance=0.5, concat_balance=0.5, preconditioning="none", sigma_data=0.5, uncertainty_weighting=False,
+    logvar_channels=128,
+)
 
 
 @dataclass
@@ -253,31 +269,32 @@ def validate(cfg: Config) -> None:
     need(cfg.micro_batch is None or cfg.micro_batch > 0, "micro_batch must be > 0 or null")
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
     m, d = cfg.model, cfg.data
-    transformer = m.name in ("dit", "mmdit")
-    need(not transformer or (m.depth >= 1 and m.hidden_size >= 1 and m.num_heads >= 1),
-         "model.depth, hidden_size, num_heads must be >= 1")
-    need(not transformer or m.preset is not None or m.hidden_size % m.num_heads == 0,
-         f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
+    from .models import fill_model_config  # the registry (it imports torch); config.py itself does not
+    fill_model_config(m)                   # explicit > preset > MODEL_DEFAULTS; unread keys refused
+    if m.name in ("dit", "mmdit"):
+        need(min(m.depth, m.hidden_size, m.num_heads, m.patch_size) >= 1,
+             "model.depth, hidden_size, num_heads and patch_size must be >= 1")
+        need(m.hidden_size % m.num_heads == 0,
+             f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
+        need(d.resolution % m.patch_size == 0,
+             f"data.resolution ({d.resolution}) must be a multiple of the patch size ({m.patch_size}"
+             f"{' of ' + m.preset if m.preset else ''}); change model.patch_size or data.resolution")
+        need(m.num_register_tokens >= 0 and m.mlp_ratio > 0,
+             "model.num_register_tokens must be >= 0 and model.mlp_ratio > 0")
+    if m.name == "mmdit":
+        need(m.depth_single_blocks >= 0, "model.depth_single_blocks must be >= 0")
+        need(m.label_tokens >= 1, "model.label_tokens must be >= 1")
+        need(m.class_embeddings is None or d.num_classes > 0,
+             "model.class_embeddings needs a class-conditional dataset (data.num_classes > 0); set it to null")
     need(0.0 <= m.class_dropout_prob < 1.0, "model.class_dropout_prob must be in [0, 1)")
-    need(not transformer or d.resolution % m.patch_size == 0 or m.preset is not None,
-         f"data.resolution ({d.resolution}) must be a multiple of model.patch_size ({m.patch_size})")
-    need(m.depth_single_blocks >= 0, "model.depth_single_blocks must be >= 0")
-    need(m.label_tokens >= 1, "model.label_tokens must be >= 1")
-    need(m.class_embeddings is None or m.name == "mmdit",
-         f"model.class_embeddings applies to model.name=mmdit, not {m.name}; set it to null")
-    need(m.class_embeddings is None or d.num_classes > 0,
-         "model.class_embeddings needs a class-conditional dataset (data.num_classes > 0); set it to null")
-    need(m.channels >= 1 and m.num_res_blocks >= 1, "model.channels and model.num_res_blocks must be >= 1")
-    need(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
-         f"model.channel_mult must be a non-empty list of positive integers (got {m.channel_mult})")
-    need(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
-    need(m.name not in ("adm_unet", "edm2_unet") or m.channels_per_head >= 1,
-         f"model.channels_per_head must be >= 1 (got {m.channels_per_head})")
+    if m.name in ("adm_unet", "edm2_unet"):
+        need(m.channels >= 1 and m.num_res_blocks >= 1, "model.channels and model.num_res_blocks must be >= 1")
+        need(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
+             f"model.channel_mult must be a non-empty list of positive integers (got {m.channel_mult})")
+        need(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
+        need(m.channels_per_head >= 1, f"model.channels_per_head must be >= 1 (got {m.channels_per_head})")
     if m.name == "edm2_unet":
         _validate_unet(cfg, need)
-    need(m.name == "edm2_unet" or (m.preconditioning == "none" and not m.uncertainty_weighting),
-         f"model.preconditioning and model.uncertainty_weighting belong to model.name=edm2_unet; with "
-         f"{m.name} they would be ignored: set model.preconditioning=none model.uncertainty_weighting=false")
     need(d.channels >= 1, "data.channels must be >= 1")
     need(d.num_classes >= 0, "data.num_classes must be >= 0 (0 = unconditional)")
     need(d.source != "folder" or d.root, "data.source=folder needs data.root=/path/to/images")
@@ -333,8 +350,7 @@ def validate(cfg: Config) -> None:
 
 def _validate_unet(cfg: Config, need) -> None:
     m, d = cfg.model, cfg.data
-    if m.preset is None:
-        _validate_unet_shape(m, d, need)
+    _validate_unet_shape(m, d, need)
     need(0 <= m.label_balance <= 1 and 0 <= m.concat_balance <= 1,
          "model.label_balance and model.concat_balance must be in [0, 1]")
     need(m.sigma_data > 0, "model.sigma_data must be > 0")
@@ -345,7 +361,7 @@ def _validate_unet(cfg: Config, need) -> None:
 
 
 def _validate_unet_shape(m: ModelConfig, d: DataConfig, need) -> None:
-    """The shape keys (a preset replaces them and the model checks its own)."""
+    """The shape keys, named in the messages (the model checks them too, in its own words)."""
     down = 1 << (len(m.channel_mult) - 1)
     need(d.resolution % down == 0, f"data.resolution ({d.resolution}) must be divisible by {down}: each of the "
                                    f"{len(m.channel_mult)} levels of model.channel_mult halves it; use fewer levels")
@@ -403,8 +419,20 @@ def from_yaml_text(text: str) -> Config:
     """Parses a saved resolved config (run dir / snapshot) back into a validated Config."""
     cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(text), "saved config")
     obj: Config = OmegaConf.to_object(cfg)
+    _drop_unread_defaults(obj.model)
     validate(obj)
     return obj
+
+
+def _drop_unread_defaults(m: ModelConfig) -> None:
+    """Configs saved before each family declared its keys list every model.* key; those the family
+    does not read and that hold the old schema default (MODEL_DEFAULTS) were never used: unset them."""
+    from .models import FAMILIES
+
+    family = FAMILIES.get(m.name)
+    for key, default in MODEL_DEFAULTS.items():
+        if family is not None and key not in family.keys and getattr(m, key) == default:
+            setattr(m, key, None)
 
 
 def config_changes(old_yaml: str, new_yaml: str) -> list[str]:

@@ -13,6 +13,13 @@ keeps FSDP2 on one rank. Checkpoints are the same either way and move between th
 Models know nothing of this; they only expose `blocks` (an nn.ModuleList of the repeated units)
 and keep every buffer persistent (the initial weights travel as a state dict).
 
+Precision, one rule for both paths. Parameters are fp32 masters; under precision=bf16 the forward runs in
+bf16 autocast, which computes matmuls and convolutions in bf16; the residual stream and the conditioning
+vectors are fp32 (the models make them so), and no wrapper casts a block's inputs. FSDP2 gathers the
+parameters in bf16 (half the traffic), so the only difference from one rank is where a parameter enters
+outside a matmul (an embedding row, a gain): bf16-rounded there. tests/test_precision.py holds both paths
+to the same dtypes at every block and the same values within bf16 tolerance.
+
 World-size invariance. A run's trajectory does not depend on the number of ranks (for a fixed
 micro batch): the data stream hands every micro batch the same samples whatever the world size
 (data/order.py), the noise, times and label drops of a micro batch are drawn from a generator seeded
@@ -139,8 +146,9 @@ def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], c
     """Activation checkpointing -> per-block compile -> per-block fully_shard -> root fully_shard, in place.
 
     Repeated blocks compile once (same code, parameters are graph inputs). Parameters stay fp32
-    (the optimizer's master copy, sharded); `param_dtype` is what forward and backward compute in.
-    Gradients are reduced in fp32. The root does not cast its inputs, so times stay fp32.
+    (the optimizer's master copy, sharded); `param_dtype` is the dtype they are gathered in (the one
+    autocast casts them to for matmuls anyway). Gradients are reduced in fp32. No unit casts its
+    inputs, so the residual stream, the conditioning and the times keep their dtype.
     `blocks_per_shard` consecutive blocks form one fully_shard unit (one all-gather and one
     reduce-scatter for all of them): fewer, larger collectives and less host time per step, for
     the memory of that many blocks' gathered weights.
@@ -148,7 +156,9 @@ def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], c
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    block_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # Gather bf16, reduce fp32, and never cast what flows between blocks: the stream keeps the dtype the
+    # model and autocast give it, as on one rank (see "Precision" in the module doc).
+    block_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     blocks = model.blocks
     if compile:  # blocks that differ (a UNet's widths, resampling, attention) compile one graph each

@@ -25,6 +25,7 @@ from .data import build_loader
 from .ema import EMA
 from .posthoc_ema import PostHocEMA
 from .metrics import Metrics
+from .models import preset_departures
 from .objectives import build_objective
 from .optim import build_optimizer, lr_at
 from .parallel import Env
@@ -180,6 +181,8 @@ def _train(cfg: Config, env: Env) -> Path:
               + (f"FSDP2 mesh {dict(zip(env.mesh.mesh_dim_names, env.mesh.shape))}" if parallel.uses_fsdp(cfg, env)
                  else "one rank, no FSDP2") + f" | global batch {cfg.global_batch} = "
               f"{micro} x {accum} accum x {env.world_size} ranks | run dir {run_dir}")
+        if departures := preset_departures(cfg.model):  # explicit keys win over the preset: say which
+            print(f"archirf: model.preset={cfg.model.preset} with {', '.join(departures)}")
 
     metrics = Metrics(run_dir, total_images=cfg.total_images, start_images=images_seen,
                       flops_per_image=flops_per_image, device=device, is_main=env.is_main,

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import archirf_kernels
-from archirf.config import Config, DataConfig, ModelConfig
-from archirf.models import DIT_PRESETS, DiT, build_model
+from archirf.config import MODEL_DEFAULTS, Config, ConfigError, DataConfig, ModelConfig, load_config
+from archirf.models import DIT_PRESETS, DiT, build_model, preset_departures
 from archirf.models.layers import Attention, LabelEmbedder, modulate, unpatchify
 
 
@@ -49,7 +49,7 @@ def test_output_has_input_shape(channels, size, patch):
 
 
 def test_build_model_from_default_config():
-    cfg = Config()
+    cfg = load_config(None)                                 # validation fills the model keys it reads
     model = build_model(cfg)
     assert isinstance(model, DiT)
     assert model.num_classes == cfg.data.num_classes
@@ -62,13 +62,28 @@ def test_build_model_from_default_config():
     assert model.kernels == auto and model.attn_impl == ("auto" if archirf_kernels.HAS_TRITON else "sdpa")
 
 
-def test_preset_overrides_shape_fields():
-    cfg = Config(model=ModelConfig(preset="DiT-B/4", hidden_size=64, depth=1, num_heads=2, patch_size=2),
+def test_explicit_keys_win_over_the_preset():
+    """A preset fills the keys left unset; a key set in the recipe or on the command line wins (and is
+    named at the start of training). Both directions, through the config and straight from a Config."""
+    cfg = Config(model=ModelConfig(preset="DiT-B/4", hidden_size=64, depth=1, num_heads=2),
                  data=DataConfig(resolution=32, channels=4, num_classes=1000))
     with torch.device("meta"):
         model = build_model(cfg)
-    assert (model.hidden_size, len(model.blocks), model.blocks[0].attn.num_heads, model.patch_size) == (768, 12, 12, 4)
-    assert model.num_patches == 64
+    assert (model.hidden_size, len(model.blocks), model.blocks[0].attn.num_heads, model.patch_size) == (64, 1, 2, 4)
+    cfg = load_config(None, ["model.preset=DiT-XL/2", "model.depth=4", "data.resolution=32", "data.channels=4"])
+    assert (cfg.model.depth, cfg.model.hidden_size, cfg.model.num_heads, cfg.model.patch_size) == (4, 1152, 16, 2)
+    assert preset_departures(cfg.model) == ["model.depth=4 (the preset's: 28)"]
+    with torch.device("meta"):
+        assert len(build_model(cfg).blocks) == 4
+    cfg = load_config(None, ["model.preset=DiT-XL/2", "data.resolution=32"])
+    assert (cfg.model.depth, cfg.model.hidden_size) == (28, 1152) and not preset_departures(cfg.model)
+
+
+def test_unset_keys_without_a_preset_take_the_family_defaults():
+    cfg = load_config(None, ["model.depth=3"])
+    assert (cfg.model.depth, cfg.model.hidden_size, cfg.model.patch_size) == (3, MODEL_DEFAULTS["hidden_size"],
+                                                                              MODEL_DEFAULTS["patch_size"])
+    assert cfg.model.channels is None and cfg.model.label_tokens is None  # not DiT's: left unset
 
 
 def test_dit_xl2_has_675m_params():
@@ -225,7 +240,7 @@ def test_unknown_preset_lists_valid_ones():
 
 def test_preset_patch_must_divide_resolution():
     cfg = Config(model=ModelConfig(preset="DiT-S/8"), data=DataConfig(resolution=12))
-    with pytest.raises(ValueError, match="multiple of the patch size"):
+    with pytest.raises(ValueError, match="not a multiple of patch_size 8"):
         build_model(cfg)
 
 
@@ -243,3 +258,29 @@ def test_auto_kernels_leave_adaln_to_inductor_inside_compile(monkeypatch):
         assert use_fused_kernels("auto", gpu) is True
         assert not use_fused_kernels("auto", cpu) and not use_fused_kernels("auto", cpu, under_compile=False)
         assert use_fused_kernels("triton", cpu, under_compile=False) and not use_fused_kernels("reference", gpu)
+
+
+@pytest.mark.parametrize("name,key", [("mmdit", "model.qk_norm=true"), ("dit", "model.channels=32"),
+                                      ("adm_unet", "model.kernels=reference"), ("edm2_unet", "model.attn_impl=sdpa"),
+                                      ("dit", "model.dropout=0.0")])
+def test_a_key_the_family_does_not_read_is_an_error(name, key):
+    """Set, even to the value it would have elsewhere: a key the family ignores must stay unset."""
+    with pytest.raises(ConfigError, match=rf"model\.{key.split('=')[0][6:]}=.* is not read by model.name={name}"
+                                          rf".*remove it.*reads: "):
+        load_config(None, [f"model.name={name}", key])
+
+
+def test_a_config_saved_before_the_families_declared_their_keys_still_loads():
+    """Older run dirs list every model.* key with the old schema defaults; those a family never read
+    are unset on load, so the run can still be sampled. A non-default one is still refused."""
+    from omegaconf import OmegaConf
+
+    from archirf.config import from_yaml_text, to_yaml
+
+    saved = OmegaConf.to_container(OmegaConf.create(to_yaml(load_config(None, ["model.name=mmdit"]))))
+    saved["model"].update({k: v for k, v in MODEL_DEFAULTS.items() if saved["model"][k] is None})
+    cfg = from_yaml_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+    assert cfg.model.qk_norm is None and cfg.model.channels is None and cfg.model.label_tokens == 4
+    saved["model"]["qk_norm"] = True
+    with pytest.raises(ConfigError, match="model.qk_norm=True is not read by model.name=mmdit"):
+        from_yaml_text(OmegaConf.to_yaml(OmegaConf.create(saved)))

@@ -86,7 +86,8 @@ def test_build_model_from_config(overrides, cls):
 
 
 def meta_model(name: str, preset: str, resolution: int, channels: int):
-    cfg = Config(model=ModelConfig(name=name, preset=preset, num_register_tokens=0),
+    extra = dict(num_register_tokens=0) if name in ("dit", "mmdit") else {}
+    cfg = Config(model=ModelConfig(name=name, preset=preset, **extra),
                  data=DataConfig(resolution=resolution, channels=channels, num_classes=1000))
     with torch.device("meta"):                              # no memory, no init cost
         return build_model(cfg)
@@ -509,7 +510,7 @@ def test_class_embeddings_errors_name_the_problem(tmp_path, make, match):
 
 
 def test_class_embeddings_need_mmdit_and_classes():
-    with pytest.raises(ConfigError, match="applies to model.name=mmdit"):
+    with pytest.raises(ConfigError, match="model.class_embeddings='x.pt' is not read by model.name=dit"):
         load_config(None, ["model.class_embeddings=x.pt"])
     with pytest.raises(ConfigError, match="data.num_classes > 0"):
         load_config(None, ["model.name=mmdit", "model.class_embeddings=x.pt", "data.num_classes=0"])
@@ -537,9 +538,8 @@ def test_adm_structure_mirrors_encoder_and_decoder():
                                                              r"head width 64 \(model.channels_per_head"),
 ])
 def test_adm_config_errors(overrides, match):
-    cfg = load_config(None, ["model.name=adm_unet", *overrides])
     with pytest.raises(ConfigError, match=match):
-        build_model(cfg)
+        build_model(load_config(None, ["model.name=adm_unet", *overrides]))
 
 
 def test_adm_head_width_follows_channels_per_head():
@@ -552,9 +552,8 @@ def test_adm_head_width_follows_channels_per_head():
 
 
 def test_mmdit_unknown_preset_lists_valid_ones():
-    cfg = load_config(None, ["model.name=mmdit", "model.preset=DiT-XL/2"])
     with pytest.raises(ConfigError, match="valid presets: MMDiT-d15.*MMDiT-XL/2"):
-        build_model(cfg)
+        load_config(None, ["model.name=mmdit", "model.preset=DiT-XL/2"])
 
 
 def test_presets_tables_are_disjoint():

@@ -49,3 +49,15 @@ def test_readme_kernel_example_runs():
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["out"].shape == (2, 16, 64)
+
+
+def test_declared_minimum_torch_is_the_checked_one():
+    import pytest
+
+    import archirf
+
+    declared = re.search(r'"torch>=([\d.]+)"', (ROOT / "setup.py").read_text()).group(1)
+    assert tuple(map(int, declared.split("."))) == archirf.MIN_TORCH
+    archirf.check_torch(declared)                               # the minimum itself passes
+    with pytest.raises(ImportError, match=r"needs torch >= 2\.11 \(found 2\.6\.0\+cu124\); pip install"):
+        archirf.check_torch("2.6.0+cu124")

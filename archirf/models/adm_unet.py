@@ -18,8 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import Config, ConfigError
-from .layers import Attention, LabelEmbedder, TimestepEmbedder, modulate, preset_shape
+from .layers import Attention, LabelEmbedder, TimestepEmbedder, modulate
 
 GROUPS = 32  # GroupNorm groups, as ADM's normalization()
 
@@ -273,7 +272,8 @@ class ADMUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W), t (B,) in [0, 1], y (B,) long in [0, num_classes] -> (B, C, H, W)."""
-        emb = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)              # (B, 4 ch)
+        # the conditioning is fp32 whatever the parameters' dtype, so one rank and FSDP2 agree (parallel.py)
+        emb = self.t_embedder(t).float() + self.y_embedder(y, force_drop_ids).float()  # (B, 4 ch)
         h = self.conv_in(x.to(self.conv_in.weight.dtype))                         # (B, ch, S, S)
         skips = [h]
         for level in self.blocks[:self.num_levels]:
@@ -296,20 +296,3 @@ class ADMUNet(nn.Module):
         return (mlp[0].in_features * mlp[0].out_features + mlp[2].in_features * mlp[2].out_features
                 + conv_macs(self.conv_in, self.input_size) + conv_macs(self.conv_out, self.input_size)
                 + sum(block.macs() for block in self.blocks))
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "ADMUNet":
-        """Builds from cfg.model (a preset sets channels/channel_mult/num_res_blocks/attn_resolutions) and cfg.data."""
-        m, d = cfg.model, cfg.data
-        shape = dict(channels=m.channels, channel_mult=list(m.channel_mult), num_res_blocks=m.num_res_blocks,
-                     attn_resolutions=list(m.attn_resolutions))
-        if m.preset is not None:
-            shape = preset_shape(ADM_PRESETS, m)
-        try:
-            return cls(input_size=d.resolution, in_channels=d.channels, num_classes=d.num_classes,
-                       dropout=m.dropout, class_dropout_prob=m.class_dropout_prob, attn_impl=m.attn_impl,
-                       head_channels=m.channels_per_head, **shape)
-        except ValueError as err:  # shape problems name the model.* keys to change
-            raise ConfigError(f"model.name=adm_unet{' preset ' + m.preset if m.preset else ''} with "
-                              f"data.resolution={d.resolution}: {err} (model.channels, model.channel_mult, "
-                              f"model.attn_resolutions, model.channels_per_head)") from None

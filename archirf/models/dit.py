@@ -14,9 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import Config
 from .layers import (AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, init_adaln_transformer_,
-                     patch_transformer_shape, resolve_kernels, unpatchify)
+                     resolve_kernels, unpatchify)
 
 # Sizes from DiT Table 1:  hidden_size, depth, num_heads
 _DIT_SIZES = {
@@ -89,13 +88,12 @@ class DiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W), t (B,) in [0, 1], y (B,) long in [0, num_classes] -> (B, C, H, W)."""
-        # The residual stream takes the parameters' dtype (fp32 under autocast, as in DiT).
-        param_dtype = self.register_tokens.dtype
-        h = self.x_embedder(x) + self.pos_embed.to(param_dtype)                       # (B, N, D)
+        # The residual stream and the conditioning are fp32 whatever the parameters' dtype (parallel.py).
+        h = self.x_embedder(x).float() + self.pos_embed.float()                        # (B, N, D)
         if self.num_register_tokens:
             registers = self.register_tokens.expand(h.shape[0], -1, -1)                 # (B, R, D)
-            h = torch.cat([h, registers.to(h.dtype)], dim=1)                            # (B, N+R, D)
-        c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)                    # (B, D)
+            h = torch.cat([h, registers.float()], dim=1)                                # (B, N+R, D)
+        c = self.t_embedder(t).float() + self.y_embedder(y, force_drop_ids).float()    # (B, D)
         for block in self.blocks:
             h = block(h, c)                                                             # (B, N+R, D)
         h = self.final_layer(h[:, :self.num_patches], c)                                # (B, N, p*p*C)
@@ -124,13 +122,3 @@ class DiT(nn.Module):
                 + len(self.blocks) * block
                 + D * 2 * D                        # final adaLN
                 + N * D * (p * p * self.out_channels))  # final linear
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "DiT":
-        """Builds from cfg.model (preset overrides hidden_size/depth/num_heads/patch_size) and cfg.data."""
-        m, d = cfg.model, cfg.data
-        shape = patch_transformer_shape(DIT_PRESETS, cfg, ("hidden_size", "depth", "num_heads", "patch_size"))
-        return cls(input_size=d.resolution, in_channels=d.channels, num_classes=d.num_classes,
-                   mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout_prob,
-                   num_register_tokens=m.num_register_tokens, qk_norm=m.qk_norm, attn_impl=m.attn_impl,
-                   kernels=m.kernels, **shape)

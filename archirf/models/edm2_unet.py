@@ -38,8 +38,7 @@ import torch.nn.functional as F
 
 import archirf_kernels as K
 
-from ..config import Config, ConfigError
-from .layers import drop_labels, preset_shape, resolve_kernels, use_fused_kernels
+from .layers import drop_labels, resolve_kernels, use_fused_kernels
 
 # EDM2 Table 2 / config G sizes: base channels and dropout from the table; channel_mult (1, 2, 3, 4), 3 blocks per
 # level, attention at 16x16 and 8x8 for both ImageNet-512 latents (64x64x4) and ImageNet-64 pixels.
@@ -341,10 +340,10 @@ class EDM2UNet(nn.Module):
         else:
             c_noise, h = t.float(), x
         # -- embedding
-        emb = self.emb_noise(self.emb_fourier(c_noise))                                 # (B, cemb)
+        # (fp32 whatever the parameters' dtype, so one rank and FSDP2 agree: parallel.py)
+        emb = self.emb_noise(self.emb_fourier(c_noise)).float()                         # (B, cemb)
         if self.emb_label is not None:
-            emb = K.mp_sum(emb, self.emb_label(y, force_drop_ids).to(emb.dtype), self.label_balance,
-                           impl="reference")
+            emb = K.mp_sum(emb, self.emb_label(y, force_drop_ids).float(), self.label_balance, impl="reference")
         emb = K.mp_silu(emb, impl="reference")                                          # (B, cemb): tiny
         # -- encoder, decoder
         h = torch.cat([h, torch.ones_like(h[:, :1])], dim=1)                            # (B, C + 1, H, W)
@@ -392,22 +391,3 @@ class EDM2UNet(nn.Module):
             if block.num_heads:
                 total += conv(block.attn_qkv, n) + conv(block.attn_proj, n) + 2 * n * n * block.out_channels
         return total
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "EDM2UNet":
-        """Builds from cfg.model (a preset sets channels, channel_mult, num_res_blocks, attn_resolutions and
-        dropout: the paper's network) and cfg.data."""
-        m, d = cfg.model, cfg.data
-        shape = dict(channels=m.channels, dropout=m.dropout, channel_mult=tuple(m.channel_mult),
-                     num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions))
-        if m.preset is not None:
-            shape = preset_shape(EDM2_PRESETS, m)
-        try:
-            return cls(input_size=d.resolution, in_channels=d.channels, num_classes=d.num_classes,
-                       channels_per_head=m.channels_per_head,
-                       label_balance=m.label_balance, concat_balance=m.concat_balance,
-                       class_dropout_prob=m.class_dropout_prob, preconditioning=m.preconditioning,
-                       sigma_data=m.sigma_data, uncertainty_weighting=m.uncertainty_weighting,
-                       logvar_channels=m.logvar_channels, kernels=m.kernels, **shape)
-        except ValueError as err:
-            raise ConfigError(f"model.name=edm2_unet: {err}") from None

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 import archirf_kernels
 
-from ..config import ConfigError
 # adaLN modulation x * (1 + scale) + shift (DiT Sec. 3.2), shift/scale per sample (B, C) or per token
 # (B, N, C): the tree's one modulate lives with the kernels' spec, which cannot import archirf.
 from archirf_kernels.reference import modulate  # noqa: F401  (re-exported for the models)
@@ -35,28 +34,6 @@ def resolve_kernels(kernels: str) -> str:
     if kernels == "auto" and not archirf_kernels.HAS_TRITON:
         return "reference"
     return kernels
-
-
-def preset_shape(presets: dict[str, dict], model_cfg) -> dict:
-    """The shape keys of `model_cfg.preset` for `model_cfg.name`; a ConfigError listing the valid ones."""
-    if model_cfg.preset not in presets:
-        raise ConfigError(f"unknown model.preset '{model_cfg.preset}' for model.name={model_cfg.name}; "
-                          f"valid presets: {', '.join(presets)}")
-    return presets[model_cfg.preset]
-
-
-def patch_transformer_shape(presets: dict[str, dict], cfg, keys: tuple[str, ...]) -> dict:
-    """A patch transformer's shape from cfg.model: the `keys` it sets, or its preset's; ConfigError
-    where data.resolution is not a multiple of the patch size or the width not of the head count."""
-    m, d = cfg.model, cfg.data
-    shape = preset_shape(presets, m) if m.preset is not None else {k: getattr(m, k) for k in keys}
-    if d.resolution % shape["patch_size"]:
-        raise ConfigError(f"data.resolution ({d.resolution}) must be a multiple of the patch size "
-                          f"({shape['patch_size']}{' of ' + m.preset if m.preset else ''})")
-    if shape["hidden_size"] % shape["num_heads"]:
-        raise ConfigError(f"model.hidden_size ({shape['hidden_size']}) must be divisible by "
-                          f"model.num_heads ({shape['num_heads']})")
-    return shape
 
 
 def use_fused_kernels(kernels: str, x: torch.Tensor, under_compile: bool = True) -> bool:

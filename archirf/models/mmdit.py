@@ -16,14 +16,12 @@ vector). `num_register_tokens` learned tokens (Darcet et al. 2024) join the cont
 
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn as nn
 
-from ..config import Config, ConfigError
 from .layers import (AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, PretrainedLabelEmbedder, TimestepEmbedder,
-                     init_adaln_transformer_, joint_attention, patch_transformer_shape, resolve_kernels,
+                     init_adaln_transformer_, joint_attention, resolve_kernels,
                      unpatchify)
 
 # SD3's scaling family (Esser et al. 2024, Sec. 5.3): width 64 * depth, head width 64, patch 2.
@@ -150,13 +148,13 @@ class MMDiT(nn.Module):
                 force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W), t (B,) in [0, 1], y (B,) long in [0, num_classes] -> (B, C, H, W)."""
         B = x.shape[0]
-        param_dtype = self.register_tokens.dtype  # the residual streams are fp32 under autocast, as in DiT
-        img = self.x_embedder(x) + self.pos_embed.to(param_dtype)                      # (B, N, D)
-        labels = self.y_embedder(y, force_drop_ids).reshape(B, self.label_tokens, -1)   # (B, K, Dc)
-        ctx = self.context_embedder(labels.to(param_dtype))                             # (B, K, D)
+        # The residual streams and the conditioning are fp32 whatever the parameters' dtype (parallel.py).
+        img = self.x_embedder(x).float() + self.pos_embed.float()                      # (B, N, D)
+        labels = self.y_embedder(y, force_drop_ids).reshape(B, self.label_tokens, -1).float()  # (B, K, Dc)
+        ctx = self.context_embedder(labels).float()                                     # (B, K, D)
         if self.num_register_tokens:
-            ctx = torch.cat([ctx, self.register_tokens.expand(B, -1, -1).to(ctx.dtype)], dim=1)  # (B, K+R, D)
-        c = self.t_embedder(t) + self.pooled_embedder(labels.mean(dim=1).to(param_dtype))  # (B, D)
+            ctx = torch.cat([ctx, self.register_tokens.expand(B, -1, -1).float()], dim=1)  # (B, K+R, D)
+        c = self.t_embedder(t).float() + self.pooled_embedder(labels.mean(dim=1)).float()  # (B, D)
         for block in self.blocks[:self.depth]:
             img, ctx = block(img, ctx, c)                                               # (B, N|M, D)
         if len(self.blocks) > self.depth:
@@ -185,53 +183,3 @@ class MMDiT(nn.Module):
                 + sum(block.macs(N, M) for block in self.blocks[:self.depth])
                 + sum(block.macs(N + M) for block in self.blocks[self.depth:])
                 + self.final_layer.macs(N))
-
-    @classmethod
-    def from_config(cls, cfg: Config, class_table: torch.Tensor | None = None) -> "MMDiT":
-        """Builds from cfg.model (a preset sets hidden_size/depth/depth_single_blocks/num_heads/patch_size)
-        and cfg.data; loads model.class_embeddings when set, unless `class_table` (a saved
-        y_embedder.table, null row last) is given: a snapshot or checkpoint carries its own table."""
-        m, d = cfg.model, cfg.data
-        shape = patch_transformer_shape(MMDIT_PRESETS, cfg, ("hidden_size", "depth", "depth_single_blocks",
-                                                             "num_heads", "patch_size"))
-        embeddings = None
-        if m.class_embeddings:
-            embeddings = (class_table[:-1].float() if class_table is not None
-                          else load_class_embeddings(m.class_embeddings, d.num_classes))
-        return cls(input_size=d.resolution, in_channels=d.channels, num_classes=d.num_classes,
-                   mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout_prob,
-                   num_register_tokens=m.num_register_tokens, label_tokens=m.label_tokens,
-                   class_embeddings=embeddings, attn_impl=m.attn_impl, kernels=m.kernels, **shape)
-
-
-def load_class_embeddings(path: str, num_classes: int) -> torch.Tensor:
-    """The (num_classes, tokens, dim) tensor of model.class_embeddings: a safetensors file holding one
-    tensor, or a tensor saved with torch.save (.pt / .pth). ConfigError naming the problem and the fix."""
-    fix = ("save a float tensor of shape (data.num_classes, tokens, dim), e.g. "
-           "safetensors.torch.save_file({'embeddings': t}, path), or set model.class_embeddings=null "
-           "to learn the label tokens")
-    if not os.path.isfile(path):
-        raise ConfigError(f"model.class_embeddings: no file at '{path}'; {fix}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            tensors = load_file(path, device="cpu")
-            if len(tensors) != 1:
-                raise ConfigError(f"model.class_embeddings: '{path}' holds {len(tensors)} tensors "
-                                  f"({', '.join(tensors)}), expected exactly one; {fix}")
-            embeddings = next(iter(tensors.values()))
-        else:
-            embeddings = torch.load(path, map_location="cpu", weights_only=True)
-    except ConfigError:
-        raise
-    except Exception as err:  # a corrupt or foreign file: say which and how to make a good one
-        raise ConfigError(f"model.class_embeddings: cannot read '{path}' ({type(err).__name__}: {err}); {fix}") from None
-    if not isinstance(embeddings, torch.Tensor) or not embeddings.is_floating_point():
-        raise ConfigError(f"model.class_embeddings: '{path}' does not hold a float tensor; {fix}")
-    if embeddings.dim() != 3 or embeddings.shape[0] != num_classes or 0 in embeddings.shape[1:]:
-        raise ConfigError(f"model.class_embeddings: '{path}' holds a tensor of shape {tuple(embeddings.shape)}, "
-                          f"expected (data.num_classes={num_classes}, tokens, dim) with tokens, dim >= 1; {fix}")
-    if not torch.isfinite(embeddings).all():
-        raise ConfigError(f"model.class_embeddings: '{path}' contains NaN or inf values; {fix}")
-    return embeddings.float()
