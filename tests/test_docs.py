@@ -103,3 +103,9 @@ def test_readme_links_every_docs_page():
     linked = {Path(t.partition("#")[0]).name for t in links(ROOT / "README.md") if t.startswith("docs/")}
     pages = {p.name for p in (ROOT / "docs").glob("*.md")}
     assert not pages - linked, f"README.md does not link {sorted(pages - linked)}"
+
+
+def test_readme_recipe_table_lists_every_recipe():
+    listed = re.findall(r"^\| `(configs/[\w.]+\.yaml)` \|", (ROOT / "README.md").read_text(), re.M)
+    shipped = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml"))
+    assert sorted(listed) == shipped, f"README recipes {sorted(listed)} vs configs/ {shipped}"
