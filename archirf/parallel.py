@@ -7,8 +7,8 @@ prepares a model for training (torchtitan's order):
 Everything runs under torchrun (c10d rendezvous for several nodes); a plain `python -m archirf.train`
 gets a 1-rank process group of its own. A world of one rank takes the same path without the two
 fully_shard steps (a plain module: fp32 weights, bf16 autocast), because FSDP2 on one rank shards
-nothing and costs host time every step (hooks, casts, DTensor dispatch): on one H100, DiT-XL/2 at
-batch 64 trained 1.57x faster without it (benchmarks/results/). `parallel.shard_single_rank=true`
+nothing and costs host time every step (hooks, casts, DTensor dispatch; measured in
+docs/scale-out.md). `parallel.shard_single_rank=true`
 keeps FSDP2 on one rank. Checkpoints are the same either way and move between the two.
 Models know nothing of this; they only expose `blocks` (an nn.ModuleList of the repeated units)
 and keep every buffer persistent (the initial weights travel as a state dict).

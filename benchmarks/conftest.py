@@ -26,8 +26,9 @@ def pytest_configure(config):
 
 
 def pytest_collect_file(file_path, parent):
-    """Suites are bench_<suite>.py (pytest would only collect test_*.py)."""
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    """Suites are bench_<suite>.py (pytest would only collect test_*.py). A file named on the command
+    line pytest collects itself: collecting it here too would run every benchmark twice."""
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
 
 

@@ -256,14 +256,15 @@ class Bench:
         )
         extra = self.benchmark.extra_info
         extra.update(info)
-        extra.update(bytes=int(bytes_moved), host_us=host_s * 1e6, copy_gbps=SESSION.copy_gbps, env=SESSION.env)
+        extra.update(bytes=int(bytes_moved), host_us=host_s * 1e6, copy_gbps=SESSION.copy_gbps, env=SESSION.env,
+                     warmup_rounds=warmup_rounds)
         stats = getattr(self.benchmark.stats, "stats", None)  # None under --benchmark-disable
         if stats is not None:
             t = stats.median
             extra.update(median_ms=t * 1e3, gbps=bytes_moved / t / 1e9)
             if SESSION.copy_gbps:
                 extra["copy_bw_fraction"] = extra["gbps"] / SESSION.copy_gbps
-            SESSION.rows.append({"name": self.benchmark.name, "extra_info": extra, "stats": {"median": t}})
+            SESSION.rows.append({"name": self.benchmark.name, "extra_info": extra, "stats": {"median": t, "rounds": rounds}})
 
 
 def note_baseline(suite: str, impl: str, reason: str):

@@ -38,9 +38,33 @@ SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float6
 # -- reading pytest-benchmark JSON ------------------------------------------------------------------
 
 
-def entries(doc: dict) -> list[dict]:
-    """The benchmarks of `doc` written by this harness (their extra_info names op, pass, impl)."""
+def _recorded(doc: dict) -> list[dict]:
     return [b for b in doc.get("benchmarks", []) if {"op", "pass", "impl", "case"} <= set(b.get("extra_info", {}))]
+
+
+def _impl_key(e: dict) -> tuple:
+    return *_key(e), e["extra_info"]["impl"]
+
+
+def entries(doc: dict) -> list[dict]:
+    """The benchmarks of `doc` written by this harness (their extra_info names op, pass, impl), each
+    once: of a benchmark recorded twice (its suite collected twice) the later run."""
+    return list({_impl_key(e): e for e in _recorded(doc)}.values())
+
+
+def cold_first_calls(doc: dict) -> dict[tuple, float | None]:
+    """first_call_s of each benchmark's first run: a repeat's first call found everything compiled."""
+    cold: dict[tuple, float | None] = {}
+    for e in _recorded(doc):
+        cold.setdefault(_impl_key(e), e["extra_info"].get("first_call_s"))
+    return cold
+
+
+def repeats(doc: dict, suite: str) -> int:
+    """How many of `suite`'s recorded benchmarks repeat an earlier one (left out by `entries`)."""
+    def count(items):
+        return sum(suite_of(e) == suite for e in items)
+    return count(_recorded(doc)) - count(entries(doc))
 
 
 def suite_of(entry: dict) -> str:
@@ -135,6 +159,10 @@ def _ms(e: dict | None) -> str:
     return f"{t * 1e3:.4g}" if t else "—"
 
 
+def _span(values: list) -> str:
+    return str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
+
+
 def _ratio(v: float | None) -> str:
     return f"{v:.2f}×" if v else "—"
 
@@ -178,7 +206,9 @@ def render_suite(suite: str, doc: dict) -> str:
     header = ["op", "pass", f"shape ({shape_label})", "dtype", "ours ms", "eager ms", "compiled ms"]
     header += [f"{'max-autotune' if i == 'compiled-max-autotune' else i} ms" for i in extra]
     header += ["ours TFLOP/s"] if has_flops else []
-    header += ["ours GB/s", "% of copy BW", "vs compiled", "vs eager"]
+    has_bytes = any(e["extra_info"].get("bytes") for e in items)  # training-step suites count no bytes
+    header += ["ours GB/s", "% of copy BW"] if has_bytes else []
+    header += ["vs compiled", "vs eager"]
     header += [f"vs {i}" for i in extra if not i.startswith("compiled")]
     header += ["target"]
     rows, verdicts = [], []
@@ -187,12 +217,14 @@ def render_suite(suite: str, doc: dict) -> str:
         ours = g.get("ours")
         oi = ours["extra_info"] if ours else {}
         info0 = any_e["extra_info"]
-        label = f"{PASS_LABEL.get(pass_, pass_)} {_shape_label(info0)} {_dtype_label(info0)}"
-        row = [f"`{op}`", *label.split(" ", 2)]
+        cells = [PASS_LABEL.get(pass_, pass_), _shape_label(info0), _dtype_label(info0)]  # "train step": a space
+        label = " ".join(cells)
+        row = [f"`{op}`", *cells]
         row += [_ms(g.get(i)) for i in ("ours", "eager", "compiled", *extra)]
         row += [f"{oi['tflops']:.0f}" if oi.get("tflops") else "—"] if has_flops else []
-        row += [f"{oi['gbps']:.0f}" if oi.get("gbps") else "—"]
-        row += [f"{oi['copy_bw_fraction']:.1%}" if oi.get("copy_bw_fraction") else "—"]
+        if has_bytes:
+            row += [f"{oi['gbps']:.0f}" if oi.get("gbps") else "—"]
+            row += [f"{oi['copy_bw_fraction']:.1%}" if oi.get("copy_bw_fraction") else "—"]
         row += [_ratio(oi.get("vs_compiled_best")), _ratio(oi.get("vs_eager_best", oi.get("vs_eager")))]
         row += [_ratio(oi.get(f"vs_{i}")) for i in extra if not i.startswith("compiled")]
         row += [_target_cell(ours)]
@@ -212,11 +244,21 @@ def render_suite(suite: str, doc: dict) -> str:
 
     out = [f"## {suite}", ""]
     copy = env.get("copy_gbps")
+    # A suite may set its own round counts (bench_models.py: 20 / 3), so they come from its entries;
+    # the session's defaults only for JSON written before entries recorded their warm-up rounds.
+    rounds = sorted({e["stats"]["rounds"] for e in items if (e.get("stats") or {}).get("rounds")})
+    warmup = sorted({e["extra_info"]["warmup_rounds"] for e in items if "warmup_rounds" in e["extra_info"]})
+    if not warmup and rounds in ([], [env.get("rounds")]):
+        warmup = [env["warmup_rounds"]] if "warmup_rounds" in env else []
     out.append(
         f"Run {env.get('date', doc.get('datetime', '?'))}; measured copy bandwidth "
         + (f"{copy:.0f} GB/s" if copy else "not measured")
-        + f"; median of {env.get('rounds', '?')} rounds after {env.get('warmup_rounds', '?')} warm-up rounds."
+        + f"; median of {_span(rounds or [env.get('rounds', '?')])} rounds"
+        + f" after {_span(warmup or ['?'])} warm-up rounds."
     )
+    if n := repeats(doc, suite):
+        out += ["", f"{n} benchmarks were recorded twice (their suite collected twice): times are the later "
+                "run's, first calls the first run's."]
     out += ["", _table(header, rows), ""]
     out.append(
         "ms: median GPU time per call. GB/s: the minimal bytes the op must move (see the suite) / ours' "
@@ -238,11 +280,11 @@ def render_suite(suite: str, doc: dict) -> str:
         met = sum("— met" in v for v in verdicts)
         out += ["", f"### Targets ({met} of {len(verdicts)} met)", "", *verdicts]
 
-    first_rows = {}
+    first_rows, cold = {}, cold_first_calls(doc)
     for (_, case, op, pass_), g in groups.items():
         for impl, e in g.items():
             info = e["extra_info"]
-            r = first_rows.setdefault((op, case, impl), {"first": info.get("first_call_s"), "host": {}})
+            r = first_rows.setdefault((op, case, impl), {"first": cold[_impl_key(e)], "host": {}})
             r["host"][PASS_LABEL.get(pass_, pass_)] = info.get("host_us")
     if first_rows:
         passes = ["fwd", "bwd", "fwd+bwd"]
@@ -308,12 +350,16 @@ def write_results(doc: dict, out_root: Path) -> Path:
     return folder
 
 
-def run_pytest(suites: list[str] | None, pytest_args: list[str]) -> tuple[int, dict | None]:
+def pytest_command(suites: list[str] | None, json_path: Path, pytest_args: list[str]) -> list[str]:
     files = [f"benchmarks/bench_{s}.py" for s in suites] if suites else ["benchmarks"]
+    cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", f"--benchmark-json={json_path}"]
+    return cmd + ["--benchmark-columns=median,iqr,min,rounds", "-rs", *pytest_args]
+
+
+def run_pytest(suites: list[str] | None, pytest_args: list[str]) -> tuple[int, dict | None]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "benchmarks.json"
-        cmd = [sys.executable, "-m", "pytest", *files, "--benchmark-only", f"--benchmark-json={path}"]
-        cmd += ["--benchmark-columns=median,iqr,min,rounds", "-rs", *pytest_args]
+        cmd = pytest_command(suites, path, pytest_args)
         print("+", " ".join(cmd), flush=True)
         rc = subprocess.run(cmd, cwd=ROOT).returncode
         return rc, json.loads(path.read_text()) if path.exists() else None

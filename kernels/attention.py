@@ -1288,7 +1288,7 @@ def _align(tensors) -> int:
     the address (in elements) of every tensor: the row offsets' divisibility, passed as the ALIGN
     constexpr so that the compiler vectorises the rows' loads and stores. Triton specialises only
     integers divisible by 16; DiT-XL's head stride 72 is not, and without the hint the D = 72 backward
-    ran at a quarter of the D = 64 bandwidth on the H200."""
+    ran several times slower (docs/kernels.md)."""
     g = 16 // tensors[0].element_size()
     for t in tensors:
         g = math.gcd(g, t.data_ptr() // t.element_size(), *_bnh(t))
@@ -1485,9 +1485,8 @@ _prep_split_op.register_autograd(_prep_split_backward, setup_context=_prep_setup
 
 
 def _sdpa_order():
-    """SDPA's backends, cuDNN first: on the H100 its fwd+bwd ran 1.6x faster than the flash backend
-    at N = 4096 (benchmarks/results/nvidia-h100-80gb-hbm3/attention.json); a backend that declines a
-    shape passes it on to the next. Under torch.use_deterministic_algorithms flash comes first, as in
+    """SDPA's backends, cuDNN first: faster than flash in the attention benchmark (docs/kernels.md);
+    a backend that declines a shape passes it on to the next. Under torch.use_deterministic_algorithms flash comes first, as in
     PyTorch's own order (its backward has a deterministic mode; cuDNN's is not documented to)."""
     from torch.nn.attention import SDPBackend
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -1529,13 +1528,11 @@ def choose_backend(backend: str, n_tokens: int, joint: bool, head_dim: int) -> s
     from bf16 fwd+bwd measurements of both backends (benchmarks/results/nvidia-h100-80gb-hbm3/
     attention_short_sequences.txt and nvidia-h200/attention.json):
       - fused for head dims 16, 32, 64 (measured at 64; 16 and 32 are tiled the same way, without a
-        masked tail) up to FUSED_MAX_TOKENS tokens: on the H100 at MMDiT-XL/2's
-        single-stream shape (64x18x264x64) 0.647 vs 0.777 ms, at its joint shape (256 + 8 tokens) a tie
-        (0.788 vs 0.778; fused keeps no normalised copies: the less memory). The whole MMDiT-XL/2
-        training step ran 446 vs 436 img/s with 33.9 vs 37.3 GiB peak, fused vs sdpa everywhere.
-      - sdpa otherwise: at 1024 tokens and more (joint 16x24x(1024+77)x64: 1.54 vs 1.85 ms on the
-        H200; 4x24x4096x64: 3.37 vs 3.75; 8x16x2048x128: 2.07 vs 3.23), and for DiT-XL's head dim 72 even
-        at 256 tokens (0.676 vs 0.961 on the H100), where the fused kernels tile 72 as 64 + 16.
+        masked tail) up to FUSED_MAX_TOKENS tokens: faster at MMDiT-XL/2's single-stream shape, a tie
+        at its joint shape, and no normalised copies kept: the less memory.
+      - sdpa otherwise: faster at 1024 tokens and more, and for DiT-XL's head dim 72 even at 256
+        tokens, where the fused kernels tile 72 as 64 + 16.
+    The numbers are in docs/kernels.md.
     The fused kernels keep less activation memory (no qhat, khat, vhat held for SDPA's backward: three
     (B, N, H, D) tensors per call): backend='fused' where memory, not time, is the limit."""
     if backend not in BACKENDS:

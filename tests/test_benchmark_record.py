@@ -3,6 +3,7 @@ fraction of copy bandwidth and target verdicts computed right (CPU only, synthet
 
 import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,43 @@ def test_training_step_suite_reports_img_per_s_and_mfu():
     md = record.render_suite("models", doc)
     assert "ours 640 img/s (59.8% MFU), compiled 427 img/s (39.9% MFU), eager 213 img/s (19.9% MFU)" in md
     assert "≥ 60% MFU — **missed** (59.8%)" in md and "≥ 1.3× compiled — met (1.50×)" in md
+
+
+def test_a_named_suite_is_collected_once(tmp_path):
+    # `python -m benchmarks.record --suite models` names the file; pytest collected it itself and through
+    # the suites' collection hook, so every benchmark ran twice.
+    cmd = record.pytest_command(["models"], tmp_path / "out.json", ["--collect-only", "-q", "-p", "no:cacheprovider"])
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    ids = [line for line in out.stdout.splitlines() if "::" in line]
+    assert out.returncode == 0 and ids, out.stdout + out.stderr
+    assert len(ids) == len(set(ids)), f"{len(ids)} items collected for {len(set(ids))} benchmarks"
+
+
+def models_step(impl, median_ms, first_call_s):
+    b = bench("dit-xl2", "train step", impl, median_ms, 0)
+    b["extra_info"].update(suite="models", case="dit-xl2", first_call_s=first_call_s, warmup_rounds=3)
+    b["stats"]["rounds"] = 20
+    return b
+
+
+def test_a_benchmark_recorded_twice_shows_its_cold_first_call():
+    # A suite collected twice recorded each benchmark twice: the repeat's "first call" found everything
+    # compiled, so the first-call column takes the first run's; the times are the later run's.
+    doc = {"machine_info": {"archirf": {"gpu": GPU, "rounds": 100, "warmup_rounds": 5}},
+           "benchmarks": [models_step("ours", 100.0, 30.0), models_step("compiled", 150.0, 20.0),
+                          models_step("ours", 90.0, 1.5), models_step("compiled", 140.0, 1.2)]}
+    md = record.render_suite("models", doc)
+    first = [line for line in md.splitlines() if line.startswith("| `dit-xl2` |")]
+    assert [line.split("|")[4].strip() for line in first[-2:]] == ["30.00", "20.00"], md
+    step = row(md, "dit-xl2", "train step")
+    assert (step["ours ms"], step["vs compiled"], step["shape (B×N×C)"], step["dtype"]) == ("90", "1.56×", "64×256×1152", "bf16")
+    assert "ours GB/s" not in step  # a training step counts no bytes moved
+    assert len(first) == 3  # one results row, one first-call row per implementation
+    assert "2 benchmarks were recorded twice" in md
+
+
+def test_header_gives_the_rounds_the_suite_ran():
+    # bench_models.py runs 20 rounds after 3 warm-up rounds where the session default is 100 after 5.
+    doc = {"machine_info": {"archirf": {"gpu": GPU, "rounds": 100, "warmup_rounds": 5}},
+           "benchmarks": [models_step("ours", 100.0, 30.0), models_step("compiled", 150.0, 20.0)]}
+    assert "median of 20 rounds after 3 warm-up rounds." in record.render_suite("models", doc)

@@ -1,6 +1,6 @@
-"""The README's model preset tables (Models: DiT, MMDiT, ADM UNet, EDM2 UNet) against the code: every
+"""The model preset tables of docs/models.md (DiT, MMDiT, ADM UNet, EDM2 UNet) against the code: every
 preset has a row, every row names a preset, and each row's shape columns, parameter count and G MACs per
-image are what the preset builds at the input the README states, to the precision the table prints.
+image are what the preset builds at the input the page states, to the precision the table prints.
 Built on the meta device: no memory, no init."""
 
 import functools
@@ -13,9 +13,9 @@ import torch
 from archirf.config import Config, DataConfig, ModelConfig
 from archirf.models import ADM_PRESETS, DIT_PRESETS, EDM2_PRESETS, MMDIT_PRESETS, build_model
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+MODELS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 
-# Per README section: the model name, its presets, the input the section's prose states (checked to be
+# Per section: the model name, its presets, the input the section's prose states (checked to be
 # there, line breaks aside, so that a change of it fails here first), how the shape columns map to preset
 # keys, and the builds behind the number columns (column -> (resolution, channels, num_classes)). All at
 # 1000 classes without register tokens, as the Models section says above the tables.
@@ -43,12 +43,12 @@ TABLES = {
 
 
 def models_section() -> str:
-    return README.read_text().split("\n## Models\n", 1)[1].split("\n## ", 1)[0]
+    return MODELS.read_text()
 
 
 def section(title: str) -> str:
-    """The text of `### title` under `## Models`, up to the next heading."""
-    return re.split(r"\n### ", models_section().split(f"\n### {title}\n", 1)[1], maxsplit=1)[0]
+    """The text of `## title` in docs/models.md, up to the next heading."""
+    return re.split(r"\n## ", models_section().split(f"\n## {title}\n", 1)[1], maxsplit=1)[0]
 
 
 def table(text: str) -> list[dict[str, str]]:
@@ -72,7 +72,7 @@ def build(name: str, preset: str, resolution: int, channels: int, num_classes: i
 def assert_printed(printed: str, value: float, what: str) -> None:
     """`value` rounds to `printed` (a number with d decimals): within half a unit of its last digit."""
     decimals = len(printed.split(".")[1]) if "." in printed else 0
-    assert abs(value - float(printed)) <= 0.5 * 10 ** -decimals + 1e-9, f"{what}: README {printed}, code {value:.4f}"
+    assert abs(value - float(printed)) <= 0.5 * 10 ** -decimals + 1e-9, f"{what}: docs {printed}, code {value:.4f}"
 
 
 def cases():
@@ -82,12 +82,12 @@ def cases():
 
 
 def test_every_preset_has_one_row():
-    assert INTRO in " ".join(models_section().split()), "README Models: the tables' stated setting changed"
+    assert INTRO in " ".join(models_section().split()), "docs/models.md: the tables' stated setting changed"
     for title, spec in TABLES.items():
         text = section(title)
-        assert spec["stated"] in " ".join(text.split()), f"README {title}: the stated input changed; update TABLES"
+        assert spec["stated"] in " ".join(text.split()), f"docs/models.md {title}: the stated input changed; update TABLES"
         names = [row["preset"].split()[0] for row in table(text)]   # "ADM-64 (ADM's ImageNet-64 model ...)"
-        assert sorted(names) == sorted(spec["presets"]), f"README {title} table rows vs presets in the code"
+        assert sorted(names) == sorted(spec["presets"]), f"docs/models.md {title} table rows vs presets in the code"
 
 
 @pytest.mark.parametrize("title,row", list(cases()))
@@ -98,7 +98,7 @@ def test_row_matches_the_code(title, row):
     for column, key in spec["shape"].items():
         value = shape[key]
         expected = ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-        assert row[column] == expected, f"{preset} {column}: README {row[column]}, code {expected}"
+        assert row[column] == expected, f"{preset} {column}: docs {row[column]}, code {expected}"
     for column, inputs in spec["builds"].items():
         if inputs == "input":                                  # "32×32×3": side, side, channels
             side, side2, channels = map(int, row["input"].split("×"))
@@ -124,7 +124,7 @@ def test_mmdit_notes_under_the_table():
     text = " ".join(section("MMDiT").split())
     m = re.search(r"MMDiT-S/2 on 32×32×3 pixels with 10 classes \(its recipe\) is ([\d.]+)M parameters and "
                   r"([\d.]+) G MACs per image \(([\d.]+) with the recipe's 4 registers\)", text)
-    assert m, "README MMDiT: the MMDiT-S/2 sentence changed; update this test"
+    assert m, "docs/models.md MMDiT: the MMDiT-S/2 sentence changed; update this test"
     small = build("mmdit", "MMDiT-S/2", 32, 3, 10)
     assert_printed(m[1], small.num_params() / 1e6, "MMDiT-S/2, 10 classes: params (M)")
     assert_printed(m[2], small.flops_per_image() / 1e9, "MMDiT-S/2, 10 classes: G MACs")
@@ -133,6 +133,6 @@ def test_mmdit_notes_under_the_table():
     with torch.device("meta"):
         assert_printed(m[3], build_model(cfg).flops_per_image() / 1e9, "MMDiT-S/2 with 4 registers: G MACs")
     m = re.search(r"MMDiT-XL/2 costs about what DiT-XL/2 costs per image \(([\d.]+) vs ([\d.]+) G MACs\)", text)
-    assert m, "README MMDiT: the MMDiT-XL/2 sentence changed; update this test"
+    assert m, "docs/models.md MMDiT: the MMDiT-XL/2 sentence changed; update this test"
     assert_printed(m[1], build("mmdit", "MMDiT-XL/2", 32, 4, 1000).flops_per_image() / 1e9, "MMDiT-XL/2 G MACs")
     assert_printed(m[2], build("dit", "DiT-XL/2", 32, 4, 1000).flops_per_image() / 1e9, "DiT-XL/2 G MACs")

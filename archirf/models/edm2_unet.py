@@ -56,9 +56,8 @@ PRECONDITIONINGS = ("none", "edm")
 
 def _impl(kernels: str, x: torch.Tensor) -> str:
     """The MP ops' implementation. kernels='auto' leaves them to inductor inside compiled blocks (as
-    the adaLN ops): the custom ops are fusion barriers there, and the EDM2-S training step on one H100
-    ran at 0.72x the compiled plain-PyTorch UNet with them (422 vs 588 img/s, same run,
-    benchmarks/results/nvidia-h100-80gb-hbm3/edm2_step.md). Eager code on CUDA keeps them."""
+    the adaLN ops): the custom ops are fusion barriers there, which slowed the EDM2-S training step
+    (benchmarks/results/nvidia-h100-80gb-hbm3/edm2_step.md). Eager code on CUDA keeps them."""
     return "triton" if use_fused_kernels(kernels, x, under_compile=False) else "reference"
 
 

@@ -43,8 +43,7 @@ def use_fused_kernels(kernels: str, x: torch.Tensor, under_compile: bool = True)
 
     The adaLN ops pass under_compile=False: inside a compiled block inductor fuses the reference
     norm, modulation and residual about as well as the custom ops do, without their per-call host
-    cost; the DiT-XL/2 training step on one H100 ran 1.38x faster that way (484 vs 352 img/s,
-    benchmarks/results/nvidia-h100-80gb-hbm3/train_step_variants.md)."""
+    cost (measured: benchmarks/results/nvidia-h100-80gb-hbm3/train_step_variants.md)."""
     if kernels == "triton":
         return True
     return kernels == "auto" and x.is_cuda and (under_compile or not torch.compiler.is_compiling())
@@ -236,8 +235,7 @@ def resolve_attn_impl(attn_impl: str, qk_norm: bool = False) -> str:
     'auto' decides per call (Attention.use_triton): the QK-norm attention op (archirf_kernels, backend
     `Attention.backend`) for QK-norm attention on CUDA inputs where Triton is installed, SDPA elsewhere.
     Inside the trainer's compiled blocks the op beat torch.compile of rms_norm + SDPA in whole training
-    steps on an H200 (bf16, batch 64: DiT-XL/2 with QK-norm 1.12x, MMDiT-XL/2 1.14x;
-    benchmarks/results/nvidia-h200/models.json)."""
+    steps (benchmarks/results/nvidia-h200/README.md, suite models)."""
     if attn_impl not in ATTN_IMPLS:
         raise ValueError(f"unknown attn_impl '{attn_impl}'; choose one of {', '.join(ATTN_IMPLS)}")
     if attn_impl == "triton" and not archirf_kernels.HAS_TRITON:
@@ -296,7 +294,7 @@ class Attention(nn.Module):
         """Whether this call runs the QK-norm attention op: 'triton' always; 'auto' for QK-norm attention
         on CUDA inputs the op takes (fp16 / bf16 / fp32, head dim up to its maximum; else SDPA). Plain
         attention under 'auto' is SDPA on the projection's views: with no norm to fuse, the op would only
-        add a copy of q, k, v (DiT-XL/2 step on the H100: 0.98x of the compiled model with it)."""
+        add a copy of q, k, v (measured: docs/design.md)."""
         if self.attn_impl == "triton":
             return True
         return (self.attn_impl == "auto" and self.qk_norm and qkv.is_cuda
