@@ -116,7 +116,8 @@ def load_for_sampling(path: str | Path, weights: str = "ema") -> tuple[nn.Module
         model.load_state_dict({**state.get("model", {}), **state[key]}, strict=key == "model")
     except (Exception, CheckpointException) as err:
         raise SampleError(f"checkpoint {ckpt} cannot be read ({_reason(err)}); sample a snapshot file from "
-                          f"{path / 'snapshots'}, or move {ckpt.name} aside to sample the checkpoint before it") from None
+                          f"{path / 'snapshots'}, or move {ckpt.name} aside to sample the checkpoint before it"
+                          ) from None
     return model, cfg, f"{'EMA' if key == 'ema' else 'raw (non-EMA)'} weights from checkpoint {ckpt}"
 
 

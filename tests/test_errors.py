@@ -193,3 +193,48 @@ def test_sample_still_works(run, tmp_path, capsys):
     out = tmp_path / "ok.png"
     assert sample_cli.main([str(run), "--classes", "1", "--per-class", "1", "--steps", "1", "--out", str(out)]) == 0
     assert out.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------ image folders
+
+
+def _png_tree(root: Path, counts: dict[str, int]) -> list[Path]:
+    import numpy as np
+    from PIL import Image
+
+    paths = []
+    for cls, count in counts.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            paths.append(root / cls / f"img{i:02d}.png")
+            Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+FOLDER = ["data.source=folder", "data.channels=3", "data.num_classes=2", "data.num_workers=0"]
+
+
+def test_folder_of_only_bad_images_is_one_line_before_training(tmp_path, capsys):
+    paths = _png_tree(tmp_path / "images", {"a": 2, "b": 2})
+    for p in paths:
+        p.write_bytes(b"garbage")
+    line = train_fails(capsys, *TINY, *FOLDER, f"data.root={tmp_path / 'images'}", f"run_dir={tmp_path / 'run'}",
+                       "data.num_workers=2")
+    assert f"first: {paths[0]}: UnidentifiedImageError" in line and "none of the 4 images" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_skipped_images_are_counted_in_metrics_and_the_summary(tmp_path, capsys):
+    paths = _png_tree(tmp_path / "images", {"a": 4, "b": 4})
+    paths[5].write_bytes(b"garbage")
+    cfg = load_config(None, TINY + FOLDER + [f"data.root={tmp_path / 'images'}", f"run_dir={tmp_path / 'run'}",
+                                             "total_images=32"])
+    with pytest.warns(UserWarning, match="img01.png"):
+        train(cfg)
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_images"] for r in rows] == [1, 1]
+    out = capsys.readouterr().out
+    assert f"skipped 1 unreadable image(s) under data.root={tmp_path / 'images'}" in out
+
