@@ -2,8 +2,9 @@
 
     python -m archirf.sample RUN_DIR_OR_SNAPSHOT --classes 0,1,2 --steps 50 --cfg 2.0 --out x.png [--gif]
 
-A run dir samples from its newest complete checkpoint (EMA weights unless --weights raw); a
-.safetensors snapshot samples from the weights it holds. The command says which weights it used.
+A run dir samples from its newest complete checkpoint (EMA weights unless --weights raw), a
+checkpoint dir (RUN_DIR/checkpoints/images-N) from that one, a .safetensors snapshot from the weights
+it holds. The command says which weights it used; a source it cannot use is one line, exit 2.
 """
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ def trajectory_frames(trajectory: list[torch.Tensor], frames: int) -> list[torch
 
 
 def load_for_sampling(path: str | Path, weights: str = "ema") -> tuple[nn.Module, Config, str]:
-    """(model with weights loaded, its config, a sentence saying which weights) from a run dir or snapshot."""
+    """(model with weights loaded, its config, a sentence saying which weights) from a run dir (its newest
+    complete checkpoint), one checkpoint dir of a run, or a snapshot."""
     from torch.distributed.checkpoint import CheckpointException
 
-    from .checkpoint import latest_checkpoint, load_checkpoint, load_snapshot
+    from .checkpoint import complete_checkpoints, is_complete, latest_checkpoint, load_checkpoint, load_snapshot
     from .models import build_model
 
     path = Path(path)
@@ -96,8 +98,9 @@ def load_for_sampling(path: str | Path, weights: str = "ema") -> tuple[nn.Module
         return model, cfg, f"{meta.get('weights', '?')} weights from snapshot {path} (images seen {meta.get('images_seen')})"
     if not path.is_dir():
         raise SampleError(f"{path}: no such run dir or snapshot file")
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
+    if is_complete(path):                  # one checkpoint of a run: RUN_DIR/checkpoints/images-N
+        ckpt, path = path, path.parent.parent
+    elif (ckpt := latest_checkpoint(path)) is None:
         raise SampleError(f"{path} holds no complete checkpoint (checkpoints/images-*/COMPLETE); "
                           f"train longer or pass a snapshot .safetensors file")
     if not (path / "config.yaml").is_file():
@@ -115,9 +118,10 @@ def load_for_sampling(path: str | Path, weights: str = "ema") -> tuple[nn.Module
         state = load_checkpoint(ckpt, state)
         model.load_state_dict({**state.get("model", {}), **state[key]}, strict=key == "model")
     except (Exception, CheckpointException) as err:
+        earlier = [c for c in complete_checkpoints(path) if c.name < ckpt.name]
+        also = f", or the checkpoint before it: {earlier[-1]}" if earlier else ""
         raise SampleError(f"checkpoint {ckpt} cannot be read ({_reason(err)}); sample a snapshot file from "
-                          f"{path / 'snapshots'}, or move {ckpt.name} aside to sample the checkpoint before it"
-                          ) from None
+                          f"{path / 'snapshots'}{also}") from None
     return model, cfg, f"{'EMA' if key == 'ema' else 'raw (non-EMA)'} weights from checkpoint {ckpt}"
 
 
@@ -145,7 +149,8 @@ def _saved_buffers(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="archirf.sample", description="Sample images from an ArchiRF run or snapshot.")
-    ap.add_argument("source", help="run dir (newest checkpoint) or a .safetensors snapshot")
+    ap.add_argument("source", help="run dir (newest checkpoint), one of its checkpoints/images-N dirs, or a "
+                                   ".safetensors snapshot")
     ap.add_argument("--classes", default=None, help="comma-separated class ids, e.g. 0,1,2 (default: first 10)")
     ap.add_argument("--per-class", type=int, default=8, help="samples per class (one grid row each)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")

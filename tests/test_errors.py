@@ -115,7 +115,9 @@ def test_sample_classes_need_a_conditional_dataset():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    return train(load_config(None, TINY + [f"run_dir={tmp_path_factory.mktemp('errs') / 'run'}"]))
+    """A finished run with two checkpoints (16 and 32 images)."""
+    return train(load_config(None, TINY + [f"run_dir={tmp_path_factory.mktemp('errs') / 'run'}", "total_images=32",
+                                           "checkpoint_every=16"]))
 
 
 def test_sample_bad_class_ids(run, tmp_path, capsys):
@@ -178,7 +180,14 @@ def test_sample_corrupt_checkpoint_names_it_and_the_snapshots(run, tmp_path, cap
     for shard in newest.glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])
     line = sample_fails(capsys, str(broken))
+    earlier = ckpt.complete_checkpoints(broken)[0]
     assert str(newest) in line and "cannot be read" in line and str(broken / "snapshots") in line
+    assert f"the checkpoint before it: {earlier}" in line
+    line = sample_fails(capsys, str(newest))                    # the broken one named directly: the same line
+    assert str(newest) in line and "cannot be read" in line
+    out = tmp_path / "earlier.png"
+    assert sample_cli.main([str(earlier), "--classes", "0", "--per-class", "1", "--steps", "1", "--out", str(out)]) == 0
+    assert f"EMA weights from checkpoint {earlier}" in capsys.readouterr().out and out.stat().st_size > 0
 
 
 def test_sample_run_dir_without_config(run, tmp_path, capsys):
