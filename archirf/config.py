@@ -260,10 +260,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             item = f'{key}="{value.strip()}"'  # YAML 1.1 would read compile=on as True; a bool key still gets True
         try:
             dot = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"cannot parse override '{item}': {err}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as err:   # the value is parsed as YAML
+            raise ConfigError(f"cannot parse override '{item}': {' '.join(str(err).split())}") from None
         cfg = _merge(cfg, dot, f"override '{item}'")
-    obj: Config = OmegaConf.to_object(cfg)
+    try:
+        obj: Config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:                          # e.g. an ${oc.env:VAR} of an unset VAR
+        raise _explain(err, path or "the overrides") from None
     validate(obj)
     return obj
 

@@ -71,6 +71,13 @@ def test_config_that_is_a_directory_or_binary_or_missing(tmp_path, capsys):
     assert "not found" in line and "nowhere.yaml" in line
 
 
+def test_override_that_is_not_yaml_and_an_unresolved_interpolation(capsys):
+    line = train_fails(capsys, "--print-config", "optim.betas=[0.9,x")
+    assert "cannot parse override 'optim.betas=[0.9,x'" in line and "did not find expected" in line
+    line = train_fails(capsys, "--print-config", "run_dir=${oc.env:ARCHIRF_TEST_UNSET_VARIABLE}")
+    assert "'run_dir'" in line and "ARCHIRF_TEST_UNSET_VARIABLE" in line
+
+
 def test_empty_config_file_is_the_defaults(tmp_path):
     recipe = tmp_path / "empty.yaml"
     recipe.write_text("# nothing yet\n")
