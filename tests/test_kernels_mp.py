@@ -277,6 +277,8 @@ def test_impl_auto_uses_the_reference_off_cuda(monkeypatch):
     (lambda impl: K.mp_sum(torch.randn(2, 3), torch.randn(3, 2), impl=impl), "differ in shape"),
     (lambda impl: K.mp_sum(torch.randn(2, 3), torch.ones(2, 3, dtype=torch.long), impl=impl), "b dtype torch.int64"),
     (lambda impl: K.mp_sum(torch.randn(2, 3), torch.randn(2, 3), clip=0.0, impl=impl), "clip must be > 0"),
+    (lambda impl: K.mp_sum(torch.randn(2, 3), torch.randn(2, 3, device="meta"), impl=impl), "b is on meta, a on cpu"),
+    (lambda impl: K.mp_weight(torch.randn(5, 3), torch.ones((), device="meta"), impl=impl), "gain is on meta"),
     (lambda impl: K.mp_cat(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 5), impl=impl),
      "must agree in every dim but the channels"),
     (lambda impl: K.mp_cat_silu(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4).long(), impl=impl),
