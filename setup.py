@@ -15,6 +15,7 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
         "einops",
         "omegaconf>=2.3",
+        "pyyaml",         # (omegaconf's own parser) config.py reads its errors' line and column
         # Triton 3.6's interpreter (TRITON_INTERPRET=1, the CPU kernel tests) breaks on numpy 2.4.
         "numpy<2.4",
         "pillow",

@@ -16,7 +16,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 
@@ -231,15 +232,42 @@ def _merge(base, other, source: str):
 _YAML_BOOL_WORDS = ("on", "off", "yes", "no", "y", "n")
 
 
+def _load_recipe(path: str):
+    """A YAML recipe as an OmegaConf mapping; ConfigError for anything else, naming the file (and line)."""
+    try:
+        recipe = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--config {path} is a directory; pass a YAML file, e.g. configs/digits.yaml") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path} is not a text file; pass a YAML recipe, e.g. configs/digits.yaml") from None
+    except OSError as err:
+        if err.errno is None:   # OmegaConf's "Invalid loaded object type": the file holds one plain value
+            raise _not_a_mapping(path, "a single value") from None
+        raise ConfigError(f"cannot read --config {path}: {err.strerror}") from None
+    except yaml.MarkedYAMLError as err:
+        def at(mark) -> str:
+            return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        context = f" ({err.context}{at(err.context_mark)})" if err.context else ""
+        raise ConfigError(f"YAML syntax error in {path}{at(err.problem_mark)}: {err.problem}{context}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"YAML syntax error in {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(recipe, DictConfig):
+        raise _not_a_mapping(path, "a list")
+    return recipe
+
+
+def _not_a_mapping(path: str, what: str) -> ConfigError:
+    return ConfigError(f"--config {path} holds {what}, not a mapping of keys; a recipe is `key: value` lines "
+                       f"(see configs/digits.yaml)")
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Schema defaults <- YAML recipe <- `key.sub=value` overrides, validated; returns a Config."""
     cfg = OmegaConf.structured(Config)
     if path is not None:
-        try:
-            recipe = OmegaConf.load(path)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        cfg = _merge(cfg, recipe, path)
+        cfg = _merge(cfg, _load_recipe(path), path)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optim.lr=3e-4)")
@@ -248,10 +276,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             item = f'{key}="{value.strip()}"'  # YAML 1.1 would read compile=on as True; a bool key still gets True
         try:
             dot = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"cannot parse override '{item}': {err}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as err:   # the value is parsed as YAML
+            raise ConfigError(f"cannot parse override '{item}': {' '.join(str(err).split())}") from None
         cfg = _merge(cfg, dot, f"override '{item}'")
-    obj: Config = OmegaConf.to_object(cfg)
+    try:
+        obj: Config = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:                          # e.g. an ${oc.env:VAR} of an unset VAR
+        raise _explain(err, path or "the overrides") from None
     validate(obj)
     return obj
 
@@ -317,9 +348,16 @@ def validate(cfg: Config) -> None:
          f"sample.grid={s.grid} is a rectified-flow time grid; DDPM samples over its respaced timesteps: "
          f"set sample.grid=uniform")
     need(0.0 <= s.ddim_eta <= 1.0, "sample.ddim_eta must be in [0, 1]")
+    # The grids are drawn after training: a bad value here would only fail once the run is over.
+    need(s.per_class >= 1, f"sample.per_class must be >= 1 (got {s.per_class}): samples per class in each grid")
+    need(s.gif_frames >= 1, f"sample.gif_frames must be >= 1 (got {s.gif_frames}): frames of the trajectory GIF")
     if s.classes is not None:
-        bad = [c for c in s.classes if not 0 <= c < max(d.num_classes, 1)]
-        need(not bad, f"sample.classes {bad} out of range for data.num_classes={d.num_classes}")
+        need(d.num_classes > 0, f"sample.classes={s.classes} needs a class-conditional dataset; with "
+                                f"data.num_classes=0 set sample.classes=null")
+        need(len(s.classes) > 0, "sample.classes must name at least one class, or be null (the first 10)")
+        bad = [c for c in s.classes if not 0 <= c < d.num_classes]
+        need(not bad, f"sample.classes {bad} out of range for data.num_classes={d.num_classes} "
+                      f"(0..{d.num_classes - 1})")
     p = cfg.optim
     need(p.lr > 0, "optim.lr must be > 0")
     need(len(p.betas) == 2 and all(0 <= b < 1 for b in p.betas), "optim.betas must be two numbers in [0, 1)")

@@ -2,13 +2,15 @@
 
     python -m archirf.sample RUN_DIR_OR_SNAPSHOT --classes 0,1,2 --steps 50 --cfg 2.0 --out x.png [--gif]
 
-A run dir samples from its newest complete checkpoint (EMA weights unless --weights raw); a
-.safetensors snapshot samples from the weights it holds. The command says which weights it used.
+A run dir samples from its newest complete checkpoint (EMA weights unless --weights raw), a
+checkpoint dir (RUN_DIR/checkpoints/images-N) from that one, a .safetensors snapshot from the weights
+it holds. The command says which weights it used; a source it cannot use is one line, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,8 +18,12 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .config import Config, from_yaml_text
+from .config import Config, ConfigError, from_yaml_text, validate
 from .objectives.rectified_flow import SAMPLING_GRIDS
+
+
+class SampleError(ValueError):
+    """A sampling request that cannot be met; the message names the path or option and the remedy."""
 
 
 def autocast_model_fn(model: nn.Module, device: torch.device, dtype: Optional[torch.dtype], **kwargs) -> Callable:
@@ -67,33 +73,68 @@ def trajectory_frames(trajectory: list[torch.Tensor], frames: int) -> list[torch
 
 
 def load_for_sampling(path: str | Path, weights: str = "ema") -> tuple[nn.Module, Config, str]:
-    """(model with weights loaded, its config, a sentence saying which weights) from a run dir or snapshot."""
-    from .checkpoint import latest_checkpoint, load_checkpoint, load_snapshot
+    """(model with weights loaded, its config, a sentence saying which weights) from a run dir (its newest
+    complete checkpoint), one checkpoint dir of a run, or a snapshot."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    from .checkpoint import complete_checkpoints, is_complete, latest_checkpoint, load_checkpoint, load_snapshot
     from .models import build_model
 
     path = Path(path)
     if path.is_file():
-        tensors, meta = load_snapshot(path)
-        cfg = from_yaml_text(meta["config"])
+        if path.suffix != ".safetensors":
+            raise SampleError(f"{path} is not a .safetensors snapshot; pass a run dir or a file from its "
+                              f"snapshots/ folder")
+        try:
+            tensors, meta = load_snapshot(path)
+        except ValueError as err:                      # a safetensors file of something else
+            raise SampleError(str(err)) from None
+        except Exception as err:                       # safetensors raises its own error type for bad files
+            raise SampleError(f"{path} cannot be read as a snapshot ({_reason(err)}); it may be truncated: "
+                              f"take another file from the run's snapshots/ folder, or pass the run dir") from None
+        cfg = _saved_config(meta["config"], f"the config inside {path}")
         model = build_model(cfg, saved=tensors)
         model.load_state_dict(tensors)
         return model, cfg, f"{meta.get('weights', '?')} weights from snapshot {path} (images seen {meta.get('images_seen')})"
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such run dir or snapshot file")
-    ckpt = latest_checkpoint(path)
-    if ckpt is None:
-        raise FileNotFoundError(f"{path} holds no complete checkpoint (checkpoints/images-*/COMPLETE); "
-                                f"train longer or pass a snapshot .safetensors file")
-    cfg = from_yaml_text((path / "config.yaml").read_text())
-    model = build_model(cfg, saved=_saved_buffers(ckpt))
-    key = "ema" if weights == "ema" else "model"
-    sd = {n: p.detach().clone().float() for n, p in model.named_parameters()} if key == "ema" else model.state_dict()
-    state = {key: sd}
-    if key == "ema":  # the EMA holds parameters; buffers come from the trained model's state
-        state["model"] = {n: b.detach().clone() for n, b in model.named_buffers()}
-    state = load_checkpoint(ckpt, state)
-    model.load_state_dict({**state.get("model", {}), **state[key]}, strict=key == "model")
+        raise SampleError(f"{path}: no such run dir or snapshot file")
+    if is_complete(path):                  # one checkpoint of a run: RUN_DIR/checkpoints/images-N
+        ckpt, path = path, path.parent.parent
+    elif (ckpt := latest_checkpoint(path)) is None:
+        raise SampleError(f"{path} holds no complete checkpoint (checkpoints/images-*/COMPLETE); "
+                          f"train longer or pass a snapshot .safetensors file")
+    if not (path / "config.yaml").is_file():
+        raise SampleError(f"{path / 'config.yaml'} is missing: the run dir needs the config it was trained "
+                          f"with; pass a snapshot file from {path / 'snapshots'} instead (it carries its config)")
+    cfg = _saved_config((path / "config.yaml").read_text(), str(path / "config.yaml"))
+    # DCP raises many types for a damaged checkpoint (some not even Exceptions): each becomes one line.
+    try:
+        model = build_model(cfg, saved=_saved_buffers(ckpt))
+        key = "ema" if weights == "ema" else "model"
+        sd = {n: p.detach().clone().float() for n, p in model.named_parameters()} if key == "ema" else model.state_dict()
+        state = {key: sd}
+        if key == "ema":  # the EMA holds parameters; buffers come from the trained model's state
+            state["model"] = {n: b.detach().clone() for n, b in model.named_buffers()}
+        state = load_checkpoint(ckpt, state)
+        model.load_state_dict({**state.get("model", {}), **state[key]}, strict=key == "model")
+    except (Exception, CheckpointException) as err:
+        earlier = [c for c in complete_checkpoints(path) if c.name < ckpt.name]
+        also = f", or the checkpoint before it: {earlier[-1]}" if earlier else ""
+        raise SampleError(f"checkpoint {ckpt} cannot be read ({_reason(err)}); sample a snapshot file from "
+                          f"{path / 'snapshots'}{also}") from None
     return model, cfg, f"{'EMA' if key == 'ema' else 'raw (non-EMA)'} weights from checkpoint {ckpt}"
+
+
+def _reason(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else 'no details'}"
+
+
+def _saved_config(text: str, source: str) -> Config:
+    try:
+        return from_yaml_text(text)
+    except ConfigError as err:
+        raise SampleError(f"{source} does not fit this version of ArchiRF: {err}") from None
 
 
 def _saved_buffers(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -107,11 +148,9 @@ def _saved_buffers(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from .objectives import build_objective
-    from .visualize import save_gif, save_grid
-
     ap = argparse.ArgumentParser(prog="archirf.sample", description="Sample images from an ArchiRF run or snapshot.")
-    ap.add_argument("source", help="run dir (newest checkpoint) or a .safetensors snapshot")
+    ap.add_argument("source", help="run dir (newest checkpoint), one of its checkpoints/images-N dirs, or a "
+                                   ".safetensors snapshot")
     ap.add_argument("--classes", default=None, help="comma-separated class ids, e.g. 0,1,2 (default: first 10)")
     ap.add_argument("--per-class", type=int, default=8, help="samples per class (one grid row each)")
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's sample.steps)")
@@ -126,15 +165,57 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--gif", default=None, nargs="?", const="", help="also write the trajectory as a GIF (path)")
     ap.add_argument("--device", default="auto", help="auto|cpu|cuda")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return _sample(args)
+    except SampleError as err:
+        print(f"archirf.sample: error: {err}", file=sys.stderr)
+        return 2
 
+
+def _parse_classes(text: Optional[str], num_classes: int) -> Optional[list[int]]:
+    if text is None:
+        return None
+    if num_classes == 0:
+        raise SampleError(f"--classes {text}: this model is unconditional (data.num_classes=0); leave --classes out")
+    try:
+        classes = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        words = [c.strip() for c in text.split(",") if c.strip() and not c.strip().lstrip("-").isdigit()]
+        raise SampleError(f"--classes {text}: {words[0]!r} is not a class id; give comma-separated integers, "
+                          f"e.g. --classes 0,1,2") from None
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if not classes or bad:
+        raise SampleError(f"--classes {text}: {bad or 'no class'} out of range; this model has {num_classes} "
+                          f"classes (0..{num_classes - 1})")
+    return classes
+
+
+def _sample(args) -> int:
+    from .objectives import build_objective
+    from .visualize import save_gif, save_grid
+
+    for name, value in (("--per-class", args.per_class), ("--steps", args.steps)):
+        if value is not None and value < 1:
+            raise SampleError(f"{name} must be >= 1 (got {value})")
+    if not Path(args.out).resolve().parent.is_dir():
+        raise SampleError(f"--out {args.out}: the folder {Path(args.out).resolve().parent} does not exist; create "
+                          f"it or write elsewhere")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SampleError("--device cuda: no CUDA device is visible; use --device cpu (or auto)")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     model, cfg, which = load_for_sampling(args.source, args.weights)
     if args.grid == "edm" and cfg.objective.name != "rectified_flow":
-        ap.error(f"--grid edm is a rectified-flow time grid; this model was trained with {cfg.objective.name}")
+        raise SampleError(f"--grid edm is a rectified-flow time grid; this model was trained with "
+                          f"{cfg.objective.name}")
+    if args.sampler is not None:
+        try:
+            validate(dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, sampler=args.sampler)))
+        except ConfigError as err:
+            raise SampleError(f"--sampler {args.sampler}: {err}") from None
+    classes = _parse_classes(args.classes, cfg.data.num_classes)
     print(f"archirf.sample: using {which}")
     model.to(device)
-    classes = None if args.classes is None else [int(c) for c in args.classes.split(",") if c.strip()]
     labels = sample_classes(cfg, classes, args.per_class)
     dtype = torch.bfloat16 if device.type == "cuda" else None
     out = generate(model, build_objective(cfg), cfg, labels, device=device, dtype=dtype,

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from . import parallel
 from .config import Config, ConfigError, batch_split, config_changes, to_yaml
-from .data import build_loader
+from .data import build_loader, skipped_images
 from .ema import EMA
 from .posthoc_ema import PostHocEMA
 from .metrics import Metrics
@@ -230,7 +230,8 @@ def _train(cfg: Config, env: Env) -> Path:
             last = images_seen >= cfg.total_images
             if _crossed(images_seen, cfg.global_batch, cfg.log_every) or last:
                 _check_finite(metrics, cfg, images_seen)
-                metrics.log(images_seen, lr, {"skipped_steps": skipped} if skipped else None)
+                metrics.log(images_seen, lr, {**({"skipped_steps": skipped} if skipped else {}),
+                                              **skipped_images(loader)})
             if posthoc is not None and (_crossed(images_seen, cfg.global_batch, cfg.ema.posthoc_every) or last):
                 _check_finite(metrics, cfg, images_seen)
                 with metrics.paused():
@@ -249,8 +250,12 @@ def _train(cfg: Config, env: Env) -> Path:
         if stopped and posthoc is not None and 0 < images_seen < cfg.total_images:   # (the end: saved above)
             posthoc.save(run_dir, images_seen, env.is_main)
         path = save(images_seen)
+        skipped_files = skipped_images(loader).get("skipped_images")
         if env.is_main:
             print(f"archirf: checkpoint {path}")
+            if skipped_files:
+                print(f"archirf: skipped {skipped_files} unreadable image(s) under data.root={cfg.data.root}, each "
+                      f"replaced by the next readable file (the warnings above name them)")
         if stopped:
             if env.is_main:
                 print(f"archirf: received signal {stop.agreed_signum}; checkpointed at {images_seen:,} images, "

@@ -8,6 +8,9 @@ the implementation per call with `impl`:
                  interpreter, TRITON_INTERPRET=1 set before import, as the CPU tests do)
     "reference"  the pure-PyTorch spec
 
+Both run the same argument checks (archirf_kernels.checks, one function per op): a call that passes
+on a CPU passes on a GPU.
+
     import archirf_kernels as K
     h = K.ada_layer_norm(x, shift, scale)                                # LN(x) * (1 + scale) + shift
     x, h = K.gated_residual_ada_layer_norm(x, attn_out, gate, shift2, scale2)
@@ -24,7 +27,7 @@ import importlib.util
 import torch
 import torch.nn as nn
 
-from . import reference
+from . import checks, reference
 
 IMPLS = ("auto", "reference", "triton")
 
@@ -62,6 +65,7 @@ def ada_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     x (B, N, C); shift, scale (B, C) or (B, N, C). See reference.ada_layer_norm."""
     if _use_triton(impl, x):
         return ada_norm.ada_layer_norm(x, shift, scale, weight, bias, eps, norm)
+    checks.ada_layer_norm(x, shift, scale, weight, bias, norm)
     return reference.ada_layer_norm(x, shift, scale, weight, bias, eps, norm)
 
 
@@ -69,6 +73,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, impl: s
     """x + gate * y; gate (B, C) or (B, N, C). See reference.gated_residual."""
     if _use_triton(impl, x):
         return ada_norm.gated_residual(x, y, gate)
+    checks.gated_residual(x, y, gate)
     return reference.gated_residual(x, y, gate)
 
 
@@ -81,6 +86,7 @@ def gated_residual_ada_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.
     boundary. See reference.gated_residual_ada_layer_norm."""
     if _use_triton(impl, x):
         return ada_norm.gated_residual_ada_layer_norm(x, y, gate, shift, scale, weight, bias, eps, norm)
+    checks.gated_residual_ada_layer_norm(x, y, gate, shift, scale, weight, bias, norm)
     return reference.gated_residual_ada_layer_norm(x, y, gate, shift, scale, weight, bias, eps, norm)
 
 
@@ -107,6 +113,7 @@ def qk_norm_attention(qkv, q_weight: torch.Tensor | None = None, k_weight: torch
     _check_backend(backend)
     if _use_triton(impl, _first_tensor(qkv)):
         return attention.qk_norm_attention(qkv, q_weight, k_weight, eps, scale, qk_norm, backend)
+    checks.attention(checks.attention_streams(qkv, None), (q_weight, k_weight, None, None), qk_norm)
     return reference.qk_norm_attention(qkv, q_weight, k_weight, eps, scale, qk_norm)
 
 
@@ -123,6 +130,8 @@ def joint_qk_norm_attention(qkv_img, qkv_ctx, q_weight_img: torch.Tensor | None 
     if _use_triton(impl, _first_tensor(qkv_img)):
         return attention.joint_qk_norm_attention(qkv_img, qkv_ctx, q_weight_img, k_weight_img, q_weight_ctx,
                                                  k_weight_ctx, eps, scale, qk_norm, backend)
+    checks.attention(checks.attention_streams(qkv_img, qkv_ctx), (q_weight_img, k_weight_img, q_weight_ctx,
+                                                                  k_weight_ctx), qk_norm)
     return reference.joint_qk_norm_attention(qkv_img, qkv_ctx, q_weight_img, k_weight_img, q_weight_ctx,
                                              k_weight_ctx, eps, scale, qk_norm)
 
@@ -169,6 +178,7 @@ def normalize(x: torch.Tensor, eps: float = reference.MP_EPS, impl: str = "auto"
     """x / (eps + RMS over the channels): EDM2's pixel norm (per row for (M, C)). See reference.normalize."""
     if _use_triton(impl, x):
         return mp.normalize(x, eps)
+    checks.activation("normalize", x)
     return reference.normalize(x, dim=1, eps=eps)
 
 
@@ -178,6 +188,7 @@ def normalize_silu(x: torch.Tensor, eps: float = reference.MP_EPS,
     input in one pass. See reference.normalize_silu."""
     if _use_triton(impl, x):
         return mp.normalize_silu(x, eps)
+    checks.activation("normalize_silu", x)
     return reference.normalize_silu(x, eps)
 
 
@@ -185,6 +196,7 @@ def mp_silu(x: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """silu(x) / 0.596, any shape. See reference.mp_silu."""
     if _use_triton(impl, x):
         return mp.mp_silu(x)
+    checks.activation("mp_silu", x, range(0, 9))
     return reference.mp_silu(x)
 
 
@@ -193,6 +205,7 @@ def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5, clip: float | None 
     """lerp(a, b, t) / sqrt((1-t)^2 + t^2), then clamped to [-clip, clip] if clip is set. See reference.mp_sum."""
     if _use_triton(impl, a):
         return mp.mp_sum(a, b, t, clip)
+    checks.mp_sum(a, b, clip)
     return reference.mp_sum(a, b, t, clip)
 
 
@@ -200,6 +213,7 @@ def modulated_silu(y: torch.Tensor, c: torch.Tensor, impl: str = "auto") -> torc
     """mp_silu(y * c), y (B, C, H, W), c (B, C): EDM2's embedding modulation. See reference.modulated_silu."""
     if _use_triton(impl, y):
         return mp.modulated_silu(y, c)
+    checks.modulated_silu(y, c)
     return reference.modulated_silu(y, c)
 
 
@@ -207,6 +221,7 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, t: float = 0.5, impl: str = "auto")
     """Magnitude-preserving concatenation along the channels. See reference.mp_cat."""
     if _use_triton(impl, a):
         return mp.mp_cat(a, b, t)
+    checks.mp_cat("mp_cat", a, b)
     return reference.mp_cat(a, b, t)
 
 
@@ -215,6 +230,7 @@ def mp_cat_silu(a: torch.Tensor, b: torch.Tensor, t: float = 0.5,
     """(x, mp_silu(x)) with x = mp_cat(a, b, t): an EDM2 decoder block's input. See reference.mp_cat_silu."""
     if _use_triton(impl, a):
         return mp.mp_cat_silu(a, b, t)
+    checks.mp_cat("mp_cat_silu", a, b)
     return reference.mp_cat_silu(a, b, t)
 
 
@@ -223,6 +239,7 @@ def mp_weight(w: torch.Tensor, gain: torch.Tensor | None = None, eps: float = re
     """MPConv's weight: rows normalised over their fan-in, times gain / sqrt(fan_in). See reference.mp_weight."""
     if _use_triton(impl, w):
         return mp.mp_weight(w, gain, eps)
+    checks.mp_weight("mp_weight", w, gain)
     return reference.mp_weight(w, gain, eps)
 
 
@@ -230,4 +247,5 @@ def normalize_weight_(w: torch.Tensor, eps: float = reference.MP_EPS, impl: str 
     """Forced weight normalisation, in place, no gradient: rows to unit RMS. See reference.normalize_weight_."""
     if _use_triton(impl, w) and w.is_contiguous():
         return mp.normalize_weight_(w, eps)
+    checks.mp_weight("normalize_weight_", w, None)
     return reference.normalize_weight_(w, eps)

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import NORMS
+from . import checks
 
 Tensor = torch.Tensor
 
@@ -622,9 +622,6 @@ INTERPRETED = type(_ada_norm_fwd_kernel).__name__ == "InterpretedFunction"
 # ----------------------------------------------------------------------------------------------
 # Checks, layouts, heuristics.
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def _alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Every buffer the launchers hand to a kernel (tests patch this to fill with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -750,38 +747,6 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _check_activation(name: str, t: Tensor, x: Tensor) -> None:
-    if t.dim() != 3:
-        raise ValueError(f"archirf_kernels adaLN: {name} must be (B, N, C), got shape {tuple(t.shape)}")
-    if t.shape != x.shape:
-        raise ValueError(f"archirf_kernels adaLN: {name} has shape {tuple(t.shape)}, x has {tuple(x.shape)}")
-    if t.dtype not in _DTYPES:
-        raise ValueError(f"archirf_kernels adaLN: {name} dtype {t.dtype} is not fp16, bf16 or fp32")
-    if t.device != x.device:
-        raise ValueError(f"archirf_kernels adaLN: {name} is on {t.device}, x on {x.device}")
-
-
-def _check_conditioning(name: str, t: Tensor, x: Tensor) -> None:
-    B, N, C = x.shape
-    if tuple(t.shape) not in ((B, C), (B, 1, C), (B, N, C)):
-        raise ValueError(f"archirf_kernels adaLN: {name} must be per sample (B, C) = ({B}, {C}) or "
-                         f"(B, 1, C), or per token (B, N, C) = ({B}, {N}, {C}); got {tuple(t.shape)}")
-    if t.dtype not in _DTYPES:
-        raise ValueError(f"archirf_kernels adaLN: {name} dtype {t.dtype} is not fp16, bf16 or fp32")
-    if t.device != x.device:
-        raise ValueError(f"archirf_kernels adaLN: {name} is on {t.device}, x on {x.device}")
-
-
-def _check_affine(name: str, t: Tensor | None, x: Tensor) -> None:
-    if t is None:
-        return
-    if tuple(t.shape) != (x.shape[-1],):
-        raise ValueError(f"archirf_kernels adaLN: {name} must be (C,) = ({x.shape[-1]},), got {tuple(t.shape)}")
-    if t.dtype not in _DTYPES or t.device != x.device:
-        raise ValueError(f"archirf_kernels adaLN: {name} ({t.dtype} on {t.device}) must be fp16/bf16/fp32 "
-                         f"on x's device {x.device}")
-
-
 def _check_device(x: Tensor) -> None:
     if not x.is_cuda and not INTERPRETED:
         raise ValueError(f"archirf_kernels adaLN: the Triton kernels need CUDA tensors, got {x.device} "
@@ -790,25 +755,8 @@ def _check_device(x: Tensor) -> None:
 
 
 def _check_ada_norm(x, shift, scale, weight, bias, norm) -> None:
-    _check_activation("x", x, x)
-    _check_conditioning("shift", shift, x)
-    _check_conditioning("scale", scale, x)
-    if shift.shape != scale.shape:
-        raise ValueError(f"archirf_kernels adaLN: shift {tuple(shift.shape)} and scale {tuple(scale.shape)} "
-                         "must have the same layout")
-    _check_affine("weight", weight, x)
-    _check_affine("bias", bias, x)
-    if norm not in NORMS:
-        raise ValueError(f"archirf_kernels adaLN: unknown norm '{norm}'; choose one of {', '.join(NORMS)}")
-    if norm == "rms" and bias is not None:
-        raise ValueError("archirf_kernels adaLN: norm='rms' has no bias; pass bias=None")
+    checks.ada_layer_norm(x, shift, scale, weight, bias, norm)
     _blocks(x.shape[-1])
-
-
-def _check_gated_residual(x, y, gate) -> None:
-    _check_activation("x", x, x)
-    _check_activation("y", y, x)
-    _check_conditioning("gate", gate, x)
 
 
 def _strides(t: Tensor | None, N: int) -> tuple[int, int]:
@@ -1072,13 +1020,13 @@ _ada_layer_norm_op.register_autograd(_ada_layer_norm_backward, setup_context=_ad
 
 @torch.library.custom_op("archirf_kernels::gated_residual", mutates_args=())
 def _gated_residual_op(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
-    _check_gated_residual(x, y, gate)
+    checks.gated_residual(x, y, gate)
     return _gated_residual_forward(x, y, gate)
 
 
 @_gated_residual_op.register_fake
 def _(x, y, gate):
-    _check_gated_residual(x, y, gate)
+    checks.gated_residual(x, y, gate)
     return x.new_empty(x.shape)
 
 
@@ -1110,7 +1058,7 @@ _gated_residual_op.register_autograd(_gated_residual_backward_fn, setup_context=
 def _gated_residual_ada_layer_norm_op(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
                                       weight: Tensor | None, bias: Tensor | None, eps: float,
                                       norm: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_gated_residual(x, y, gate)
+    checks.gated_residual(x, y, gate)
     _check_ada_norm(x, shift, scale, weight, bias, norm)
     x_new, h, mean, rstd = _ada_norm_forward(x, y, gate, shift, scale, weight, bias, eps, norm)
     return x_new, h, mean, rstd
@@ -1118,7 +1066,7 @@ def _gated_residual_ada_layer_norm_op(x: Tensor, y: Tensor, gate: Tensor, shift:
 
 @_gated_residual_ada_layer_norm_op.register_fake
 def _(x, y, gate, shift, scale, weight, bias, eps, norm):
-    _check_gated_residual(x, y, gate)
+    checks.gated_residual(x, y, gate)
     _check_ada_norm(x, shift, scale, weight, bias, norm)
     mean_shape, rstd_shape = _stats_shapes(x, norm)
     return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(mean_shape, dtype=torch.float32),

@@ -68,7 +68,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .reference import ATTENTION_BACKENDS, ATTENTION_DTYPES, ATTENTION_MAX_HEAD_DIM, qk_eps, unpack_qkv
+from . import checks
+from .reference import ATTENTION_BACKENDS, ATTENTION_MAX_HEAD_DIM, qk_eps
 
 Tensor = torch.Tensor
 
@@ -688,9 +689,6 @@ INTERPRETED = INTERPRET
 # ----------------------------------------------------------------------------------------------
 # Checks and layouts.
 
-_DTYPES = ATTENTION_DTYPES
-
-
 def _alloc(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Every buffer the launchers hand to a kernel (tests patch this to fill with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -703,43 +701,11 @@ def _check_device(x: Tensor) -> None:
                          "or use impl='reference')")
 
 
-def _check_stream(name: str, q: Tensor, k: Tensor, v: Tensor, like: Tensor) -> None:
-    for t, which in ((q, "q"), (k, "k"), (v, "v")):
-        if t.dim() != 4:
-            raise ValueError(f"archirf_kernels attention: {name} {which} must be (B, N, H, D), got {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"archirf_kernels attention: {name} dtype {t.dtype} is not fp16, bf16 or fp32")
-        if t.dtype != like.dtype or t.device != like.device:
-            raise ValueError(f"archirf_kernels attention: {name} {which} is {t.dtype} on {t.device}; every q, k, v "
-                             f"must be {like.dtype} on {like.device}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"archirf_kernels attention: {name} q, k, v shapes differ: "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    B, _, H, D = like.shape
-    if (q.shape[0], q.shape[2], q.shape[3]) != (B, H, D):
-        raise ValueError(f"archirf_kernels attention: {name} is (B, N, H, D) = {tuple(q.shape)}; the streams must "
-                         f"share B, H, D = {B}, {H}, {D}")
+def _check(streams, weights, qk_norm: bool) -> None:
+    checks.attention(streams, weights, qk_norm)
+    D = streams[0][0].shape[-1]
     if D > MAX_HEAD_DIM:
         raise ValueError(f"archirf_kernels attention: head dim {D} > {MAX_HEAD_DIM}; use impl='reference'")
-
-
-def _check_weight(name: str, w: Tensor | None, D: int, x: Tensor, qk_norm: bool) -> None:
-    if w is None:
-        return
-    if not qk_norm:
-        raise ValueError(f"archirf_kernels attention: {name} given with qk_norm=False; pass None")
-    if tuple(w.shape) != (D,) or w.dtype not in _DTYPES or w.device != x.device:
-        raise ValueError(f"archirf_kernels attention: {name} must be a (D,) = ({D},) fp16/bf16/fp32 tensor on "
-                         f"{x.device}, got {tuple(w.shape)} {w.dtype} on {w.device}")
-
-
-def _check(streams, weights, qk_norm: bool) -> None:
-    like = streams[0][0]
-    for i, s in enumerate(streams):
-        if s is not None:
-            _check_stream(("qkv", "qkv_ctx")[i], *s, like)
-    for name, w in zip(("q_weight", "k_weight", "q_weight_ctx", "k_weight_ctx"), weights):
-        _check_weight(name, w, like.shape[-1], like, qk_norm)
 
 
 def _unit_d(t: Tensor) -> Tensor:
@@ -914,7 +880,7 @@ def _fake_outputs(q: Tensor, q_ctx: Tensor | None, qk_norm: bool):
 
 
 def _packed_streams(qkv: Tensor, qkv_ctx: Tensor | None):
-    return [unpack_qkv(qkv), unpack_qkv(qkv_ctx, "qkv_ctx") if qkv_ctx is not None else None]
+    return checks.attention_streams(qkv, qkv_ctx)
 
 
 @torch.library.custom_op("archirf_kernels::qk_norm_attention", mutates_args=())
@@ -1548,9 +1514,7 @@ def choose_backend(backend: str, n_tokens: int, joint: bool, head_dim: int) -> s
 def _call(qkv, qkv_ctx, weights, eps, scale, qk_norm, backend):
     q_eps, k_eps = qk_eps(eps)
     packed = isinstance(qkv, Tensor)
-    if qkv_ctx is not None and isinstance(qkv_ctx, Tensor) != packed:
-        raise ValueError("archirf_kernels attention: pass both streams packed (B, N, 3, H, D) or both as (q, k, v)")
-    streams = [unpack_qkv(qkv), unpack_qkv(qkv_ctx, "qkv_ctx") if qkv_ctx is not None else None]
+    streams = checks.attention_streams(qkv, qkv_ctx)
     (q, k, v), ctx = streams
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if choose_backend(backend, q.shape[1] + (ctx[0].shape[1] if ctx else 0), ctx is not None, q.shape[-1]) == "sdpa":

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import checks
 from .reference import MP_EPS, mp_cat_weights
 
 Tensor = torch.Tensor
@@ -337,9 +338,6 @@ INTERPRETED = type(_normalize_fwd_kernel).__name__ == "InterpretedFunction"
 # ----------------------------------------------------------------------------------------------
 # Layouts, checks, launch shapes.
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def _alloc_like(t: Tensor, shape=None, dtype: torch.dtype | None = None) -> Tensor:
     """Every activation-shaped buffer the launchers hand to a kernel: t's layout (tests patch this)."""
     shape = t.shape if shape is None else shape
@@ -364,13 +362,13 @@ def _dense(t: Tensor, channels_last: bool | None = None) -> Tensor:
 
 
 def _check(op: str, t: Tensor, dims=(2, 4)) -> None:
-    if t.dim() not in dims:
-        want = " or ".join({2: "(M, C) rows", 4: "(B, C, H, W)"}.get(d, f"{d}-D") for d in dims)
-        raise ValueError(f"archirf_kernels.{op}: expects {want}, got shape {tuple(t.shape)}")
-    if t.dtype not in _DTYPES:
-        raise ValueError(f"archirf_kernels.{op}: dtype {t.dtype} is not fp16, bf16 or fp32")
+    checks.activation(op, t, dims)
+    _check_device(op, t)
+
+
+def _check_device(op: str, t: Tensor) -> None:
     if not t.is_cuda and not INTERPRETED:
-        raise ValueError(f"archirf_kernels.{op}: the Triton kernels need CUDA tensors, got {t.device}; "
+        raise ValueError(f"archirf_kernels {op}: the Triton kernels need CUDA tensors, got {t.device}; "
                          "use impl='auto' or 'reference'")
 
 
@@ -429,14 +427,6 @@ def _normalize_bwd(dn: Tensor | None, ds: Tensor | None, x: Tensor, eps: float) 
     return dx
 
 
-def _check_cond(y: Tensor, c: Tensor) -> None:
-    if c.shape != (y.shape[0], y.shape[1]):
-        raise ValueError(f"archirf_kernels.modulated_silu: c must be (B, C) = {(y.shape[0], y.shape[1])}, "
-                         f"got {tuple(c.shape)}")
-    if c.device != y.device:
-        raise ValueError(f"archirf_kernels.modulated_silu: c is on {c.device}, y on {y.device}")
-
-
 def _modulated_silu_fwd(y: Tensor, c: Tensor) -> Tensor:
     y, c = _dense(y), c.contiguous()
     out = _alloc_like(y)
@@ -463,14 +453,6 @@ def _modulated_silu_bwd(dout: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Ten
 
 def _cat_shape(a: Tensor, b: Tensor) -> tuple[int, ...]:
     return (a.shape[0], a.shape[1] + b.shape[1], *a.shape[2:])
-
-
-def _check_cat(a: Tensor, b: Tensor) -> None:
-    if a.dim() != b.dim() or a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
-        raise ValueError(f"archirf_kernels.mp_cat: a {tuple(a.shape)} and b {tuple(b.shape)} must agree in "
-                         "every dim but the channels (dim 1)")
-    if a.device != b.device:
-        raise ValueError(f"archirf_kernels.mp_cat: a is on {a.device}, b on {b.device}")
 
 
 def _mp_cat_fwd(a: Tensor, b: Tensor, t: float, with_silu: bool) -> tuple[Tensor, Tensor]:
@@ -528,15 +510,6 @@ def _sum_weights(t: float) -> tuple[float, float]:
     return (1 - t) / norm, t / norm
 
 
-def _check_sum(a: Tensor, b: Tensor, clip: float | None) -> None:
-    if a.shape != b.shape:
-        raise ValueError(f"archirf_kernels.mp_sum: a {tuple(a.shape)} and b {tuple(b.shape)} differ in shape")
-    if a.device != b.device:
-        raise ValueError(f"archirf_kernels.mp_sum: a is on {a.device}, b on {b.device}")
-    if clip is not None and not clip > 0:
-        raise ValueError(f"archirf_kernels.mp_sum: clip must be > 0 or None, got {clip}")
-
-
 def _mp_sum_fwd(a: Tensor, b: Tensor, t: float, clip: float | None) -> Tensor:
     a = _dense(a)
     b = _dense(b, _channels_last(a))
@@ -556,18 +529,6 @@ def _mp_sum_bwd(dout: Tensor, out: Tensor, t: float, clip: float | None, b_dtype
         _mp_sum_bwd_kernel[_flat_grid(out.numel())](dout, out, da, db, out.numel(), wa, wb, clip or 0.0,
                                                    HAS_CLIP=clip is not None, BLOCK=FLAT_BLOCK)
     return da, db
-
-
-def _check_weight(w: Tensor, gain: Tensor | None) -> None:
-    if w.dim() < 2:
-        raise ValueError(f"archirf_kernels.mp_weight: w must be (out, in, ...) with >= 2 dims, got {tuple(w.shape)}")
-    if w.dtype not in _DTYPES:
-        raise ValueError(f"archirf_kernels.mp_weight: dtype {w.dtype} is not fp16, bf16 or fp32")
-    if gain is not None and gain.numel() != 1:
-        raise ValueError(f"archirf_kernels.mp_weight: gain must hold one number, got shape {tuple(gain.shape)}")
-    if not w.is_cuda and not INTERPRETED:
-        raise ValueError(f"archirf_kernels.mp_weight: the Triton kernels need CUDA tensors, got {w.device}; "
-                         "use impl='auto' or 'reference'")
 
 
 def _weight_block(fan_in: int, device: torch.device) -> int:
@@ -705,14 +666,14 @@ _mp_silu_op.register_autograd(_mp_silu_backward, setup_context=_mp_silu_setup_co
 
 @torch.library.custom_op("archirf_kernels::mp_sum", mutates_args=())
 def _mp_sum_op(a: Tensor, b: Tensor, t: float, clip: float | None) -> Tensor:
-    _check("mp_sum", a, dims=range(0, 9))
-    _check_sum(a, b, clip)
+    _check_device("mp_sum", a)
+    checks.mp_sum(a, b, clip)
     return _mp_sum_fwd(a, b, t, clip)
 
 
 @_mp_sum_op.register_fake
 def _(a, b, t, clip):
-    _check_sum(a, b, clip)
+    checks.mp_sum(a, b, clip)
     return _fake_like(a)
 
 
@@ -749,14 +710,14 @@ _mp_sum_op.register_autograd(_mp_sum_backward, setup_context=_mp_sum_setup_conte
 
 @torch.library.custom_op("archirf_kernels::mp_modulated_silu", mutates_args=())
 def _modulated_silu_op(y: Tensor, c: Tensor) -> Tensor:
-    _check("modulated_silu", y, dims=(4,))
-    _check_cond(y, c)
+    checks.modulated_silu(y, c)
+    _check_device("modulated_silu", y)
     return _modulated_silu_fwd(y, c)
 
 
 @_modulated_silu_op.register_fake
 def _(y, c):
-    _check_cond(y, c)
+    checks.modulated_silu(y, c)
     return _fake_like(y)
 
 
@@ -786,27 +747,27 @@ _modulated_silu_op.register_autograd(_modulated_silu_backward, setup_context=_mo
 
 @torch.library.custom_op("archirf_kernels::mp_cat", mutates_args=())
 def _mp_cat_op(a: Tensor, b: Tensor, t: float) -> Tensor:
-    _check("mp_cat", a)
-    _check_cat(a, b)
+    checks.mp_cat("mp_cat", a, b)
+    _check_device("mp_cat", a)
     return _mp_cat_fwd(a, b, t, with_silu=False)[0]
 
 
 @_mp_cat_op.register_fake
 def _(a, b, t):
-    _check_cat(a, b)
+    checks.mp_cat("mp_cat", a, b)
     return _fake_like(a, _cat_shape(a, b))
 
 
 @torch.library.custom_op("archirf_kernels::mp_cat_silu", mutates_args=())
 def _mp_cat_silu_op(a: Tensor, b: Tensor, t: float) -> tuple[Tensor, Tensor]:
-    _check("mp_cat_silu", a)
-    _check_cat(a, b)
+    checks.mp_cat("mp_cat_silu", a, b)
+    _check_device("mp_cat_silu", a)
     return _mp_cat_fwd(a, b, t, with_silu=True)
 
 
 @_mp_cat_silu_op.register_fake
 def _(a, b, t):
-    _check_cat(a, b)
+    checks.mp_cat("mp_cat_silu", a, b)
     return _fake_like(a, _cat_shape(a, b)), _fake_like(a, _cat_shape(a, b))
 
 
@@ -849,13 +810,14 @@ _mp_cat_silu_op.register_autograd(_mp_cat_silu_backward, setup_context=_mp_cat_s
 
 @torch.library.custom_op("archirf_kernels::mp_weight", mutates_args=())
 def _mp_weight_op(w: Tensor, gain: Tensor | None, eps: float) -> Tensor:
-    _check_weight(w, gain)
+    checks.mp_weight("mp_weight", w, gain)
+    _check_device("mp_weight", w)
     return _mp_weight_fwd(w, gain, eps, w[0].numel() ** -0.5)
 
 
 @_mp_weight_op.register_fake
 def _(w, gain, eps):
-    _check_weight(w, gain)
+    checks.mp_weight("mp_weight", w, gain)
     return torch.empty_like(w.contiguous())
 
 
@@ -923,7 +885,8 @@ def mp_weight(w: Tensor, gain: Tensor | None = None, eps: float = MP_EPS) -> Ten
 @torch.no_grad()
 def normalize_weight_(w: Tensor, eps: float = MP_EPS) -> Tensor:
     """Forced weight normalisation in place (rows over their fan-in to unit RMS); w must be contiguous."""
-    _check_weight(w, None)
+    checks.mp_weight("normalize_weight_", w, None)
+    _check_device("normalize_weight_", w)
     if not w.is_contiguous():
         raise ValueError("archirf_kernels.normalize_weight_: w must be contiguous (it is written in place)")
     return _mp_weight_fwd(w, None, eps, 1.0, out=w)

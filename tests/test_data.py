@@ -2,6 +2,7 @@
 
 import os
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -303,3 +304,62 @@ def test_folder_missing_empty_and_mismatched_roots_fail_clearly(tmp_path):
         build_loader(folder_cfg(tmp_path / "two", num_classes=3), 4, CPU)
     unconditional = build_loader(folder_cfg(tmp_path / "two", num_classes=0), 2, CPU)
     assert not next(unconditional)[1].any()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_folder_of_only_unreadable_images_fails_before_the_first_batch(tmp_path, num_workers):
+    write_tree(tmp_path, {"a": 2, "b": 2})
+    reasons = {}
+    for i, path in enumerate(sorted(tmp_path.rglob("*.png"))):
+        path.write_bytes(b"not an image %d" % i)
+        reasons[path] = "UnidentifiedImageError"
+    first = sorted(reasons)[0]
+    with pytest.raises(DataError) as err:
+        build_loader(folder_cfg(tmp_path, num_classes=2, num_workers=num_workers), 2, CPU)
+    msg = str(err.value)
+    assert "\n" not in msg and "Traceback" not in msg
+    assert f"none of the 4 images under data.root={tmp_path} could be decoded" in msg
+    assert f"{first}: UnidentifiedImageError" in msg          # the first file, with its own reason
+
+
+def test_folder_dataset_names_the_file_it_failed_on(tmp_path):
+    """Even past the loader's probe (files broken mid-run), the error pairs each path with its reason."""
+    from archirf.data.folder import FolderDataset
+
+    write_tree(tmp_path, {"": 3})
+    paths = sorted(tmp_path.glob("*.png"))
+    for path in paths:
+        path.write_bytes(b"x")
+    dataset = FolderDataset([(str(p), 0) for p in paths], 8, 3)
+    with pytest.raises(DataError, match=f"first: {paths[2]}: UnidentifiedImageError"):
+        dataset[(2, False)]
+
+
+def _count_skipped(rank, port, results):
+    import torch.distributed as dist
+
+    from archirf.data import skipped_images
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        # Both ranks met b.png (each looking for a replacement): it counts once.
+        files = [{"a.png": "bad", "b.png": "bad"}, {"b.png": "bad", "c.png": "bad"}][rank]
+        results[rank] = skipped_images(SimpleNamespace(skipped_files=files))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_skipped_images_are_the_union_over_ranks():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from archirf.data import skipped_images
+
+    assert skipped_images(SimpleNamespace()) == {}                            # a source that never skips
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_count_skipped, args=(port, results), nprocs=2)
+    assert dict(results) == {0: {"skipped_images": 3}, 1: {"skipped_images": 3}}

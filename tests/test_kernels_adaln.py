@@ -310,14 +310,34 @@ def test_impl_errors(monkeypatch):
     (dict(norm="batch"), "unknown norm 'batch'"),
     (dict(norm="rms", bias=torch.randn(8)), "norm='rms' has no bias"),
     (dict(x=torch.randn(2, 3, 8, dtype=torch.float64)), "dtype torch.float64 is not fp16, bf16 or fp32"),
+    (dict(x=torch.ones(2, 3, 8, dtype=torch.long)), "x dtype torch.int64 is not fp16"),
+    (dict(shift=torch.randn(8)), r"shift must be per sample"),                    # would broadcast in the spec
+    (dict(shift=torch.randn(1, 8), scale=torch.randn(1, 8)), r"shift must be per sample \(B, C\) = \(2, 8\)"),
+    (dict(bias=torch.ones(8, dtype=torch.long)), "bias dtype torch.int64"),
 ])
-def test_launcher_checks(bad, match):
+@pytest.mark.parametrize("impl", ["triton", "auto"])      # the same checks on the CPU fallback
+def test_launcher_checks(bad, match, impl):
+    if impl == "auto" and DEVICE == "cuda":
+        pytest.skip("auto runs the kernels on CUDA")
     args = dict(x=torch.randn(2, 3, 8), shift=torch.randn(2, 8), scale=torch.randn(2, 8), weight=None,
                 bias=None, norm="layer")
     args.update(bad)
     args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     with pytest.raises(ValueError, match=match):
-        K.ada_layer_norm(**args, impl="triton")
+        K.ada_layer_norm(**args, impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["triton", "auto"])
+def test_gated_residual_checks_on_both_paths(impl):
+    if impl == "auto" and DEVICE == "cuda":
+        pytest.skip("auto runs the kernels on CUDA")
+    x, mod = torch.randn(2, 3, 8, device=DEVICE), torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="y dtype torch.int64"):
+        K.gated_residual(x, x.long(), mod, impl=impl)
+    with pytest.raises(ValueError, match=r"gate must be per sample"):
+        K.gated_residual(x, x, mod[:1], impl=impl)                               # (1, C) would broadcast
+    with pytest.raises(ValueError, match=r"y has shape \(2, 1, 8\)"):
+        K.gated_residual_ada_layer_norm(x, x[:, :1], mod, mod, mod, impl=impl)
 
 
 def test_modules():

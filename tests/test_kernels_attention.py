@@ -341,19 +341,25 @@ def test_impl_errors(monkeypatch):
     (dict(qkv_ctx=torch.randn(2, 5, 3, 3, 8)), "the streams must share B, H, D"),
     (dict(qkv_ctx=torch.randn(2, 5, 3, 2, 8).half()), "every q, k, v must be torch.float32"),
     (dict(qkv_ctx=torch.randn(2, 5, 3, 2, 8).unbind(2)), "both streams packed"),
+    (dict(qkv=torch.ones(2, 5, 3, 2, 8, dtype=torch.long)), "dtype torch.int64 is not fp16"),
+    (dict(qkv=tuple(torch.randn(2, 5, 2, 8).to(d) for d in (torch.float32, torch.float16, torch.float32))),
+     "every q, k, v must be torch.float32"),
 ])
-@pytest.mark.parametrize("backend", ["fused", "sdpa"])
+@pytest.mark.parametrize("backend", ["fused", "sdpa", "auto-impl"])   # auto-impl: impl='auto' (the CPU fallback)
 def test_launcher_checks(bad, match, backend):
+    if backend == "auto-impl" and (DEVICE == "cuda" or "head dim" in match):
+        pytest.skip("auto runs the kernels on CUDA; the head-dim limit is the kernels' own")
+    impl, backend = ("auto", "auto") if backend == "auto-impl" else ("triton", backend)
     args = dict(qkv=torch.randn(2, 5, 3, 2, 8), q_weight=None, k_weight=None, qk_norm=True)
     args.update(bad)
     qkv_ctx = args.pop("qkv_ctx", None)
     args = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     with pytest.raises(ValueError, match=match):
         if qkv_ctx is None:
-            K.qk_norm_attention(**args, impl="triton", backend=backend)
+            K.qk_norm_attention(**args, impl=impl, backend=backend)
         else:
             K.joint_qk_norm_attention(args["qkv"], qkv_ctx, args["q_weight"], args["k_weight"],
-                                      qk_norm=args["qk_norm"], impl="triton", backend=backend)
+                                      qk_norm=args["qk_norm"], impl=impl, backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -264,24 +264,43 @@ def test_impl_auto_uses_the_reference_off_cuda(monkeypatch):
     torch.testing.assert_close(K.mp_weight(x), reference.mp_weight(x), atol=0, rtol=0)
 
 
+# The same argument checks on both paths: a call the CPU fallback accepts is one the GPU accepts.
 @pytest.mark.parametrize("call,match", [
-    (lambda: K.normalize(torch.randn(2, 3, 4), impl="triton"), r"expects \(M, C\) rows or \(B, C, H, W\)"),
-    (lambda: K.normalize(torch.randn(2, 3).double(), impl="triton"), "dtype torch.float64 is not fp16"),
-    (lambda: K.modulated_silu(torch.randn(2, 3, 4, 4), torch.randn(2, 4), impl="triton"),
+    (lambda impl: K.normalize(torch.randn(2, 3, 4), impl=impl), r"x must be \(M, C\) rows or \(B, C, H, W\)"),
+    (lambda impl: K.normalize(torch.randn(2, 3).double(), impl=impl), "x dtype torch.float64 is not fp16"),
+    (lambda impl: K.mp_silu(torch.arange(6), impl=impl), "mp_silu: x dtype torch.int64 is not fp16"),
+    (lambda impl: K.normalize_silu(torch.ones(2, 3, 4, 4, dtype=torch.int32), impl=impl), "x dtype torch.int32"),
+    (lambda impl: K.modulated_silu(torch.randn(2, 3, 4, 4), torch.randn(2, 4), impl=impl),
      r"c must be \(B, C\) = \(2, 3\)"),
-    (lambda: K.mp_sum(torch.randn(2, 3), torch.randn(3, 2), impl="triton"), "differ in shape"),
-    (lambda: K.mp_sum(torch.randn(2, 3), torch.randn(2, 3), clip=0.0, impl="triton"), "clip must be > 0"),
-    (lambda: K.mp_cat(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 5), impl="triton"),
+    (lambda impl: K.modulated_silu(torch.randn(2, 3, 4, 4), torch.ones(2, 3, dtype=torch.long), impl=impl),
+     "c dtype torch.int64"),
+    (lambda impl: K.mp_sum(torch.randn(2, 3), torch.randn(3, 2), impl=impl), "differ in shape"),
+    (lambda impl: K.mp_sum(torch.randn(2, 3), torch.ones(2, 3, dtype=torch.long), impl=impl), "b dtype torch.int64"),
+    (lambda impl: K.mp_sum(torch.randn(2, 3), torch.randn(2, 3), clip=0.0, impl=impl), "clip must be > 0"),
+    (lambda impl: K.mp_sum(torch.randn(2, 3), torch.randn(2, 3, device="meta"), impl=impl), "b is on meta, a on cpu"),
+    (lambda impl: K.mp_weight(torch.randn(5, 3), torch.ones((), device="meta"), impl=impl), "gain is on meta"),
+    (lambda impl: K.mp_cat(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 5), impl=impl),
      "must agree in every dim but the channels"),
-    (lambda: K.mp_weight(torch.randn(5), impl="triton"), ">= 2 dims"),
-    (lambda: K.mp_weight(torch.randn(5, 3), torch.randn(2), impl="triton"), "gain must hold one number"),
-    (lambda: K.normalize(torch.randn(2, 20000), impl="triton"), "exceed the fused row limit"),
+    (lambda impl: K.mp_cat_silu(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4).long(), impl=impl),
+     "mp_cat_silu: b dtype torch.int64"),
+    (lambda impl: K.mp_weight(torch.randn(5), impl=impl), ">= 2 dims"),
+    (lambda impl: K.mp_weight(torch.randn(5, 3), torch.randn(2), impl=impl), "gain must hold one number"),
+    (lambda impl: K.normalize_weight_(torch.ones(5, 3, dtype=torch.long), impl=impl),
+     "normalize_weight_: w dtype torch.int64"),
 ])
-def test_errors(call, match):
+@pytest.mark.parametrize("impl", ["triton", "auto"])
+def test_errors(call, match, impl):
     if DEVICE == "cuda":
         pytest.skip("the calls build CPU tensors")
     with pytest.raises(ValueError, match=match):
-        call()
+        call(impl)
+
+
+def test_triton_row_limit():
+    if DEVICE == "cuda":
+        pytest.skip("the call builds CPU tensors")
+    with pytest.raises(ValueError, match="exceed the fused row limit"):
+        K.normalize(torch.randn(2, 20000), impl="triton")
 
 
 def test_needs_cuda_without_the_interpreter(monkeypatch):

@@ -18,6 +18,7 @@ synthetic (random, benchmarks).
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 class DataError(ValueError):
@@ -40,3 +41,18 @@ def build_loader(cfg, batch_size: int, device: torch.device, rank: int = 0, worl
     else:
         raise DataError(f"unknown data.source={source}; choose one of digits, folder, latents, synthetic")
     return build(cfg, batch_size, torch.device(device), rank, world_size)
+
+
+def skipped_images(loader) -> dict[str, int]:
+    """{"skipped_images": distinct unreadable files met so far, all ranks together} for a source that skips
+    them (folder); {} for the others. Every rank calls it: with several ranks it is a collective (a host sync),
+    the union of paths because two ranks may both meet a file when each looks for a replacement."""
+    files = getattr(loader, "skipped_files", None)
+    if files is None:
+        return {}
+    paths = set(files)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, paths)
+        paths = set().union(*gathered)
+    return {"skipped_images": len(paths)}

@@ -117,8 +117,21 @@ class FolderDataset(torch.utils.data.Dataset):
             image = torch.from_numpy(np.ascontiguousarray(arr))                  # (R, R[, C]) uint8
             image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
             return image.contiguous(), self.samples[candidate][1], unreadable    # (C, R, R)
-        raise DataError(f"none of the {len(self.samples)} images could be decoded "
-                        f"(first: {self.samples[0][0]}: {unreadable[0][1]}); check the files under data.root")
+        path, reason = unreadable[0]
+        raise DataError(f"none of the {len(self.samples)} images could be decoded (first: {path}: {reason}); "
+                        f"check the files under data.root")
+
+    def first_readable(self, root: str) -> int:
+        """Index of the first file PIL decodes; DataError, naming the first file and why, if none does."""
+        for index in range(len(self.samples)):
+            try:
+                self._decode(index)
+                return index
+            except Exception as err:
+                self._unreadable[index] = f"{type(err).__name__}: {err}"
+        path, reason = self.samples[0][0], self._unreadable[0]
+        raise DataError(f"none of the {len(self.samples)} images under data.root={root} could be decoded "
+                        f"(first: {path}: {reason}); replace the files or point data.root elsewhere")
 
 
 def _collate(items):
@@ -147,7 +160,7 @@ class FolderLoader:
     """Yields (x (B, C, R, R) float32 in [-1, 1], y (B,) long) on `device` forever; resumable."""
 
     def __init__(self, samples: list[tuple[str, int]], classes: list[str], num_classes: int, batch_size: int,
-                 device: torch.device, *, resolution: int, channels: int, seed: int, rank: int = 0,
+                 device: torch.device, *, root: str, resolution: int, channels: int, seed: int, rank: int = 0,
                  world_size: int = 1, random_flip: bool = False, num_workers: int = 2):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
@@ -157,8 +170,11 @@ class FolderLoader:
         self.random_flip = random_flip
         self.skipped_files: dict[str, str] = {}  # unreadable path -> reason
         self._order = ResumableOrder(self.num_samples, seed, rank, world_size)
+        dataset = FolderDataset(samples, resolution, channels)
+        # Here, before any worker starts: a folder of only unreadable files would otherwise fail in one.
+        dataset.first_readable(root)
         self._dataloader = torch.utils.data.DataLoader(
-            FolderDataset(samples, resolution, channels),
+            dataset,
             batch_sampler=_BatchPlan(self._order, batch_size, random_flip),
             num_workers=num_workers,
             collate_fn=_collate,
@@ -224,6 +240,6 @@ def build_folder_loader(cfg: Config, batch_size: int, device: torch.device, rank
         raise DataError(f"data.root={d.root} has {len(classes)} classes ({shown}) but data.num_classes="
                         f"{d.num_classes}; set data.num_classes={len(classes)} (or 0 to train unconditionally), "
                         f"or fix the folder layout (one sub-folder per class; empty sub-folders are not classes)")
-    return FolderLoader(samples, classes, d.num_classes, batch_size, device, resolution=d.resolution,
+    return FolderLoader(samples, classes, d.num_classes, batch_size, device, root=d.root, resolution=d.resolution,
                         channels=d.channels, seed=cfg.seed, rank=rank, world_size=world_size,
                         random_flip=d.random_flip, num_workers=d.num_workers)

@@ -1,0 +1,180 @@
+"""Argument checks of every op, one function per op, run by both implementations: the Triton launchers
+and the reference fallback of the functional API. A call accepted on a CPU is then accepted on a GPU
+(int64 inputs, a wrongly shaped shift or a second device fail on both alike). Limits of the Triton
+kernels alone (CUDA tensors, the row width, the head dim) stay with their launchers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import NORMS, unpack_qkv
+
+Tensor = torch.Tensor
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dtype(op: str, name: str, t: Tensor) -> None:
+    if t.dtype not in DTYPES:
+        raise ValueError(f"archirf_kernels {op}: {name} dtype {t.dtype} is not fp16, bf16 or fp32")
+
+
+def _device(op: str, name: str, t: Tensor, like_name: str, like: Tensor) -> None:
+    if t.device != like.device:
+        raise ValueError(f"archirf_kernels {op}: {name} is on {t.device}, {like_name} on {like.device}")
+
+
+# ----------------------------------------------------------------------------------------------
+# adaLN family: x, y (B, N, C); shift, scale, gate per sample (B, C) / (B, 1, C) or per token (B, N, C).
+
+def _activation(name: str, t: Tensor, x: Tensor) -> None:
+    if t.dim() != 3:
+        raise ValueError(f"archirf_kernels adaLN: {name} must be (B, N, C), got shape {tuple(t.shape)}")
+    if t.shape != x.shape:
+        raise ValueError(f"archirf_kernels adaLN: {name} has shape {tuple(t.shape)}, x has {tuple(x.shape)}")
+    _dtype("adaLN", name, t)
+    _device("adaLN", name, t, "x", x)
+
+
+def _conditioning(name: str, t: Tensor, x: Tensor) -> None:
+    B, N, C = x.shape
+    if tuple(t.shape) not in ((B, C), (B, 1, C), (B, N, C)):
+        raise ValueError(f"archirf_kernels adaLN: {name} must be per sample (B, C) = ({B}, {C}) or "
+                         f"(B, 1, C), or per token (B, N, C) = ({B}, {N}, {C}); got {tuple(t.shape)}")
+    _dtype("adaLN", name, t)
+    _device("adaLN", name, t, "x", x)
+
+
+def _affine(name: str, t: Tensor | None, x: Tensor) -> None:
+    if t is None:
+        return
+    if tuple(t.shape) != (x.shape[-1],):
+        raise ValueError(f"archirf_kernels adaLN: {name} must be (C,) = ({x.shape[-1]},), got {tuple(t.shape)}")
+    _dtype("adaLN", name, t)
+    _device("adaLN", name, t, "x", x)
+
+
+def ada_layer_norm(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
+                   norm: str) -> None:
+    _activation("x", x, x)
+    _conditioning("shift", shift, x)
+    _conditioning("scale", scale, x)
+    if shift.shape != scale.shape:
+        raise ValueError(f"archirf_kernels adaLN: shift {tuple(shift.shape)} and scale {tuple(scale.shape)} "
+                         "must have the same layout")
+    _affine("weight", weight, x)
+    _affine("bias", bias, x)
+    if norm not in NORMS:
+        raise ValueError(f"archirf_kernels adaLN: unknown norm '{norm}'; choose one of {', '.join(NORMS)}")
+    if norm == "rms" and bias is not None:
+        raise ValueError("archirf_kernels adaLN: norm='rms' has no bias; pass bias=None")
+
+
+def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> None:
+    _activation("x", x, x)
+    _activation("y", y, x)
+    _conditioning("gate", gate, x)
+
+
+def gated_residual_ada_layer_norm(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
+                                  weight: Tensor | None, bias: Tensor | None, norm: str) -> None:
+    gated_residual(x, y, gate)
+    ada_layer_norm(x, shift, scale, weight, bias, norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# QK-norm attention: one stream or two (image, context), each packed (B, N, 3, H, D) or a (q, k, v) tuple.
+
+def attention_streams(qkv, qkv_ctx) -> list:
+    """[(q, k, v), (q, k, v) of the context or None], both streams given alike."""
+    if qkv_ctx is not None and isinstance(qkv_ctx, Tensor) != isinstance(qkv, Tensor):
+        raise ValueError("archirf_kernels attention: pass both streams packed (B, N, 3, H, D) or both as (q, k, v)")
+    return [unpack_qkv(qkv), unpack_qkv(qkv_ctx, "qkv_ctx") if qkv_ctx is not None else None]
+
+
+def _stream(name: str, q: Tensor, k: Tensor, v: Tensor, like: Tensor) -> None:
+    for t, which in ((q, "q"), (k, "k"), (v, "v")):
+        if t.dim() != 4:
+            raise ValueError(f"archirf_kernels attention: {name} {which} must be (B, N, H, D), got {tuple(t.shape)}")
+        _dtype("attention", name, t)
+        if t.dtype != like.dtype or t.device != like.device:
+            raise ValueError(f"archirf_kernels attention: {name} {which} is {t.dtype} on {t.device}; every q, k, v "
+                             f"must be {like.dtype} on {like.device}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"archirf_kernels attention: {name} q, k, v shapes differ: "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, _, H, D = like.shape
+    if (q.shape[0], q.shape[2], q.shape[3]) != (B, H, D):
+        raise ValueError(f"archirf_kernels attention: {name} is (B, N, H, D) = {tuple(q.shape)}; the streams must "
+                         f"share B, H, D = {B}, {H}, {D}")
+
+
+def _norm_weight(name: str, w: Tensor | None, like: Tensor, qk_norm: bool) -> None:
+    if w is None:
+        return
+    if not qk_norm:
+        raise ValueError(f"archirf_kernels attention: {name} given with qk_norm=False; pass None")
+    D = like.shape[-1]
+    if tuple(w.shape) != (D,) or w.dtype not in DTYPES or w.device != like.device:
+        raise ValueError(f"archirf_kernels attention: {name} must be a (D,) = ({D},) fp16/bf16/fp32 tensor on "
+                         f"{like.device}, got {tuple(w.shape)} {w.dtype} on {w.device}")
+
+
+def attention(streams, weights, qk_norm: bool) -> None:
+    """streams as attention_streams returns them; weights (q_weight, k_weight, q_weight_ctx, k_weight_ctx)."""
+    like = streams[0][0]
+    for i, s in enumerate(streams):
+        if s is not None:
+            _stream(("qkv", "qkv_ctx")[i], *s, like)
+    for name, w in zip(("q_weight", "k_weight", "q_weight_ctx", "k_weight_ctx"), weights):
+        _norm_weight(name, w, like, qk_norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# EDM2 magnitude-preserving ops: activations (B, C, H, W) or (M, C) rows, "channels" is dim 1.
+
+def activation(op: str, t: Tensor, dims=(2, 4), name: str = "x") -> None:
+    if t.dim() not in dims:
+        want = " or ".join({2: "(M, C) rows", 4: "(B, C, H, W)"}.get(d, f"{d}-D") for d in dims)
+        raise ValueError(f"archirf_kernels {op}: {name} must be {want}, got shape {tuple(t.shape)}")
+    _dtype(op, name, t)
+
+
+def mp_sum(a: Tensor, b: Tensor, clip: float | None) -> None:
+    activation("mp_sum", a, range(0, 9), "a")
+    _dtype("mp_sum", "b", b)
+    if a.shape != b.shape:
+        raise ValueError(f"archirf_kernels mp_sum: a {tuple(a.shape)} and b {tuple(b.shape)} differ in shape")
+    _device("mp_sum", "b", b, "a", a)
+    if clip is not None and not clip > 0:
+        raise ValueError(f"archirf_kernels mp_sum: clip must be > 0 or None, got {clip}")
+
+
+def modulated_silu(y: Tensor, c: Tensor) -> None:
+    activation("modulated_silu", y, (4,), "y")
+    if c.shape != (y.shape[0], y.shape[1]):
+        raise ValueError(f"archirf_kernels modulated_silu: c must be (B, C) = {(y.shape[0], y.shape[1])}, "
+                         f"got {tuple(c.shape)}")
+    _dtype("modulated_silu", "c", c)
+    _device("modulated_silu", "c", c, "y", y)
+
+
+def mp_cat(op: str, a: Tensor, b: Tensor) -> None:
+    activation(op, a, name="a")
+    _dtype(op, "b", b)
+    if a.dim() != b.dim() or a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
+        raise ValueError(f"archirf_kernels {op}: a {tuple(a.shape)} and b {tuple(b.shape)} must agree in "
+                         "every dim but the channels (dim 1)")
+    _device(op, "b", b, "a", a)
+
+
+def mp_weight(op: str, w: Tensor, gain: Tensor | None) -> None:
+    if w.dim() < 2:
+        raise ValueError(f"archirf_kernels {op}: w must be (out, in, ...) with >= 2 dims, got {tuple(w.shape)}")
+    _dtype(op, "w", w)
+    if gain is not None:
+        if gain.numel() != 1:
+            raise ValueError(f"archirf_kernels {op}: gain must hold one number, got shape {tuple(gain.shape)}")
+        _dtype(op, "gain", gain)
+        _device(op, "gain", gain, "w", w)
