@@ -9,20 +9,24 @@ from pathlib import Path
 import pytest
 import yaml
 
-from archirf.config import Config
+from archirf.config import MODEL_DEFAULTS, Config
 
 ROOT = Path(__file__).resolve().parents[1]
 README_LIMIT_BYTES = 15 * 1024
 
 
 def schema(cls=Config, prefix=""):
-    """{dotted key: (type, default)} of every leaf field of the config dataclasses."""
+    """{dotted key: (type, default)} of every leaf field of the config dataclasses. A model.* key's
+    default is the one it takes when neither the config nor a preset sets it (MODEL_DEFAULTS)."""
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
             out.update(schema(type(default), f"{prefix}{f.name}."))
+        elif prefix == "model." and f.name in MODEL_DEFAULTS:
+            hint = [a for a in typing.get_args(hints[f.name]) if a is not type(None)][0]  # Optional[X] -> X
+            out[prefix + f.name] = (hint, MODEL_DEFAULTS[f.name])
         else:
             out[prefix + f.name] = (hints[f.name], default)
     return out
@@ -109,3 +113,13 @@ def test_readme_recipe_table_lists_every_recipe():
     listed = re.findall(r"^\| `(configs/[\w.]+\.yaml)` \|", (ROOT / "README.md").read_text(), re.M)
     shipped = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml"))
     assert sorted(listed) == shipped, f"README recipes {sorted(listed)} vs configs/ {shipped}"
+
+
+def test_models_page_lists_the_keys_each_family_reads():
+    from archirf.models import FAMILIES
+
+    text = (ROOT / "docs" / "models.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| (`.+`) \|$", text, re.M))
+    assert set(rows) == set(FAMILIES), f"docs/models.md families {sorted(rows)} vs {sorted(FAMILIES)}"
+    for name, family in FAMILIES.items():
+        assert re.findall(r"`(\w+)`", rows[name]) == list(family.keys), f"docs/models.md: the keys {name} reads"

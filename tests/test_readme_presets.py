@@ -63,7 +63,8 @@ def table(text: str) -> list[dict[str, str]]:
 
 @functools.cache
 def build(name: str, preset: str, resolution: int, channels: int, num_classes: int):
-    cfg = Config(model=ModelConfig(name=name, preset=preset, num_register_tokens=0, label_tokens=4),
+    extra = {"dit": dict(num_register_tokens=0), "mmdit": dict(num_register_tokens=0, label_tokens=4)}.get(name, {})
+    cfg = Config(model=ModelConfig(name=name, preset=preset, **extra),
                  data=DataConfig(resolution=resolution, channels=channels, num_classes=num_classes))
     with torch.device("meta"):
         return build_model(cfg)
