@@ -11,7 +11,13 @@ MIN_TORCH = (2, 11)
 
 def check_torch(version: str | None = None) -> None:
     """ImportError naming the installed torch and the fix when it is older than MIN_TORCH."""
-    version = version or _metadata.version("torch")
+    if version is None:
+        try:
+            version = _metadata.version("torch")
+        except _metadata.PackageNotFoundError:  # a torch without package metadata (a source build)
+            import torch
+
+            version = torch.__version__
     found = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
     if found < MIN_TORCH:
         need = ".".join(map(str, MIN_TORCH))
