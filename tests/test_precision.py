@@ -19,8 +19,11 @@ FAMILIES = {
 }
 
 
-def _first_block_io(overrides: list[str], shard: bool) -> tuple[list, torch.Tensor]:
-    cfg = load_config(None, overrides + ["precision=bf16", "compile=off", "device=cpu",
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _first_block_io(overrides: list[str], shard: bool, device: str) -> tuple[list, torch.Tensor]:
+    cfg = load_config(None, overrides + ["precision=bf16", "compile=off", f"device={device}",
                                          f"parallel.shard_single_rank={str(shard).lower()}"])
     seen = {}
     with parallel.distributed(cfg) as env:
@@ -29,24 +32,26 @@ def _first_block_io(overrides: list[str], shard: bool) -> tuple[list, torch.Tens
 
         def hook(module, args, output):
             seen["inputs"] = [a.dtype for a in args if isinstance(a, torch.Tensor)]
-            seen["values"] = [a.detach().float() for a in args if isinstance(a, torch.Tensor)]
+            seen["values"] = [a.detach().float().cpu() for a in args if isinstance(a, torch.Tensor)]
             out = output[0] if isinstance(output, tuple) else output
-            seen["output"] = (out.dtype, out.detach().float())
+            seen["output"] = (out.dtype, out.detach().float().cpu())
 
         handle = model.blocks[0].register_forward_hook(hook)
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(4, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, generator=gen)
         t, y = torch.rand(4, generator=gen), torch.tensor([0, 1, 2, 10])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        x, t, y = x.to(env.device), t.to(env.device), y.to(env.device)
+        with torch.autocast(env.device.type, dtype=torch.bfloat16):
             final = model(x, t, y)
         handle.remove()
-    return seen, final.detach().float()
+    return seen, final.detach().float().cpu()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_one_rank_and_fsdp_compute_at_the_same_precision(family):
-    plain, plain_out = _first_block_io(FAMILIES[family], shard=False)
-    sharded, sharded_out = _first_block_io(FAMILIES[family], shard=True)
+def test_one_rank_and_fsdp_compute_at_the_same_precision(family, device):
+    plain, plain_out = _first_block_io(FAMILIES[family], shard=False, device=device)
+    sharded, sharded_out = _first_block_io(FAMILIES[family], shard=True, device=device)
     assert plain["inputs"] == sharded["inputs"], (plain["inputs"], sharded["inputs"])
     assert plain["output"][0] == sharded["output"][0]
     for a, b in zip(plain["values"] + [plain["output"][1], plain_out], sharded["values"] + [sharded["output"][1],
