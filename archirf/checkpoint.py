@@ -8,7 +8,9 @@ Layout under the run dir:
 
 A checkpoint is written to a temp dir, the COMPLETE marker is written last, then the dir is
 renamed into place: a crash at any point leaves either the previous state or a temp dir that
-no reader looks at. Only the newest `keep` complete checkpoints are kept.
+no reader looks at. Only the newest `keep` complete checkpoints are kept. The marker records the
+size and SHA-256 of every file written, and a load checks them first, so a truncated, deleted or
+bit-flipped file is named instead of loaded (markers of older versions, without them, load unchecked).
 
 Training state (`save_training_state` / `load_training_state`): the model and optimizer through
 torch.distributed.checkpoint.state_dict (sharded DTensors under FSDP2, clean parameter names), the
@@ -20,21 +22,33 @@ state is saved: the training noise is a function of the data position (parallel.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^images-(\d{12})$")
+
+
+class DamagedCheckpoint(ValueError):
+    """A complete checkpoint whose files no longer match what was written."""
+
+
+class DiskFull(RuntimeError):
+    """The file system ran out of space while the run wrote to it."""
 
 
 def _is_main() -> bool:
@@ -79,6 +93,39 @@ def is_complete(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_sums(folder: Path, names: list[str]) -> dict[str, str]:
+    # hashlib releases the GIL on large buffers, so threads read and hash several shards at once
+    with ThreadPoolExecutor(max_workers=min(8, len(names) or 1)) as pool:
+        return dict(zip(names, pool.map(lambda n: _sha256(folder / n), names)))
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC / EDQUOT anywhere in an exception's chain, including DCP's per-rank failures and the
+    message torch's zip writer gives for a short write ('unexpected pos')."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "unexpected pos" in str(e) or "No space left on device" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__]
+        if isinstance(e, CheckpointException):
+            todo += _failures(e)
+    return False
+
+
 def save_checkpoint(run_dir: str | Path, images_seen: int, state: dict[str, Any], keep: int) -> Path:
     """Writes `state` (nested dicts of tensors and plain values) as a DCP checkpoint; all ranks call it."""
     root = Path(run_dir) / "checkpoints"
@@ -88,29 +135,122 @@ def save_checkpoint(run_dir: str | Path, images_seen: int, state: dict[str, Any]
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
     _barrier()
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
-    _barrier()
-    if _is_main():
-        _fsync_write(tmp / MARKER, json.dumps({"images_seen": images_seen, "time": time.time()}))
-        if final.exists():  # same images count saved twice (e.g. a signal right after a cadence save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        with _quiet_single_process():
+            dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+        _barrier()
+        if _is_main():
+            names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            sums = _file_sums(tmp, names)
+            files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sums[n]} for n in names}
+            _fsync_write(tmp / MARKER, json.dumps({"images_seen": images_seen, "time": time.time(), "files": files}))
+            if final.exists():  # a resume from an older checkpoint saving over the abandoned stretch's copy
+                old = root / f".replaced-{final.name}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, final)
+            for old in complete_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException as err:  # DCP reports a rank's failure as a CheckpointException, a BaseException
+        if not is_disk_full(err):
+            raise
+        if _is_main():
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial write: give its space back
+        raise disk_full(run_dir, f"checkpoint {tmp}") from None
     _barrier()
     return final
 
 
-def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
-    """Loads in place into `state` (tensors are filled, plain values replaced); returns `state`."""
+def disk_full(run_dir: str | Path, what: str) -> DiskFull:
+    """The one-line error for a write that ran out of space: what, where, and what is still intact."""
+    try:
+        free = f"{shutil.disk_usage(run_dir).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    return DiskFull(f"the disk is full: writing {what} failed ({free}); the newest complete checkpoint "
+                    f"({latest_checkpoint(run_dir) or 'none yet'}) is intact: free space on that file system (or "
+                    f"lower keep_checkpoints) and relaunch the same command to resume from it")
+
+
+def damage(path: str | Path) -> Optional[str]:
+    """What is wrong with a complete checkpoint's files; None when they match its marker (or the marker,
+    written before checksums were recorded, has nothing to check against)."""
+    path = Path(path)
+    try:
+        files = json.loads((path / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError) as err:
+        return f"its {MARKER} marker is unreadable ({err})"
+    if files is None:
+        return None
+    for name, want in files.items():
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if (size := (path / name).stat().st_size) != want["bytes"]:
+            return f"{name} is {size} bytes, {want['bytes']} were written"
+    for name, digest in _file_sums(path, sorted(files)).items():
+        if digest != files[name]["sha256"]:
+            return f"{name} no longer matches its SHA-256 (its bytes changed on disk)"
+    return None
+
+
+def _agreed_damage(path: Path) -> Optional[str]:
+    """damage(path), checked on rank 0 only (it reads every byte) and told to every rank."""
+    found = [damage(path) if _is_main() else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(found, src=0)
+    return found[0]
+
+
+def newest_intact(run_dir: str | Path) -> tuple[Optional[Path], list[tuple[Path, str]]]:
+    """(the newest complete checkpoint whose files are intact, the newer damaged ones with what is wrong)."""
+    damaged = []
+    for path in reversed(complete_checkpoints(run_dir)):
+        problem = _agreed_damage(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
+
+
+def set_aside(path: Path) -> Path:
+    """Renames a damaged checkpoint to damaged-<name>[-N] beside it, where no reader looks; never deletes."""
+    n, new = 1, path.with_name(f"damaged-{path.name}")
+    while new.exists():
+        n += 1
+        new = path.with_name(f"damaged-{path.name}-{n}")
+    path.rename(new)
+    return new
+
+
+def load_checkpoint(path: str | Path, state: dict[str, Any], verified: bool = False) -> dict[str, Any]:
+    """Loads in place into `state` (tensors are filled, plain values replaced); returns `state`.
+    The files are checked against the marker first unless the caller has just done so (`verified`)."""
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker); "
                                 f"pick one listed by `ls {path.parent}` or use resume=auto")
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    if not verified and (problem := _agreed_damage(path)):
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: {problem}; pick an intact one listed by "
+                                f"`ls {path.parent}` (resume=PATH), or resume=auto to take the newest intact one")
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    except CheckpointException as err:  # one per failing rank; the first says enough
+        cause = next(iter(_failures(err)), err)
+        text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        if isinstance(cause, (ValueError, KeyError)):  # the planner: a shape or a key that is not there
+            raise ValueError(f"checkpoint {path} does not fit this config ({text}): resume with the settings that "
+                             f"wrote it (the run dir's config.yaml), or start over with resume=none") from None
+        raise DamagedCheckpoint(f"checkpoint {path} could not be read ({type(cause).__name__}: {text}); pick "
+                                f"another listed by `ls {path.parent}` (resume=PATH)") from None
     return state
+
+
+def _failures(err: CheckpointException) -> list[BaseException]:
+    return [f[0] if isinstance(f, tuple) else f for f in err.failures.values()]
 
 
 def _training_state(model, optimizer, ema, loader, images_seen: int, posthoc=None) -> dict[str, Any]:
@@ -131,7 +271,7 @@ def save_training_state(run_dir: str | Path, images_seen: int, model, optimizer,
                                                                  posthoc), keep)
 
 
-def load_training_state(path: str | Path, model, optimizer, ema, loader, posthoc=None) -> int:
+def load_training_state(path: str | Path, model, optimizer, ema, loader, posthoc=None, verified: bool = False) -> int:
     """Restores model, optimizer, EMA(s) and loader in place from `path` (any world size); returns images seen."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -142,7 +282,7 @@ def load_training_state(path: str | Path, model, optimizer, ema, loader, posthoc
             raise ValueError(f"{path} holds no post-hoc EMA of sigma_rel {', '.join(lacking)}: they average from "
                              f"image 0, so they cannot start in a resumed run; resume with the widths the run "
                              f"started with (or none), or train a new run")
-    state = load_checkpoint(path, _training_state(model, optimizer, ema, loader, 0, posthoc))
+    state = load_checkpoint(path, _training_state(model, optimizer, ema, loader, 0, posthoc), verified)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     ema.load_state_dict(state["ema"])
     if posthoc is not None:

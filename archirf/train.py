@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     if print_only:
         print(to_yaml(cfg), end="")
         return 0
+    from .checkpoint import DiskFull
     from .data import DataError
     from .trainer import NonFiniteLoss, train
 
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as err:
         print(f"archirf.train: {err}", file=sys.stderr)
         return 3
+    except DiskFull as err:
+        print(f"archirf.train: {err}", file=sys.stderr)
+        return 4
     return 0
 
 
