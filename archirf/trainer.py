@@ -322,7 +322,9 @@ def _check_finite(metrics: Metrics, cfg: Config, images_seen: int) -> None:
 
 
 def _nonfinite(where: str, cfg: Config, images_seen: int) -> NonFiniteLoss:
+    last = ckpt.latest_checkpoint(cfg.run_dir)
     return NonFiniteLoss(
-        f"non-finite loss in {where} {images_seen:,} images; stopped without saving, so the newest checkpoint "
-        f"under {Path(cfg.run_dir) / 'checkpoints'} is the last good state. Lower optim.lr, keep optim.grad_clip > 0, "
-        f"check the data" + (", or set nan_policy=skip" if cfg.nan_policy == "stop" else ""))
+        f"non-finite loss in {where} {images_seen:,} images; stopped without saving, so "
+        + (f"the newest checkpoint {last} is the last good state" if last else "no checkpoint was written (none was "
+           "due yet)") + ". Lower optim.lr, keep optim.grad_clip > 0, check the data"
+        + (", or set nan_policy=skip" if cfg.nan_policy == "stop" else ""))

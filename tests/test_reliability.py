@@ -151,10 +151,12 @@ def test_nan_skip_gives_up_after_the_limit(tmp_path, monkeypatch):
             raise RuntimeError("the skip loop never gave up")
         return call > 2
     _poison(monkeypatch, bad)
-    with pytest.raises(NonFiniteLoss, match="3 consecutive steps .* at 32 images.*last good state"):
+    with pytest.raises(NonFiniteLoss, match="3 consecutive steps .* at 32 images.*images-000000000032 is the last good"):
         train(tiny(tmp_path, "total_images=1600", "log_every=16", "checkpoint_every=16", "nan_policy=skip",
                    "nan_skip_limit=3"))
     assert ckpt.latest_checkpoint(tmp_path).name == "images-000000000032"
+    with pytest.raises(NonFiniteLoss, match="at 32 images; stopped without saving, so no checkpoint was written"):
+        train(tiny(tmp_path / "new", "total_images=1600", "nan_policy=skip", "nan_skip_limit=2"))
     with pytest.raises(ConfigError, match="nan_skip_limit applies to nan_policy=skip"):
         tiny(tmp_path, "nan_skip_limit=3")
 
