@@ -167,7 +167,7 @@ def save_checkpoint(run_dir: str | Path, images_seen: int, state: dict[str, Any]
 def disk_full(run_dir: str | Path, what: str) -> DiskFull:
     """The one-line error for a write that ran out of space: what, where, and what is still intact."""
     try:
-        free = f"{shutil.disk_usage(run_dir).free / 2**30:.2f} GiB free there"
+        free = f"{shutil.disk_usage(run_dir).free / 2**20:,.1f} MiB free there"
     except OSError:
         free = "free space unknown"
     return DiskFull(f"the disk is full: writing {what} failed ({free}); the newest complete checkpoint "

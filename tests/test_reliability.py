@@ -181,7 +181,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, mon
     rc = main([f"run_dir={tmp_path}", *TINY, "total_images=96", "log_every=16", "checkpoint_every=32"])
     err = capsys.readouterr().err
     assert rc == 4 and len(err.strip().splitlines()) == 1, err
-    assert "the disk is full" in err and ".tmp-images-000000000064" in err and "GiB free" in err
+    assert "the disk is full" in err and ".tmp-images-000000000064" in err and "MiB free there" in err
     assert "images-000000000032) is intact" in err
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["images-000000000032"]  # no partial copy
     assert ckpt.damage(tmp_path / "checkpoints" / "images-000000000032") is None
@@ -201,16 +201,21 @@ def _fake_slurm(tmp_path: Path) -> dict:
             "SLURM_NNODES": "1", "SLURM_JOB_ID": "7", "GPUS_PER_NODE": "1", "RDZV_PORT": "29731"}
 
 
-@pytest.mark.parametrize("sender", ["scheduler", "script"])
+@pytest.mark.parametrize("sender", ["scheduler", "script", "crash"])
 def test_slurm_script_reads_a_checkpointed_stop_as_success(tmp_path, sender):
     """SIGTERM to the whole job (scancel, time limit) or USR1 to the script (pre-emption warning): the worker
     checkpoints and exits 0 but torchrun exits 1 (its SignalException). The script exits 0 either way, and
-    requeues on USR1 only."""
+    requeues on USR1 only; a run that fails without a stop checkpoint stays a failure."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm.sbatch"), f"run_dir={run}", *TINY,
+    data = ["data.source=folder", f"data.root={tmp_path}/none"] if sender == "crash" else []
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "slurm.sbatch"), f"run_dir={run}", *TINY, *data,
                              "total_images=100000000", "log_every=16", "checkpoint_every=0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_fake_slurm(tmp_path),
                             cwd=ROOT, start_new_session=True)
+    if sender == "crash":
+        out = proc.communicate(timeout=180)[0]
+        assert proc.returncode == 1 and "DataError" in out and not (run / "stopped.json").exists(), out[-3000:]
+        return
     deadline = time.time() + 180
     while time.time() < deadline and not (run / "metrics.jsonl").exists():
         time.sleep(0.2)
