@@ -4,6 +4,7 @@ Layout under the run dir:
 
     checkpoints/images-000000123456/   one complete checkpoint (DCP shards + .metadata + COMPLETE)
     checkpoints/.tmp-images-.../       being written; never read
+    checkpoints/damaged-images-.../    failed its checksums; set aside by resume=auto, never read
     snapshots/ema-000000123456.safetensors (+ .json)   EMA weights for sampling / release
 
 A checkpoint is written to a temp dir, the COMPLETE marker is written last, then the dir is
