@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^images-(\d{12})$")
+_WRITER = re.compile(r"^__(\d+)_")  # DCP's shard files: __<rank>_<n>.distcp
 
 
 class DamagedCheckpoint(ValueError):
@@ -108,6 +109,30 @@ def _file_sums(folder: Path, names: list[str]) -> dict[str, str]:
         return dict(zip(names, pool.map(lambda n: _sha256(folder / n), names)))
 
 
+def _from_main(value):
+    """Rank 0's `value` on every rank (a directory listing other nodes may see late, a verdict)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _shared_sums(folder: Path, names: list[str]) -> dict[str, str]:
+    """SHA-256 of `names` on every rank, each rank hashing a share: the shards DCP's rank r wrote
+    (__r_*.distcp) on rank r, the rest by position, so no rank reads the whole checkpoint."""
+    if not dist.is_initialized():
+        return _file_sums(folder, names)
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def owner(i: int, name: str) -> int:
+        m = _WRITER.match(name)
+        return int(m.group(1)) if m and int(m.group(1)) < world else i % world
+    parts = [None] * world
+    dist.all_gather_object(parts, _file_sums(folder, [n for i, n in enumerate(names) if owner(i, n) == rank]))
+    return {name: digest for part in parts for name, digest in part.items()}
+
+
 def is_disk_full(err: BaseException) -> bool:
     """ENOSPC / EDQUOT anywhere in an exception's chain, including DCP's per-rank failures and the
     message torch's zip writer gives for a short write ('unexpected pos')."""
@@ -140,9 +165,10 @@ def save_checkpoint(run_dir: str | Path, images_seen: int, state: dict[str, Any]
         with _quiet_single_process():
             dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
         _barrier()
+        listing = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) if _is_main() else None
+        names = _from_main(listing)
+        sums = _shared_sums(tmp, names)
         if _is_main():
-            names = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-            sums = _file_sums(tmp, names)
             files = {n: {"bytes": (tmp / n).stat().st_size, "sha256": sums[n]} for n in names}
             _fsync_write(tmp / MARKER, json.dumps({"images_seen": images_seen, "time": time.time(), "files": files}))
             if final.exists():  # a resume from an older checkpoint saving over the abandoned stretch's copy
@@ -176,40 +202,37 @@ def disk_full(run_dir: str | Path, what: str) -> DiskFull:
                     f"lower keep_checkpoints) and relaunch the same command to resume from it")
 
 
-def damage(path: str | Path) -> Optional[str]:
-    """What is wrong with a complete checkpoint's files; None when they match its marker (or the marker,
-    written before checksums were recorded, has nothing to check against)."""
-    path = Path(path)
+def _listed_damage(path: Path) -> tuple[Optional[str], dict]:
+    """(what is wrong with the marker or the files' presence and sizes, the files the marker lists)."""
     try:
         files = json.loads((path / MARKER).read_text()).get("files")
     except (OSError, ValueError, AttributeError) as err:
-        return f"its {MARKER} marker is unreadable ({err})"
-    if files is None:
-        return None
-    for name, want in files.items():
+        return f"its {MARKER} marker is unreadable ({err})", {}
+    for name, want in (files or {}).items():
         if not (path / name).is_file():
-            return f"{name} is missing"
+            return f"{name} is missing", {}
         if (size := (path / name).stat().st_size) != want["bytes"]:
-            return f"{name} is {size} bytes, {want['bytes']} were written"
-    for name, digest in _file_sums(path, sorted(files)).items():
-        if digest != files[name]["sha256"]:
-            return f"{name} no longer matches its SHA-256 (its bytes changed on disk)"
-    return None
+            return f"{name} is {size} bytes, {want['bytes']} were written", {}
+    return None, files or {}
 
 
-def _agreed_damage(path: Path) -> Optional[str]:
-    """damage(path), checked on rank 0 only (it reads every byte) and told to every rank."""
-    found = [damage(path) if _is_main() else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(found, src=0)
-    return found[0]
+def damage(path: str | Path) -> Optional[str]:
+    """What is wrong with a complete checkpoint's files, the same on every rank (all ranks call it); None
+    when they match its marker, or the marker, written before checksums were recorded, lists none."""
+    path = Path(path)
+    problem, files = _from_main(_listed_damage(path) if _is_main() else None)
+    if problem is None and files:
+        changed = sorted(n for n, digest in _shared_sums(path, sorted(files)).items() if digest != files[n]["sha256"])
+        if changed:
+            problem = f"{changed[0]} no longer matches its SHA-256 (its bytes changed on disk)"
+    return problem
 
 
 def newest_intact(run_dir: str | Path) -> tuple[Optional[Path], list[tuple[Path, str]]]:
     """(the newest complete checkpoint whose files are intact, the newer damaged ones with what is wrong)."""
     damaged = []
     for path in reversed(complete_checkpoints(run_dir)):
-        problem = _agreed_damage(path)
+        problem = damage(path)
         if problem is None:
             return path, damaged
         damaged.append((path, problem))
@@ -233,7 +256,7 @@ def load_checkpoint(path: str | Path, state: dict[str, Any], verified: bool = Fa
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker); "
                                 f"pick one listed by `ls {path.parent}` or use resume=auto")
-    if not verified and (problem := _agreed_damage(path)):
+    if not verified and (problem := damage(path)):
         raise DamagedCheckpoint(f"checkpoint {path} is damaged: {problem}; pick an intact one listed by "
                                 f"`ls {path.parent}` (resume=PATH), or resume=auto to take the newest intact one")
     try:
