@@ -5,6 +5,7 @@ Layout under the run dir:
     checkpoints/images-000000123456/   one complete checkpoint (DCP shards + .metadata + COMPLETE)
     checkpoints/.tmp-images-.../       being written; never read
     checkpoints/damaged-images-.../    failed its checksums; set aside by resume=auto, never read
+    checkpoints/abandoned-images-.../  newer than the checkpoint a resume=PATH continued from; never read
     snapshots/ema-000000123456.safetensors (+ .json)   EMA weights for sampling / release
 
 A checkpoint is written to a temp dir, the COMPLETE marker is written last, then the dir is
@@ -84,7 +85,7 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=images_of)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
@@ -247,14 +248,18 @@ def newest_intact(run_dir: str | Path) -> tuple[Optional[Path], list[tuple[Path,
     return None, damaged
 
 
-def set_aside(path: Path) -> Path:
-    """Renames a damaged checkpoint to damaged-<name>[-N] beside it, where no reader looks; never deletes."""
-    n, new = 1, path.with_name(f"damaged-{path.name}")
+def set_aside(path: Path, why: str) -> Path:
+    """Renames a checkpoint to <why>-<name>[-N] beside it, where no reader looks; never deletes."""
+    n, new = 1, path.with_name(f"{why}-{path.name}")
     while new.exists():
         n += 1
-        new = path.with_name(f"damaged-{path.name}-{n}")
+        new = path.with_name(f"{why}-{path.name}-{n}")
     path.rename(new)
     return new
+
+
+def images_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
 
 
 def load_checkpoint(path: str | Path, state: dict[str, Any], verified: bool = False) -> dict[str, Any]:

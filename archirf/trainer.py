@@ -84,9 +84,13 @@ def _claim_run_dir(run_dir: Path, config_yaml: str, images_seen: int, resume: Op
     """Rank 0, once the resume has succeeded (or a fresh start): the first changes to the run dir. A resume
     that fails (a config that does not fit the checkpoint) leaves it as it was."""
     for path, why in damaged:
-        aside = ckpt.set_aside(path)
+        aside = ckpt.set_aside(path, "damaged")
         print(f"archirf: checkpoint {path} is damaged ({why}); moved it to {aside} and resumed from {resume} "
               f"instead (resume=PATH picks a checkpoint explicitly)")
+    for path in [p for p in ckpt.complete_checkpoints(run_dir) if ckpt.images_of(p) > images_seen]:
+        # a stretch this run does not continue (resume=PATH of an older one): resume=auto must not pick it up later
+        print(f"archirf: moved checkpoint {path}, newer than the one resumed from, to "
+              f"{ckpt.set_aside(path, 'abandoned')}")
     _record_config(run_dir, config_yaml)
     (run_dir / STOPPED).unlink(missing_ok=True)
     if moved := set_aside_after(run_dir / "metrics.jsonl", images_seen):

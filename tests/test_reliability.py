@@ -122,6 +122,17 @@ def test_a_killed_run_resumes_without_repeating_metric_lines(tmp_path):
     assert [json.loads(line)["images_seen"] for line in aside[:2]] == [48, 64] and aside[2].startswith('{"images_')
 
 
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, capsys):
+    run = tmp_path / "run"
+    _two_checkpoints(run)
+    train(tiny(run, "total_images=48", "log_every=16", f"resume={run}/checkpoints/images-000000000032"))
+    # resume=auto of a later launch continues this stretch, not the abandoned one at 64
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["images-000000000032", "images-000000000048"]
+    assert (run / "checkpoints" / "abandoned-images-000000000064").is_dir()
+    assert "moved checkpoint" in capsys.readouterr().out
+    assert [images for images, _ in losses(run)] == [16, 32, 48]
+
+
 def _signal_on_loss_call(monkeypatch, n):
     """SIGTERM to this process during the objective's n-th loss call (the trainer's handler is set by then)."""
     def bad(call):
