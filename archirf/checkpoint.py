@@ -4,11 +4,16 @@ Layout under the run dir:
 
     checkpoints/images-000000123456/   one complete checkpoint (DCP shards + .metadata + COMPLETE)
     checkpoints/.tmp-images-.../       being written; never read
+    checkpoints/damaged-images-.../    failed its checksums; set aside by resume=auto, never read
+    checkpoints/abandoned-images-.../  newer than the checkpoint a resume=PATH continued from; never read
     snapshots/ema-000000123456.safetensors (+ .json)   EMA weights for sampling / release
 
 A checkpoint is written to a temp dir, the COMPLETE marker is written last, then the dir is
 renamed into place: a crash at any point leaves either the previous state or a temp dir that
-no reader looks at. Only the newest `keep` complete checkpoints are kept.
+no reader looks at. Only the newest `keep` complete checkpoints are kept. The marker records the
+size and checksum (SHA-256 over 32 MiB blocks) of every file written, and a load checks them
+first, so a truncated, deleted or bit-flipped file is named instead of loaded (markers of older
+versions, without them, load unchecked).
 
 Training state (`save_training_state` / `load_training_state`): the model and optimizer through
 torch.distributed.checkpoint.state_dict (sharded DTensors under FSDP2, clean parameter names), the
@@ -20,21 +25,34 @@ state is saved: the training noise is a function of the data position (parallel.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^images-(\d{12})$")
+_WRITER = re.compile(r"^__(\d+)_")  # DCP's shard files: __<rank>_<n>.distcp
+
+
+class DamagedCheckpoint(ValueError):
+    """A complete checkpoint whose files no longer match what was written."""
+
+
+class DiskFull(RuntimeError):
+    """The file system ran out of space while the run wrote to it."""
 
 
 def _is_main() -> bool:
@@ -67,7 +85,7 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=images_of)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
@@ -79,6 +97,69 @@ def is_complete(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+_BLOCK = 32 << 20
+
+
+def _file_sums(folder: Path, names: list[str]) -> dict[str, str]:
+    """Per file: the SHA-256 of the SHA-256s of its 32 MiB blocks. The blocks hash in parallel threads
+    (hashlib releases the GIL), so one large shard is not hashed at one core's speed (~2 GB/s)."""
+    jobs = [(n, at) for n in names for at in range(0, max((folder / n).stat().st_size, 1), _BLOCK)]
+
+    def block(job: tuple[str, int]) -> bytes:
+        with open(folder / job[0], "rb") as f:
+            f.seek(job[1])
+            return hashlib.sha256(f.read(_BLOCK)).digest()
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(block, jobs))
+    files = {n: hashlib.sha256() for n in names}
+    for (name, _), digest in zip(jobs, digests):
+        files[name].update(digest)
+    return {n: h.hexdigest() for n, h in files.items()}
+
+
+def _from_main(value):
+    """Rank 0's `value` on every rank (a directory listing other nodes may see late, a verdict)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _shared_sums(folder: Path, names: list[str]) -> dict[str, str]:
+    """SHA-256 of `names` on every rank, each rank hashing a share: the shards DCP's rank r wrote
+    (__r_*.distcp) on rank r, the rest by position, so no rank reads the whole checkpoint."""
+    if not dist.is_initialized():
+        return _file_sums(folder, names)
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def owner(i: int, name: str) -> int:
+        m = _WRITER.match(name)
+        return int(m.group(1)) if m and int(m.group(1)) < world else i % world
+    parts = [None] * world
+    dist.all_gather_object(parts, _file_sums(folder, [n for i, n in enumerate(names) if owner(i, n) == rank]))
+    return {name: digest for part in parts for name, digest in part.items()}
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """ENOSPC / EDQUOT anywhere in an exception's chain, including DCP's per-rank failures and the
+    message torch's zip writer gives for a short write ('unexpected pos')."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "unexpected pos" in str(e) or "No space left on device" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__]
+        if isinstance(e, CheckpointException):
+            todo += _failures(e)
+    return False
+
+
 def save_checkpoint(run_dir: str | Path, images_seen: int, state: dict[str, Any], keep: int) -> Path:
     """Writes `state` (nested dicts of tensors and plain values) as a DCP checkpoint; all ranks call it."""
     root = Path(run_dir) / "checkpoints"
@@ -88,29 +169,125 @@ def save_checkpoint(run_dir: str | Path, images_seen: int, state: dict[str, Any]
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftover of a crashed save
     _barrier()
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
-    _barrier()
-    if _is_main():
-        _fsync_write(tmp / MARKER, json.dumps({"images_seen": images_seen, "time": time.time()}))
-        if final.exists():  # same images count saved twice (e.g. a signal right after a cadence save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        with _quiet_single_process():
+            dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+        _barrier()
+        listing = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()) if _is_main() else None
+        names = _from_main(listing)
+        sums = _shared_sums(tmp, names)
+        if _is_main():
+            files = {n: {"bytes": (tmp / n).stat().st_size, "sha256_blocks": sums[n]} for n in names}
+            _fsync_write(tmp / MARKER, json.dumps({"images_seen": images_seen, "time": time.time(), "files": files}))
+            if final.exists():  # a resume from an older checkpoint saving over the abandoned stretch's copy
+                old = root / f".replaced-{final.name}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, final)
+            for old in complete_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException as err:  # DCP reports a rank's failure as a CheckpointException, a BaseException
+        if not is_disk_full(err):
+            raise
+        if _is_main():
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial write: give its space back
+        raise disk_full(run_dir, f"checkpoint {tmp}") from None
     _barrier()
     return final
 
 
-def load_checkpoint(path: str | Path, state: dict[str, Any]) -> dict[str, Any]:
-    """Loads in place into `state` (tensors are filled, plain values replaced); returns `state`."""
+def disk_full(run_dir: str | Path, what: str) -> DiskFull:
+    """The one-line error for a write that ran out of space: what, where, and what is still intact."""
+    try:
+        free = f"{shutil.disk_usage(run_dir).free / 2**20:,.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    return DiskFull(f"the disk is full: writing {what} failed ({free}); the newest complete checkpoint "
+                    f"({latest_checkpoint(run_dir) or 'none yet'}) is intact: free space on that file system (or "
+                    f"lower keep_checkpoints) and relaunch the same command to resume from it")
+
+
+def _listed_damage(path: Path) -> tuple[Optional[str], dict]:
+    """(what is wrong with the marker or the files' presence and sizes, the files the marker lists)."""
+    try:
+        files = json.loads((path / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError) as err:
+        return f"its {MARKER} marker is unreadable ({err})", {}
+    for name, want in (files or {}).items():
+        if not (path / name).is_file():
+            return f"{name} is missing", {}
+        if (size := (path / name).stat().st_size) != want["bytes"]:
+            return f"{name} is {size} bytes, {want['bytes']} were written", {}
+    return None, files or {}
+
+
+def damage(path: str | Path) -> Optional[str]:
+    """What is wrong with a complete checkpoint's files, the same on every rank (all ranks call it); None
+    when they match its marker, or the marker, written before checksums were recorded, lists none."""
+    path = Path(path)
+    problem, files = _from_main(_listed_damage(path) if _is_main() else None)
+    if problem is None and files:
+        sums = _shared_sums(path, sorted(files))
+        changed = sorted(n for n, digest in sums.items() if digest != files[n]["sha256_blocks"])
+        if changed:
+            problem = f"{changed[0]} no longer matches its checksum (its bytes changed on disk)"
+    return problem
+
+
+def newest_intact(run_dir: str | Path) -> tuple[Optional[Path], list[tuple[Path, str]]]:
+    """(the newest complete checkpoint whose files are intact, the newer damaged ones with what is wrong)."""
+    damaged = []
+    for path in reversed(complete_checkpoints(run_dir)):
+        problem = damage(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Renames a checkpoint to <why>-<name>[-N] beside it, where no reader looks; never deletes."""
+    n, new = 1, path.with_name(f"{why}-{path.name}")
+    while new.exists():
+        n += 1
+        new = path.with_name(f"{why}-{path.name}-{n}")
+    path.rename(new)
+    return new
+
+
+def images_of(path: Path) -> int:
+    return int(_NAME.match(path.name).group(1))
+
+
+def load_checkpoint(path: str | Path, state: dict[str, Any], verified: bool = False) -> dict[str, Any]:
+    """Loads in place into `state` (tensors are filled, plain values replaced); returns `state`.
+    The files are checked against the marker first unless the caller has just done so (`verified`)."""
     path = Path(path)
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker); "
                                 f"pick one listed by `ls {path.parent}` or use resume=auto")
-    with _quiet_single_process():
-        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    if not verified and (problem := damage(path)):
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: {problem}; pick an intact one listed by "
+                                f"`ls {path.parent}` (resume=PATH), or resume=auto to take the newest intact one")
+    try:
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    except CheckpointException as err:  # one per failing rank; the first says enough
+        cause = next(iter(_failures(err)), err)
+        text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        if isinstance(cause, (ValueError, KeyError)):  # the planner: a shape or a key that is not there
+            raise ValueError(f"checkpoint {path} does not fit this config ({text}): resume with the settings that "
+                             f"wrote it (the run dir's config.yaml), or start over with resume=none") from None
+        raise DamagedCheckpoint(f"checkpoint {path} could not be read ({type(cause).__name__}: {text}); pick "
+                                f"another listed by `ls {path.parent}` (resume=PATH)") from None
     return state
+
+
+def _failures(err: CheckpointException) -> list[BaseException]:
+    return [f[0] if isinstance(f, tuple) else f for f in err.failures.values()]
 
 
 def _training_state(model, optimizer, ema, loader, images_seen: int, posthoc=None) -> dict[str, Any]:
@@ -131,7 +308,7 @@ def save_training_state(run_dir: str | Path, images_seen: int, model, optimizer,
                                                                  posthoc), keep)
 
 
-def load_training_state(path: str | Path, model, optimizer, ema, loader, posthoc=None) -> int:
+def load_training_state(path: str | Path, model, optimizer, ema, loader, posthoc=None, verified: bool = False) -> int:
     """Restores model, optimizer, EMA(s) and loader in place from `path` (any world size); returns images seen."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -142,7 +319,7 @@ def load_training_state(path: str | Path, model, optimizer, ema, loader, posthoc
             raise ValueError(f"{path} holds no post-hoc EMA of sigma_rel {', '.join(lacking)}: they average from "
                              f"image 0, so they cannot start in a resumed run; resume with the widths the run "
                              f"started with (or none), or train a new run")
-    state = load_checkpoint(path, _training_state(model, optimizer, ema, loader, 0, posthoc))
+    state = load_checkpoint(path, _training_state(model, optimizer, ema, loader, 0, posthoc), verified)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     ema.load_state_dict(state["ema"])
     if posthoc is not None:

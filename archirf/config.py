@@ -175,6 +175,7 @@ class Config:
     keep_checkpoints: int = 2                    # keep the newest K complete checkpoints
     resume: str = "auto"                         # auto: newest complete checkpoint; none; or a path
     nan_policy: Literal["stop", "skip"] = "stop"  # on a non-finite loss: stop, or skip the step (syncs)
+    nan_skip_limit: int = 100                    # nan_policy=skip: stop (exit 3) after this many skips in a row
     progress: bool = True                        # rank-0 progress bar
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -299,6 +300,9 @@ def validate(cfg: Config) -> None:
         need(getattr(cfg, key) >= 0, f"{key} must be >= 0 (0 = only at the end)")
     need(cfg.micro_batch is None or cfg.micro_batch > 0, "micro_batch must be > 0 or null")
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1")
+    need(cfg.nan_skip_limit >= 1, f"nan_skip_limit must be >= 1 (got {cfg.nan_skip_limit})")
+    need(cfg.nan_policy == "skip" or cfg.nan_skip_limit == Config.nan_skip_limit,
+         "nan_skip_limit applies to nan_policy=skip only; set nan_policy=skip or drop nan_skip_limit")
     m, d = cfg.model, cfg.data
     from .models import fill_model_config  # the registry (it imports torch); config.py itself does not
     fill_model_config(m)                   # explicit > preset > MODEL_DEFAULTS; unread keys refused

@@ -170,6 +170,11 @@ class Metrics:
         if self._bar is not None:
             self._bar.update(images)
 
+    @property
+    def pending_steps(self) -> int:
+        """Steps accumulated since the last line (a stop between log boundaries flushes them)."""
+        return self._window_steps
+
     def nonfinite_count(self) -> int:
         """Non-finite steps so far in this process, summed over ranks."""
         return int(self.reduce(self._nonfinite.clone().reshape(1))[0].item())  # note: CPU-GPU sync point
@@ -247,3 +252,30 @@ class Metrics:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def set_aside_after(jsonl_path: str | Path, images_seen: int) -> Path | None:
+    """On resume: moves the lines logged past `images_seen` (by a process killed after the checkpoint resumed
+    from; they are about to be logged again) and any line cut short to metrics.orphaned-<images>.jsonl beside
+    it, so the log holds one line per interval. Returns the new file, or None when nothing moved."""
+    path = Path(jsonl_path)
+    if not path.exists():
+        return None
+    keep, later = [], []
+    for line in path.read_text().splitlines():
+        try:
+            kept = json.loads(line)["images_seen"] <= images_seen
+        except (ValueError, KeyError, TypeError):
+            kept = False
+        (keep if kept else later).append(line + "\n")
+    if not later:
+        return None
+    n, aside = 1, path.with_name(f"metrics.orphaned-{images_seen}.jsonl")
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"metrics.orphaned-{images_seen}-{n}.jsonl")
+    aside.write_text("".join(later))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return aside

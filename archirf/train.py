@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if print_only:
         print(to_yaml(cfg), end="")
         return 0
+    from .checkpoint import DiskFull
     from .data import DataError
     from .trainer import NonFiniteLoss, train
 
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as err:
         print(f"archirf.train: {err}", file=sys.stderr)
         return 3
+    except DiskFull as err:
+        print(f"archirf.train: {err}", file=sys.stderr)
+        return 4
     return 0
 
 

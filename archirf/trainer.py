@@ -11,6 +11,7 @@ owns the training state. Only rank 0 prints, plots and writes samples, snapshots
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -24,7 +25,7 @@ from .config import Config, ConfigError, batch_split, config_changes, to_yaml
 from .data import build_loader, skipped_images
 from .ema import EMA
 from .posthoc_ema import PostHocEMA
-from .metrics import Metrics
+from .metrics import Metrics, set_aside_after
 from .models import preset_departures
 from .objectives import build_objective
 from .optim import build_optimizer, lr_at
@@ -58,16 +59,45 @@ def _prepare_run_dir(cfg: Config, env: Env) -> Path:
     return run_dir
 
 
-def _resume_path(cfg: Config, run_dir: Path) -> Optional[Path]:
+STOPPED = "stopped.json"  # written when a stop signal ended the run at a checkpoint; read by scripts/slurm.sbatch
+
+
+def _resume_path(cfg: Config, run_dir: Path) -> tuple[Optional[Path], list[tuple[Path, str]]]:
+    """(the checkpoint to resume from, the newer damaged ones resume=auto passed over with what is wrong)."""
     if cfg.resume == "none":
-        return None
+        return None, []
     if cfg.resume == "auto":
-        return ckpt.latest_checkpoint(run_dir)
+        path, damaged = ckpt.newest_intact(run_dir)
+        if path is None and damaged:
+            raise ConfigError(f"no intact checkpoint in {run_dir / 'checkpoints'} ("
+                              + "; ".join(f"{p.name}: {why}" for p, why in damaged) + "); name one to try with "
+                              f"resume=PATH, or start over with resume=none (the run's outputs are moved aside)")
+        return path, damaged
     path = Path(cfg.resume)
     if not ckpt.is_complete(path):
         raise ConfigError(f"resume={cfg.resume}: not a complete checkpoint dir (no COMPLETE marker); "
                           f"use resume=auto, resume=none or a path under {run_dir / 'checkpoints'}")
-    return path
+    return path, []
+
+
+def _claim_run_dir(run_dir: Path, config_yaml: str, images_seen: int, resume: Optional[Path],
+                   damaged: list[tuple[Path, str]], posthoc: Optional[PostHocEMA]) -> None:
+    """Rank 0, once the resume has succeeded (or a fresh start): the first changes to the run dir. A resume
+    that fails (a config that does not fit the checkpoint) leaves it as it was."""
+    for path, why in damaged:
+        aside = ckpt.set_aside(path, "damaged")
+        print(f"archirf: checkpoint {path} is damaged ({why}); moved it to {aside} and resumed from {resume} "
+              f"instead (resume=PATH picks a checkpoint explicitly)")
+    for path in [p for p in ckpt.complete_checkpoints(run_dir) if ckpt.images_of(p) > images_seen]:
+        # a stretch this run does not continue (resume=PATH of an older one): resume=auto must not pick it up later
+        print(f"archirf: moved checkpoint {path}, newer than the one resumed from, to "
+              f"{ckpt.set_aside(path, 'abandoned')}")
+    _record_config(run_dir, config_yaml)
+    (run_dir / STOPPED).unlink(missing_ok=True)
+    if moved := set_aside_after(run_dir / "metrics.jsonl", images_seen):
+        print(f"archirf: moved the metric lines logged after {images_seen:,} images to {moved}")
+    if posthoc is not None and (moved := posthoc.set_aside_after(run_dir, images_seen)):
+        print(f"archirf: moved {len(moved)} post-hoc EMA files after {images_seen:,} images to {moved[0].parent}")
 
 
 def _record_config(run_dir: Path, config_yaml: str) -> None:
@@ -89,7 +119,14 @@ def _record_config(run_dir: Path, config_yaml: str) -> None:
 
 def train(cfg: Config) -> Path:
     with parallel.distributed(cfg) as env:
-        return _train(cfg, env)
+        try:
+            return _train(cfg, env)
+        except ckpt.DiskFull:
+            raise
+        except Exception as err:
+            if not ckpt.is_disk_full(err):
+                raise
+            raise ckpt.disk_full(cfg.run_dir, getattr(err, "filename", None) or f"under {cfg.run_dir}") from None
 
 
 def _train(cfg: Config, env: Env) -> Path:
@@ -100,8 +137,6 @@ def _train(cfg: Config, env: Env) -> Path:
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     run_dir = _prepare_run_dir(cfg, env)
     config_yaml = to_yaml(cfg)
-    if env.is_main:
-        _record_config(run_dir, config_yaml)
 
     loader = build_loader(cfg, micro, device, env.rank, env.world_size)  # first: a missing dataset fails fast
     objective = build_objective(cfg)
@@ -116,24 +151,24 @@ def _train(cfg: Config, env: Env) -> Path:
     posthoc = PostHocEMA(model, cfg.ema.posthoc_sigma_rels) if cfg.ema.posthoc_sigma_rels else None
 
     images_seen = 0
-    resume = _resume_path(cfg, run_dir)
+    resume, damaged = _resume_path(cfg, run_dir)
     if resume is not None:
         try:
-            images_seen = ckpt.load_training_state(resume, model, optimizer, ema, loader, posthoc)
+            images_seen = ckpt.load_training_state(resume, model, optimizer, ema, loader, posthoc,
+                                                   verified=cfg.resume == "auto")
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if env.is_main:
             print(f"archirf: resumed from {resume} at {images_seen:,} images")
+    if env.is_main:
+        _claim_run_dir(run_dir, config_yaml, images_seen, resume, damaged, posthoc)
+    if resume is not None:
         if images_seen >= cfg.total_images:
             if env.is_main:
                 print(f"archirf: this run is already complete (total_images={cfg.total_images:,}); raise "
                       f"total_images to train on, or sample from it: python -m archirf.sample {run_dir}")
             _close(loader)
             return run_dir
-    if posthoc is not None and env.is_main:    # files of a stretch this run does not continue (an older resume)
-        moved = posthoc.set_aside_after(run_dir, images_seen)
-        if moved:
-            print(f"archirf: moved {len(moved)} post-hoc EMA files after {images_seen:,} images to {moved[0].parent}")
 
     def save(images: int) -> Path:
         path = ckpt.save_training_state(run_dir, images, model, optimizer, ema, loader, keep=cfg.keep_checkpoints,
@@ -189,7 +224,8 @@ def _train(cfg: Config, env: Env) -> Path:
                       progress=cfg.progress and env.is_main, world_size=env.world_size,
                       reduce=parallel.all_reduce_sum, reference_img_per_s=cfg.parallel.reference_img_per_s)
     stop = parallel.StopRequest(env, cfg.parallel.stop_check_steps)
-    skipped = 0
+    skipped = consecutive_skips = 0
+    saved_at = images_seen if resume is not None else None  # the images count of the newest checkpoint written
     step = 0  # optimizer steps taken by this process (skipped ones too): the same count on every rank
     try:
         model.train()
@@ -213,9 +249,13 @@ def _train(cfg: Config, env: Env) -> Path:
             if cfg.nan_policy == "skip" and not torch.isfinite(grad_norm):  # note: a CPU-GPU sync point
                 optimizer.zero_grad(set_to_none=True)
                 skipped += 1
+                consecutive_skips += 1
+                if consecutive_skips >= cfg.nan_skip_limit:
+                    raise _nonfinite(f"{consecutive_skips} consecutive steps (nan_skip_limit) at", cfg, images_seen)
                 if env.is_main:
                     print(f"archirf: non-finite loss at {images_seen:,} images; step skipped ({skipped} so far)")
                 continue
+            consecutive_skips = 0
             optimizer.step()
             if post_step is not None:
                 post_step()
@@ -240,6 +280,7 @@ def _train(cfg: Config, env: Env) -> Path:
                 _check_finite(metrics, cfg, images_seen)
                 with metrics.paused():  # checkpoint and sample time stay out of img/s and MFU
                     save(images_seen)
+                saved_at = images_seen
             if _crossed(images_seen, cfg.global_batch, cfg.sample_every) and not last:
                 with metrics.paused():
                     write_samples(images_seen, final=False)
@@ -247,9 +288,12 @@ def _train(cfg: Config, env: Env) -> Path:
         # end of training or a stop signal (agreed by all ranks): one complete checkpoint, then the pictures
         stopped = stop.agreed(step, force=True)
         _check_finite(metrics, cfg, images_seen)
+        if metrics.pending_steps:  # a stop between log boundaries: the steps since the last line
+            metrics.log(images_seen, lr, {**({"skipped_steps": skipped} if skipped else {}),
+                                          **skipped_images(loader)})
         if stopped and posthoc is not None and 0 < images_seen < cfg.total_images:   # (the end: saved above)
             posthoc.save(run_dir, images_seen, env.is_main)
-        path = save(images_seen)
+        path = save(images_seen) if saved_at != images_seen else ckpt.latest_checkpoint(run_dir)
         skipped_files = skipped_images(loader).get("skipped_images")
         if env.is_main:
             print(f"archirf: checkpoint {path}")
@@ -258,6 +302,8 @@ def _train(cfg: Config, env: Env) -> Path:
                       f"replaced by the next readable file (the warnings above name them)")
         if stopped:
             if env.is_main:
+                (run_dir / STOPPED).write_text(json.dumps({"images_seen": images_seen, "checkpoint": str(path),
+                                                           "signal": stop.agreed_signum}))
                 print(f"archirf: received signal {stop.agreed_signum}; checkpointed at {images_seen:,} images, "
                       f"exiting")
             return run_dir
@@ -285,7 +331,13 @@ def _check_finite(metrics: Metrics, cfg: Config, images_seen: int) -> None:
     """Stops before anything non-finite reaches a log line or a checkpoint (nan_policy=stop)."""
     bad = metrics.nonfinite_count()  # note: a CPU-GPU sync point (log / checkpoint boundaries only)
     if bad:
-        raise NonFiniteLoss(
-            f"non-finite loss in {bad} step(s) before {images_seen:,} images; stopped without saving, so the "
-            f"newest checkpoint under {Path(cfg.run_dir) / 'checkpoints'} is the last good state. Lower optim.lr, "
-            f"keep optim.grad_clip > 0, check the data, or set nan_policy=skip")
+        raise _nonfinite(f"{bad} step(s) before", cfg, images_seen)
+
+
+def _nonfinite(where: str, cfg: Config, images_seen: int) -> NonFiniteLoss:
+    last = ckpt.latest_checkpoint(cfg.run_dir)
+    return NonFiniteLoss(
+        f"non-finite loss in {where} {images_seen:,} images; stopped without saving, so "
+        + (f"the newest checkpoint {last} is the last good state" if last else "no checkpoint was written (none was "
+           "due yet)") + ". Lower optim.lr, keep optim.grad_clip > 0, check the data"
+        + (", or set nan_policy=skip" if cfg.nan_policy == "stop" else ""))

@@ -330,6 +330,22 @@ def test_sigterm_to_one_rank_stops_every_rank_with_one_complete_checkpoint(tmp_p
     assert f"resumed from {done[0]}" in proc.stdout and rows(run)[-1]["images_seen"] == images + 24
 
 
+def test_two_ranks_agree_to_pass_over_a_damaged_checkpoint(tmp_path):
+    """Rank 0 checks the checksums and tells rank 1: both resume from the older checkpoint."""
+    run = tmp_path / "run"
+    train(2, run, "checkpoint_every=48", steps=4)
+    newest = ckpt.latest_checkpoint(run)
+    shard = newest / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 1
+    shard.write_bytes(bytes(data))
+    proc = train(2, run, "checkpoint_every=48")
+    assert f"checkpoint {newest} is damaged (__1_0.distcp no longer matches its checksum" in proc.stdout
+    assert f"resumed from {run}/checkpoints/images-{48:012d}" in proc.stdout
+    assert (newest.parent / f"damaged-{newest.name}").is_dir()
+    assert [r["images_seen"] for r in rows(run)] == [24 * (i + 1) for i in range(STEPS)]
+
+
 @pytest.mark.parametrize("nproc", [2, 1])
 def test_compile_fsdp_and_activation_checkpointing_train_together(tmp_path, runs, nproc):
     """Per-block compile (fullgraph: a graph break is an error) over checkpointed blocks, sharded on 2
