@@ -319,7 +319,14 @@ def load_training_state(path: str | Path, model, optimizer, ema, loader, posthoc
             raise ValueError(f"{path} holds no post-hoc EMA of sigma_rel {', '.join(lacking)}: they average from "
                              f"image 0, so they cannot start in a resumed run; resume with the widths the run "
                              f"started with (or none), or train a new run")
-    state = load_checkpoint(path, _training_state(model, optimizer, ema, loader, 0, posthoc), verified)
+    state = _training_state(model, optimizer, ema, loader, 0, posthoc)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    extra = sorted(k[len("model."):] for k in saved if k.startswith("model.") and k[len("model."):] not in state["model"])
+    if extra:  # DCP loads only what is asked for: a smaller network would drop these silently
+        raise ValueError(f"checkpoint {path} does not fit this config: it holds {len(extra)} model tensors the "
+                         f"configured network lacks (e.g. {extra[0]}); resume with the settings that wrote it (the "
+                         f"run dir's config.yaml), or start over with resume=none")
+    state = load_checkpoint(path, state, verified)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     ema.load_state_dict(state["ema"])
     if posthoc is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -19,6 +20,8 @@ from typing import Any, Literal, Optional
 import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .families import FAMILY_KEYS, FAMILY_NOTES, PRESETS, unread_keys
 
 
 # EMA widths sigma_rel lie below 1/sqrt(12) = 0.28868 (gamma = 0: the plain average of every step so far).
@@ -80,6 +83,52 @@ MODEL_DEFAULTS: dict[str, Any] = dict(
     logvar_channels=128,
 )
 
+
+
+def _preset(m: ModelConfig) -> dict:
+    if m.name not in FAMILY_KEYS:
+        raise ConfigError(f"unknown model.name '{m.name}'; valid names: {', '.join(FAMILY_KEYS)}")
+    if m.preset is None:
+        return {}
+    presets = PRESETS[m.name]
+    if m.preset not in presets:
+        raise ConfigError(f"unknown model.preset '{m.preset}' for model.name={m.name}; "
+                          f"valid presets: {', '.join(presets)}")
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in presets[m.preset].items()}
+
+
+def resolve_model(m: ModelConfig) -> dict[str, Any]:
+    """The value of every model.* key the family reads: the explicit one (recipe or command line), else
+    the preset's, else MODEL_DEFAULTS'. ConfigError for a set key the family does not read, or reads
+    only under a condition its other keys leave off (e.g. model.sigma_data without edm preconditioning)."""
+    preset = _preset(m)
+    keys = FAMILY_KEYS[m.name]
+    unread = [k for k in MODEL_DEFAULTS if k not in keys and getattr(m, k) is not None]
+    if unread:
+        note = f" ({FAMILY_NOTES[m.name]})" if m.name in FAMILY_NOTES else ""
+        raise ConfigError(f"model.{unread[0]}={getattr(m, unread[0])!r} is not read by model.name={m.name}{note}; "
+                          f"remove it or set it to null. model.name={m.name} reads: {', '.join(keys)}")
+    values = {k: getattr(m, k) if getattr(m, k) is not None else preset.get(k, MODEL_DEFAULTS[k]) for k in keys}
+    for key, why in unread_keys(m.name, values).items():
+        if getattr(m, key) is not None:
+            raise ConfigError(f"model.{key}={getattr(m, key)!r} is not read with these settings: {why}, or set "
+                              f"model.{key} to null")
+    return values
+
+
+def preset_departures(m: ModelConfig) -> list[str]:
+    """'model.key=value (the preset's: value)' for each key of the preset that the config sets otherwise."""
+    return [f"model.{k}={getattr(m, k)!r} (the preset's: {v!r})" for k, v in _preset(m).items()
+            if getattr(m, k) is not None and getattr(m, k) != v]
+
+
+def fill_model_config(m: ModelConfig) -> None:
+    """Writes the resolved values into `m`, so the saved config shows the network that trained; keys
+    the family reads only under a condition that is off stay null."""
+    values = resolve_model(m)
+    off = unread_keys(m.name, values)
+    for key, value in values.items():
+        setattr(m, key, None if key in off else list(value) if isinstance(value, tuple) else value)
 
 @dataclass
 class DataConfig:
@@ -216,6 +265,12 @@ def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
         return ConfigError(f"unknown config key '{key}' (from {source}); {hint}valid keys at {where}: "
                            f"{', '.join(_fields(cls))}")
     if isinstance(err, ValidationError):
+        section = re.search(r"is not a subclass of (\w+)", msg)
+        if key == "?" and section:  # a scalar or list where a section belongs, e.g. `model: dit`
+            names = [f.name for f in dataclasses.fields(Config) if f.default_factory is not dataclasses.MISSING
+                     and type(f.default_factory()).__name__ == section[1]]
+            return ConfigError(f"config section '{names[0] if names else section[1]}' (from {source}) must be a "
+                               f"mapping of keys, e.g. model: {{name: dit}}, not a single value")
         hint = ""
         if ("'True'" in msg or "'False'" in msg) and "'on'" in msg:
             hint = '; YAML reads on/off as true/false: quote it, e.g. compile: "on"'
@@ -304,13 +359,13 @@ def validate(cfg: Config) -> None:
     need(cfg.nan_policy == "skip" or cfg.nan_skip_limit == Config.nan_skip_limit,
          "nan_skip_limit applies to nan_policy=skip only; set nan_policy=skip or drop nan_skip_limit")
     m, d = cfg.model, cfg.data
-    from .models import fill_model_config  # the registry (it imports torch); config.py itself does not
     fill_model_config(m)                   # explicit > preset > MODEL_DEFAULTS; unread keys refused
     if m.name in ("dit", "mmdit"):
         need(min(m.depth, m.hidden_size, m.num_heads, m.patch_size) >= 1,
              "model.depth, hidden_size, num_heads and patch_size must be >= 1")
         need(m.hidden_size % m.num_heads == 0,
-             f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
+             f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})"
+             f"{f'; model.preset={m.preset} fills the keys you leave unset' if m.preset else ''}")
         need(d.resolution % m.patch_size == 0,
              f"data.resolution ({d.resolution}) must be a multiple of the patch size ({m.patch_size}"
              f"{' of ' + m.preset if m.preset else ''}); change model.patch_size or data.resolution")
@@ -395,8 +450,8 @@ def _validate_unet(cfg: Config, need) -> None:
     _validate_unet_shape(m, d, need)
     need(0 <= m.label_balance <= 1 and 0 <= m.concat_balance <= 1,
          "model.label_balance and model.concat_balance must be in [0, 1]")
-    need(m.sigma_data > 0, "model.sigma_data must be > 0")
-    need(m.logvar_channels >= 1, "model.logvar_channels must be >= 1")
+    need(m.sigma_data is None or m.sigma_data > 0, "model.sigma_data must be > 0")
+    need(m.logvar_channels is None or m.logvar_channels >= 1, "model.logvar_channels must be >= 1")
     need(m.preconditioning != "edm" or cfg.objective.name == "rectified_flow",
          f"model.preconditioning=edm is written for rectified flow's time (sigma = t / (1 - t)); with "
          f"objective.name={cfg.objective.name} use model.preconditioning=none")
@@ -467,13 +522,21 @@ def from_yaml_text(text: str) -> Config:
 
 
 def _drop_unread_defaults(m: ModelConfig) -> None:
-    """Configs saved before each family declared its keys list every model.* key; those the family
-    does not read and that hold the old schema default (MODEL_DEFAULTS) were never used: unset them."""
-    from .models import FAMILIES
-
-    family = FAMILIES.get(m.name)
+    """Configs saved before each family declared its keys list every model.* key with a value: the
+    schema default where nothing was set, even where a preset then overrode it. Read them as that
+    code did: keys the family does not read, or reads only under a condition that is off, and hold
+    the old default were never used (unset them); the preset's keys were the preset's (unset them)."""
+    keys = FAMILY_KEYS.get(m.name)
+    if keys is None or all(getattr(m, k) is None for k in MODEL_DEFAULTS if k not in keys):
+        return                                 # written by this version: unread keys are null
     for key, default in MODEL_DEFAULTS.items():
-        if family is not None and key not in family.keys and getattr(m, key) == default:
+        if key not in keys and getattr(m, key) == default:
+            setattr(m, key, None)
+    for key in PRESETS[m.name].get(m.preset, {}) if m.preset else ():
+        setattr(m, key, None)
+    values = {k: MODEL_DEFAULTS[k] if getattr(m, k) is None else getattr(m, k) for k in keys}
+    for key in unread_keys(m.name, values):
+        if getattr(m, key) == MODEL_DEFAULTS[key]:
             setattr(m, key, None)
 
 

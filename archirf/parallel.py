@@ -14,8 +14,9 @@ Models know nothing of this; they only expose `blocks` (an nn.ModuleList of the 
 and keep every buffer persistent (the initial weights travel as a state dict).
 
 Precision, one rule for both paths. Parameters are fp32 masters; under precision=bf16 the forward runs in
-bf16 autocast, which computes matmuls and convolutions in bf16; the residual stream and the conditioning
-vectors are fp32 (the models make them so), and no wrapper casts a block's inputs. FSDP2 gathers the
+bf16 autocast, which computes matmuls and convolutions in bf16; the transformers' residual streams and
+every model's conditioning vector are fp32 (the models make them so), a UNet's feature maps are what
+autocast's convolutions return (bf16), and no wrapper casts a block's inputs. FSDP2 gathers the
 parameters in bf16 (half the traffic), so the only difference from one rank is where a parameter enters
 outside a matmul (an embedding row, a gain): bf16-rounded there. tests/test_precision.py holds both paths
 to the same dtypes at every block and the same values within bf16 tolerance.

@@ -93,8 +93,12 @@ def load_for_sampling(path: str | Path, weights: str = "ema") -> tuple[nn.Module
             raise SampleError(f"{path} cannot be read as a snapshot ({_reason(err)}); it may be truncated: "
                               f"take another file from the run's snapshots/ folder, or pass the run dir") from None
         cfg = _saved_config(meta["config"], f"the config inside {path}")
-        model = build_model(cfg, saved=tensors)
-        model.load_state_dict(tensors)
+        try:
+            model = build_model(cfg, saved=tensors)
+            model.load_state_dict(tensors)
+        except (ValueError, RuntimeError) as err:      # weights of another network than its config describes
+            raise SampleError(f"{path}: its weights do not fit the network its config describes ({_reason(err)}); "
+                              f"take another file from the run's snapshots/ folder, or pass the run dir") from None
         return model, cfg, f"{meta.get('weights', '?')} weights from snapshot {path} (images seen {meta.get('images_seen')})"
     if not path.is_dir():
         raise SampleError(f"{path}: no such run dir or snapshot file")

@@ -21,12 +21,11 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import parallel
-from .config import Config, ConfigError, batch_split, config_changes, to_yaml
+from .config import Config, ConfigError, batch_split, config_changes, preset_departures, to_yaml
 from .data import build_loader, skipped_images
 from .ema import EMA
 from .posthoc_ema import PostHocEMA
 from .metrics import Metrics, set_aside_after
-from .models import preset_departures
 from .objectives import build_objective
 from .optim import build_optimizer, lr_at
 from .parallel import Env

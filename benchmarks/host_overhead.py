@@ -44,8 +44,12 @@ from archirf.objectives import build_objective
 from archirf.optim import build_optimizer, lr_at
 from archirf.sample import autocast_model_fn
 
-TINY = ["model.preset=null", "model.patch_size=2", "model.hidden_size=64", "model.num_heads=2",  # + the recipe's depth
-        "data.resolution=8", "data.channels=4", "data.synthetic_size=256", "micro_batch=2"]
+TINY_DATA = ["data.resolution=8", "data.channels=4", "data.synthetic_size=256", "micro_batch=2"]
+TINY_MODEL = {  # per family: a small width, the recipe's number of blocks (transformers)
+    "transformer": ["model.preset=null", "model.patch_size=2", "model.hidden_size=64", "model.num_heads=2"],
+    "unet": ["model.preset=null", "model.channels=32", "model.channel_mult=[1,2]", "model.num_res_blocks=1",
+             "model.attn_resolutions=[4]"],
+}
 PHASES = ("forward_backward", "clip", "optimizer_step", "zero_grad", "ema", "other")
 
 
@@ -193,12 +197,16 @@ def measure(name: str, cfg, env, args, run_dir: Path, torch_step: bool) -> dict:
     return out
 
 
-def recipe_depth(cfg) -> int:
-    """The number of repeated blocks of the recipe's model (a meta-device build: no memory, no init)."""
-    from archirf.models import build_model
-
-    with torch.device("meta"):
-        return len(build_model(cfg).blocks)
+def tiny_size(cfg, world_size: int) -> list[str]:
+    """Overrides that shrink the recipe's network and data but keep its number of blocks (transformers)."""
+    m = cfg.model
+    if m.name in ("dit", "mmdit"):
+        depth = [f"model.depth={m.depth}"] + ([f"model.depth_single_blocks={m.depth_single_blocks}"]
+                                             if m.name == "mmdit" else [])
+        model = [*TINY_MODEL["transformer"], *depth]
+    else:
+        model = TINY_MODEL["unet"]
+    return [*model, *TINY_DATA, f"global_batch={2 * world_size}"]
 
 
 def main(argv=None) -> int:
@@ -218,7 +226,7 @@ def main(argv=None) -> int:
     base = load_config(args.config, list(args.overrides))
     tiny = args.tiny or not torch.cuda.is_available()
     with parallel.distributed(base) as env:
-        size = [*TINY, f"model.depth={recipe_depth(base)}", f"global_batch={2 * env.world_size}"] if tiny else []
+        size = tiny_size(base, env.world_size) if tiny else []
         results = []
         for variant in args.variants.split(";"):
             extra = [] if variant in ("base", "torch_step") else variant.split("+")

@@ -120,6 +120,9 @@ def main(argv=None) -> int:
             cfg = copy.deepcopy(base)
             kind = name.removesuffix("_ref")
             if name.endswith("_ref"):
+                if cfg.model.kernels is None:
+                    raise SystemExit(f"variant {name}: model.name={cfg.model.name} has no model.kernels to set to "
+                                     f"reference; drop the _ref variants")
                 cfg.model.kernels = "reference"
             if kind in ("fsdp", "plain"):
                 cfg.parallel.shard_single_rank = kind == "fsdp"

@@ -365,8 +365,8 @@ FAST = ["total_images=256", "global_batch=64", "log_every=128", "sample_every=0"
 
 
 @pytest.mark.parametrize("objective", [["objective.name=rectified_flow"],
-                                       ["objective.name=ddpm", "model.preconditioning=none", "sample.sampler=auto",
-                                        "sample.grid=uniform"]], ids=["rf", "ddpm"])
+                                       ["objective.name=ddpm", "model.preconditioning=none", "model.sigma_data=null",
+                                        "sample.sampler=auto", "sample.grid=uniform"]], ids=["rf", "ddpm"])
 def test_recipe_trains_a_few_steps(tmp_path, objective):
     import json
 

@@ -254,3 +254,31 @@ def test_skipped_images_are_counted_in_metrics_and_the_summary(tmp_path, capsys)
     out = capsys.readouterr().out
     assert f"skipped 1 unreadable image(s) under data.root={tmp_path / 'images'}" in out
 
+
+
+def test_a_single_value_where_a_section_belongs_names_the_section(tmp_path):
+    recipe = tmp_path / "scalar.yaml"
+    recipe.write_text("model: dit\n")
+    with pytest.raises(ConfigError, match=r"config section 'model' .* must be a mapping of keys"):
+        load_config(str(recipe))
+
+
+def test_a_shape_error_says_the_preset_filled_the_other_key():
+    with pytest.raises(ConfigError, match=r"hidden_size \(1152\) must be divisible by model.num_heads \(5\); "
+                                          r"model.preset=DiT-XL/2 fills"):
+        load_config(None, ["model.preset=DiT-XL/2", "model.num_heads=5", "data.resolution=32"])
+
+
+def test_sample_snapshot_whose_weights_do_not_fit_its_config(run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    snap = ckpt.latest_snapshot(run)
+    from safetensors import safe_open
+    with safe_open(str(snap), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(snap))
+    tensors.pop(next(k for k in tensors if k.startswith("blocks.1.")))       # a tensor of the config's network gone
+    foreign = tmp_path / "foreign.safetensors"
+    save_file(tensors, str(foreign), metadata=meta)
+    line = sample_fails(capsys, str(foreign))
+    assert str(foreign) in line and "its weights do not fit the network its config describes" in line

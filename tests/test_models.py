@@ -5,12 +5,15 @@ CPU, a few seconds (plus one inductor compile: ~15 s with a cold cache, ~3 s war
 
 from types import SimpleNamespace
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import archirf_kernels
 from archirf.config import MODEL_DEFAULTS, Config, ConfigError, DataConfig, ModelConfig, load_config
-from archirf.models import DIT_PRESETS, DiT, build_model, preset_departures
+from archirf.config import preset_departures
+from archirf.models import DIT_PRESETS, DiT, build_model
 from archirf.models.layers import Attention, LabelEmbedder, modulate, unpatchify
 
 
@@ -270,17 +273,48 @@ def test_a_key_the_family_does_not_read_is_an_error(name, key):
         load_config(None, [f"model.name={name}", key])
 
 
-def test_a_config_saved_before_the_families_declared_their_keys_still_loads():
-    """Older run dirs list every model.* key with the old schema defaults; those a family never read
-    are unset on load, so the run can still be sampled. A non-default one is still refused."""
+@pytest.mark.parametrize("recipe", sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_a_config_saved_before_the_families_declared_their_keys_builds_the_same_network(recipe):
+    """Older run dirs and snapshots list every model.* key: the recipe's, else the old schema default
+    (MODEL_DEFAULTS), even beside a preset that overrode it (preset: DiT-XL/2 next to depth: 6).
+    Read back, each shipped recipe's old file resolves to the network that trained."""
+    from omegaconf import OmegaConf
+
+    from archirf.config import from_yaml_text, to_yaml
+
+    new = load_config(recipe)
+    written = dict(OmegaConf.to_container(OmegaConf.load(recipe)).get("model", {}))
+    saved = OmegaConf.to_container(OmegaConf.create(to_yaml(new)))
+    saved["model"] = {"name": new.model.name, "preset": new.model.preset, **MODEL_DEFAULTS, **written}
+    old = from_yaml_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+    assert old.model == new.model
+
+
+def test_an_old_config_with_a_key_its_family_never_read_set_is_refused():
     from omegaconf import OmegaConf
 
     from archirf.config import from_yaml_text, to_yaml
 
     saved = OmegaConf.to_container(OmegaConf.create(to_yaml(load_config(None, ["model.name=mmdit"]))))
-    saved["model"].update({k: v for k, v in MODEL_DEFAULTS.items() if saved["model"][k] is None})
-    cfg = from_yaml_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
-    assert cfg.model.qk_norm is None and cfg.model.channels is None and cfg.model.label_tokens == 4
-    saved["model"]["qk_norm"] = True
+    saved["model"].update({k: v for k, v in MODEL_DEFAULTS.items() if saved["model"][k] is None}, qk_norm=True)
     with pytest.raises(ConfigError, match="model.qk_norm=True is not read by model.name=mmdit"):
         from_yaml_text(OmegaConf.to_yaml(OmegaConf.create(saved)))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model.name=edm2_unet", "model.sigma_data=0.9"], "model.sigma_data=0.9 is not read.*preconditioning=edm"),
+    (["model.name=edm2_unet", "model.logvar_channels=7"], "logvar_channels=7 is not read.*uncertainty_weighting=true"),
+    (["model.attn_impl=sdpa", "model.attn_backend=fused"], "model.attn_backend='fused' is not read.*attn_impl=triton"),
+    (["model.attn_backend=sdpa"], "model.attn_backend='sdpa' is not read"),          # DiT, auto, no QK-norm
+    (["model.name=adm_unet", "model.attn_backend=fused"], "model.attn_backend='fused' is not read"),
+])
+def test_a_key_read_only_under_a_condition_that_is_off_is_an_error(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_keys_under_a_condition_that_is_on_are_read_and_saved():
+    cfg = load_config(None, ["model.name=edm2_unet", "model.preconditioning=edm", "model.sigma_data=0.9"])
+    assert cfg.model.sigma_data == 0.9 and cfg.model.logvar_channels is None   # off: saved as null
+    assert load_config(None, ["model.qk_norm=true", "model.attn_backend=fused"]).model.attn_backend == "fused"
+    assert load_config(None, ["model.name=mmdit", "model.attn_backend=sdpa"]).model.attn_backend == "sdpa"

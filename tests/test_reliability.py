@@ -241,3 +241,15 @@ def test_slurm_script_reads_a_checkpointed_stop_as_success(tmp_path, sender):
     assert json.loads((run / "stopped.json").read_text())["images_seen"] >= 16
     requeued = (tmp_path / "scontrol.log").read_text() if (tmp_path / "scontrol.log").exists() else ""
     assert requeued == ("requeue 7\n" if sender == "script" else "")
+
+
+def test_a_resume_into_a_smaller_network_is_refused_not_truncated(tmp_path):
+    """DCP loads only the keys it is asked for: without the check a depth-1 relaunch of a depth-2 run
+    trained on with the second block silently dropped."""
+    run = tmp_path / "run"
+    train(tiny(run, "total_images=32", "log_every=16"))
+    before = _files(run)
+    with pytest.raises(ConfigError, match=r"does not fit this config: it holds \d+ model tensors the configured "
+                                          r"network lacks \(e.g. blocks\.1\."):
+        train(tiny(run, "total_images=64", "log_every=16", "model.depth=1"))
+    assert _files(run) == before

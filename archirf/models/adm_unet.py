@@ -22,13 +22,7 @@ from .layers import Attention, LabelEmbedder, TimestepEmbedder, modulate
 
 GROUPS = 32  # GroupNorm groups, as ADM's normalization()
 
-# base channels, channel multiplier per level, residual blocks per level, attention at these sides
-ADM_PRESETS = {
-    # 32x32 (CIFAR-10-like): improved DDPM's CIFAR-10 model (Nichol & Dhariwal 2021) with ADM's blocks.
-    "ADM-32": dict(channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=3, attn_resolutions=[16, 8]),
-    # 64x64: ADM's ImageNet-64 model (Dhariwal & Nichol 2021, Table 11; 296M parameters there).
-    "ADM-64": dict(channels=192, channel_mult=[1, 2, 3, 4], num_res_blocks=3, attn_resolutions=[32, 16, 8]),
-}
+from ..families import ADM_PRESETS  # noqa: F401  (re-exported)
 
 
 def conv_macs(conv: nn.Conv2d, side: int) -> int:

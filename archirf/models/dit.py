@@ -17,15 +17,7 @@ import torch.nn as nn
 from .layers import (AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, init_adaln_transformer_,
                      resolve_kernels, unpatchify)
 
-# Sizes from DiT Table 1:  hidden_size, depth, num_heads
-_DIT_SIZES = {
-    "S":  (384,  12, 6),
-    "B":  (768,  12, 12),
-    "L":  (1024, 24, 16),
-    "XL": (1152, 28, 16),
-}
-DIT_PRESETS = {f"DiT-{size}/{p}": dict(hidden_size=h, depth=d, num_heads=n, patch_size=p)
-               for size, (h, d, n) in _DIT_SIZES.items() for p in (2, 4, 8)}
+from ..families import DIT_PRESETS  # noqa: F401  (the paper's sizes; re-exported)
 
 
 # DiT's block and output layer are the shared adaLN-Zero pieces (MMDiT's single-stream blocks too).

@@ -40,17 +40,8 @@ import archirf_kernels as K
 
 from .layers import drop_labels, resolve_kernels, use_fused_kernels
 
-# EDM2 Table 2 / config G sizes: base channels and dropout from the table; channel_mult (1, 2, 3, 4), 3 blocks per
-# level, attention at 16x16 and 8x8 for both ImageNet-512 latents (64x64x4) and ImageNet-64 pixels.
-_CONFIG_G = dict(channel_mult=(1, 2, 3, 4), num_res_blocks=3, attn_resolutions=(16, 8))
-EDM2_PRESETS = {
-    "EDM2-XS":  dict(channels=128, dropout=0.0, **_CONFIG_G),
-    "EDM2-S":   dict(channels=192, dropout=0.0, **_CONFIG_G),
-    "EDM2-M":   dict(channels=256, dropout=0.1, **_CONFIG_G),
-    "EDM2-L":   dict(channels=320, dropout=0.1, **_CONFIG_G),
-    "EDM2-XL":  dict(channels=384, dropout=0.1, **_CONFIG_G),
-    "EDM2-XXL": dict(channels=448, dropout=0.1, **_CONFIG_G),
-}
+from ..families import EDM2_PRESETS  # noqa: F401  (re-exported)
+
 PRECONDITIONINGS = ("none", "edm")
 
 

@@ -247,7 +247,7 @@ def resolve_attn_impl(attn_impl: str, qk_norm: bool = False) -> str:
 
 def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
     """The QK-norm attention op's backend for every Attention in `model` (where the op runs: attn_impl
-    triton, or auto on CUDA): 'auto' (= 'sdpa', the faster), 'sdpa' (a norm pass, then SDPA; keeps the
+    triton, or auto on CUDA): 'auto' (per call by tokens and head dim: kernels/attention.py choose_backend), 'sdpa' (a norm pass, then SDPA; keeps the
     normalised q, k, v for the backward) or 'fused' (the norm inside our flash kernels: nothing
     normalised kept, streams never concatenated; the least activation memory)."""
     if backend not in archirf_kernels.reference.ATTENTION_BACKENDS:

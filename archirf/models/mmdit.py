@@ -24,17 +24,7 @@ from .layers import (AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, Pret
                      init_adaln_transformer_, joint_attention, resolve_kernels,
                      unpatchify)
 
-# SD3's scaling family (Esser et al. 2024, Sec. 5.3): width 64 * depth, head width 64, patch 2.
-_SD3_DEPTHS = (15, 18, 21, 24, 30, 38)
-# hidden_size, depth (double-stream), depth_single_blocks, num_heads, patch_size
-MMDIT_PRESETS = {
-    **{f"MMDiT-d{d}": dict(hidden_size=64 * d, depth=d, depth_single_blocks=0, num_heads=d, patch_size=2)
-       for d in _SD3_DEPTHS},
-    "MMDiT-S/2":  dict(hidden_size=384,  depth=6, depth_single_blocks=0,  num_heads=6,  patch_size=2),   # 32x32 pixels
-    "MMDiT-B/2":  dict(hidden_size=768,  depth=4, depth_single_blocks=8,  num_heads=12, patch_size=2),   # 32x32x4 latents
-    # DiT-XL/2's width and 28 blocks (so about its FLOPs per token), head width 64, a third double-stream.
-    "MMDiT-XL/2": dict(hidden_size=1152, depth=9, depth_single_blocks=19, num_heads=18, patch_size=2),
-}
+from ..families import MMDIT_PRESETS  # noqa: F401  (re-exported)
 
 
 class DoubleStreamBlock(nn.Module):
