@@ -318,3 +318,17 @@ def test_keys_under_a_condition_that_is_on_are_read_and_saved():
     assert cfg.model.sigma_data == 0.9 and cfg.model.logvar_channels is None   # off: saved as null
     assert load_config(None, ["model.qk_norm=true", "model.attn_backend=fused"]).model.attn_backend == "fused"
     assert load_config(None, ["model.name=mmdit", "model.attn_backend=sdpa"]).model.attn_backend == "sdpa"
+
+
+def test_the_config_schema_and_the_families_agree_and_the_config_needs_no_torch():
+    import dataclasses
+    import subprocess
+    import sys
+
+    from archirf.families import FAMILY_KEYS, PRESETS
+
+    assert set(MODEL_DEFAULTS) == {f.name for f in dataclasses.fields(ModelConfig)} - {"name", "preset"}
+    assert all(set(keys) <= set(MODEL_DEFAULTS) for keys in FAMILY_KEYS.values())
+    assert all(set(p) <= set(FAMILY_KEYS[name]) for name, presets in PRESETS.items() for p in presets.values())
+    code = "import sys, archirf.config; assert 'torch' not in sys.modules, 'archirf.config imported torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
