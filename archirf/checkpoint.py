@@ -71,6 +71,19 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """Replaces `path` whole or not at all (a temp file beside it, fsync, rename): a crash or a full disk
+    never leaves a run's config.yaml or stopped.json cut short. An OSError names `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        _fsync_write(tmp, text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None
+
+
 @contextlib.contextmanager
 def _quiet_single_process():
     """DCP warns on every single-process save/load even with no_dist=True; that case is intended here."""
@@ -206,8 +219,9 @@ def disk_full(run_dir: str | Path, what: str) -> DiskFull:
     except OSError:
         free = "free space unknown"
     return DiskFull(f"the disk is full: writing {what} failed ({free}); the newest complete checkpoint "
-                    f"({latest_checkpoint(run_dir) or 'none yet'}) is intact: free space on that file system (or "
-                    f"lower keep_checkpoints) and relaunch the same command to resume from it")
+                    f"({latest_checkpoint(run_dir) or 'none yet'}) is intact: free space on that file system (older "
+                    f"checkpoints/images-* dirs can go: keep_checkpoints prunes only after a save succeeds) and "
+                    f"relaunch the same command to resume from it")
 
 
 def _listed_damage(path: Path) -> tuple[Optional[str], dict]:
@@ -262,6 +276,14 @@ def images_of(path: Path) -> int:
     return int(_NAME.match(path.name).group(1))
 
 
+def check_intact(path: str | Path) -> None:
+    """DamagedCheckpoint naming what is wrong when a checkpoint's files do not match its marker (all ranks)."""
+    path = Path(path)
+    if problem := damage(path):
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: {problem}; pick an intact one listed by "
+                                f"`ls {path.parent}` (resume=PATH), or resume=auto to take the newest intact one")
+
+
 def load_checkpoint(path: str | Path, state: dict[str, Any], verified: bool = False) -> dict[str, Any]:
     """Loads in place into `state` (tensors are filled, plain values replaced); returns `state`.
     The files are checked against the marker first unless the caller has just done so (`verified`)."""
@@ -269,9 +291,8 @@ def load_checkpoint(path: str | Path, state: dict[str, Any], verified: bool = Fa
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker); "
                                 f"pick one listed by `ls {path.parent}` or use resume=auto")
-    if not verified and (problem := damage(path)):
-        raise DamagedCheckpoint(f"checkpoint {path} is damaged: {problem}; pick an intact one listed by "
-                                f"`ls {path.parent}` (resume=PATH), or resume=auto to take the newest intact one")
+    if not verified:
+        check_intact(path)
     try:
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
@@ -312,21 +333,24 @@ def load_training_state(path: str | Path, model, optimizer, ema, loader, posthoc
     """Restores model, optimizer, EMA(s) and loader in place from `path` (any world size); returns images seen."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
+    if not verified:
+        check_intact(path)                       # before any read of its metadata
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     if posthoc is not None:
-        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        lacking = [w for w in posthoc.emas if not any(k.startswith(f"posthoc.{w}.") for k in keys)]
+        lacking = [w for w in posthoc.emas if not any(k.startswith(f"posthoc.{w}.") for k in saved)]
         if lacking:
             raise ValueError(f"{path} holds no post-hoc EMA of sigma_rel {', '.join(lacking)}: they average from "
                              f"image 0, so they cannot start in a resumed run; resume with the widths the run "
                              f"started with (or none), or train a new run")
     state = _training_state(model, optimizer, ema, loader, 0, posthoc)
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    extra = sorted(k[len("model."):] for k in saved if k.startswith("model.") and k[len("model."):] not in state["model"])
-    if extra:  # DCP loads only what is asked for: a smaller network would drop these silently
-        raise ValueError(f"checkpoint {path} does not fit this config: it holds {len(extra)} model tensors the "
-                         f"configured network lacks (e.g. {extra[0]}); resume with the settings that wrote it (the "
-                         f"run dir's config.yaml), or start over with resume=none")
-    state = load_checkpoint(path, state, verified)
+    held = {k[len("model."):] for k in saved if k.startswith("model.")}
+    extra, missing = sorted(held - set(state["model"])), sorted(set(state["model"]) - held)
+    if extra or missing:  # DCP loads only what is asked for: a smaller network would drop the rest silently
+        what = (f"{len(extra)} model tensors the configured network lacks (e.g. {extra[0]})" if extra else
+                f"none of {len(missing)} tensors the configured network has (e.g. {missing[0]})")
+        raise ValueError(f"checkpoint {path} does not fit this config: it holds {what}; resume with the settings "
+                         f"that wrote it (the run dir's config.yaml), or start over with resume=none")
+    state = load_checkpoint(path, state, verified=True)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     ema.load_state_dict(state["ema"])
     if posthoc is not None:

@@ -303,6 +303,12 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor
     return total
 
 
+def barrier(env: Env) -> None:
+    """All ranks wait here, on the host (gloo) group: no GPU work to time out behind."""
+    if env.world_size > 1:
+        dist.barrier(group=env.control_group)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Metrics' reduce hook: the sum over ranks, in place (a device collective; the caller syncs)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

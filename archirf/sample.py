@@ -77,7 +77,8 @@ def load_for_sampling(path: str | Path, weights: str = "ema") -> tuple[nn.Module
     complete checkpoint), one checkpoint dir of a run, or a snapshot."""
     from torch.distributed.checkpoint import CheckpointException
 
-    from .checkpoint import complete_checkpoints, is_complete, latest_checkpoint, load_checkpoint, load_snapshot
+    from .checkpoint import (complete_checkpoints, damage, is_complete, latest_checkpoint, load_checkpoint,
+                             load_snapshot)
     from .models import build_model
 
     path = Path(path)
@@ -111,6 +112,11 @@ def load_for_sampling(path: str | Path, weights: str = "ema") -> tuple[nn.Module
         raise SampleError(f"{path / 'config.yaml'} is missing: the run dir needs the config it was trained "
                           f"with; pass a snapshot file from {path / 'snapshots'} instead (it carries its config)")
     cfg = _saved_config((path / "config.yaml").read_text(), str(path / "config.yaml"))
+    earlier = [c for c in complete_checkpoints(path) if c.name < ckpt.name]
+    also = f", or the checkpoint before it: {earlier[-1]}" if earlier else ""
+    if problem := damage(ckpt):
+        raise SampleError(f"checkpoint {ckpt} is damaged ({problem}); sample a snapshot file from "
+                          f"{path / 'snapshots'}{also}")
     # DCP raises many types for a damaged checkpoint (some not even Exceptions): each becomes one line.
     try:
         model = build_model(cfg, saved=_saved_buffers(ckpt))
@@ -119,11 +125,9 @@ def load_for_sampling(path: str | Path, weights: str = "ema") -> tuple[nn.Module
         state = {key: sd}
         if key == "ema":  # the EMA holds parameters; buffers come from the trained model's state
             state["model"] = {n: b.detach().clone() for n, b in model.named_buffers()}
-        state = load_checkpoint(ckpt, state)
+        state = load_checkpoint(ckpt, state, verified=True)
         model.load_state_dict({**state.get("model", {}), **state[key]}, strict=key == "model")
     except (Exception, CheckpointException) as err:
-        earlier = [c for c in complete_checkpoints(path) if c.name < ckpt.name]
-        also = f", or the checkpoint before it: {earlier[-1]}" if earlier else ""
         raise SampleError(f"checkpoint {ckpt} cannot be read ({_reason(err)}); sample a snapshot file from "
                           f"{path / 'snapshots'}{also}") from None
     return model, cfg, f"{'EMA' if key == 'ema' else 'raw (non-EMA)'} weights from checkpoint {ckpt}"

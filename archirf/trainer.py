@@ -11,6 +11,7 @@ owns the training state. Only rank 0 prints, plots and writes samples, snapshots
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import parallel
-from .config import Config, ConfigError, batch_split, config_changes, preset_departures, to_yaml
+from .config import (Config, ConfigError, batch_split, config_changes, from_yaml_text, preset_departures,
+                     to_yaml)
 from .data import build_loader, skipped_images
 from .ema import EMA
 from .posthoc_ema import PostHocEMA
@@ -99,6 +101,27 @@ def _claim_run_dir(run_dir: Path, config_yaml: str, images_seen: int, resume: Op
         print(f"archirf: moved {len(moved)} post-hoc EMA files after {images_seen:,} images to {moved[0].parent}")
 
 
+# model.* keys a resumed run may change: how the same network runs or is regularised, not which network it is
+_RESUMABLE_MODEL_KEYS = {"preset", "attn_impl", "attn_backend", "kernels", "class_dropout_prob", "dropout",
+                         "class_embeddings"}
+
+
+def _refuse_another_network(cfg: Config, resume: Path) -> None:
+    """ConfigError when the config describes another network than the one the checkpoint's run trained, even
+    with every tensor shape the same (model.num_heads, model.sigma_data ...): it would load and train on."""
+    saved = resume.parent.parent / "config.yaml"
+    try:
+        old = from_yaml_text(saved.read_text()).model
+    except (OSError, ConfigError):
+        return                       # no readable config beside it: the shapes are still checked at load
+    changed = [f"model.{f.name}: {getattr(old, f.name)!r} -> {getattr(cfg.model, f.name)!r}"
+               for f in dataclasses.fields(old)
+               if f.name not in _RESUMABLE_MODEL_KEYS and getattr(old, f.name) != getattr(cfg.model, f.name)]
+    if changed:
+        raise ConfigError(f"checkpoint {resume} was trained as another network ({'; '.join(changed)}, per {saved}); "
+                          f"resume with the network that wrote it, or start over with resume=none")
+
+
 def _record_config(run_dir: Path, config_yaml: str) -> None:
     """Writes the run dir's config.yaml. A run dir that already has a different one (a resume with changed
     keys) keeps it as config.N.yaml, and the changed keys are printed: e.g. a new EMA kind then averages
@@ -108,12 +131,12 @@ def _record_config(run_dir: Path, config_yaml: str) -> None:
         n = 1
         while (run_dir / f"config.{n}.yaml").exists():
             n += 1
-        (run_dir / f"config.{n}.yaml").write_text(old)
+        ckpt.write_atomic(run_dir / f"config.{n}.yaml", old)
         changes = config_changes(old, config_yaml)
         print(f"archirf: the config differs from {path} ({'; '.join(changes[:12])}"
               f"{f'; {len(changes) - 12} more' if len(changes) > 12 else ''}); the previous one is kept as "
               f"config.{n}.yaml")
-    path.write_text(config_yaml)
+    ckpt.write_atomic(path, config_yaml)
 
 
 def train(cfg: Config) -> Path:
@@ -152,6 +175,7 @@ def _train(cfg: Config, env: Env) -> Path:
     images_seen = 0
     resume, damaged = _resume_path(cfg, run_dir)
     if resume is not None:
+        _refuse_another_network(cfg, resume)
         try:
             images_seen = ckpt.load_training_state(resume, model, optimizer, ema, loader, posthoc,
                                                    verified=cfg.resume == "auto")
@@ -301,10 +325,13 @@ def _train(cfg: Config, env: Env) -> Path:
                       f"replaced by the next readable file (the warnings above name them)")
         if stopped:
             if env.is_main:
-                (run_dir / STOPPED).write_text(json.dumps({"images_seen": images_seen, "checkpoint": str(path),
-                                                           "signal": stop.agreed_signum}))
+                ckpt.write_atomic(run_dir / STOPPED, json.dumps({"images_seen": images_seen, "checkpoint": str(path),
+                                                                 "signal": stop.agreed_signum}))
                 print(f"archirf: received signal {stop.agreed_signum}; checkpointed at {images_seen:,} images, "
                       f"exiting")
+            # every rank waits for stopped.json: a node whose ranks exited first ends its torchrun, and srun's
+            # --kill-on-bad-exit would then kill rank 0 before the scheduler script can read the file
+            parallel.barrier(env)
             return run_dir
         write_samples(images_seen, final=True)
         if env.is_main:

@@ -104,9 +104,14 @@ def test_a_failed_resume_changes_nothing_in_the_run_dir(tmp_path):
     posthoc = ["ema.posthoc_sigma_rels=[0.1]", "ema.posthoc_every=16"]
     train(tiny(run, "total_images=32", "log_every=16", *posthoc))
     before = _files(run)
-    with pytest.raises(ConfigError, match="does not fit this config .*Size mismatch"):
+    with pytest.raises(ConfigError, match=r"was trained as another network \(model.hidden_size: 32 -> 64"):
         train(tiny(run, "total_images=64", "log_every=16", "model.hidden_size=64", *posthoc))
     assert _files(run) == before  # config.yaml included: the run can still be sampled
+    (run / "config.yaml").rename(tmp_path / "config.yaml")          # without it, the checkpoint's shapes decide
+    before = _files(run)
+    with pytest.raises(ConfigError, match="does not fit this config .*Size mismatch"):
+        train(tiny(run, "total_images=64", "log_every=16", "model.hidden_size=64", *posthoc))
+    assert _files(run) == before
 
 
 def test_a_killed_run_resumes_without_repeating_metric_lines(tmp_path):
@@ -243,13 +248,49 @@ def test_slurm_script_reads_a_checkpointed_stop_as_success(tmp_path, sender):
     assert requeued == ("requeue 7\n" if sender == "script" else "")
 
 
-def test_a_resume_into_a_smaller_network_is_refused_not_truncated(tmp_path):
-    """DCP loads only the keys it is asked for: without the check a depth-1 relaunch of a depth-2 run
-    trained on with the second block silently dropped."""
+def test_a_resume_into_another_network_is_refused_not_truncated(tmp_path):
+    """DCP loads only the keys it is asked for: without these checks a depth-1 relaunch of a depth-2 run
+    trained on with the second block silently dropped, a depth-3 one was blamed on the checkpoint, and
+    a relaunch with other heads (the same shapes) trained on as another network."""
     run = tmp_path / "run"
     train(tiny(run, "total_images=32", "log_every=16"))
+    before = _files(run)
+    for change in ("model.depth=1", "model.num_heads=4"):
+        with pytest.raises(ConfigError, match=rf"was trained as another network \(model.{change[6:-2]}: 2 -> "):
+            train(tiny(run, "total_images=64", "log_every=16", change))
+    (run / "config.yaml").rename(tmp_path / "config.yaml")          # without it, the checkpoint's tensors decide
     before = _files(run)
     with pytest.raises(ConfigError, match=r"does not fit this config: it holds \d+ model tensors the configured "
                                           r"network lacks \(e.g. blocks\.1\."):
         train(tiny(run, "total_images=64", "log_every=16", "model.depth=1"))
+    with pytest.raises(ConfigError, match=r"does not fit this config: it holds none of \d+ tensors the configured "
+                                          r"network has \(e.g. blocks\.2\."):
+        train(tiny(run, "total_images=64", "log_every=16", "model.depth=3"))
     assert _files(run) == before
+
+
+def test_resume_path_of_a_damaged_checkpoint_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    train(tiny(run, "total_images=32", "log_every=16", "ema.posthoc_sigma_rels=[0.1]", "ema.posthoc_every=16"))
+    newest = ckpt.latest_checkpoint(run)
+    (newest / ".metadata").write_bytes(b"")
+    before = _files(run)
+    with pytest.raises(ConfigError, match=r"is damaged: .metadata is 0 bytes"):
+        train(tiny(run, "total_images=64", "log_every=16", f"resume={newest}", "ema.posthoc_sigma_rels=[0.1]",
+                   "ema.posthoc_every=16"))
+    assert _files(run) == before
+
+
+def test_a_small_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    target = tmp_path / "config.yaml"
+    target.write_text("the old config\n")
+
+    def full(path, text):
+        Path(path).write_text(text[:3])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_fsync_write", full)
+    with pytest.raises(OSError, match="No space left") as err:
+        ckpt.write_atomic(target, "the new config\n")
+    assert err.value.filename == str(target) and ckpt.is_disk_full(err.value)
+    assert target.read_text() == "the old config\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
