@@ -393,6 +393,7 @@ def validate(cfg: Config) -> None:
         setattr(d, key, _per_channel(getattr(d, key), f"data.{key}", d.channels, need))
     need(all(v != 0 for v in _as_list(d.latent_scale)), f"data.latent_scale ({d.latent_scale}) must be non-zero")
     o = cfg.objective
+    _refuse_unread(cfg, need)
     need(o.logit_normal_std > 0, "objective.logit_normal_std must be > 0")
     need(o.time_shift > 0, "objective.time_shift must be > 0")
     need(o.num_timesteps >= 2, "objective.num_timesteps must be >= 2")
@@ -443,6 +444,30 @@ def validate(cfg: Config) -> None:
     need(q.stop_check_steps >= 1, f"parallel.stop_check_steps must be >= 1 (got {q.stop_check_steps})")
     need(q.reference_img_per_s is None or q.reference_img_per_s > 0,
          "parallel.reference_img_per_s must be > 0 or null (the one-GPU img/s of this recipe)")
+
+
+# objective.* keys each objective reads (the others must keep their defaults)
+_OBJECTIVE_KEYS = {"rectified_flow": ("time_sampling", "logit_normal_mean", "logit_normal_std", "time_shift"),
+                   "ddpm": ("beta_schedule", "num_timesteps", "beta_start", "beta_end")}
+
+
+def _refuse_unread(cfg: Config, need) -> None:
+    """A key set away from its default that the chosen objective or sampler does not read is an error, as for
+    the model families: it would change nothing."""
+    o, s = cfg.objective, cfg.sample
+    defaults, sample_defaults = ObjectiveConfig(), SampleConfig()
+    reads = set(_OBJECTIVE_KEYS[o.name])
+    if o.name == "rectified_flow" and o.time_sampling != "logit_normal":
+        reads -= {"logit_normal_mean", "logit_normal_std"}
+    for key in sorted(k for keys in _OBJECTIVE_KEYS.values() for k in keys):
+        need(key in reads or getattr(o, key) == getattr(defaults, key),
+             f"objective.{key}={getattr(o, key)!r} is not read with objective.name={o.name}"
+             f"{' and objective.time_sampling=' + o.time_sampling if o.name == 'rectified_flow' else ''}; remove it "
+             f"(objective.name={o.name} reads: {', '.join(_OBJECTIVE_KEYS[o.name])})")
+    ddim = o.name == "ddpm" and s.sampler in ("auto", "ddim")
+    need(ddim or s.ddim_eta == sample_defaults.ddim_eta,
+         f"sample.ddim_eta={s.ddim_eta} is read by DDPM's ddim sampler only (objective.name={o.name}, "
+         f"sample.sampler={s.sampler}); remove it")
 
 
 def _validate_unet(cfg: Config, need) -> None:

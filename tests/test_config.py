@@ -99,3 +99,23 @@ def test_full_size_recipes_have_their_stated_size(recipe, params, macs):
         model = build_model(load_config(str(CONFIGS / f"{recipe}.yaml")))
     assert model.num_params() == pytest.approx(params, rel=1e-3)
     assert model.flops_per_image() == pytest.approx(macs, rel=1e-3)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["objective.beta_schedule=cosine"], r"objective.beta_schedule='cosine' is not read with objective.name=rectified_flow"),
+    (["objective.name=ddpm", "objective.time_shift=3", "sample.sampler=auto"],
+     r"objective.time_shift=3.0 is not read with objective.name=ddpm"),
+    (["objective.time_sampling=uniform", "objective.logit_normal_std=2"],
+     r"objective.logit_normal_std=2.0 is not read .*time_sampling=uniform"),
+    (["sample.ddim_eta=0.5"], r"sample.ddim_eta=0.5 is read by DDPM's ddim sampler only"),
+    (["objective.name=ddpm", "sample.sampler=ancestral", "sample.ddim_eta=0.5"], r"sample.ddim_eta=0.5"),
+])
+def test_objective_and_sampler_keys_nothing_reads_are_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_objective_keys_that_are_read_pass():
+    assert load_config(None, ["objective.name=ddpm", "objective.beta_schedule=cosine", "sample.sampler=auto",
+                              "sample.ddim_eta=0.5"]).sample.ddim_eta == 0.5
+    assert load_config(None, ["objective.time_shift=3", "objective.logit_normal_mean=-0.4"]).objective.time_shift == 3

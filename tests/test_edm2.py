@@ -365,8 +365,9 @@ FAST = ["total_images=256", "global_batch=64", "log_every=128", "sample_every=0"
 
 
 @pytest.mark.parametrize("objective", [["objective.name=rectified_flow"],
-                                       ["objective.name=ddpm", "model.preconditioning=none", "model.sigma_data=null",
-                                        "sample.sampler=auto", "sample.grid=uniform"]], ids=["rf", "ddpm"])
+                                       ["objective.name=ddpm", "objective.logit_normal_mean=0", "objective.logit_normal_std=1",
+                                        "model.preconditioning=none", "model.sigma_data=null", "sample.sampler=auto",
+                                        "sample.grid=uniform"]], ids=["rf", "ddpm"])
 def test_recipe_trains_a_few_steps(tmp_path, objective):
     import json
 
