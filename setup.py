@@ -22,6 +22,7 @@ setup(
         "safetensors",
         "tqdm",
         "scikit-learn",   # ships the embedded digits dataset
+        "scipy",          # the float64 matrix square root of the Fréchet distance (archirf.eval)
         "matplotlib",     # loss curves
     ],
     extras_require={
