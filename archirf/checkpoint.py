@@ -115,7 +115,7 @@ _BLOCK = 32 << 20
 
 def _file_sums(folder: Path, names: list[str]) -> dict[str, str]:
     """Per file: the SHA-256 of the SHA-256s of its 32 MiB blocks. The blocks hash in parallel threads
-    (hashlib releases the GIL), so one large shard is not hashed at one core's speed (~2 GB/s)."""
+    (hashlib releases the GIL), so one large shard is not hashed at one core's speed."""
     jobs = [(n, at) for n in names for at in range(0, max((folder / n).stat().st_size, 1), _BLOCK)]
 
     def block(job: tuple[str, int]) -> bytes:

@@ -37,7 +37,7 @@ class ModelConfig:
     """The network. Every key but `name` and `preset` defaults to null, which means: the preset's value,
     else the family's default (MODEL_DEFAULTS). A key set in the recipe or on the command line always
     wins over the preset; a key the chosen family does not read must stay null (an error otherwise).
-    models/__init__.py's registry says which keys each family reads and maps them to its constructor."""
+    archirf/families.py says which keys each family reads; models/__init__.py maps them to its constructor."""
     name: Literal["dit", "mmdit", "adm_unet", "edm2_unet"] = "dit"  # network family
     preset: Optional[str] = None                 # e.g. "DiT-XL/2", "MMDiT-XL/2", "ADM-64", "EDM2-S": fills the shape keys
     # Transformers (dit, mmdit)
@@ -84,7 +84,6 @@ MODEL_DEFAULTS: dict[str, Any] = dict(
 )
 
 
-
 def _preset(m: ModelConfig) -> dict:
     if m.name not in FAMILY_KEYS:
         raise ConfigError(f"unknown model.name '{m.name}'; valid names: {', '.join(FAMILY_KEYS)}")
@@ -94,7 +93,7 @@ def _preset(m: ModelConfig) -> dict:
     if m.preset not in presets:
         raise ConfigError(f"unknown model.preset '{m.preset}' for model.name={m.name}; "
                           f"valid presets: {', '.join(presets)}")
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in presets[m.preset].items()}
+    return presets[m.preset]
 
 
 def resolve_model(m: ModelConfig) -> dict[str, Any]:
@@ -127,8 +126,9 @@ def fill_model_config(m: ModelConfig) -> None:
     the family reads only under a condition that is off stay null."""
     values = resolve_model(m)
     off = unread_keys(m.name, values)
-    for key, value in values.items():
-        setattr(m, key, None if key in off else list(value) if isinstance(value, tuple) else value)
+    for key, value in values.items():  # lists copied: a config must not share the presets' or defaults' lists
+        setattr(m, key, None if key in off else list(value) if isinstance(value, list) else value)
+
 
 @dataclass
 class DataConfig:

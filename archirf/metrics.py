@@ -21,6 +21,8 @@ from typing import Callable, Iterator
 import torch
 from tqdm import tqdm
 
+from .checkpoint import write_atomic
+
 # Dense bf16 FLOP/s per GPU, matched against torch.cuda.get_device_name() by substring, first
 # match wins (so more specific names come first).
 _PEAK_BF16_FLOPS: list[tuple[str, float]] = [
@@ -275,7 +277,5 @@ def set_aside_after(jsonl_path: str | Path, images_seen: int) -> Path | None:
         n += 1
         aside = path.with_name(f"metrics.orphaned-{images_seen}-{n}.jsonl")
     aside.write_text("".join(later))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(keep))
     return aside

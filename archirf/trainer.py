@@ -249,6 +249,10 @@ def _train(cfg: Config, env: Env) -> Path:
     stop = parallel.StopRequest(env, cfg.parallel.stop_check_steps)
     skipped = consecutive_skips = 0
     saved_at = images_seen if resume is not None else None  # the images count of the newest checkpoint written
+
+    def log_line() -> None:  # every rank calls it: skipped_images is a collective with several ranks
+        metrics.log(images_seen, lr, {**({"skipped_steps": skipped} if skipped else {}), **skipped_images(loader)})
+
     step = 0  # optimizer steps taken by this process (skipped ones too): the same count on every rank
     try:
         model.train()
@@ -293,8 +297,7 @@ def _train(cfg: Config, env: Env) -> Path:
             last = images_seen >= cfg.total_images
             if _crossed(images_seen, cfg.global_batch, cfg.log_every) or last:
                 _check_finite(metrics, cfg, images_seen)
-                metrics.log(images_seen, lr, {**({"skipped_steps": skipped} if skipped else {}),
-                                              **skipped_images(loader)})
+                log_line()
             if posthoc is not None and (_crossed(images_seen, cfg.global_batch, cfg.ema.posthoc_every) or last):
                 _check_finite(metrics, cfg, images_seen)
                 with metrics.paused():
@@ -312,8 +315,7 @@ def _train(cfg: Config, env: Env) -> Path:
         stopped = stop.agreed(step, force=True)
         _check_finite(metrics, cfg, images_seen)
         if metrics.pending_steps:  # a stop between log boundaries: the steps since the last line
-            metrics.log(images_seen, lr, {**({"skipped_steps": skipped} if skipped else {}),
-                                          **skipped_images(loader)})
+            log_line()
         if stopped and posthoc is not None and 0 < images_seen < cfg.total_images:   # (the end: saved above)
             posthoc.save(run_dir, images_seen, env.is_main)
         path = save(images_seen) if saved_at != images_seen else ckpt.latest_checkpoint(run_dir)
