@@ -24,6 +24,7 @@ setup(
         "scikit-learn",   # ships the embedded digits dataset
         "scipy",          # the float64 matrix square root of the Fréchet distance (archirf.eval)
         "matplotlib",     # loss curves
+        "torchmetrics>=1.4",  # PSNR and SSIM of reconstructions (archirf.eval.recon)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],

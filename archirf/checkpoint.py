@@ -311,7 +311,7 @@ def _failures(err: CheckpointException) -> list[BaseException]:
     return [f[0] if isinstance(f, tuple) else f for f in err.failures.values()]
 
 
-def _training_state(model, optimizer, ema, loader, images_seen: int, posthoc=None) -> dict[str, Any]:
+def _training_state(model, optimizer, ema, loader, images_seen: int, posthoc=None, evaluation=None) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
@@ -319,17 +319,20 @@ def _training_state(model, optimizer, ema, loader, images_seen: int, posthoc=Non
              "loader": loader.state_dict(), "images_seen": images_seen}
     if posthoc is not None:                      # the post-hoc EMAs (posthoc_ema.PostHocEMA), when tracked
         state["posthoc"] = posthoc.state_dict()
+    if evaluation is not None:                   # FID history (eval/training.py), when evaluating while training
+        state["eval"] = evaluation.state_dict()
     return state
 
 
 def save_training_state(run_dir: str | Path, images_seen: int, model, optimizer, ema, loader, keep: int,
-                        posthoc=None) -> Path:
+                        posthoc=None, evaluation=None) -> Path:
     """One complete training checkpoint; every rank calls it."""
     return save_checkpoint(run_dir, images_seen, _training_state(model, optimizer, ema, loader, images_seen,
-                                                                 posthoc), keep)
+                                                                 posthoc, evaluation), keep)
 
 
-def load_training_state(path: str | Path, model, optimizer, ema, loader, posthoc=None, verified: bool = False) -> int:
+def load_training_state(path: str | Path, model, optimizer, ema, loader, posthoc=None, verified: bool = False,
+                        evaluation=None) -> int:
     """Restores model, optimizer, EMA(s) and loader in place from `path` (any world size); returns images seen."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -342,7 +345,9 @@ def load_training_state(path: str | Path, model, optimizer, ema, loader, posthoc
             raise ValueError(f"{path} holds no post-hoc EMA of sigma_rel {', '.join(lacking)}: they average from "
                              f"image 0, so they cannot start in a resumed run; resume with the widths the run "
                              f"started with (or none), or train a new run")
-    state = _training_state(model, optimizer, ema, loader, 0, posthoc)
+    # A checkpoint of a run that did not evaluate holds no history: the resumed run's starts empty.
+    evaluation = evaluation if any(k.startswith("eval.") for k in saved) else None
+    state = _training_state(model, optimizer, ema, loader, 0, posthoc, evaluation)
     held = {k[len("model."):] for k in saved if k.startswith("model.")}
     extra, missing = sorted(held - set(state["model"])), sorted(set(state["model"]) - held)
     if extra or missing:  # DCP loads only what is asked for: a smaller network would drop the rest silently
@@ -355,6 +360,8 @@ def load_training_state(path: str | Path, model, optimizer, ema, loader, posthoc
     ema.load_state_dict(state["ema"])
     if posthoc is not None:
         posthoc.load_state_dict(state["posthoc"])
+    if evaluation is not None:
+        evaluation.load_state_dict(state["eval"])
     loader.load_state_dict(state["loader"])
     return int(state["images_seen"])
 

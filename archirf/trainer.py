@@ -171,6 +171,11 @@ def _train(cfg: Config, env: Env) -> Path:
     ema = EMA(model, half_life_images=cfg.ema.half_life_images, decay=cfg.ema.decay,
               sigma_rel=cfg.ema.sigma_rel, start_images=cfg.ema.start_images)
     posthoc = PostHocEMA(model, cfg.ema.posthoc_sigma_rels) if cfg.ema.posthoc_sigma_rels else None
+    evaluation = None
+    if cfg.eval.every:  # FID while training: loads the feature networks now, so a missing one fails before training
+        from .eval.training import TrainingEval
+
+        evaluation = TrainingEval(cfg, env, run_dir, objective, dtype=dtype, compile=use_compile, eval_model=eval_model)
 
     images_seen = 0
     resume, damaged = _resume_path(cfg, run_dir)
@@ -178,7 +183,7 @@ def _train(cfg: Config, env: Env) -> Path:
         _refuse_another_network(cfg, resume)
         try:
             images_seen = ckpt.load_training_state(resume, model, optimizer, ema, loader, posthoc,
-                                                   verified=cfg.resume == "auto")
+                                                   verified=cfg.resume == "auto", evaluation=evaluation)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if env.is_main:
@@ -195,7 +200,7 @@ def _train(cfg: Config, env: Env) -> Path:
 
     def save(images: int) -> Path:
         path = ckpt.save_training_state(run_dir, images, model, optimizer, ema, loader, keep=cfg.keep_checkpoints,
-                                        posthoc=posthoc)
+                                        posthoc=posthoc, evaluation=evaluation)
         weights = ema.full_state_dict(keep=env.is_main)  # every rank joins the gather
         if env.is_main:
             buffers = {parallel.clean_fqn(n): b for n, b in model.named_buffers()}
@@ -250,8 +255,9 @@ def _train(cfg: Config, env: Env) -> Path:
     skipped = consecutive_skips = 0
     saved_at = images_seen if resume is not None else None  # the images count of the newest checkpoint written
 
-    def log_line() -> None:  # every rank calls it: skipped_images is a collective with several ranks
-        metrics.log(images_seen, lr, {**({"skipped_steps": skipped} if skipped else {}), **skipped_images(loader)})
+    def log_line(scores: Optional[dict] = None) -> None:  # every rank calls it (skipped_images: a collective)
+        metrics.log(images_seen, lr, {**({"skipped_steps": skipped} if skipped else {}), **skipped_images(loader),
+                                      **(scores or {})})
 
     step = 0  # optimizer steps taken by this process (skipped ones too): the same count on every rank
     try:
@@ -295,9 +301,14 @@ def _train(cfg: Config, env: Env) -> Path:
                          finite=torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
 
             last = images_seen >= cfg.total_images
-            if _crossed(images_seen, cfg.global_batch, cfg.log_every) or last:
+            scores = None
+            if evaluation is not None and (_crossed(images_seen, cfg.global_batch, cfg.eval.every) or last):
                 _check_finite(metrics, cfg, images_seen)
-                log_line()
+                with metrics.paused():  # evaluation time stays out of img/s and MFU
+                    scores = evaluation(ema, model, images_seen)
+            if _crossed(images_seen, cfg.global_batch, cfg.log_every) or last or scores:
+                _check_finite(metrics, cfg, images_seen)
+                log_line(scores)
             if posthoc is not None and (_crossed(images_seen, cfg.global_batch, cfg.ema.posthoc_every) or last):
                 _check_finite(metrics, cfg, images_seen)
                 with metrics.paused():

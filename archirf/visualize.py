@@ -174,3 +174,33 @@ def plot_loss_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     ax.set_title(title)
     fig.tight_layout()
     return _atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def plot_fid_curve(history: list[dict], out_png: str | Path, title: str = "run") -> Path:
+    """FID (and FD-DINOv2, twin axis) against images seen, from the evaluation history."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
+
+    fig = Figure(figsize=(7, 4), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    points = [(h["images_seen"], h["fid"]) for h in history if h.get("fid") is not None]
+    if points:
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, color="tab:green", marker="o", markersize=3, linewidth=1.2)
+        best = min(points, key=lambda p: p[1])
+        ax.annotate(f"{best[1]:.3g}", best, textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_xlabel("images seen")
+    ax.set_ylabel("FID", color="tab:green")
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.grid(True, which="major", alpha=0.3)
+    dino = [(h["images_seen"], h["fd_dinov2"]) for h in history if h.get("fd_dinov2") is not None]
+    if dino:
+        ax2 = ax.twinx()
+        xs, ys = zip(*dino)
+        ax2.plot(xs, ys, color="tab:purple", marker="s", markersize=3, linewidth=1.0)
+        ax2.set_ylabel("FD-DINOv2", color="tab:purple")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))

@@ -37,7 +37,7 @@ def reference_rows() -> dict[str, tuple[str, str]]:
     rows = {}
     for line in (ROOT / "docs" / "config.md").read_text().splitlines():
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
-        if len(cells) == 4 and re.fullmatch(r"`[a-z_.]+`", cells[0]):
+        if len(cells) == 4 and re.fullmatch(r"`[a-z][a-z0-9_.]*`", cells[0]):
             key = cells[0].strip("`")
             assert key not in rows, f"docs/config.md lists {key} twice"
             rows[key] = (cells[1].replace("\\|", "|"), cells[2].strip("`"))

