@@ -431,12 +431,10 @@ def validate(cfg: Config) -> None:
     need(e.num >= 2, f"eval.num must be >= 2 (got {e.num}): samples per FID measurement")
     need(e.batch >= 1, f"eval.batch must be >= 1 (got {e.batch})")
     need(e.steps is None or e.steps >= 1, f"eval.steps must be >= 1 or null (got {e.steps})")
-    if e.every == 0:
-        unread = [f"eval.{k}" for k, v in (("num", e.num != 10_000), ("steps", e.steps is not None),
-                                           ("cfg_scale", e.cfg_scale is not None)) if v]
-        need(not unread, f"{', '.join(unread)} set with eval.every=0: only evaluation while training reads "
-                         f"{'them' if len(unread) > 1 else 'it'}; set eval.every (images) or remove "
-                         f"{'them' if len(unread) > 1 else 'it'} (archirf.eval fid takes --num, --steps, --cfg)")
+    need(e.every > 0 or e.num == 10_000, f"eval.num={e.num} set with eval.every=0: only evaluation while training "
+                                         f"reads it; set eval.every (images) or remove it (archirf.eval fid takes --samples)")
+    need(e.cfg_scale is None or d.num_classes > 0, f"eval.cfg_scale={e.cfg_scale}: guidance needs a class-conditional "
+                                                   f"model, and data.num_classes=0; set eval.cfg_scale=null")
     if e.every > 0:
         need(d.source in ("digits", "folder"), f"eval.every={e.every}: FID measures images, and data.source="
                                                f"{d.source} holds {'latents' if d.source == 'latents' else 'random tensors'}; "

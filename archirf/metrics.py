@@ -272,10 +272,10 @@ def set_aside_after(jsonl_path: str | Path, images_seen: int) -> Path | None:
         (keep if kept else later).append(line + "\n")
     if not later:
         return None
-    n, aside = 1, path.with_name(f"metrics.orphaned-{images_seen}.jsonl")
+    n, aside = 1, path.with_name(f"{path.stem}.orphaned-{images_seen}.jsonl")
     while aside.exists():
         n += 1
-        aside = path.with_name(f"metrics.orphaned-{images_seen}-{n}.jsonl")
+        aside = path.with_name(f"{path.stem}.orphaned-{images_seen}-{n}.jsonl")
     aside.write_text("".join(later))
     write_atomic(path, "".join(keep))
     return aside

@@ -40,12 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .checkpoint import DiskFull
     from .data import DataError
+    from .eval import DetectorError, EvalError
     from .trainer import NonFiniteLoss, train
 
     try:
         _check_run_dir(cfg.run_dir)
         train(cfg)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, DetectorError, EvalError) as err:
         print(f"archirf.train: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     except NonFiniteLoss as err:

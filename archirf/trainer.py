@@ -47,7 +47,7 @@ def _prepare_run_dir(cfg: Config, env: Env) -> Path:
     run_dir = Path(cfg.run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        outputs = ("checkpoints", "metrics.jsonl", "snapshots", "posthoc")
+        outputs = ("checkpoints", "metrics.jsonl", "snapshots", "posthoc", "eval.jsonl", "fid.png")
         old = [run_dir / name for name in outputs if (run_dir / name).exists()]
         if cfg.resume == "none" and old:
             keep = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
@@ -97,6 +97,8 @@ def _claim_run_dir(run_dir: Path, config_yaml: str, images_seen: int, resume: Op
     (run_dir / STOPPED).unlink(missing_ok=True)
     if moved := set_aside_after(run_dir / "metrics.jsonl", images_seen):
         print(f"archirf: moved the metric lines logged after {images_seen:,} images to {moved}")
+    if moved := set_aside_after(run_dir / "eval.jsonl", images_seen):
+        print(f"archirf: moved the evaluations of images after {images_seen:,} to {moved}")
     if posthoc is not None and (moved := posthoc.set_aside_after(run_dir, images_seen)):
         print(f"archirf: moved {len(moved)} post-hoc EMA files after {images_seen:,} images to {moved[0].parent}")
 

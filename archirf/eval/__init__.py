@@ -1,7 +1,7 @@
 """Evaluation: FID, FD-DINOv2, precision/recall of sample sets, and reconstruction metrics.
 
     python -m archirf.eval ref --config RECIPE --out ref.npz        # reference statistics of a dataset
-    python -m archirf.eval fid RUN_DIR --ref ref.npz --num 50000    # FID of a model (torchrun: sharded)
+    python -m archirf.eval fid RUN_DIR --ref ref.npz --samples 50000    # FID of a model (torchrun: sharded)
 
 Statistics are running sums in float64 (sum of features, sum of their outer products, count: no
 feature buffer, as EDM2 keeps them), summed over ranks, saved as .npz with what produced them. The

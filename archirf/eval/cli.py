@@ -1,7 +1,7 @@
 """The evaluation commands (one process, or torchrun for several GPUs):
 
     torchrun -m archirf.eval ref --config RECIPE [key=value ...] --out ref.npz [--features 50000]
-    torchrun -m archirf.eval fid RUN_DIR|CHECKPOINT|SNAPSHOT [--ref ref.npz] [--num 50000] [--steps N]
+    torchrun -m archirf.eval fid RUN_DIR|CHECKPOINT|SNAPSHOT [--ref ref.npz] [--samples 50000] [--steps N]
              [--sampler heun] [--grid edm] [--cfg 1.5] [--weights ema|raw] [--precision-recall]
              [--save-images DIR]
 
@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -54,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                                     ".safetensors snapshot")
     fid.add_argument("--ref", default=None, help="reference statistics .npz (ours, pytorch-fid's or ADM's); "
                                                  "default: eval.ref, else the training data's, computed once")
-    fid.add_argument("--num", type=int, default=50_000, help="samples (default 50000)")
+    # (not --num: torchrun's parser reads that as an ambiguous abbreviation of its own --numa-binding)
+    fid.add_argument("--samples", type=int, default=50_000, dest="num", help="number of samples (default 50000)")
     fid.add_argument("--steps", type=int, default=None, help="sampling steps (default: eval.steps, else sample.steps)")
     fid.add_argument("--sampler", default=None, help="euler|heun (RF), ancestral|ddim (DDPM); default: the run's")
     fid.add_argument("--grid", default=None, choices=["uniform", "edm"], help="RF time grid; default: the run's")
@@ -122,8 +121,8 @@ def _ref(args) -> int:
     return 0
 
 
-def source_facts(source: str | Path) -> tuple[Path, Optional[int], str]:
-    """(run dir, images seen, weights file) of what `archirf.sample` / `archirf.eval` can load."""
+def source_facts(source: str | Path, weights: str) -> tuple[Path, Optional[int], str, str]:
+    """(run dir, images seen, weights file, which weights) of what `archirf.sample` / `archirf.eval` can load."""
     from ..checkpoint import images_of, is_complete, latest_checkpoint
 
     path = Path(source)
@@ -131,24 +130,37 @@ def source_facts(source: str | Path) -> tuple[Path, Optional[int], str]:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            seen = (f.metadata() or {}).get("images_seen")
+            meta = f.metadata() or {}
         run_dir = path.parent.parent if path.parent.name == "snapshots" else path.parent
-        return run_dir, int(seen) if seen is not None else None, str(path)
+        seen = meta.get("images_seen")
+        return run_dir, int(seen) if seen is not None else None, str(path), meta.get("weights", "?")
     ckpt = path if is_complete(path) else latest_checkpoint(path)
     run_dir = path.parent.parent if is_complete(path) else path
-    return run_dir, images_of(ckpt) if ckpt is not None else None, str(ckpt)
+    return run_dir, images_of(ckpt) if ckpt is not None else None, str(ckpt), weights
+
+
+def guidance_scale(cfg, given: Optional[float] = None) -> float:
+    """The guidance scale a sample set uses: `given`, else eval.cfg_scale, else sample.cfg_scale; 1 (none) for
+    an unconditional model."""
+    if cfg.data.num_classes == 0:
+        return 1.0
+    return given if given is not None else cfg.eval.cfg_scale if cfg.eval.cfg_scale is not None else cfg.sample.cfg_scale
 
 
 def _fid(args) -> int:
     from .. import parallel
     from ..objectives import build_objective
     from ..sample import SampleError, load_for_sampling
-    from .evaluate import evaluate_model
+    from .evaluate import append_record, evaluate_model
 
-    for name in ("--num", "--steps", "--batch"):
-        _positive(name, getattr(args, name[2:]))
+    for name, value in (("--samples", args.num), ("--steps", args.steps), ("--batch", args.batch)):
+        _positive(name, value)
+    least = 4 if args.precision_recall else 2   # (precision/recall: k = 3 neighbours other than itself)
+    if args.num < least:
+        raise EvalError(f"--samples {args.num}: {'precision/recall (k=3)' if args.precision_recall else 'FID'} needs at "
+                        f"least {least} samples (50000 is the standard)")
     model, cfg, which = load_for_sampling(args.source, args.weights)
-    run_dir, images_seen, weights_file = source_facts(args.source)
+    run_dir, images_seen, weights_file, weights = source_facts(args.source, args.weights)
     if args.grid == "edm" and cfg.objective.name != "rectified_flow":
         raise EvalError(f"--grid edm is a rectified-flow time grid; this model was trained with {cfg.objective.name}")
     sampler = args.sampler or cfg.sample.sampler
@@ -161,8 +173,10 @@ def _fid(args) -> int:
     except ConfigError as err:
         raise SampleError(f"--sampler {sampler}: {err}") from None
     steps = args.steps or cfg.eval.steps or cfg.sample.steps
-    cfg_scale = args.cfg if args.cfg is not None else (cfg.eval.cfg_scale if cfg.eval.cfg_scale is not None
-                                                       else cfg.sample.cfg_scale)
+    if cfg.data.num_classes == 0 and args.cfg is not None:
+        raise EvalError(f"--cfg {args.cfg}: this model is unconditional (data.num_classes=0), so it samples without "
+                        f"guidance; leave --cfg out")
+    cfg_scale = guidance_scale(cfg, args.cfg)
     grid = args.grid or cfg.sample.grid
     from .reference import check_images
 
@@ -188,21 +202,12 @@ def _fid(args) -> int:
                                 dtype=dtype, seed=args.seed, precision_recall=args.precision_recall,
                                 save_images=args.save_images, progress=not args.no_progress)
         if env.is_main:
-            from .detectors import file_sha256
-
-            record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "weights": args.weights, "source": weights_file,
-                      "images_seen": images_seen, "num": result["num"], "steps": steps, "sampler": sampler,
-                      "grid": grid, "cfg": cfg_scale, "seed": args.seed, "dtype": str(dtype or torch.float32).replace("torch.", ""),
-                      "ref": str(ref), "ref_sha256": file_sha256(ref), "networks": evaluator.networks,
-                      "world_size": env.world_size, "device": _device_name(device), **result}
-            with open(run_dir / "eval.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            eta = {"ddim_eta": cfg.sample.ddim_eta} if sampler == "ddim" else {}
+            append_record(run_dir, evaluator, ref, dtype, weights=weights, source=weights_file,
+                          images_seen=images_seen, steps=steps, sampler=sampler, grid=grid, cfg=cfg_scale,
+                          seed=args.seed, **eta, **result)
             scores = ", ".join(f"{k} {result[k]:.4g}" for k in ("fid", "fd_dinov2", "precision", "recall")
                                if k in result)
             print(f"archirf.eval: {scores} ({result['num']:,} samples, {result['samples_per_s']:.1f} samples/s, "
                   f"{result['seconds']:.1f} s); appended to {run_dir / 'eval.jsonl'}")
     return 0
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

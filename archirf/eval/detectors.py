@@ -100,9 +100,12 @@ class Detector:
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def forward(self, x: torch.Tensor):
+        return self.network(x)
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.network(self.preprocess(_rgb(images).to(self.device)))
+        features = self.forward(self.preprocess(_rgb(images).to(self.device)))
         if isinstance(features, (tuple, list)):
             features = features[0]
         if features.dim() != 2:
@@ -112,11 +115,27 @@ class Detector:
 
 
 class InceptionDetector(Detector):
+    """fid-helper's default_1.pt (and any network of its contract) takes 299 px input in NVlabs' range; NVlabs'
+    own inception-2015-12-05.pt takes uint8 images, resizes and scales them itself, and returns its 1008
+    logits unless asked for the features: both are called as they expect."""
+
     kind = "inception"
 
+    def __init__(self, network: torch.nn.Module, path: Path, sha256: str, device: torch.device):
+        schema = getattr(getattr(network, "forward", None), "schema", None)
+        self.whole_pipeline = "return_features" in str(schema)
+        super().__init__(network, path, sha256, device)
+        if self.dim != 2048 and self.whole_pipeline or self.dim == 1008:
+            raise DetectorError(f"{path} gives {self.dim} values per image, not the 2048 pool features FID uses")
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        if self.whole_pipeline:
+            return images.contiguous()
         x = tf_bilinear_resize(images.float(), INCEPTION_SIZE)
         return (x - 128) / 128
+
+    def forward(self, x: torch.Tensor):
+        return self.network(x, return_features=True) if self.whole_pipeline else self.network(x)
 
 
 class DINOv2Detector(Detector):

@@ -55,6 +55,8 @@ class Evaluator:
         timers = []          # (start, end) CUDA events or perf_counter pairs around the feature networks
         bar = tqdm(total=num, desc=desc, unit="img", dynamic_ncols=True, disable=not (progress and rank == 0))
         for indices, images in batches:
+            if not len(indices):                                      # a folder batch of only unreadable files
+                continue
             images = images.to(self.device, non_blocking=True)
             timers.append(_mark(self.device))
             features = {kind: d(images) for kind, d in self.detectors.items()}
@@ -165,7 +167,7 @@ def evaluate_model(model, objective, cfg, evaluator: Evaluator, ref: str | Path,
     """Scores of `model`'s `num`-sample set (sharded over the ranks, every rank calls it) against `ref`."""
     check_images(cfg, "FID")
     if num < 2:
-        raise EvalError(f"--num {num}: FID needs at least 2 samples (50000 is the standard)")
+        raise EvalError(f"--samples {num}: FID needs at least 2 samples (50000 is the standard)")
     evaluator.check(ref, precision_recall)
     rank, world_size = _world()
     writer = _ImageWriter(save_images)
@@ -183,6 +185,30 @@ def evaluate_model(model, objective, cfg, evaluator: Evaluator, ref: str | Path,
         measured = evaluator.measure(images(), num=num, keep=True if precision_recall else None, progress=progress)
     finally:
         writer.close()
+    sampling = time.perf_counter() - start                # sampling + features, summed over ranks: the per-sample cost
+    # The matrix square root (and the precision/recall distances) once, on rank 0; the others get its scores.
+    scores = [evaluator.scores(measured, ref, precision_recall) if rank == 0 else None]
+    if world_size > 1:
+        dist.broadcast_object_list(scores, src=0)
     seconds = time.perf_counter() - start
-    return {**evaluator.scores(measured, ref, precision_recall), "num": measured["count"], "seconds": seconds,
-            "samples_per_s": measured["count"] / seconds, "feature_seconds": measured["feature_seconds"]}
+    return {**scores[0], "num": measured["count"], "seconds": seconds, "sampling_seconds": sampling,
+            "samples_per_s": measured["count"] / sampling, "feature_seconds": measured["feature_seconds"],
+            "score_seconds": seconds - sampling}
+
+
+def append_record(run_dir: str | Path, evaluator: Evaluator, ref: str | Path, dtype: Optional[torch.dtype],
+                  **fields) -> dict:
+    """Appends one result to RUN_DIR/eval.jsonl with what made it: `fields` (weights, settings, scores) plus
+    the time, the reference file and its sha256, the networks, the precision, world size and device."""
+    import json
+
+    from .detectors import file_sha256
+
+    device = evaluator.device
+    record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), **fields, "ref": str(ref), "ref_sha256": file_sha256(ref),
+              "networks": evaluator.networks, "dtype": str(dtype or torch.float32).replace("torch.", ""),
+              "world_size": _world()[1],
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    with open(Path(run_dir) / "eval.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    return record

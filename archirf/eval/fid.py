@@ -143,7 +143,11 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
         raise ValueError(f"shapes differ: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
-    root = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    import warnings
+
+    with warnings.catch_warnings():  # singular (fewer samples than dimensions): the finite check below decides
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        root = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(root).all():
         offset = np.eye(sigma1.shape[0]) * eps
         root = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))

@@ -45,12 +45,15 @@ class ReconstructionMetrics:
                                                                        dtype=torch.float64)])
 
     def compute(self) -> dict:
-        """Every rank calls it (the statistics are summed over ranks)."""
-        for s in (self.originals, self.reconstructions):
+        """Every rank calls it (the statistics are summed over ranks); the running sums stay this rank's own."""
+        import copy
+
+        originals, reconstructions = copy.deepcopy(self.originals), copy.deepcopy(self.reconstructions)
+        for s in (originals, reconstructions):
             s.all_reduce()
         sums = self.sums.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
         psnr, ssim, n = sums.tolist()  # note: a CPU-GPU sync point
-        return {"rfid": frechet_distance(*self.reconstructions.mean_cov(), *self.originals.mean_cov()),
+        return {"rfid": frechet_distance(*reconstructions.mean_cov(), *originals.mean_cov()),
                 "psnr": psnr / n, "ssim": ssim / n, "count": int(n)}

@@ -5,16 +5,14 @@ fid.png, and the checkpoint (the history), so a resumed run keeps its curve."""
 
 from __future__ import annotations
 
-import copy
 import json
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .evaluate import Evaluator, evaluate_model
+from .evaluate import Evaluator, append_record, evaluate_model
 
 
 class TrainingEval:
@@ -22,7 +20,7 @@ class TrainingEval:
                  eval_model: Optional[nn.Module]):
         from ..models import build_model
         from .detectors import load_dinov2, load_inception
-        from .reference import check_images
+        from .reference import EvalError, check_images
 
         check_images(cfg, "eval.every")
         e = cfg.eval
@@ -30,17 +28,19 @@ class TrainingEval:
         device = env.device
         self.evaluator = Evaluator(load_inception(e.inception, device), load_dinov2(e.dinov2, device) if e.dinov2 else None)
         if e.ref is not None and not Path(e.ref).is_file():
-            from .reference import EvalError
-
             raise EvalError(f"eval.ref={e.ref}: no such file; compute it with: torchrun -m archirf.eval ref --config "
                             f"RECIPE --out {e.ref}, or set eval.ref=null to measure against the training data")
         if e.ref is not None:
-            self.evaluator.check(e.ref)                  # a mismatched file fails now, not after an interval
-        # Every rank samples its share, so every rank needs a whole copy (rank 0 has the trainer's eval model).
+            try:
+                self.evaluator.check(e.ref)              # a mismatched file fails now, not after an interval
+            except ValueError as err:
+                raise EvalError(f"eval.ref: {err}") from None
+        # Every rank samples its share, so every rank needs a whole copy: rank 0 shares the trainer's eval model
+        # (both write the EMA weights into it before they sample), the others build one.
         if eval_model is None:
             torch.manual_seed(cfg.seed)
-            eval_model = build_model(cfg)
-        self.model = copy.deepcopy(eval_model).to(device).eval().requires_grad_(False)
+            eval_model = build_model(cfg).to(device).eval().requires_grad_(False)
+        self.model = eval_model
         if compile:
             from .. import parallel
 
@@ -51,6 +51,7 @@ class TrainingEval:
     def __call__(self, ema, training_model: nn.Module, images_seen: int) -> dict:
         """Scores of the EMA weights now ({"fid": ..., ...}); every rank calls it."""
         from ..visualize import plot_fid_curve
+        from .cli import guidance_scale
         from .reference import ensure_reference
 
         e, cfg, env = self.cfg.eval, self.cfg, self.env
@@ -66,7 +67,7 @@ class TrainingEval:
             self.ref = ensure_reference(cfg, self.evaluator, e.ref, self.run_dir / "eval", batch=e.batch,
                                         rank=env.rank, world_size=env.world_size, progress=cfg.progress)
         steps = e.steps or cfg.sample.steps
-        cfg_scale = e.cfg_scale if e.cfg_scale is not None else cfg.sample.cfg_scale
+        cfg_scale = guidance_scale(cfg)
         sampler = cfg.sample.sampler if cfg.sample.sampler != "auto" else self.objective.samplers[0]
         result = evaluate_model(self.model, self.objective, cfg, self.evaluator, self.ref, num=e.num, batch=e.batch,
                                 steps=steps, sampler=sampler, grid=cfg.sample.grid, cfg_scale=cfg_scale,
@@ -74,16 +75,9 @@ class TrainingEval:
         scores = {k: result[k] for k in ("fid", "fd_dinov2") if k in result}
         self.history.append({"images_seen": images_seen, **scores})
         if env.is_main:
-            from .detectors import file_sha256
-
-            record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "weights": "ema", "source": "training",
-                      "images_seen": images_seen, "num": result["num"], "steps": steps, "sampler": sampler,
-                      "grid": cfg.sample.grid, "cfg": cfg_scale, "seed": cfg.seed,
-                      "dtype": str(self.dtype or torch.float32).replace("torch.", ""), "ref": str(self.ref),
-                      "ref_sha256": file_sha256(self.ref), "networks": self.evaluator.networks,
-                      "world_size": env.world_size, **result}
-            with open(self.run_dir / "eval.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_record(self.run_dir, self.evaluator, self.ref, self.dtype, weights="ema", source="training",
+                          images_seen=images_seen, steps=steps, sampler=sampler, grid=cfg.sample.grid, cfg=cfg_scale,
+                          seed=cfg.seed, **({"ddim_eta": cfg.sample.ddim_eta} if sampler == "ddim" else {}), **result)
             plot_fid_curve(self.history, self.run_dir / "fid.png", title=self.run_dir.name)
             print(f"archirf: {', '.join(f'{k} {v:.4g}' for k, v in scores.items())} at {images_seen:,} images "
                   f"(EMA, {result['num']:,} samples, {steps} steps {sampler}, cfg {cfg_scale}; {result['seconds']:.1f} s)")
