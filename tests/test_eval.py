@@ -387,7 +387,7 @@ def test_reference_of_a_folder_skips_unreadable_files(tmp_path, tiny_net):
             Image.fromarray(np.full((12, 10, 3), 40 * i + (c == "b") * 100, np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
     (tmp_path / "data" / "a" / "bad.png").write_bytes(b"broken")
     proc = _cli("archirf.eval", "ref", "--out", tmp_path / "ref.npz", "--inception", tiny_net, "--no-progress",
-                "data.source=folder", f"data.root={tmp_path / 'data'}", "data.num_classes=2", "data.channels=3",
+                "--batch", 1, "data.source=folder", f"data.root={tmp_path / 'data'}", "data.num_classes=2", "data.channels=3",
                 "data.resolution=8", "data.num_workers=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skipping unreadable image" in proc.stderr and "bad.png" in proc.stderr
@@ -420,6 +420,11 @@ def test_fid_while_training_is_logged_plotted_and_resumed(tmp_path, tiny_net):
     history = json.loads(state["eval"]["history"])
     assert [h["images_seen"] for h in history] == [32, 64, 96]
     assert history[0]["fid"] == pytest.approx(rows[0]["fid"])
+    # a run that did not evaluate resumes with evaluation on: its history starts at the resume
+    plain = tmp_path / "plain"
+    train(load_config(None, TINY + [f"run_dir={plain}", "log_every=32", "sample_every=0", "total_images=32"]))
+    train(load_config(None, [*base, f"run_dir={plain}", "total_images=64"]))   # (the later run_dir wins)
+    assert [e["images_seen"] for e in map(json.loads, (plain / "eval.jsonl").read_text().splitlines())] == [64]
 
 
 class _NVlabsStyle(torch.nn.Module):
