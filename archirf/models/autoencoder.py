@@ -1,0 +1,327 @@
+"""Image autoencoders in the Stable Diffusion / LDM layout (Rombach et al. 2022), and the clipped-latent one.
+
+Encoder: conv_in -> per level `num_res_blocks` ResnetBlocks (+ attention at `attn_resolutions`) and a
+downsample between levels -> mid (block, attention, block) -> norm, SiLU, conv_out. Decoder: the mirror
+with one more block per level. Module names follow LDM's (`encoder.down.0.block.1.norm1`, `mid.attn_1`,
+`quant_conv` ...), so its state dicts map onto ours one to one for the GroupNorm / conv-resampling layout.
+
+Two latents:
+- `AutoencoderKL`: a diagonal Gaussian posterior (mean, logvar clamped to [-30, 20]) through `quant_conv`;
+  decode(z) through `post_quant_conv`. The KL of the posterior goes into the loss.
+- `ClippedAutoencoder`: z = clamp(s * E(x), -1, 1) with a learned scalar gain s (init 1), decoded from
+  z / s; no variance, a loss on std(z) instead of the KL.
+
+`norm`: "group" (GroupNorm 32, eps 1e-6, LDM) or "rms" (channel RMSNorm: x / ||x||_channels * sqrt(C) * g,
+the seed's); `resample`: "conv" (LDM: strided 3x3 conv down, nearest + 3x3 conv up) or "bilinear" (the
+seed's: interpolation only, no weights). Attention is single-head over H*W tokens (LDM), with per-head
+RMSNorm of q and k when `qk_norm` (the seed's mid block).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ChannelRMSNorm(nn.Module):
+    """x / ||x|| over channels * sqrt(C) * g: a per-pixel RMSNorm (a row norm in channels_last)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.eps, self.scale = eps, math.sqrt(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1, eps=self.eps) * (self.weight * self.scale).reshape(1, -1, 1, 1).to(x.dtype)
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    if kind == "group":
+        return nn.GroupNorm(32, channels, eps=1e-6)
+    return ChannelRMSNorm(channels)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, norm: str, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = make_norm(norm, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = make_norm(norm, out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over the H*W positions with 1x1-conv projections (LDM's AttnBlock); `heads` of
+    C / heads channels, q and k RMS-normalised per head when `qk_norm`."""
+
+    def __init__(self, channels: int, norm: str, heads: int = 1, qk_norm: bool = False):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"attention of {channels} channels cannot split into {heads} heads")
+        self.norm = make_norm(norm, channels)
+        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.heads = heads
+        self.q_norm = nn.RMSNorm(channels // heads, eps=1e-6) if qk_norm else None
+        self.k_norm = nn.RMSNorm(channels // heads, eps=1e-6) if qk_norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:                       # (B, C, H, W) -> (B, heads, HW, C/heads)
+            return t.reshape(b, self.heads, c // self.heads, h * w).transpose(-1, -2)
+
+        q, k, v = heads(self.q(y)), heads(self.k(y)), heads(self.v(y))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = F.scaled_dot_product_attention(q, k, v)                     # (B, heads, HW, C/heads)
+        return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, resample: str):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2) if resample == "conv" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is None:
+            return F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)   # = 2x2 average
+        return self.conv(F.pad(x, (0, 1, 0, 1)))                          # LDM's asymmetric padding
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, resample: str):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if resample == "conv" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv is None:
+            return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.attn = nn.ModuleList(), nn.ModuleList()
+
+
+def _mid(channels: int, norm: str, dropout: float, heads: int, qk_norm: bool) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, norm, dropout)
+    mid.attn_1 = AttnBlock(channels, norm, heads, qk_norm)
+    mid.block_2 = ResnetBlock(channels, channels, norm, dropout)
+    return mid
+
+
+class Encoder(nn.Module):
+    def __init__(self, *, in_channels: int, channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
+                 attn_resolutions: tuple[int, ...], resolution: int, out_channels: int, norm: str, resample: str,
+                 dropout: float = 0.0, heads: int = 1, qk_norm: bool = False):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        width, side = channels, resolution
+        for i, mult in enumerate(channel_mult):
+            level = _Level()
+            for _ in range(num_res_blocks):
+                level.block.append(ResnetBlock(width, channels * mult, norm, dropout))
+                width = channels * mult
+                if side in attn_resolutions:
+                    level.attn.append(AttnBlock(width, norm, heads, qk_norm))
+            if i < len(channel_mult) - 1:
+                level.downsample = Downsample(width, resample)
+                side //= 2
+            self.down.append(level)
+        self.mid = _mid(width, norm, dropout, heads, qk_norm)
+        self.norm_out = make_norm(norm, width)
+        self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[i](h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, *, out_channels: int, channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
+                 attn_resolutions: tuple[int, ...], resolution: int, z_channels: int, norm: str, resample: str,
+                 dropout: float = 0.0, heads: int = 1, qk_norm: bool = False):
+        super().__init__()
+        width = channels * channel_mult[-1]
+        side = resolution // 2 ** (len(channel_mult) - 1)
+        self.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
+        self.mid = _mid(width, norm, dropout, heads, qk_norm)
+        self.up = nn.ModuleList()
+        for i in reversed(range(len(channel_mult))):                      # LDM stores up[i] for level i
+            level = _Level()
+            for _ in range(num_res_blocks + 1):
+                level.block.append(ResnetBlock(width, channels * channel_mult[i], norm, dropout))
+                width = channels * channel_mult[i]
+                if side in attn_resolutions:
+                    level.attn.append(AttnBlock(width, norm, heads, qk_norm))
+            if i > 0:
+                level.upsample = Upsample(width, resample)
+                side *= 2
+            self.up.insert(0, level)
+        self.norm_out = make_norm(norm, width)
+        self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for level in reversed(self.up):
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[i](h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The weight the adaptive GAN weight is measured on (LDM's get_last_layer)."""
+        return self.conv_out.weight
+
+
+class _Autoencoder(nn.Module):
+    kind = "?"
+
+    def __init__(self, *, input_size: int, in_channels: int = 3, channels: int = 128,
+                 channel_mult: tuple[int, ...] = (1, 2, 4, 4), num_res_blocks: int = 2,
+                 attn_resolutions: tuple[int, ...] = (), z_channels: int = 4, norm: str = "group",
+                 resample: str = "conv", dropout: float = 0.0, mid_heads: int = 1, qk_norm: bool = False,
+                 encoder_out: Optional[int] = None):
+        super().__init__()
+        if norm not in ("group", "rms") or resample not in ("conv", "bilinear"):
+            raise ValueError(f"norm must be group or rms and resample conv or bilinear (got {norm}, {resample})")
+        factor = 2 ** (len(channel_mult) - 1)
+        if input_size % factor:
+            raise ValueError(f"input size {input_size} is not divisible by the downsampling factor {factor}")
+        if norm == "group" and any((channels * m) % 32 for m in channel_mult):
+            raise ValueError(f"GroupNorm(32) needs every level's width to be a multiple of 32 (channels={channels}, "
+                             f"channel_mult={list(channel_mult)})")
+        shape = dict(channels=channels, channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
+                     attn_resolutions=tuple(attn_resolutions), resolution=input_size, norm=norm, resample=resample,
+                     dropout=dropout, heads=mid_heads, qk_norm=qk_norm)
+        self.encoder = Encoder(in_channels=in_channels, out_channels=encoder_out or z_channels, **shape)
+        self.decoder = Decoder(out_channels=in_channels, z_channels=z_channels, **shape)
+        self.input_size, self.in_channels, self.z_channels, self.factor = input_size, in_channels, z_channels, factor
+        self._shape = dict(input_size=input_size, in_channels=in_channels, z_channels=z_channels, **{
+            k: v for k, v in shape.items() if k not in ("resolution", "heads")}, mid_heads=mid_heads)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.input_size // self.factor
+        return self.z_channels, side, side
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_image(self) -> dict[str, int]:
+        """Multiply-adds of the encoder and the decoder for one image (convolutions, linear maps and attention
+        matmuls, counted by running the model on the meta device)."""
+        with torch.device("meta"):
+            twin = type(self)(**self._shape)                               # no weights to copy
+        return {"encoder": _count_macs(twin.encoder, (1, self.in_channels, self.input_size, self.input_size)),
+                "decoder": _count_macs(twin.decoder, (1, *self.latent_shape))}
+
+
+class AutoencoderKL(_Autoencoder):
+    """The Stable Diffusion VAE's layout: a diagonal Gaussian posterior over `z_channels` latent channels."""
+
+    kind = "kl"
+
+    def __init__(self, **kwargs):
+        z = kwargs.get("z_channels", 4)
+        super().__init__(encoder_out=2 * z, **kwargs)
+        self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
+        self.post_quant_conv = nn.Conv2d(z, z, 1)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, logvar) of the posterior, each (B, z, h, w); logvar clamped to [-30, 20] as LDM does."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
+        mean, logvar = self.encode(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample else mean
+        return {"reconstruction": self.decode(z), "z": z, "mean": mean, "logvar": logvar}
+
+    @staticmethod
+    def kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+        """KL(N(mean, e^logvar) || N(0, I)) per sample, summed over latent elements (LDM). -> (B,)"""
+        return 0.5 * (mean.float().square() + logvar.float().exp() - 1.0 - logvar.float()).sum(dim=(1, 2, 3))
+
+
+class ClippedAutoencoder(_Autoencoder):
+    """z = clamp(s * E(x), -1, 1), x_hat = D(z / s), with a learned scalar gain s."""
+
+    kind = "clipped"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.scale * self.encoder(x)).clamp(-1.0, 1.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z / self.scale)
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
+        h = self.scale * self.encoder(x)
+        z = h.clamp(-1.0, 1.0)
+        return {"reconstruction": self.decode(z), "z": z, "clip_fraction": (h.abs() > 1).float().mean()}
+
+    @staticmethod
+    def variance_loss(z: torch.Tensor) -> torch.Tensor:
+        """|std(z) - 1| over the whole batch's latents (the seed's, weighted 0.01 there)."""
+        return (z.float().flatten().std() - 1.0).abs()
+
+
+def _count_macs(module: nn.Module, shape: tuple[int, ...]) -> int:
+    """Multiply-adds of one forward of a meta-device `module` on a tensor of `shape`: convolutions, linear maps and
+    scaled_dot_product_attention, from their shapes (torch's FLOP counter counts 2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        module(torch.empty(shape, device="meta"))
+    return counter.get_total_flops() // 2
+
+
+def build_autoencoder(preset: Optional[str] = None, *, input_size: int, in_channels: int = 3,
+                      **overrides) -> _Autoencoder:
+    """An autoencoder from a preset of archirf/families.py (KL-f8c4, KL-f8c16, Seed-f8c16), keys overridden."""
+    from ..families import AUTOENCODER_PRESETS
+
+    if preset is not None and preset not in AUTOENCODER_PRESETS:
+        raise ValueError(f"unknown autoencoder preset {preset!r}; valid presets: {', '.join(AUTOENCODER_PRESETS)}")
+    values = {**(AUTOENCODER_PRESETS[preset] if preset else {}), **overrides}
+    latent = values.pop("latent", "kl")
+    cls = {"kl": AutoencoderKL, "clipped": ClippedAutoencoder}[latent]
+    lists = {k: tuple(v) for k, v in values.items() if isinstance(v, list)}
+    return cls(input_size=input_size, in_channels=in_channels, **{**values, **lists})
