@@ -1,12 +1,14 @@
-"""The training loop for flow / diffusion objectives: a plain loop, read top to bottom.
+"""The training loop: a plain loop, read top to bottom.
 
-Everything is counted in images. Per optimizer step: `accum` micro batches -> objective loss (fp32)
--> backward -> clip -> AdamW -> EMA -> on-device metrics. Only at log / sample / checkpoint
-boundaries does anything leave the device.
+Everything is counted in images. Per optimizer step: `accum` micro batches -> the task's loss (fp32)
+-> backward -> clip -> the task's optimizer step (and EMA) -> on-device metrics. Only at log / sample /
+checkpoint boundaries does anything leave the device.
 
-Every rank runs this same loop (torchrun; one process is a world of 1). parallel.py owns the
-process group, the FSDP2 model and what keeps a run independent of the world size; checkpoint.py
-owns the training state. Only rank 0 prints, plots and writes samples, snapshots and metrics.
+A task (archirf/tasks/) owns the networks, optimizers, loss, EMA and pictures of what is trained; this
+loop owns the data, the schedule, checkpoints, metrics and signals. Every rank runs this same loop
+(torchrun; one process is a world of 1). parallel.py owns the process group, the FSDP2 model and what
+keeps a run independent of the world size; checkpoint.py owns the training state. Only rank 0 prints,
+plots and writes samples, snapshots and metrics.
 """
 
 from __future__ import annotations
@@ -25,13 +27,10 @@ from . import parallel
 from .config import (Config, ConfigError, batch_split, config_changes, from_yaml_text, preset_departures,
                      to_yaml)
 from .data import build_loader, skipped_images
-from .ema import EMA
-from .posthoc_ema import PostHocEMA
 from .metrics import Metrics, set_aside_after
-from .objectives import build_objective
-from .optim import build_optimizer, lr_at
+from .optim import lr_at
 from .parallel import Env
-from .sample import autocast_model_fn, generate, sample_classes, trajectory_frames
+from .tasks import build_task
 
 
 class NonFiniteLoss(RuntimeError):
@@ -82,7 +81,7 @@ def _resume_path(cfg: Config, run_dir: Path) -> tuple[Optional[Path], list[tuple
 
 
 def _claim_run_dir(run_dir: Path, config_yaml: str, images_seen: int, resume: Optional[Path],
-                   damaged: list[tuple[Path, str]], posthoc: Optional[PostHocEMA]) -> None:
+                   damaged: list[tuple[Path, str]], task) -> None:
     """Rank 0, once the resume has succeeded (or a fresh start): the first changes to the run dir. A resume
     that fails (a config that does not fit the checkpoint) leaves it as it was."""
     for path, why in damaged:
@@ -99,8 +98,7 @@ def _claim_run_dir(run_dir: Path, config_yaml: str, images_seen: int, resume: Op
         print(f"archirf: moved the metric lines logged after {images_seen:,} images to {moved}")
     if moved := set_aside_after(run_dir / "eval.jsonl", images_seen):
         print(f"archirf: moved the evaluations of images after {images_seen:,} to {moved}")
-    if posthoc is not None and (moved := posthoc.set_aside_after(run_dir, images_seen)):
-        print(f"archirf: moved {len(moved)} post-hoc EMA files after {images_seen:,} images to {moved[0].parent}")
+    task.set_aside_after(images_seen)
 
 
 # model.* keys a resumed run may change: how the same network runs or is regularised, not which network it is
@@ -163,35 +161,20 @@ def _train(cfg: Config, env: Env) -> Path:
     config_yaml = to_yaml(cfg)
 
     loader = build_loader(cfg, micro, device, env.rank, env.world_size)  # first: a missing dataset fails fast
-    objective = build_objective(cfg)
-    # Sharded training model; rank 0 also gets the full initial copy, which becomes the eval model
-    # that samples with the EMA weights.
-    model, eval_model = parallel.build_training_model(cfg, env, param_dtype=dtype, compile=use_compile)
-    if eval_model is not None:
-        eval_model = eval_model.to(device).eval().requires_grad_(False)
-    optimizer = build_optimizer(model, cfg.optim, device)
-    ema = EMA(model, half_life_images=cfg.ema.half_life_images, decay=cfg.ema.decay,
-              sigma_rel=cfg.ema.sigma_rel, start_images=cfg.ema.start_images)
-    posthoc = PostHocEMA(model, cfg.ema.posthoc_sigma_rels) if cfg.ema.posthoc_sigma_rels else None
-    evaluation = None
-    if cfg.eval.every:  # FID while training: loads the feature networks now, so a missing one fails before training
-        from .eval.training import TrainingEval
-
-        evaluation = TrainingEval(cfg, env, run_dir, objective, dtype=dtype, compile=use_compile, eval_model=eval_model)
+    task = build_task(cfg, env, run_dir, dtype=dtype, compile=use_compile)
 
     images_seen = 0
     resume, damaged = _resume_path(cfg, run_dir)
     if resume is not None:
         _refuse_another_network(cfg, resume)
         try:
-            images_seen = ckpt.load_training_state(resume, model, optimizer, ema, loader, posthoc,
-                                                   verified=cfg.resume == "auto", evaluation=evaluation)
+            images_seen = task.load(resume, loader, verified=cfg.resume == "auto")
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if env.is_main:
             print(f"archirf: resumed from {resume} at {images_seen:,} images")
     if env.is_main:
-        _claim_run_dir(run_dir, config_yaml, images_seen, resume, damaged, posthoc)
+        _claim_run_dir(run_dir, config_yaml, images_seen, resume, damaged, task)
     if resume is not None:
         if images_seen >= cfg.total_images:
             if env.is_main:
@@ -200,48 +183,8 @@ def _train(cfg: Config, env: Env) -> Path:
             _close(loader)
             return run_dir
 
-    def save(images: int) -> Path:
-        path = ckpt.save_training_state(run_dir, images, model, optimizer, ema, loader, keep=cfg.keep_checkpoints,
-                                        posthoc=posthoc, evaluation=evaluation)
-        weights = ema.full_state_dict(keep=env.is_main)  # every rank joins the gather
-        if env.is_main:
-            buffers = {parallel.clean_fqn(n): b for n, b in model.named_buffers()}
-            ckpt.save_snapshot(run_dir, images, {**buffers, **weights}, config_yaml)  # EMA parameters + buffers
-        return path
-
-    labels = sample_classes(cfg, cfg.sample.classes, cfg.sample.per_class)
-
-    def write_samples(images: int, final: bool) -> None:
-        from .visualize import save_gif, save_grid
-
-        weights = ema.full_state_dict(keep=env.is_main)  # every rank joins the gather; rank 0 samples
-        if not env.is_main:
-            return
-        ema.copy_to(eval_model, weights)
-        # Sampling may draw from the global RNG; training does not mind (each micro batch reseeds it).
-        out = generate(eval_model, objective, cfg, labels, device=device, dtype=dtype, steps=cfg.sample.steps,
-                       cfg_scale=cfg.sample.cfg_scale, sampler=cfg.sample.sampler, seed=cfg.seed,
-                       return_trajectory=final)
-        final_x, traj = out if final else (out, None)
-        upscale = max(1, 64 // cfg.data.resolution)
-        (run_dir / "samples").mkdir(exist_ok=True)
-        save_grid(final_x.cpu(), run_dir / "samples" / f"images-{images:012d}.png", nrow=cfg.sample.per_class,
-                  upscale=upscale)
-        if traj is not None:
-            save_grid(final_x.cpu(), run_dir / "samples.png", nrow=cfg.sample.per_class, upscale=upscale)
-            save_gif([f.cpu() for f in trajectory_frames(traj, cfg.sample.gif_frames)], run_dir / "trajectory.gif",
-                     nrow=cfg.sample.per_class, upscale=upscale)
-
-    # A model that weights its loss per time (EDM2's uncertainty / EDM preconditioning) also returns logvar.
-    logvar = {"return_logvar": True} if getattr(model, "loss_logvar", False) else {}
-    model_fn = autocast_model_fn(model, device, dtype, **logvar)
-    post_step = getattr(model, "post_optimizer_step", None)  # e.g. EDM2's forced weight normalisation (local shards)
-    params = [p for p in model.parameters() if p.requires_grad]
-    flops_per_image = eval_model.flops_per_image() if env.is_main else None  # MFU is computed on rank 0
     if env.is_main:
-        print(f"archirf: {type(eval_model).__name__} {eval_model.num_params() / 1e6:.2f}M params, "
-              f"{flops_per_image / 1e9:.3f} G MACs/img | {cfg.objective.name} | device={device} "
-              f"dtype={dtype or torch.float32} compile={use_compile} "
+        print(f"archirf: {task.describe()} | device={device} dtype={dtype or torch.float32} compile={use_compile} "
               f"checkpointing={cfg.parallel.activation_checkpointing} | "
               + (f"FSDP2 mesh {dict(zip(env.mesh.mesh_dim_names, env.mesh.shape))}" if parallel.uses_fsdp(cfg, env)
                  else "one rank, no FSDP2") + f" | global batch {cfg.global_batch} = "
@@ -250,7 +193,7 @@ def _train(cfg: Config, env: Env) -> Path:
             print(f"archirf: model.preset={cfg.model.preset} with {', '.join(departures)}")
 
     metrics = Metrics(run_dir, total_images=cfg.total_images, start_images=images_seen,
-                      flops_per_image=flops_per_image, device=device, is_main=env.is_main,
+                      flops_per_image=task.flops_per_image, device=device, is_main=env.is_main,
                       progress=cfg.progress and env.is_main, world_size=env.world_size,
                       reduce=parallel.all_reduce_sum, reference_img_per_s=cfg.parallel.reference_img_per_s)
     stop = parallel.StopRequest(env, cfg.parallel.stop_check_steps)
@@ -261,28 +204,30 @@ def _train(cfg: Config, env: Env) -> Path:
         metrics.log(images_seen, lr, {**({"skipped_steps": skipped} if skipped else {}), **skipped_images(loader),
                                       **(scores or {})})
 
+    def crossed(every: int) -> bool:  # did this step cross a multiple of `every` images?
+        return _crossed(images_seen, cfg.global_batch, every)
+
     step = 0  # optimizer steps taken by this process (skipped ones too): the same count on every rank
     try:
-        model.train()
+        for network in task.networks:
+            network.train()
         while images_seen < cfg.total_images and not stop.agreed(step):
             step += 1
             lr = lr_at(cfg.optim, images_seen, cfg.total_images)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            task.set_lr(lr)
             loss_sum = torch.zeros((), device=device)
             data_wait = 0.0
             for k in range(accum):
-                parallel.set_gradient_sync(model, k == accum - 1)  # one gradient reduce-scatter per step
+                for network in task.networks:
+                    parallel.set_gradient_sync(network, k == accum - 1)  # one gradient reduce-scatter per step
                 parallel.seed_micro_batch(cfg.seed, loader, env.rank, micro)  # noise follows the data
                 t0 = time.perf_counter()
                 x, y = next(loader)
                 data_wait += time.perf_counter() - t0
-                loss = objective.loss(model_fn, x, y).mean()
-                (loss / accum).backward()
-                loss_sum += loss.detach() / accum
-            grad_norm = parallel.clip_grad_norm_(params, cfg.optim.grad_clip)  # global norm, the same on every rank
+                loss_sum += task.forward_backward(x, y, accum) / accum
+            grad_norm = task.clip()
             if cfg.nan_policy == "skip" and not torch.isfinite(grad_norm):  # note: a CPU-GPU sync point
-                optimizer.zero_grad(set_to_none=True)
+                task.skip()
                 skipped += 1
                 consecutive_skips += 1
                 if consecutive_skips >= cfg.nan_skip_limit:
@@ -291,47 +236,41 @@ def _train(cfg: Config, env: Env) -> Path:
                     print(f"archirf: non-finite loss at {images_seen:,} images; step skipped ({skipped} so far)")
                 continue
             consecutive_skips = 0
-            optimizer.step()
-            if post_step is not None:
-                post_step()
-            optimizer.zero_grad(set_to_none=True)
             images_seen += cfg.global_batch
-            ema.update(model, images_seen, cfg.global_batch)
-            if posthoc is not None:
-                posthoc.update(model, images_seen, cfg.global_batch)
+            task.apply(images_seen)
             metrics.step(loss_sum, grad_norm, cfg.global_batch, data_wait,
                          finite=torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
 
             last = images_seen >= cfg.total_images
             scores = None
-            if evaluation is not None and (_crossed(images_seen, cfg.global_batch, cfg.eval.every) or last):
+            if task.evaluation_due(crossed, last):
                 _check_finite(metrics, cfg, images_seen)
                 with metrics.paused():  # evaluation time stays out of img/s and MFU
-                    scores = evaluation(ema, model, images_seen)
-            if _crossed(images_seen, cfg.global_batch, cfg.log_every) or last or scores:
+                    scores = task.evaluate(images_seen)
+            if crossed(cfg.log_every) or last or scores:
                 _check_finite(metrics, cfg, images_seen)
                 log_line(scores)
-            if posthoc is not None and (_crossed(images_seen, cfg.global_batch, cfg.ema.posthoc_every) or last):
+            if task.posthoc_due(crossed, last):
                 _check_finite(metrics, cfg, images_seen)
                 with metrics.paused():
-                    posthoc.save(run_dir, images_seen, env.is_main)
-            if _crossed(images_seen, cfg.global_batch, cfg.checkpoint_every) and not last:
+                    task.save_posthoc(images_seen)
+            if crossed(cfg.checkpoint_every) and not last:
                 _check_finite(metrics, cfg, images_seen)
                 with metrics.paused():  # checkpoint and sample time stay out of img/s and MFU
-                    save(images_seen)
+                    task.save(images_seen, loader, config_yaml)
                 saved_at = images_seen
-            if _crossed(images_seen, cfg.global_batch, cfg.sample_every) and not last:
+            if crossed(cfg.sample_every) and not last:
                 with metrics.paused():
-                    write_samples(images_seen, final=False)
+                    task.pictures(images_seen, final=False)
 
         # end of training or a stop signal (agreed by all ranks): one complete checkpoint, then the pictures
         stopped = stop.agreed(step, force=True)
         _check_finite(metrics, cfg, images_seen)
         if metrics.pending_steps:  # a stop between log boundaries: the steps since the last line
             log_line()
-        if stopped and posthoc is not None and 0 < images_seen < cfg.total_images:   # (the end: saved above)
-            posthoc.save(run_dir, images_seen, env.is_main)
-        path = save(images_seen) if saved_at != images_seen else ckpt.latest_checkpoint(run_dir)
+        if stopped and 0 < images_seen < cfg.total_images:   # (the end: saved above)
+            task.save_posthoc(images_seen)
+        path = task.save(images_seen, loader, config_yaml) if saved_at != images_seen else ckpt.latest_checkpoint(run_dir)
         skipped_files = skipped_images(loader).get("skipped_images")
         if env.is_main:
             print(f"archirf: checkpoint {path}")
@@ -348,12 +287,12 @@ def _train(cfg: Config, env: Env) -> Path:
             # --kill-on-bad-exit would then kill rank 0 before the scheduler script can read the file
             parallel.barrier(env)
             return run_dir
-        write_samples(images_seen, final=True)
+        task.pictures(images_seen, final=True)
         if env.is_main:
             from .visualize import plot_loss_curve
 
             plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss.png")
-            print(f"archirf: done; samples in {run_dir / 'samples.png'}, trajectory {run_dir / 'trajectory.gif'}")
+            print(f"archirf: done; {task.done_message()}")
         return run_dir
     finally:
         stop.restore()

@@ -90,9 +90,9 @@ def test_resume_none_moves_the_old_run_aside(tmp_path):
 
 def _poison(monkeypatch, bad):
     """Makes the objective's loss NaN on the loss calls (1-based) for which bad(call) is true."""
-    import archirf.trainer as trainer
+    import archirf.tasks.generative as generative
 
-    real = trainer.build_objective
+    real = generative.build_objective
 
     def build(cfg):
         obj = real(cfg)
@@ -104,7 +104,7 @@ def _poison(monkeypatch, bad):
             return out * float("nan") if bad(calls[0]) else out
         obj.loss = poisoned
         return obj
-    monkeypatch.setattr(trainer, "build_objective", build)
+    monkeypatch.setattr(generative, "build_objective", build)
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -167,7 +167,7 @@ def test_print_config():
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path, monkeypatch):
     """global_batch=16 as 2 micro batches of 8 takes the same steps as one batch of 16."""
-    import archirf.trainer as trainer
+    import archirf.tasks.generative as generative
     from archirf.objectives import RectifiedFlow
     from archirf.sample import load_for_sampling
 
@@ -175,7 +175,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, monkeypatch):
         def loss(self, model_fn, x, y):
             return super().loss(model_fn, x, y, noise=torch.zeros_like(x), t=torch.full((x.shape[0],), 0.5))
 
-    monkeypatch.setattr(trainer, "build_objective", lambda cfg: FixedNoiseFlow(cfg.objective))
+    monkeypatch.setattr(generative, "build_objective", lambda cfg: FixedNoiseFlow(cfg.objective))
     common = ["total_images=48", "log_every=16", "model.class_dropout_prob=0"]
     train(tiny(tmp_path / "one", *common, "micro_batch=16"))
     train(tiny(tmp_path / "accum", *common, "micro_batch=8"))

@@ -1,0 +1,20 @@
+"""Tasks: what one training loop trains. A task owns its networks, optimizers, loss, EMA and pictures; the loop
+(trainer.py) owns the data, the schedule, checkpoints, metrics and signals.
+
+    task = build_task(cfg, env, run_dir, dtype=..., compile=...)
+
+The generative task (flow / diffusion objectives, generative.py) is the one there is today.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def build_task(cfg, env, run_dir: Path, *, dtype: Optional[torch.dtype], compile: bool):
+    from .generative import GenerativeTask
+
+    return GenerativeTask(cfg, env, run_dir, dtype=dtype, compile=compile)

@@ -1,0 +1,149 @@
+"""The generative task: a flow or diffusion objective over one network, its EMA (and post-hoc EMAs), sample
+grids and trajectory GIF, FID while training.
+
+Per optimizer step the loop calls `forward_backward` once per micro batch, then `clip`, and `apply` (or
+`skip` for a non-finite step); everything else it calls at its boundaries. The order of operations is the
+one the loop had when it held all of this itself, so runs and checkpoints are unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .. import checkpoint as ckpt
+from .. import parallel
+from ..config import Config
+from ..ema import EMA
+from ..objectives import build_objective
+from ..optim import build_optimizer
+from ..parallel import Env
+from ..posthoc_ema import PostHocEMA
+from ..sample import autocast_model_fn, generate, sample_classes, trajectory_frames
+
+
+class GenerativeTask:
+    def __init__(self, cfg: Config, env: Env, run_dir: Path, *, dtype: Optional[torch.dtype], compile: bool):
+        self.cfg, self.env, self.run_dir, self.dtype = cfg, env, run_dir, dtype
+        device = env.device
+        self.objective = build_objective(cfg)
+        # Sharded training model; rank 0 also gets the full initial copy, which becomes the eval model
+        # that samples with the EMA weights.
+        self.model, self.eval_model = parallel.build_training_model(cfg, env, param_dtype=dtype, compile=compile)
+        if self.eval_model is not None:
+            self.eval_model = self.eval_model.to(device).eval().requires_grad_(False)
+        self.networks = [self.model]
+        self.optimizer = build_optimizer(self.model, cfg.optim, device)
+        self.ema = EMA(self.model, half_life_images=cfg.ema.half_life_images, decay=cfg.ema.decay,
+                       sigma_rel=cfg.ema.sigma_rel, start_images=cfg.ema.start_images)
+        self.posthoc = PostHocEMA(self.model, cfg.ema.posthoc_sigma_rels) if cfg.ema.posthoc_sigma_rels else None
+        self.evaluation = None
+        if cfg.eval.every:  # FID while training: loads the feature networks now, so a missing one fails first
+            from ..eval.training import TrainingEval
+
+            self.evaluation = TrainingEval(cfg, env, run_dir, self.objective, dtype=dtype, compile=compile,
+                                           eval_model=self.eval_model)
+        self.labels = sample_classes(cfg, cfg.sample.classes, cfg.sample.per_class)
+        # A model that weights its loss per time (EDM2's uncertainty / EDM preconditioning) also returns logvar.
+        logvar = {"return_logvar": True} if getattr(self.model, "loss_logvar", False) else {}
+        self.model_fn = autocast_model_fn(self.model, device, dtype, **logvar)
+        self.post_step = getattr(self.model, "post_optimizer_step", None)  # e.g. EDM2's forced weight normalisation
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.flops_per_image = self.eval_model.flops_per_image() if env.is_main else None   # MFU: rank 0
+
+    def describe(self) -> str:
+        """Rank 0: the network and the objective, for the run's first line."""
+        m = self.eval_model
+        return (f"{type(m).__name__} {m.num_params() / 1e6:.2f}M params, {self.flops_per_image / 1e9:.3f} G MACs/img"
+                f" | {self.cfg.objective.name}")
+
+    # -- one optimizer step -------------------------------------------------------------------------------
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, accum: int) -> torch.Tensor:
+        """Loss of one micro batch, its gradient accumulated (scaled by 1 / accum); the detached loss."""
+        loss = self.objective.loss(self.model_fn, x, y).mean()
+        (loss / accum).backward()
+        return loss.detach()
+
+    def clip(self) -> torch.Tensor:
+        return parallel.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)   # global norm, the same on every rank
+
+    def skip(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def apply(self, images_seen: int) -> None:
+        """The optimizer step, then the EMAs at `images_seen` (the count after this step)."""
+        self.optimizer.step()
+        if self.post_step is not None:
+            self.post_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model, images_seen, self.cfg.global_batch)
+        if self.posthoc is not None:
+            self.posthoc.update(self.model, images_seen, self.cfg.global_batch)
+
+    # -- state ---------------------------------------------------------------------------------------------
+    def load(self, path: Path, loader, verified: bool) -> int:
+        return ckpt.load_training_state(path, self.model, self.optimizer, self.ema, loader, self.posthoc,
+                                        verified=verified, evaluation=self.evaluation)
+
+    def save(self, images: int, loader, config_yaml: str) -> Path:
+        path = ckpt.save_training_state(self.run_dir, images, self.model, self.optimizer, self.ema, loader,
+                                        keep=self.cfg.keep_checkpoints, posthoc=self.posthoc,
+                                        evaluation=self.evaluation)
+        weights = self.ema.full_state_dict(keep=self.env.is_main)  # every rank joins the gather
+        if self.env.is_main:
+            buffers = {parallel.clean_fqn(n): b for n, b in self.model.named_buffers()}
+            ckpt.save_snapshot(self.run_dir, images, {**buffers, **weights}, config_yaml)  # EMA parameters + buffers
+        return path
+
+    def set_aside_after(self, images_seen: int) -> None:
+        """Rank 0, on resume: outputs of this task written past the checkpoint resumed from."""
+        if self.posthoc is not None and (moved := self.posthoc.set_aside_after(self.run_dir, images_seen)):
+            print(f"archirf: moved {len(moved)} post-hoc EMA files after {images_seen:,} images to {moved[0].parent}")
+
+    # -- boundaries ----------------------------------------------------------------------------------------
+    def posthoc_due(self, crossed, last: bool) -> bool:
+        """Whether the post-hoc EMAs are saved now (`crossed(every)`: a boundary was crossed by this step)."""
+        return self.posthoc is not None and (crossed(self.cfg.ema.posthoc_every) or last)
+
+    def save_posthoc(self, images_seen: int) -> None:
+        if self.posthoc is not None:
+            self.posthoc.save(self.run_dir, images_seen, self.env.is_main)
+
+    def evaluation_due(self, crossed, last: bool) -> bool:
+        return self.evaluation is not None and (crossed(self.cfg.eval.every) or last)
+
+    def evaluate(self, images_seen: int) -> dict:
+        """FID of the EMA weights ({"fid": ..., "eval_seconds": ...}); every rank calls it."""
+        return self.evaluation(self.ema, self.model, images_seen)
+
+    def pictures(self, images: int, final: bool) -> None:
+        """A sample grid (and at the end the trajectory GIF) of the EMA weights; every rank calls it."""
+        from ..visualize import save_gif, save_grid
+
+        cfg, env = self.cfg, self.env
+        weights = self.ema.full_state_dict(keep=env.is_main)  # every rank joins the gather; rank 0 samples
+        if not env.is_main:
+            return
+        self.ema.copy_to(self.eval_model, weights)
+        # Sampling may draw from the global RNG; training does not mind (each micro batch reseeds it).
+        out = generate(self.eval_model, self.objective, cfg, self.labels, device=env.device, dtype=self.dtype,
+                       steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, sampler=cfg.sample.sampler,
+                       seed=cfg.seed, return_trajectory=final)
+        final_x, traj = out if final else (out, None)
+        upscale = max(1, 64 // cfg.data.resolution)
+        (self.run_dir / "samples").mkdir(exist_ok=True)
+        save_grid(final_x.cpu(), self.run_dir / "samples" / f"images-{images:012d}.png", nrow=cfg.sample.per_class,
+                  upscale=upscale)
+        if traj is not None:
+            save_grid(final_x.cpu(), self.run_dir / "samples.png", nrow=cfg.sample.per_class, upscale=upscale)
+            save_gif([f.cpu() for f in trajectory_frames(traj, cfg.sample.gif_frames)],
+                     self.run_dir / "trajectory.gif", nrow=cfg.sample.per_class, upscale=upscale)
+
+    def done_message(self) -> str:
+        return f"samples in {self.run_dir / 'samples.png'}, trajectory {self.run_dir / 'trajectory.gif'}"
