@@ -4,8 +4,9 @@ Everything is counted in images. Per optimizer step: `accum` micro batches -> th
 -> backward -> clip -> the task's optimizer step (and EMA) -> on-device metrics. Only at log / sample /
 checkpoint boundaries does anything leave the device.
 
-A task (archirf/tasks/) owns the networks, optimizers, loss, EMA and pictures of what is trained; this
-loop owns the data, the schedule, checkpoints, metrics and signals. Every rank runs this same loop
+A task (archirf/tasks/) owns the networks, optimizers, loss, EMA, evaluation and pictures of what is
+trained, and what its checkpoints and snapshots hold; this loop owns the data, the schedule, when to
+checkpoint, metrics and signals. Every rank runs this same loop
 (torchrun; one process is a world of 1). parallel.py owns the process group, the FSDP2 model and what
 keeps a run independent of the world size; checkpoint.py owns the training state. Only rank 0 prints,
 plots and writes samples, snapshots and metrics.
@@ -30,7 +31,7 @@ from .data import build_loader, skipped_images
 from .metrics import Metrics, set_aside_after
 from .optim import lr_at
 from .parallel import Env
-from .tasks import build_task
+from .tasks import TASK_OUTPUTS, build_task
 
 
 class NonFiniteLoss(RuntimeError):
@@ -46,7 +47,7 @@ def _prepare_run_dir(cfg: Config, env: Env) -> Path:
     run_dir = Path(cfg.run_dir)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        outputs = ("checkpoints", "metrics.jsonl", "snapshots", "posthoc", "eval.jsonl", "fid.png")
+        outputs = ("checkpoints", "metrics.jsonl", "snapshots", *TASK_OUTPUTS)
         old = [run_dir / name for name in outputs if (run_dir / name).exists()]
         if cfg.resume == "none" and old:
             keep = run_dir / time.strftime("previous-%Y%m%d-%H%M%S")
@@ -71,7 +72,7 @@ def _resume_path(cfg: Config, run_dir: Path) -> tuple[Optional[Path], list[tuple
         if path is None and damaged:
             raise ConfigError(f"no intact checkpoint in {run_dir / 'checkpoints'} ("
                               + "; ".join(f"{p.name}: {why}" for p, why in damaged) + "); name one to try with "
-                              f"resume=PATH, or start over with resume=none (the run's outputs are moved aside)")
+                              "resume=PATH, or start over with resume=none (the run's outputs are moved aside)")
         return path, damaged
     path = Path(cfg.resume)
     if not ckpt.is_complete(path):
@@ -96,8 +97,6 @@ def _claim_run_dir(run_dir: Path, config_yaml: str, images_seen: int, resume: Op
     (run_dir / STOPPED).unlink(missing_ok=True)
     if moved := set_aside_after(run_dir / "metrics.jsonl", images_seen):
         print(f"archirf: moved the metric lines logged after {images_seen:,} images to {moved}")
-    if moved := set_aside_after(run_dir / "eval.jsonl", images_seen):
-        print(f"archirf: moved the evaluations of images after {images_seen:,} to {moved}")
     task.set_aside_after(images_seen)
 
 
@@ -270,7 +269,8 @@ def _train(cfg: Config, env: Env) -> Path:
             log_line()
         if stopped and 0 < images_seen < cfg.total_images:   # (the end: saved above)
             task.save_posthoc(images_seen)
-        path = task.save(images_seen, loader, config_yaml) if saved_at != images_seen else ckpt.latest_checkpoint(run_dir)
+        path = (task.save(images_seen, loader, config_yaml) if saved_at != images_seen
+                else ckpt.latest_checkpoint(run_dir))
         skipped_files = skipped_images(loader).get("skipped_images")
         if env.is_main:
             print(f"archirf: checkpoint {path}")

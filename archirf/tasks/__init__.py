@@ -14,6 +14,10 @@ from typing import Optional
 import torch
 
 
+# run-dir entries tasks write besides checkpoints/, snapshots/ and metrics.jsonl: resume=none moves them aside too
+TASK_OUTPUTS = ("posthoc", "eval.jsonl", "fid.png")
+
+
 def build_task(cfg, env, run_dir: Path, *, dtype: Optional[torch.dtype], compile: bool):
     from .generative import GenerativeTask
 

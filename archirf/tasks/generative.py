@@ -1,8 +1,8 @@
 """The generative task: a flow or diffusion objective over one network, its EMA (and post-hoc EMAs), sample
 grids and trajectory GIF, FID while training.
 
-Per optimizer step the loop calls `forward_backward` once per micro batch, then `clip`, and `apply` (or
-`skip` for a non-finite step); everything else it calls at its boundaries. The order of operations is the
+Per optimizer step the loop calls `set_lr`, `forward_backward` once per micro batch, then `clip`, and
+`apply` (or `skip` for a non-finite step); everything else it calls at its boundaries. The order of operations is the
 one the loop had when it held all of this itself, so runs and checkpoints are unchanged.
 """
 
@@ -103,6 +103,10 @@ class GenerativeTask:
 
     def set_aside_after(self, images_seen: int) -> None:
         """Rank 0, on resume: outputs of this task written past the checkpoint resumed from."""
+        from ..metrics import set_aside_after
+
+        if moved := set_aside_after(self.run_dir / "eval.jsonl", images_seen):
+            print(f"archirf: moved the evaluations of images after {images_seen:,} to {moved}")
         if self.posthoc is not None and (moved := self.posthoc.set_aside_after(self.run_dir, images_seen)):
             print(f"archirf: moved {len(moved)} post-hoc EMA files after {images_seen:,} images to {moved[0].parent}")
 
