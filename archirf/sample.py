@@ -140,9 +140,13 @@ def _reason(err: BaseException) -> str:
 
 def _saved_config(text: str, source: str) -> Config:
     try:
-        return from_yaml_text(text)
+        cfg = from_yaml_text(text)
     except ConfigError as err:
         raise SampleError(f"{source} does not fit this version of ArchiRF: {err}") from None
+    if cfg.model.name == "autoencoder":
+        raise SampleError(f"{source} is an autoencoder's: it reconstructs images, it does not sample them; sample "
+                          f"or evaluate a generative model (its reconstructions are in the run's reconstructions.png)")
+    return cfg
 
 
 def _saved_buffers(ckpt: Path) -> dict[str, torch.Tensor]:

