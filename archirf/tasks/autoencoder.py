@@ -8,6 +8,9 @@ term's gradient reaches the autoencoder only, as Lightning's optimizer toggling 
 then, once the GAN is on, the discriminator's loss on the same reconstruction, detached, and its backward.
 Both optimizers step once per optimizer step.
 
+Both optimizers step every step (the discriminator's with zero gradients before disc_start, as LDM's). Metrics
+of a skipped (non-finite) step are dropped; each is averaged over the steps that had it.
+
 One rank for now: several ranks (FSDP2 of the autoencoder, the adaptive weight over a sharded last layer)
 are refused with a clear error until they are built and tested.
 """
@@ -68,8 +71,8 @@ class AutoencoderTask:
                        sigma_rel=cfg.ema.sigma_rel, start_images=cfg.ema.start_images)
         self.images_seen = 0
         self.disc_stepped = False                  # whether this optimizer step gave the discriminator gradients
-        self._sums: dict[str, torch.Tensor] = {}
-        self._steps = 0
+        self._step_sums: dict[str, torch.Tensor] = {}      # this optimizer step's metrics (dropped if skipped)
+        self._sums: dict[str, tuple[torch.Tensor, int]] = {}  # since the last log line: (sum, steps that had it)
         self.flops_per_image = None                # MFU: the 6 x forward rule does not hold for three networks
         self.pictures_x = _first_images(cfg, device)
 
@@ -102,12 +105,13 @@ class AutoencoderTask:
                 metrics.update(d[1])
                 self.disc_stepped = True
         z = out["z"].detach().float()
-        metrics.update(psnr=_psnr(x, out["reconstruction"]), latent_mean=z.mean(), latent_std=z.std())
+        metrics.update(psnr=_psnr(x, out["reconstruction"]), latent_mean=z.mean(dim=(0, 2, 3)),
+                       latent_std=z.std(dim=(0, 2, 3)))                           # per latent channel
         if "clip_fraction" in out:
             metrics.update(clip_fraction=out["clip_fraction"].detach(), gain=self.model.scale.detach())
-        for key, value in metrics.items():
+        for key, value in metrics.items():                                        # this step's, until apply()
             value = value.detach().float() / accum
-            self._sums[key] = self._sums[key] + value if key in self._sums else value
+            self._step_sums[key] = self._step_sums[key] + value if key in self._step_sums else value
         return loss.detach().float()
 
     def clip(self) -> torch.Tensor:
@@ -122,24 +126,37 @@ class AutoencoderTask:
         self.optimizer.zero_grad(set_to_none=True)
         self.disc_optimizer.zero_grad(set_to_none=True)
         self.disc_stepped = False
+        self._step_sums = {}
 
     def apply(self, images_seen: int) -> None:
+        """Both optimizers step. Before disc_start the discriminator's takes zero gradients, as LDM's does (its
+        loss is 0 x the hinge there): Adam's state and step count then match the reference's, and exist from
+        the first step, so a checkpoint taken before disc_start resumes exactly."""
         self.optimizer.step()
-        if self.disc_stepped:
-            self.disc_optimizer.step()
+        if not self.disc_stepped:
+            for p in self.discriminator.parameters():
+                p.grad = torch.zeros_like(p)
+        self.disc_optimizer.step()
+        for key, value in self._step_sums.items():
+            total, steps = self._sums.get(key, (0, 0))
+            self._sums[key] = (total + value, steps + 1)
         self.skip()
         self.ema.update(self.model, images_seen, self.cfg.global_batch)
         self.images_seen = images_seen
-        self._steps += 1
 
     def log_values(self) -> dict:
         """The loss terms and latent statistics averaged over the steps since the last log line (a host sync)."""
-        if not self._sums or not self._steps:
+        if not self._sums:
             return {}
         keys = sorted(self._sums)
-        values = (torch.stack([self._sums[k] for k in keys]) / self._steps).tolist()  # note: a CPU-GPU sync point
-        self._sums, self._steps = {}, 0
-        return dict(zip(keys, values))
+        means = [(self._sums[k][0] / self._sums[k][1]).reshape(-1) for k in keys]   # each over the steps it was in
+        flat = torch.cat(means).tolist()                                            # note: a CPU-GPU sync point
+        out, at = {}, 0
+        for key, m in zip(keys, means):
+            out[key] = flat[at] if m.numel() == 1 and key not in ("latent_mean", "latent_std") else flat[at:at + m.numel()]
+            at += m.numel()
+        self._sums = {}
+        return out
 
     # -- state ---------------------------------------------------------------------------------------------
     def _state(self, loader, images_seen: int) -> dict:
@@ -153,9 +170,21 @@ class AutoencoderTask:
     def load(self, path: Path, loader, verified: bool) -> int:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
+        from torch.distributed.checkpoint import FileSystemReader
+
         if not verified:
             ckpt.check_intact(path)
-        state = ckpt.load_checkpoint(path, self._state(loader, 0), verified=True)
+        expected = self._state(loader, 0)
+        saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        for group in ("model", "discriminator"):      # DCP loads only what is asked for: compare both ways
+            held = {k[len(group) + 1:] for k in saved if k.startswith(f"{group}.")}
+            extra, missing = sorted(held - set(expected[group])), sorted(set(expected[group]) - held)
+            if extra or missing:
+                raise ValueError(f"checkpoint {path} does not fit this config: its {group} "
+                                 f"{'has ' + extra[0] if extra else 'lacks ' + missing[0]} that the configured one "
+                                 f"{'lacks' if extra else 'has'}; resume with the settings that wrote it (the run "
+                                 f"dir's config.yaml, loss.disc_* included), or start over with resume=none")
+        state = ckpt.load_checkpoint(path, expected, verified=True)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
         set_state_dict(self.discriminator, self.disc_optimizer, model_state_dict=state["discriminator"],
