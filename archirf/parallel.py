@@ -80,6 +80,11 @@ def _pick_device(cfg: Config) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of a precision setting (auto | bf16 | fp32): auto is bf16 on CUDA, fp32 (None) elsewhere."""
+    return {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16, "fp32": None}[precision]
+
+
 @contextlib.contextmanager
 def distributed(cfg: Config) -> Iterator[Env]:
     """Device, process group (NCCL on GPU, gloo on CPU) and mesh for the run; tears down what it set up.

@@ -229,7 +229,9 @@ def _sample(args) -> int:
     print(f"archirf.sample: using {which}")
     model.to(device)
     labels = sample_classes(cfg, classes, args.per_class)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    from .parallel import autocast_dtype
+
+    dtype = autocast_dtype("auto", device)
     out = generate(model, build_objective(cfg), cfg, labels, device=device, dtype=dtype,
                    steps=args.steps or cfg.sample.steps,
                    cfg_scale=cfg.sample.cfg_scale if args.cfg is None else args.cfg,

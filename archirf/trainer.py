@@ -153,8 +153,7 @@ def train(cfg: Config) -> Path:
 def _train(cfg: Config, env: Env) -> Path:
     device = env.device
     micro, accum = batch_split(cfg, env.world_size)
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None,
-             "bf16": torch.bfloat16, "fp32": None}[cfg.precision]
+    dtype = parallel.autocast_dtype(cfg.precision, device)
     use_compile = (cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")) and \
         cfg.model.name != "autoencoder"   # (the autoencoder task runs eagerly for now)
     run_dir = _prepare_run_dir(cfg, env)

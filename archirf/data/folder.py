@@ -71,6 +71,12 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     return samples, classes
 
 
+def to_chw(arr: np.ndarray) -> torch.Tensor:
+    """A decoded (H, W) or (H, W, C) uint8 array as a contiguous (C, H, W) tensor."""
+    image = torch.from_numpy(np.ascontiguousarray(arr))
+    return (image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)).contiguous()
+
+
 def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
     """ADM's resize (guided-diffusion image_datasets.py): box-halve while the short side is >= 2x size
     (cheap anti-aliasing), bicubic to short side = size, then center crop. (H, W[, C]) uint8."""
@@ -114,9 +120,7 @@ class FolderDataset(torch.utils.data.Dataset):
                 continue
             if flip:
                 arr = arr[:, ::-1]
-            image = torch.from_numpy(np.ascontiguousarray(arr))                  # (R, R[, C]) uint8
-            image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
-            return image.contiguous(), self.samples[candidate][1], unreadable    # (C, R, R)
+            return to_chw(arr), self.samples[candidate][1], unreadable           # (C, R, R) uint8
         path, reason = unreadable[0]
         raise DataError(f"none of the {len(self.samples)} images could be decoded (first: {path}: {reason}); "
                         f"check the files under data.root")

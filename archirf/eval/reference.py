@@ -83,8 +83,9 @@ class _Decoded(torch.utils.data.Dataset):
             arr = self.folder._decode(index)
         except Exception as err:        # PIL raises many types on bad files
             return index, None, f"{self.folder.samples[index][0]} ({type(err).__name__}: {err})"
-        image = torch.from_numpy(arr.copy())
-        return index, (image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)), None
+        from ..data.folder import to_chw
+
+        return index, to_chw(arr), None
 
 
 def _collate(items):

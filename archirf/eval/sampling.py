@@ -39,6 +39,19 @@ class PerSampleNoise:
         return self.randn(tuple(x.shape[1:]), x.device).to(x.dtype)
 
 
+def guidance_scale(cfg, given: Optional[float] = None) -> float:
+    """The guidance scale a sample set uses: `given`, else eval.cfg_scale, else sample.cfg_scale; 1 (none) for
+    an unconditional model."""
+    if cfg.data.num_classes == 0:
+        return 1.0
+    return given if given is not None else cfg.eval.cfg_scale if cfg.eval.cfg_scale is not None else cfg.sample.cfg_scale
+
+
+def resolve_sampler(sampler: str, objective) -> str:
+    """The sampler a sample set uses: `sampler`, or for "auto" the objective's first (euler / ddim)."""
+    return objective.samplers[0] if sampler == "auto" else sampler
+
+
 def batches_of_rank(num: int, batch: int, rank: int, world_size: int) -> list[list[int]]:
     """The global sample indices of each batch rank `rank` samples (the last may be short)."""
     starts = range(rank * batch, num, world_size * batch)

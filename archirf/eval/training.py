@@ -19,14 +19,13 @@ class TrainingEval:
     def __init__(self, cfg, env, run_dir: Path, objective, *, dtype: Optional[torch.dtype], compile: bool,
                  eval_model: Optional[nn.Module]):
         from ..models import build_model
-        from .detectors import load_dinov2, load_inception
         from .reference import EvalError, check_images
 
         check_images(cfg, "eval.every")
         e = cfg.eval
         self.cfg, self.env, self.run_dir, self.objective, self.dtype = cfg, env, Path(run_dir), objective, dtype
         device = env.device
-        self.evaluator = Evaluator(load_inception(e.inception, device), load_dinov2(e.dinov2, device) if e.dinov2 else None)
+        self.evaluator = Evaluator.load(e.inception, e.dinov2, device)
         if e.ref is not None and not Path(e.ref).is_file():
             raise EvalError(f"eval.ref={e.ref}: no such file; compute it with: torchrun -m archirf.eval ref --config "
                             f"RECIPE --out {e.ref}, or set eval.ref=null to measure against the training data")
@@ -51,8 +50,8 @@ class TrainingEval:
     def __call__(self, ema, training_model: nn.Module, images_seen: int) -> dict:
         """Scores of the EMA weights now ({"fid": ..., ...}); every rank calls it."""
         from ..visualize import plot_fid_curve
-        from .cli import guidance_scale
         from .reference import ensure_reference
+        from .sampling import guidance_scale, resolve_sampler
 
         e, cfg, env = self.cfg.eval, self.cfg, self.env
         weights = ema.full_state_dict(keep=True)        # every rank joins the gather and keeps the result
@@ -68,7 +67,7 @@ class TrainingEval:
                                         rank=env.rank, world_size=env.world_size, progress=cfg.progress)
         steps = e.steps or cfg.sample.steps
         cfg_scale = guidance_scale(cfg)
-        sampler = cfg.sample.sampler if cfg.sample.sampler != "auto" else self.objective.samplers[0]
+        sampler = resolve_sampler(cfg.sample.sampler, self.objective)
         result = evaluate_model(self.model, self.objective, cfg, self.evaluator, self.ref, num=e.num, batch=e.batch,
                                 steps=steps, sampler=sampler, grid=cfg.sample.grid, cfg_scale=cfg_scale,
                                 device=env.device, dtype=self.dtype, seed=cfg.seed, progress=False)
@@ -77,7 +76,7 @@ class TrainingEval:
         if env.is_main:
             append_record(self.run_dir, self.evaluator, self.ref, self.dtype, weights="ema", source="training",
                           images_seen=images_seen, steps=steps, sampler=sampler, grid=cfg.sample.grid, cfg=cfg_scale,
-                          seed=cfg.seed, **({"ddim_eta": cfg.sample.ddim_eta} if sampler == "ddim" else {}), **result)
+                          seed=cfg.seed, ddim_eta=cfg.sample.ddim_eta, **result)
             plot_fid_curve(self.history, self.run_dir / "fid.png", title=self.run_dir.name)
             print(f"archirf: {', '.join(f'{k} {v:.4g}' for k, v in scores.items())} at {images_seen:,} images "
                   f"(EMA, {result['num']:,} samples, {steps} steps {sampler}, cfg {cfg_scale}; {result['seconds']:.1f} s)")

@@ -17,6 +17,7 @@ are refused with a clear error until they are built and tested.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -59,9 +60,7 @@ class AutoencoderTask:
                 lpips = LPIPS(loss.lpips, loss.lpips_weights).to(device)
             except LPIPSError as err:
                 raise ConfigError(f"loss.perceptual_weight={loss.perceptual_weight}: {err}") from None
-        weights = LossWeights(perceptual_weight=loss.perceptual_weight, reduction=loss.reduction,
-                              kl_weight=loss.kl_weight, var_weight=loss.var_weight, disc_start=loss.disc_start,
-                              disc_factor=loss.disc_factor, disc_weight=loss.disc_weight, disc_loss=loss.disc_loss)
+        weights = LossWeights(**{f.name: getattr(loss, f.name) for f in dataclasses.fields(LossWeights)})
         self.loss = AutoencoderLoss(weights, _RGB(lpips) if lpips is not None else None, self.discriminator)
         self.networks = [self.model, self.discriminator]
         self.optimizer = build_optimizer(self.model, cfg.optim, device)
@@ -149,11 +148,11 @@ class AutoencoderTask:
         if not self._sums:
             return {}
         keys = sorted(self._sums)
-        means = [(self._sums[k][0] / self._sums[k][1]).reshape(-1) for k in keys]   # each over the steps it was in
-        flat = torch.cat(means).tolist()                                            # note: a CPU-GPU sync point
+        means = [self._sums[k][0] / self._sums[k][1] for k in keys]                # each over the steps it was in
+        flat = torch.cat([m.reshape(-1) for m in means]).tolist()                   # note: a CPU-GPU sync point
         out, at = {}, 0
-        for key, m in zip(keys, means):
-            out[key] = flat[at] if m.numel() == 1 and key not in ("latent_mean", "latent_std") else flat[at:at + m.numel()]
+        for key, m in zip(keys, means):                                             # per-channel values stay lists
+            out[key] = flat[at] if m.dim() == 0 else flat[at:at + m.numel()]
             at += m.numel()
         self._sums = {}
         return out
