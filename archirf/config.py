@@ -14,6 +14,7 @@ import difflib
 import math
 import re
 import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -561,13 +562,17 @@ def _refuse_unread_autoencoder(cfg: Config, need) -> None:
     changed = [f"loss.{k}" for k in unread if getattr(loss, k) != getattr(default, k)]
     need(not changed, f"{', '.join(changed)}: not read with model.latent={latent}, loss.perceptual_weight="
                       f"{loss.perceptual_weight}, loss.disc_factor={loss.disc_factor}; remove it")
-    changed = [f"eval.{k}" for k, v in vars(cfg.eval).items() if v != getattr(EvalConfig(), k)]
-    need(not changed, f"{', '.join(changed)}: evaluation measures generative models; rFID of an autoencoder while "
-                      f"training is not built yet; remove it")
+    changed = [f"eval.{k}" for k in ("dinov2", "steps", "cfg_scale") if getattr(cfg.eval, k) != getattr(EvalConfig(), k)]
+    need(not changed, f"{', '.join(changed)}: an autoencoder is measured by rFID, PSNR and SSIM of its "
+                      f"reconstructions (eval.every, eval.num, eval.batch, eval.ref, eval.inception); remove it")
+    need(cfg.eval.ref is None or not Path(cfg.eval.ref).is_file(),
+         f"eval.ref={cfg.eval.ref}: an autoencoder's evaluation reconstructs held-out images, so eval.ref names an "
+         f"image folder (as data.root), not a statistics file; or null for the training images")
+    changed = [f"eval.{k}" for k in ("ref", "inception", "batch") if getattr(cfg.eval, k) != getattr(EvalConfig(), k)]
+    need(cfg.eval.every > 0 or not changed, f"{', '.join(changed)}: read by the evaluation while training only, and "
+                                           f"eval.every=0; set eval.every (images) or remove it")
     need(not cfg.ema.posthoc_sigma_rels and cfg.ema.posthoc_every == 0,
          "ema.posthoc_*: post-hoc EMA is tracked for generative runs only; remove it")
-    need(cfg.parallel.activation_checkpointing == "none", "parallel.activation_checkpointing: the autoencoder task "
-                                                          "does not checkpoint activations yet; remove it")
     side = cfg.data.resolution // 2 ** loss.disc_layers - 2
     need(loss.disc_factor == 0 or side >= 1,
          f"loss.disc_layers={loss.disc_layers} leaves no patch of a {cfg.data.resolution} px image (the PatchGAN "

@@ -180,7 +180,9 @@ def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], c
             # the recompute must draw the forward's random numbers (the UNets' dropout)
             block = checkpoint_wrapper(block, preserve_rng_state=True, **extra)
         if compile:
-            block.compile(fullgraph=True)  # in place: parameter names stay the same
+            # in place (parameter names stay the same); static shapes: units of one class that differ in shape (a
+            # UNet's or an autoencoder's levels) get one specialised graph each, not one dynamic-shape graph
+            block.compile(fullgraph=True, dynamic=False)
         blocks[i] = block
     for start in range(0, len(blocks), blocks_per_shard) if shard else ():
         unit = list(blocks[start:start + blocks_per_shard])
@@ -306,6 +308,20 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor
         # torch.nn.utils.clip_grads_with_norm_'s scaling (no host sync), on the local tensors
         torch._foreach_mul_(local, torch.clamp(max_norm / (total + 1e-6), max=1.0))
     return total
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Averages plain tensors over the ranks in place (a replicated network's gradients): one all-reduce of
+    them flattened together; a no-op on one rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not tensors:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    flat = _flatten_dense_tensors(tensors)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    for t, averaged in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
+        t.copy_(averaged)
 
 
 def barrier(env: Env) -> None:

@@ -154,8 +154,7 @@ def _train(cfg: Config, env: Env) -> Path:
     device = env.device
     micro, accum = batch_split(cfg, env.world_size)
     dtype = parallel.autocast_dtype(cfg.precision, device)
-    use_compile = (cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")) and \
-        cfg.model.name != "autoencoder"   # (the autoencoder task runs eagerly for now)
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     run_dir = _prepare_run_dir(cfg, env)
     config_yaml = to_yaml(cfg)
 

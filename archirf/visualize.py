@@ -176,8 +176,9 @@ def plot_loss_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     return _atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))
 
 
-def plot_fid_curve(history: list[dict], out_png: str | Path, title: str = "run") -> Path:
-    """FID (and FD-DINOv2, twin axis) against images seen, from the evaluation history."""
+def plot_fid_curve(history: list[dict], out_png: str | Path, title: str = "run", label: str = "FID") -> Path:
+    """FID (or another distance named `label`, under the key "fid"; FD-DINOv2 on a twin axis) against images
+    seen, from the evaluation history."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
@@ -192,7 +193,7 @@ def plot_fid_curve(history: list[dict], out_png: str | Path, title: str = "run")
         best = min(points, key=lambda p: p[1])
         ax.annotate(f"{best[1]:.3g}", best, textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
     ax.set_xlabel("images seen")
-    ax.set_ylabel("FID", color="tab:green")
+    ax.set_ylabel(label, color="tab:green")
     ax.xaxis.set_major_formatter(EngFormatter())
     ax.grid(True, which="major", alpha=0.3)
     dino = [(h["images_seen"], h["fd_dinov2"]) for h in history if h.get("fd_dinov2") is not None]

@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from test_eval import tiny_net  # noqa: F401  (the tiny feature network, a fixture)
+
+from archirf import checkpoint as ckpt
 from archirf.losses.autoencoder import AutoencoderLoss, LossWeights, adaptive_weight
 from archirf.losses.discriminator import PatchDiscriminator, discriminator_loss
 from archirf.losses.lpips import LPIPS, LPIPSError, _NumpyOnly, packaged_weights, read_weights
@@ -219,26 +222,77 @@ def test_loss_reductions_kl_and_the_gan_switch():
     kl = AutoencoderKL.kl(out["mean"], out["logvar"]).mean()
     for reduction, rec in (("sum", l1.sum(dim=(1, 2, 3)).mean()), ("mean", l1.mean())):
         loss, m = _loss(reduction=reduction, kl_weight=1e-3, disc_start=100).generator(
-            x, out, ae.decoder.last_layer, images_seen=99)
+            x, out, ae.decoder.conv_out, images_seen=99)
         torch.testing.assert_close(loss, rec + 1e-3 * kl)
         assert "g_loss" not in m and torch.equal(m["kl"], kl.detach())
     crit = _loss(disc_start=100)
     assert crit.discriminator_step(x, out["reconstruction"], 99) is None    # before disc_start: nothing to step
-    loss, m = crit.generator(x, out, ae.decoder.last_layer, images_seen=100)
+    loss, m = crit.generator(x, out, ae.decoder.conv_out, images_seen=100)
     assert {"g_loss", "adaptive_weight"} <= set(m)
     d_loss, dm = crit.discriminator_step(x, out["reconstruction"], 100)
     assert d_loss.requires_grad and {"logits_real", "logits_fake"} <= set(dm)
 
 
-def test_adaptive_weight_is_the_ratio_of_gradient_norms():
-    w = torch.randn(4, 3, requires_grad=True)
-    nll, g = (w * 3).square().sum(), -(w.sum())
-    lam = adaptive_weight(nll, g, w, disc_weight=0.5)
-    expected = (18 * w).norm() / (torch.ones(4, 3).norm() + 1e-4) * 0.5
-    torch.testing.assert_close(lam, expected.detach())
-    assert not lam.requires_grad
-    huge = adaptive_weight(nll * 1e12, g, w, 1.0)
+@pytest.mark.parametrize("kind", ["kl", "clipped"])
+def test_adaptive_weight_is_ldms_ratio_of_the_last_layers_gradient_norms(kind):
+    """From activations (the gradient w.r.t. the reconstruction carried to the weight by the convolution's weight
+    gradient) it is what LDM computes with autograd.grad on the parameter itself, in float64."""
+    torch.manual_seed(0)
+    cls, kw = (AutoencoderKL, TINY_KL) if kind == "kl" else (ClippedAutoencoder, TINY_CLIPPED)
+    ae = cls(**kw).double()
+    crit = _loss(disc_start=0).double()
+    x = torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1
+    out = ae(x, sample=False)
+    nll = (x - out["reconstruction"]).abs().sum(dim=(1, 2, 3)).mean()
+    g = -crit.discriminator(out["reconstruction"]).mean()
+    w = ae.decoder.conv_out.weight
+    ldm = [torch.autograd.grad(t, w, retain_graph=True)[0].norm() for t in (nll, g)]
+    expected = (ldm[0] / (ldm[1] + 1e-4)).clamp(0, 1e4) * 0.5
+    lam = adaptive_weight(nll, g, out["reconstruction"], out["last_input"], ae.decoder.conv_out, disc_weight=0.5)
+    torch.testing.assert_close(lam.double(), expected, rtol=1e-6, atol=0)
+    assert not lam.requires_grad and 0 < lam.item() < 5e3
+    huge = adaptive_weight(nll * 1e12, g, out["reconstruction"], out["last_input"], ae.decoder.conv_out, 1.0)
     assert huge.item() == 1e4                                          # clamped
+
+
+@pytest.mark.parametrize("kind,gan", [("kl", True), ("clipped", True), ("kl", False)])
+def test_generator_backward_gives_the_losss_own_gradient(kind, gan):
+    """One pass through LPIPS-like and discriminator graphs each, then the autoencoder's backward from the
+    reconstruction: the gradient of every autoencoder parameter is generator(...).backward()'s, in float64."""
+    cls, kw = (AutoencoderKL, TINY_KL) if kind == "kl" else (ClippedAutoencoder, TINY_CLIPPED)
+    grads, losses = [], []
+    for how in ("spec", "fast"):
+        torch.manual_seed(0)
+        ae = cls(**kw).double()
+        crit = AutoencoderLoss(LossWeights(disc_start=0 if gan else 10, reduction="mean"), _FakeLPIPS().double(),
+                               PatchDiscriminator(ndf=32, n_layers=2).double())
+        crit.discriminator.requires_grad_(False)
+        x = torch.rand(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        torch.manual_seed(2)
+        out = ae(x)
+        if how == "spec":
+            loss, m = crit.generator(x, out, ae.decoder.conv_out, 0)
+            (loss * 0.25).backward()
+        else:
+            loss, m = crit.generator_backward(x, out, ae.decoder.conv_out, 0, scale=0.25)
+        assert ("adaptive_weight" in m) == gan
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in ae.named_parameters()})
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-12, atol=0)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:      # (attention's k bias has a zero gradient in theory: rounding noise only, atol)
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+class _FakeLPIPS(torch.nn.Module):
+    """A differentiable stand-in for LPIPS: a conv feature distance per image."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x, y):
+        return (self.conv(x) - self.conv(y)).square().mean(dim=(1, 2, 3))
 
 
 def test_clipped_autoencoder_loss_has_the_variance_term():
@@ -246,7 +300,7 @@ def test_clipped_autoencoder_loss_has_the_variance_term():
     ae = ClippedAutoencoder(**TINY_CLIPPED)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     out = ae(x)
-    loss, m = _loss(reduction="mean", var_weight=0.01).generator(x, out, ae.decoder.last_layer, 0)
+    loss, m = _loss(reduction="mean", var_weight=0.01).generator(x, out, ae.decoder.conv_out, 0)
     expected = (x - out["reconstruction"]).abs().mean() + 0.01 * ClippedAutoencoder.variance_loss(out["z"])
     torch.testing.assert_close(loss, expected)
     assert "var_loss" in m and "kl" not in m
@@ -333,15 +387,121 @@ def test_autoencoder_runs_refuse_what_they_cannot_do(tmp_path):
         load_config(None, AE_TINY + ["loss.lpips=alex"])
     with pytest.raises(ConfigError, match="loss.lpips: not read"):
         load_config(None, AE_TINY + ["loss.perceptual_weight=0", "loss.lpips=alex"])
-    with pytest.raises(ConfigError, match="eval.ref: evaluation measures generative models"):
-        load_config(None, AE_TINY + ["eval.ref=x.npz"])
+    with pytest.raises(ConfigError, match="eval.dinov2: an autoencoder is measured by rFID"):
+        load_config(None, AE_TINY + ["eval.every=32", "eval.dinov2=x.pt"])
+    (tmp_path / "x.npz").write_bytes(b"")
+    with pytest.raises(ConfigError, match="eval.ref=.*names an image folder"):
+        load_config(None, AE_TINY + ["eval.every=32", f"eval.ref={tmp_path / 'x.npz'}"])
+    with pytest.raises(ConfigError, match="eval.ref: read by the evaluation while training only"):
+        load_config(None, AE_TINY + [f"eval.ref={tmp_path}"])
     cfg = load_config(None, AE_TINY + ["model.latent=kl", "loss.reduction=null"])
     assert (cfg.loss.reduction, cfg.optim.betas, cfg.optim.grad_clip) == ("sum", [0.5, 0.9], 0.0)
     assert load_config(None, AE_TINY + ["loss.reduction=null"]).loss.reduction == "mean"   # the clipped latent
-    with pytest.raises(ConfigError, match="compile=on"):
-        train(load_config(None, AE_TINY + [f"run_dir={tmp_path / 'c'}", "total_images=16", "compile=on"]))
     run = tmp_path / "run"
     train(load_config(None, AE_TINY + [f"run_dir={run}", "total_images=16", "loss.perceptual_weight=0"]))
     proc = subprocess.run([sys.executable, "-m", "archirf.sample", str(run), "--out", str(tmp_path / "x.png")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "is an autoencoder's" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------- scale-out (gloo, CPU)
+
+def test_autoencoder_units_cover_the_network_once_in_running_order():
+    """parallel.py compiles and shards `blocks` unit by unit: every parameter outside the root's stems and
+    norms is in exactly one unit, the units run in list order, and a unit put back keeps LDM's names."""
+    torch.manual_seed(0)
+    ae = AutoencoderKL(**TINY_KL)
+    names = {n for n, _ in ae.named_parameters()}
+    units = list(ae.blocks)
+    assert len(units) == 2 * len(ae.encoder.down) + 2
+    in_units = [id(p) for u in units for p in u.parameters()]
+    assert len(in_units) == len(set(in_units))
+    root = {n for n, p in ae.named_parameters() if id(p) not in set(in_units)}
+    assert all(n.split(".")[1] in ("conv_in", "norm_out", "conv_out") or n.startswith(("quant_conv", "post_quant"))
+               for n in root), root
+    order = []
+    hooks = [u.register_forward_hook(lambda m, i, o, k=k: order.append(k)) for k, u in enumerate(units)]
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    out = ae(x, sample=False)
+    assert order == list(range(len(units)))
+    for h in hooks:
+        h.remove()
+    ae.blocks[1] = torch.nn.Sequential(ae.blocks[1])             # a wrapper, as checkpoint_wrapper is
+    ae.blocks[1] = ae.blocks[1][0]
+    assert {n for n, _ in ae.named_parameters()} == names
+    torch.testing.assert_close(ae(x, sample=False)["reconstruction"], out["reconstruction"])
+
+
+AE_DIST = AE_TINY + ["loss.perceptual_weight=0", "micro_batch=4", "optim.lr=1e-3", "loss.disc_start=32"]
+
+
+def _ae_run(nproc: int, run_dir: Path, images: int, *extra: str):
+    from test_distributed import torchrun
+
+    return torchrun(nproc, f"run_dir={run_dir}", *AE_DIST, f"total_images={images}", *extra)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+KEYS = ("loss", "grad_norm", "l1", "psnr", "var_loss", "g_loss", "d_loss", "adaptive_weight", "logits_fake")
+
+
+def _same_steps(a: list[dict], b: list[dict], rel: float) -> None:
+    assert [r["images_seen"] for r in a] == [r["images_seen"] for r in b]
+    for x, y in zip(a, b):
+        for k in KEYS:
+            if k in x or k in y:
+                assert x[k] == pytest.approx(y[k], rel=rel, abs=1e-6), (k, x, y)
+
+
+@pytest.fixture(scope="module")
+def ae_runs(tmp_path_factory, tiny_net) -> dict[str, Path]:
+    """The tiny clipped autoencoder with its GAN switched on halfway: 1 rank, 2 ranks (FSDP2, with rFID on the
+    tiny feature network), and a 2-rank checkpoint resumed on 1 rank."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("ae_dist")
+    out = {k: root / k for k in ("one", "two", "half", "resume1")}
+    _ae_run(1, out["one"], 64)
+    proc = _ae_run(2, out["two"], 64, "eval.every=32", "eval.num=24", "eval.batch=8", f"eval.inception={tiny_net}")
+    assert "FSDP2 mesh" in proc.stdout and "rFID" in proc.stdout
+    _ae_run(2, out["half"], 32)
+    shutil.copytree(out["half"], out["resume1"])
+    assert "resumed from" in _ae_run(1, out["resume1"], 64).stdout
+    return out
+
+
+def test_autoencoder_steps_do_not_depend_on_the_world_size(ae_runs):
+    one, two = _rows(ae_runs["one"]), _rows(ae_runs["two"])
+    assert "g_loss" not in one[0] and "g_loss" in one[1]                      # the GAN switched on at 32
+    _same_steps(one, two, rel=1e-4)
+    assert len(one[1]["latent_std"]) == 4
+    for a, b in zip(one[1]["latent_std"], two[1]["latent_std"]):
+        assert a == pytest.approx(b, rel=1e-4)
+    a, b = (ckpt.load_snapshot(ckpt.latest_snapshot(ae_runs[k]))[0] for k in ("one", "two"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+def test_autoencoder_checkpoint_of_two_ranks_resumes_on_one(ae_runs):
+    _same_steps(_rows(ae_runs["resume1"]), _rows(ae_runs["two"]), rel=1e-4)
+
+
+def test_rfid_while_training_on_two_ranks(ae_runs):
+    rows = _rows(ae_runs["two"])
+    assert all(math.isfinite(r["rfid"]) and r["eval_psnr"] > 0 and 0 < r["eval_ssim"] <= 1 for r in rows)
+    records = [json.loads(line) for line in (ae_runs["two"] / "eval.jsonl").read_text().splitlines()]
+    assert [r["images_seen"] for r in records] == [32, 64] and all(r["num"] == 24 for r in records)
+    assert records[-1]["rfid"] == rows[-1]["rfid"]
+    assert (ae_runs["two"] / "fid.png").stat().st_size > 0
+
+
+def test_compiled_autoencoder_on_two_ranks_takes_the_eager_steps(tmp_path):
+    """compile=on: the autoencoder's units (static shapes, fullgraph), the discriminator and LPIPS compiled, the
+    units sharded by FSDP2; the GAN is on from the second step."""
+    proc = _ae_run(2, tmp_path / "c", 48, "compile=on", "loss.disc_start=16", "log_every=16")
+    assert "compile=True" in proc.stdout and "FSDP2 mesh" in proc.stdout
+    eager = _ae_run(1, tmp_path / "e", 48, "loss.disc_start=16", "log_every=16")
+    assert eager.returncode == 0
+    _same_steps(_rows(tmp_path / "c"), _rows(tmp_path / "e"), rel=1e-3)

@@ -51,24 +51,28 @@ def cache_name(cfg, networks: dict[str, str]) -> str:
     return f"ref-{cfg.data.source}-{cfg.data.resolution}px-{hashlib.sha256(text.encode()).hexdigest()[:12]}.npz"
 
 
-def dataset_images(cfg, batch: int, rank: int, world_size: int) -> tuple[int, Iterator[tuple[list[int], torch.Tensor]]]:
-    """(number of images, iterator of (indices, uint8 images (n, C, R, R) on CPU) for this rank's share).
+def dataset_images(cfg, batch: int, rank: int, world_size: int, *, limit: Optional[int] = None,
+                   root: Optional[str] = None) -> tuple[int, Iterator[tuple[list[int], torch.Tensor]]]:
+    """(number of images, iterator of (indices, uint8 images (n, C, R, R) on CPU) for this rank's share) of the
+    dataset's first `limit` images (all: None), from data.root or from the image folder `root`.
     A folder's unreadable files are left out (and warned about), not replaced."""
     check_images(cfg, "reference statistics")
     d = cfg.data
-    if d.source == "digits":
+    if d.source == "digits" and root is None:
         from ..data.digits import digits_tensors
 
         images = to_uint8(digits_tensors(d.resolution, d.channels)[0])
-        chunks = batches_of_rank(len(images), batch, rank, world_size)
-        return len(images), ((idx, images[idx[0]:idx[-1] + 1]) for idx in chunks)
+        n = min(len(images), limit or len(images))
+        chunks = batches_of_rank(n, batch, rank, world_size)
+        return n, ((idx, images[idx[0]:idx[-1] + 1]) for idx in chunks)
     from ..data.folder import FolderDataset, find_images
 
-    samples, _ = find_images(d.root)
+    samples, _ = find_images(root or d.root)
+    n = min(len(samples), limit or len(samples))
     dataset = _Decoded(FolderDataset(samples, d.resolution, d.channels))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches_of_rank(len(samples), batch, rank, world_size),
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches_of_rank(n, batch, rank, world_size),
                                          num_workers=d.num_workers, collate_fn=_collate)
-    return len(samples), iter(loader)
+    return n, iter(loader)
 
 
 class _Decoded(torch.utils.data.Dataset):

@@ -87,3 +87,73 @@ class TrainingEval:
 
     def load_state_dict(self, state: dict) -> None:
         self.history = json.loads(state["history"])
+
+
+class ReconstructionEval:
+    """rFID, PSNR and SSIM of an autoencoder while training: every `eval.every` images the EMA weights reconstruct
+    the first `eval.num` images of the held-out folder `eval.ref` (null: of the training data), sharded over the
+    ranks, measured by ReconstructionMetrics against their own originals. Results go to metrics.jsonl (through
+    the trainer's log line), RUN_DIR/eval.jsonl, fid.png and the checkpoint (the history)."""
+
+    def __init__(self, cfg, env, run_dir: Path, *, dtype: Optional[torch.dtype], eval_model: Optional[nn.Module]):
+        from ..models import build_model
+        from .detectors import DetectorError, load_inception
+        from .reference import EvalError, check_images
+
+        check_images(cfg, "eval.every")
+        self.cfg, self.env, self.run_dir, self.dtype = cfg, env, Path(run_dir), dtype
+        if cfg.eval.ref is not None and not Path(cfg.eval.ref).is_dir():
+            raise EvalError(f"eval.ref={cfg.eval.ref}: no such folder; name a folder of held-out images (as "
+                            f"data.root), or set eval.ref=null to reconstruct the training images")
+        try:
+            self.inception = load_inception(cfg.eval.inception, env.device)
+        except DetectorError as err:
+            raise EvalError(f"eval.inception: {err}") from None
+        if eval_model is None:              # every rank reconstructs its share: a whole copy on each
+            torch.manual_seed(cfg.seed)
+            eval_model = build_model(cfg).to(env.device).eval().requires_grad_(False)
+        self.model = eval_model
+        self.history: list[dict] = []
+
+    @torch.no_grad()
+    def __call__(self, ema, images_seen: int) -> dict:
+        """Scores of the EMA weights now ({"rfid", "eval_psnr", "eval_ssim", "eval_seconds"}); every rank calls it."""
+        import time
+
+        from ..visualize import plot_fid_curve
+        from .recon import ReconstructionMetrics
+        from .reference import dataset_images
+
+        cfg, env, e = self.cfg, self.env, self.cfg.eval
+        start = time.perf_counter()
+        ema.copy_to(self.model, ema.full_state_dict(keep=True))   # every rank joins the gather and keeps it
+        metrics = ReconstructionMetrics(self.inception)
+        num, batches = dataset_images(cfg, e.batch, env.rank, env.world_size, limit=e.num, root=e.ref)
+        device = env.device
+        for _, images in batches:
+            x = images.to(device).float() / 127.5 - 1
+            with torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                x_hat = self.model(x, sample=False)["reconstruction"]
+            metrics.update(x, x_hat.float().clamp(-1, 1))
+        result = metrics.compute()
+        seconds = time.perf_counter() - start
+        scores = {"rfid": result["rfid"], "eval_psnr": result["psnr"], "eval_ssim": result["ssim"]}
+        self.history.append({"images_seen": images_seen, "fid": result["rfid"]})
+        if env.is_main:
+            record = {"images_seen": images_seen, "weights": "ema", "source": "training", **scores,
+                      "num": result["count"], "images": e.ref or "training data", "inception": self.inception.name,
+                      "seconds": round(seconds, 3)}
+            with open(self.run_dir / "eval.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            plot_fid_curve(self.history, self.run_dir / "fid.png", title=f"{self.run_dir.name}: rFID",
+                           label="rFID")
+            print(f"archirf: rFID {result['rfid']:.4g}, PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} at "
+                  f"{images_seen:,} images (EMA, {result['count']:,} images of {e.ref or 'the training data'}; "
+                  f"{seconds:.1f} s)")
+        return {**scores, "eval_seconds": seconds}
+
+    def state_dict(self) -> dict:
+        return {"history": json.dumps(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = json.loads(state["history"])

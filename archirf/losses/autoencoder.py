@@ -13,12 +13,18 @@ Generator (autoencoder) step, per image, then averaged over the batch:
 
 Discriminator step: f * (hinge or vanilla loss of D(x) and D(x_hat.detach())).
 
-Two changes that cost nothing in the result: the reconstruction is computed once and reused (detached) by the
-discriminator step, where the reference ran the autoencoder forward twice; and before disc_start (f = 0)
-neither g, the adaptive weight nor the discriminator's loss is computed, where the reference computed them and
-multiplied by 0 (the task still steps the discriminator's optimizer with zero gradients, as the reference
-does). The adaptive weight's gradient norms are taken in fp32 over the whole weight (a DTensor gradient is
-gathered; the autoencoder task does not run sharded yet, so that path is untested).
+Changes that cost nothing in the result (the reference: LDM's, which the seed copies):
+- the reconstruction is computed once and reused (detached) by the discriminator step, where the reference
+  ran the autoencoder forward twice;
+- before disc_start (f = 0) neither g, the adaptive weight nor the discriminator's loss is computed, where the
+  reference computed them and multiplied by 0 (the task still steps the discriminator's optimizer with zero
+  gradients, as the reference does);
+- the adaptive weight's two gradients of the last layer's weight are computed from the layer's input and the
+  gradients at its output in fp32 (`weight_from_output_grads`), never from the parameter itself, so they are
+  the whole weight's gradient whatever FSDP2 holds on this rank;
+- `generator_backward` backpropagates through LPIPS and the discriminator once each (for those two output
+  gradients, which it then reuses for the autoencoder's backward), where the reference's two autograd.grad
+  calls and its backward went through both twice. Tested equal to `generator(...).backward()` in float64.
 The KL and variance weights depend on the reduction: with "mean" the reconstruction term is 3 H W times
 smaller, so w_kl = 1e-6 of the sum becomes ~1e-6 * 3 H W relative to it.
 """
@@ -47,18 +53,28 @@ class LossWeights:
     disc_loss: str = "hinge"                  # hinge | vanilla
 
 
-def adaptive_weight(nll: torch.Tensor, g: torch.Tensor, last_layer: torch.Tensor, disc_weight: float) -> torch.Tensor:
-    """||dnll/dW|| / (||dg/dW|| + 1e-4), clamped to [0, 1e4], times disc_weight, detached (LDM Eq. in
-    calculate_adaptive_weight), in fp32 over the whole weight."""
-    grads = [torch.autograd.grad(t, last_layer, retain_graph=True)[0] for t in (nll, g)]
-    n_nll, n_g = (_full(t).float().norm() for t in grads)
-    return (n_nll / (n_g + 1e-4)).clamp(0.0, 1e4).detach() * disc_weight
+def adaptive_weight(nll: torch.Tensor, g: torch.Tensor, x_hat: torch.Tensor, last_input: torch.Tensor,
+                    last_layer: nn.Conv2d, disc_weight: float) -> torch.Tensor:
+    """||dnll/dW|| / (||dg/dW|| + 1e-4), clamped to [0, 1e4], times disc_weight, detached (LDM's
+    calculate_adaptive_weight), W = the weight of `last_layer`, the convolution that maps `last_input` to the
+    reconstruction `x_hat`. See `weight_from_output_grads`."""
+    dnll, dg = (torch.autograd.grad(t, x_hat, retain_graph=True)[0] for t in (nll, g))
+    return weight_from_output_grads(dnll, dg, last_input, last_layer, disc_weight)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
+def weight_from_output_grads(dnll: torch.Tensor, dg: torch.Tensor, last_input: torch.Tensor, last_layer: nn.Conv2d,
+                             disc_weight: float) -> torch.Tensor:
+    """The adaptive weight from the two losses' gradients with respect to the reconstruction (the last layer's
+    output): each is carried to W by the convolution's weight gradient, in fp32 -- the gradient autograd would
+    give W, but computed from activations, so the weight may be sharded (FSDP2), compiled or wrapped. Each rank
+    measures its own micro batch's gradients, as each GPU does in LDM's data-parallel training."""
+    acc = torch.promote_types(last_input.dtype, torch.float32)          # fp32 at least (bf16 activations)
+    h = last_input.detach().to(acc)
+    shape = (last_layer.out_channels, last_layer.in_channels // last_layer.groups, *last_layer.kernel_size)
+    norms = [torch.nn.grad.conv2d_weight(h, shape, dy.to(acc), stride=last_layer.stride, padding=last_layer.padding,
+                                         dilation=last_layer.dilation, groups=last_layer.groups).norm()
+             for dy in (dnll, dg)]
+    return (norms[0] / (norms[1] + 1e-4)).clamp(0.0, 1e4).detach() * disc_weight
 
 
 class AutoencoderLoss(nn.Module):
@@ -73,9 +89,8 @@ class AutoencoderLoss(nn.Module):
     def gan_factor(self, images_seen: int) -> float:
         return self.w.disc_factor if images_seen >= self.w.disc_start else 0.0
 
-    def generator(self, x: torch.Tensor, out: dict[str, torch.Tensor], last_layer: torch.Tensor,
-                  images_seen: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(L_G, metrics) for the autoencoder's output `out` on images x; metrics stay on the device."""
+    def _terms(self, x: torch.Tensor, out: dict[str, torch.Tensor], images_seen: int):
+        """(nll, the weighted KL or variance term, g or None, metrics)."""
         w = self.w
         x_hat = out["reconstruction"]
         l1 = (x.float() - x_hat.float()).abs()                                      # (B, C, H, W)
@@ -87,24 +102,59 @@ class AutoencoderLoss(nn.Module):
             metrics["lpips"] = p.mean().detach()
         per_image = rec.sum(dim=(1, 2, 3)) if w.reduction == "sum" else rec.mean(dim=(1, 2, 3))
         nll = per_image.mean()                                                       # logvar = 0 (frozen, LDM)
-        loss = nll
         if "logvar" in out:
             kl = AutoencoderKL.kl(out["mean"], out["logvar"]).mean()
-            loss = loss + w.kl_weight * kl
+            reg = w.kl_weight * kl
             metrics["kl"] = kl.detach()
         else:
             var = ClippedAutoencoder.variance_loss(out["z"])
-            loss = loss + w.var_weight * var
+            reg = w.var_weight * var
             metrics["var_loss"] = var.detach()
-        factor = self.gan_factor(images_seen)
-        if factor > 0:
-            logits = self.discriminator(x_hat)
-            g = -logits.float().mean()
-            lam = adaptive_weight(nll, g, last_layer, w.disc_weight)
-            loss = loss + lam * factor * g
-            metrics.update(g_loss=g.detach(), adaptive_weight=lam)
         metrics["nll"] = nll.detach()
+        g = None
+        if self.gan_factor(images_seen) > 0:
+            logits = self.discriminator(x_hat)
+            g = -logits.to(torch.promote_types(logits.dtype, torch.float32)).mean()        # fp32 at least
+        if g is not None:
+            metrics["g_loss"] = g.detach()
+        return nll, reg, g, metrics
+
+    def generator(self, x: torch.Tensor, out: dict[str, torch.Tensor], last_layer: nn.Conv2d,
+                  images_seen: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(L_G, metrics) for the autoencoder's output `out` on images x, differentiable: the loss's definition
+        (generator_backward computes its gradient with less work); metrics stay on the device."""
+        nll, reg, g, metrics = self._terms(x, out, images_seen)
+        loss = nll + reg
+        if g is not None:
+            lam = adaptive_weight(nll, g, out["reconstruction"], out["last_input"], last_layer, self.w.disc_weight)
+            loss = loss + lam * self.gan_factor(images_seen) * g
+            metrics["adaptive_weight"] = lam
         return loss, metrics
+
+    def generator_backward(self, x: torch.Tensor, out: dict[str, torch.Tensor], last_layer: nn.Conv2d,
+                           images_seen: int, scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Accumulates the gradient of scale * L_G into the autoencoder; (L_G detached, metrics).
+
+        With the GAN on, the adaptive weight needs dnll/dx_hat and dg/dx_hat (x_hat the reconstruction). Those
+        two backward passes, through LPIPS and through the discriminator, are the only ones through them: the
+        autoencoder's backward then starts from x_hat with dnll + lambda f dg (and from the KL or variance
+        term), where LDM's autograd.grad calls on the weight and its loss.backward() go through LPIPS and the
+        discriminator twice. Before disc_start: an ordinary backward."""
+        nll, reg, g, metrics = self._terms(x, out, images_seen)
+        if g is None:
+            loss = nll + reg
+            (loss * scale).backward()
+            return loss.detach(), metrics
+        x_hat = out["reconstruction"]
+        dnll, = torch.autograd.grad(nll, x_hat)               # frees the graph behind it (L1, LPIPS) ...
+        dg, = torch.autograd.grad(g, x_hat)                   # ... and the discriminator's
+        lam = weight_from_output_grads(dnll, dg, out["last_input"], last_layer, self.w.disc_weight)
+        factor = self.gan_factor(images_seen)
+        acc = torch.promote_types(x_hat.dtype, torch.float32)
+        dx_hat = (dnll.to(acc) + (lam * factor) * dg.to(acc)) * scale
+        torch.autograd.backward([x_hat, reg], [dx_hat.to(x_hat.dtype), torch.full_like(reg, scale)])
+        metrics["adaptive_weight"] = lam
+        return (nll + reg + lam * factor * g).detach(), metrics
 
     def discriminator_step(self, x: torch.Tensor, x_hat: torch.Tensor,
                            images_seen: int) -> Optional[tuple[torch.Tensor, dict[str, torch.Tensor]]]:

@@ -89,12 +89,19 @@ class LPIPS(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(B,) distances of two image batches (B, 3, H, W) in [-1, 1], computed in fp32."""
+        """(B,) distances of two image batches (B, 3, H, W) in [-1, 1]. The convolutions run in the ambient
+        precision (bf16 under bf16 autocast, as LDM's LPIPS runs in its mixed precision; fp32 otherwise), the
+        unit normalisation and the distances in fp32. An input that needs no gradient (the originals) gets
+        its features without autograd, so a backward goes through the other one's only."""
         if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"LPIPS compares two (B, 3, H, W) batches, got {tuple(x.shape)} and {tuple(y.shape)}")
-        with torch.autocast(x.device.type, enabled=False):
-            layers = [f.chunk(2) for f in self.features(torch.cat([x.float(), y.float()]))]
-            return sum(lin((_unit(a) - _unit(b)).square()).mean(dim=(2, 3)) for (a, b), lin in zip(layers, self.lins)).reshape(-1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and x.requires_grad):
+            fx = self.features(x.float())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and y.requires_grad):
+            fy = self.features(y.float())
+        # each head (a 1 x 1 conv without bias) as a weighted channel sum, out of autocast's reach: fp32
+        return sum(((_unit(a.float()) - _unit(b.float())).square() * lin.weight.float().reshape(1, -1, 1, 1))
+                   .sum(dim=1).mean(dim=(1, 2)) for a, b, lin in zip(fx, fy, self.lins))
 
     def train(self, mode: bool = True) -> "LPIPS":
         return super().train(False)                     # a fixed network: never in training mode

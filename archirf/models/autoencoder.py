@@ -113,7 +113,8 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level: its ResnetBlocks, each followed by its attention when the level has any."""
+    """One resolution level: its ResnetBlocks, each followed by its attention when the level has any, then the
+    level's `downsample` (encoder) or `upsample` (decoder) when it has one. A unit of compile and FSDP2."""
 
     def __init__(self):
         super().__init__()
@@ -124,15 +125,49 @@ class _Level(nn.Module):
             h = block(h)
             if len(self.attn):
                 h = self.attn[i](h)
+        if hasattr(self, "downsample"):
+            h = self.downsample(h)
+        if hasattr(self, "upsample"):
+            h = self.upsample(h)
         return h
 
 
-def _mid(channels: int, norm: str, dropout: float, heads: int, qk_norm: bool) -> nn.Module:
-    mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels, norm, dropout)
-    mid.attn_1 = AttnBlock(channels, norm, heads, qk_norm)
-    mid.block_2 = ResnetBlock(channels, channels, norm, dropout)
-    return mid
+class _Mid(nn.Module):
+    """The middle: ResnetBlock, attention, ResnetBlock (LDM's mid.block_1, mid.attn_1, mid.block_2)."""
+
+    def __init__(self, channels: int, norm: str, dropout: float, heads: int, qk_norm: bool):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, norm, dropout)
+        self.attn_1 = AttnBlock(channels, norm, heads, qk_norm)
+        self.block_2 = ResnetBlock(channels, channels, norm, dropout)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class BlockSlots:
+    """The places of an autoencoder's units (levels and middles, in the order they run), indexable like the
+    `blocks` ModuleList of the other families: parallel.py reads a unit and puts back its wrapped or compiled
+    self, and the module names (LDM's) do not change."""
+
+    def __init__(self, slots: list[tuple[nn.Module, str]]):
+        self._slots = slots
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __iter__(self):
+        return (getattr(parent, name) for parent, name in self._slots)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [getattr(parent, name) for parent, name in self._slots[i]]
+        parent, name = self._slots[i]
+        return getattr(parent, name)
+
+    def __setitem__(self, i: int, module: nn.Module) -> None:
+        parent, name = self._slots[i]
+        setattr(parent, name, module)
 
 
 class Encoder(nn.Module):
@@ -154,7 +189,7 @@ class Encoder(nn.Module):
                 level.downsample = Downsample(width, resample)
                 side //= 2
             self.down.append(level)
-        self.mid = _mid(width, norm, dropout, heads, qk_norm)
+        self.mid = _Mid(width, norm, dropout, heads, qk_norm)
         self.norm_out = make_norm(norm, width)
         self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
 
@@ -162,10 +197,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
 
 
 class Decoder(nn.Module):
@@ -176,7 +208,7 @@ class Decoder(nn.Module):
         width = channels * channel_mult[-1]
         side = resolution // 2 ** (len(channel_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
-        self.mid = _mid(width, norm, dropout, heads, qk_norm)
+        self.mid = _Mid(width, norm, dropout, heads, qk_norm)
         self.up = nn.ModuleList()
         for i in reversed(range(len(channel_mult))):                      # LDM stores up[i] for level i
             level = _Level()
@@ -192,19 +224,15 @@ class Decoder(nn.Module):
         self.norm_out = make_norm(norm, width)
         self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+    def forward(self, z: torch.Tensor, return_last_input: bool = False):
+        """The image; with return_last_input, (image, the input of conv_out), from which the adaptive GAN
+        weight's gradients with respect to conv_out's weight are computed (losses/autoencoder.py)."""
+        h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-    @property
-    def last_layer(self) -> torch.Tensor:
-        """The weight the adaptive GAN weight is measured on (LDM's get_last_layer)."""
-        return self.conv_out.weight
+        h = F.silu(self.norm_out(h))
+        out = self.conv_out(h)
+        return (out, h) if return_last_input else out
 
 
 class _Autoencoder(nn.Module):
@@ -232,6 +260,14 @@ class _Autoencoder(nn.Module):
         self.input_size, self.in_channels, self.z_channels, self.factor = input_size, in_channels, z_channels, factor
         self._shape = dict(input_size=input_size, in_channels=in_channels, z_channels=z_channels, **{
             k: v for k, v in shape.items() if k not in ("resolution", "heads")}, mid_heads=mid_heads)
+
+    @property
+    def blocks(self) -> BlockSlots:
+        """The units parallel.py compiles and shards one by one: the encoder's levels, its middle, the decoder's
+        middle and its levels, in the order they run (the stems, norms and 1x1 convs stay in the root)."""
+        enc, dec = self.encoder, self.decoder
+        return BlockSlots([(enc.down, str(i)) for i in range(len(enc.down))] + [(enc, "mid"), (dec, "mid")]
+                          + [(dec.up, str(i)) for i in reversed(range(len(dec.up)))])
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -272,7 +308,8 @@ class AutoencoderKL(_Autoencoder):
     def forward(self, x: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
         mean, logvar = self.encode(x)
         z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample else mean
-        return {"reconstruction": self.decode(z), "z": z, "mean": mean, "logvar": logvar}
+        x_hat, last_input = self.decoder(self.post_quant_conv(z), return_last_input=True)
+        return {"reconstruction": x_hat, "z": z, "mean": mean, "logvar": logvar, "last_input": last_input}
 
     @staticmethod
     def kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -287,7 +324,7 @@ class ClippedAutoencoder(_Autoencoder):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.scale = nn.Parameter(torch.ones(()))
+        self.scale = nn.Parameter(torch.ones(1))            # one element, not 0-dim: FSDP2 shards 1-D and up
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return (self.scale * self.encoder(x)).clamp(-1.0, 1.0)
@@ -298,7 +335,10 @@ class ClippedAutoencoder(_Autoencoder):
     def forward(self, x: torch.Tensor, sample: bool = True) -> dict[str, torch.Tensor]:
         h = self.scale * self.encoder(x)
         z = h.clamp(-1.0, 1.0)
-        return {"reconstruction": self.decode(z), "z": z, "clip_fraction": (h.abs() > 1).float().mean()}
+        x_hat, last_input = self.decoder(z / self.scale, return_last_input=True)
+        # the gain is copied: under FSDP2 self.scale is the gathered parameter, freed after backward
+        return {"reconstruction": x_hat, "z": z, "clip_fraction": (h.abs() > 1).float().mean(),
+                "gain": self.scale.detach().reshape(()).clone(), "last_input": last_input}
 
     @staticmethod
     def variance_loss(z: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ def build_task(cfg, env, run_dir: Path, *, dtype: Optional[torch.dtype], compile
     if cfg.model.name == "autoencoder":
         from .autoencoder import AutoencoderTask
 
-        return AutoencoderTask(cfg, env, run_dir, dtype=dtype, compile=False)
+        return AutoencoderTask(cfg, env, run_dir, dtype=dtype, compile=compile)
     from .generative import GenerativeTask
 
     return GenerativeTask(cfg, env, run_dir, dtype=dtype, compile=compile)

@@ -11,8 +11,12 @@ Both optimizers step once per optimizer step.
 Both optimizers step every step (the discriminator's with zero gradients before disc_start, as LDM's). Metrics
 of a skipped (non-finite) step are dropped; each is averaged over the steps that had it.
 
-One rank for now: several ranks (FSDP2 of the autoencoder, the adaptive weight over a sharded last layer)
-are refused with a clear error until they are built and tested.
+Scale-out as the generative task's: the autoencoder is compiled per unit (levels and middles) and sharded by
+FSDP2 over several ranks; the discriminator and LPIPS are small, whole on every rank (the discriminator's
+gradients averaged by one all-reduce a step), compiled whole. The adaptive weight is computed from activations
+(losses/autoencoder.py), so it needs no gathered weight. With a fixed micro batch the steps do not depend on
+the number of ranks (each rank's adaptive weight and variance term are its micro batch's, as in LDM's
+data-parallel training), and a checkpoint resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -37,19 +41,16 @@ _PICTURES = 8          # originals and reconstructions in each grid
 
 class AutoencoderTask:
     def __init__(self, cfg: Config, env: Env, run_dir: Path, *, dtype: Optional[torch.dtype], compile: bool):
-        from ..models import build_model
-
-        if cfg.compile == "on":
-            raise ConfigError("compile=on: the autoencoder task runs eagerly for now (compiling it is not built "
-                              "yet); set compile=auto or off")
-        if env.world_size > 1 or cfg.parallel.shard_single_rank:
-            raise ConfigError("model.name=autoencoder trains on one rank for now (FSDP2 of the autoencoder is not "
-                              "built yet); launch one process (torchrun --nproc_per_node=1)")
         self.cfg, self.env, self.run_dir, self.dtype = cfg, env, run_dir, dtype
         device, loss = env.device, cfg.loss
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg).to(device)
-        self.eval_model = build_model(cfg).to(device).eval().requires_grad_(False)      # EMA weights for pictures
+        # The autoencoder as the generative models train: per-unit compile, FSDP2 over several ranks (bf16
+        # gathers), rank 0's full initial copy as the EMA's eval model.
+        self.model, self.eval_model = parallel.build_training_model(cfg, env, param_dtype=dtype, compile=compile)
+        if self.eval_model is not None:
+            self.eval_model = self.eval_model.to(device).eval().requires_grad_(False)
+        # The discriminator is small (2.8M parameters at the default): a full copy on every rank, its gradients
+        # averaged by one all-reduce a step (clip). The same initialisation on every rank.
+        torch.manual_seed(cfg.seed + 1)
         self.discriminator = PatchDiscriminator(cfg.data.channels, loss.disc_channels, loss.disc_layers,
                                                 loss.disc_norm).to(device)
         lpips = None
@@ -60,6 +61,10 @@ class AutoencoderTask:
                 lpips = LPIPS(loss.lpips, loss.lpips_weights).to(device)
             except LPIPSError as err:
                 raise ConfigError(f"loss.perceptual_weight={loss.perceptual_weight}: {err}") from None
+        if compile:   # the frozen LPIPS network and the discriminator compile whole (their inputs' shapes are fixed)
+            self.discriminator.compile(fullgraph=True)
+            if lpips is not None:
+                lpips.compile(fullgraph=True)
         weights = LossWeights(**{f.name: getattr(loss, f.name) for f in dataclasses.fields(LossWeights)})
         self.loss = AutoencoderLoss(weights, _RGB(lpips) if lpips is not None else None, self.discriminator)
         self.networks = [self.model, self.discriminator]
@@ -68,15 +73,22 @@ class AutoencoderTask:
         self.disc_lr_ratio = (loss.disc_lr / cfg.optim.lr) if loss.disc_lr is not None else 1.0
         self.ema = EMA(self.model, half_life_images=cfg.ema.half_life_images, decay=cfg.ema.decay,
                        sigma_rel=cfg.ema.sigma_rel, start_images=cfg.ema.start_images)
+        self.evaluation = None
+        if cfg.eval.every:     # rFID, PSNR and SSIM of the EMA autoencoder while training (eval.ref: held-out images)
+            from ..eval.training import ReconstructionEval
+
+            self.evaluation = ReconstructionEval(cfg, env, run_dir, dtype=dtype, eval_model=self.eval_model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.images_seen = 0
         self.disc_stepped = False                  # whether this optimizer step gave the discriminator gradients
         self._step_sums: dict[str, torch.Tensor] = {}      # this optimizer step's metrics (dropped if skipped)
         self._sums: dict[str, tuple[torch.Tensor, int]] = {}  # since the last log line: (sum, steps that had it)
         self.flops_per_image = None                # MFU: the 6 x forward rule does not hold for three networks
-        self.pictures_x = _first_images(cfg, device)
+        self.pictures_x = _first_images(cfg, device) if env.is_main else None
 
     def describe(self) -> str:
-        m = self.model
+        """Rank 0: the three networks, for the run's first line."""
+        m = self.eval_model
         macs = m.flops_per_image()
         d = sum(p.numel() for p in self.discriminator.parameters())
         return (f"{type(m).__name__} {m.num_params() / 1e6:.2f}M params, {macs['encoder'] / 1e9:.3f} + "
@@ -95,8 +107,7 @@ class AutoencoderTask:
         with torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             self.discriminator.requires_grad_(False)
             out = self.model(x)
-            loss, metrics = self.loss.generator(x, out, self.model.decoder.last_layer, self.images_seen)
-            (loss / accum).backward()
+            loss, metrics = self.loss.generator_backward(x, out, self.last_layer, self.images_seen, 1.0 / accum)
             self.discriminator.requires_grad_(True)
             d = self.loss.discriminator_step(x, out["reconstruction"], self.images_seen)
             if d is not None:
@@ -107,16 +118,20 @@ class AutoencoderTask:
         metrics.update(psnr=_psnr(x, out["reconstruction"]), latent_mean=z.mean(dim=(0, 2, 3)),
                        latent_std=z.std(dim=(0, 2, 3)))                           # per latent channel
         if "clip_fraction" in out:
-            metrics.update(clip_fraction=out["clip_fraction"].detach(), gain=self.model.scale.detach())
+            metrics.update(clip_fraction=out["clip_fraction"].detach(), gain=out["gain"])
         for key, value in metrics.items():                                        # this step's, until apply()
             value = value.detach().float() / accum
             self._step_sums[key] = self._step_sums[key] + value if key in self._step_sums else value
         return loss.detach().float()
 
+    @property
+    def last_layer(self) -> torch.nn.Conv2d:
+        return self.model.decoder.conv_out
+
     def clip(self) -> torch.Tensor:
-        norm = parallel.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
-                                        self.cfg.optim.grad_clip)
+        norm = parallel.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
         if self.disc_stepped:
+            parallel.all_reduce_mean_([p.grad for p in self.discriminator.parameters()])   # the replicas' average
             d = parallel.clip_grad_norm_(list(self.discriminator.parameters()), self.cfg.optim.grad_clip)
             norm = norm + 0 * d                          # a non-finite discriminator step skips the step too
         return norm
@@ -149,7 +164,8 @@ class AutoencoderTask:
             return {}
         keys = sorted(self._sums)
         means = [self._sums[k][0] / self._sums[k][1] for k in keys]                # each over the steps it was in
-        flat = torch.cat([m.reshape(-1) for m in means]).tolist()                   # note: a CPU-GPU sync point
+        flat = torch.cat([m.reshape(-1) for m in means])
+        flat = (parallel.all_reduce_sum(flat) / self.env.world_size).tolist()       # note: a CPU-GPU sync point
         out, at = {}, 0
         for key, m in zip(keys, means):                                             # per-channel values stay lists
             out[key] = flat[at] if m.dim() == 0 else flat[at:at + m.numel()]
@@ -163,13 +179,15 @@ class AutoencoderTask:
 
         model, optim = get_state_dict(self.model, self.optimizer)
         disc, disc_optim = get_state_dict(self.discriminator, self.disc_optimizer)
-        return {"model": model, "optimizer": optim, "discriminator": disc, "disc_optimizer": disc_optim,
-                "ema": self.ema.state_dict(), "loader": loader.state_dict(), "images_seen": images_seen}
+        state = {"model": model, "optimizer": optim, "discriminator": disc, "disc_optimizer": disc_optim,
+                 "ema": self.ema.state_dict(), "loader": loader.state_dict(), "images_seen": images_seen}
+        if self.evaluation is not None:
+            state["eval"] = self.evaluation.state_dict()
+        return state
 
     def load(self, path: Path, loader, verified: bool) -> int:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
         from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.state_dict import set_state_dict
 
         if not verified:
             ckpt.check_intact(path)
@@ -183,6 +201,8 @@ class AutoencoderTask:
                                  f"{'has ' + extra[0] if extra else 'lacks ' + missing[0]} that the configured one "
                                  f"{'lacks' if extra else 'has'}; resume with the settings that wrote it (the run "
                                  f"dir's config.yaml, loss.disc_* included), or start over with resume=none")
+        if "eval" in expected and not any(k.startswith("eval.") for k in saved):
+            del expected["eval"]                      # evaluation switched on at this resume: no history yet
         state = ckpt.load_checkpoint(path, expected, verified=True)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
@@ -190,18 +210,25 @@ class AutoencoderTask:
                        optim_state_dict=state["disc_optimizer"])
         self.ema.load_state_dict(state["ema"])
         loader.load_state_dict(state["loader"])
+        if "eval" in state:
+            self.evaluation.load_state_dict(state["eval"])
         self.images_seen = int(state["images_seen"])
         return self.images_seen
 
     def save(self, images: int, loader, config_yaml: str) -> Path:
         path = ckpt.save_checkpoint(self.run_dir, images, self._state(loader, images), self.cfg.keep_checkpoints)
-        weights = self.ema.full_state_dict(keep=True)
-        buffers = {parallel.clean_fqn(n): b for n, b in self.model.named_buffers()}
-        ckpt.save_snapshot(self.run_dir, images, {**buffers, **weights}, config_yaml)   # EMA autoencoder
+        weights = self.ema.full_state_dict(keep=self.env.is_main)  # every rank joins the gather
+        if self.env.is_main:
+            buffers = {parallel.clean_fqn(n): b for n, b in self.model.named_buffers()}
+            ckpt.save_snapshot(self.run_dir, images, {**buffers, **weights}, config_yaml)   # EMA autoencoder
         return path
 
     def set_aside_after(self, images_seen: int) -> None:
-        pass
+        """Rank 0, on resume: evaluations written past the checkpoint resumed from."""
+        from ..metrics import set_aside_after
+
+        if moved := set_aside_after(self.run_dir / "eval.jsonl", images_seen):
+            print(f"archirf: moved the evaluations of images after {images_seen:,} to {moved}")
 
     # -- boundaries ----------------------------------------------------------------------------------------
     def posthoc_due(self, crossed, last: bool) -> bool:
@@ -211,14 +238,22 @@ class AutoencoderTask:
         pass
 
     def evaluation_due(self, crossed, last: bool) -> bool:
-        return False
+        return self.evaluation is not None and (crossed(self.cfg.eval.every) or last)
+
+    def evaluate(self, images_seen: int) -> dict:
+        """rFID, PSNR and SSIM of the EMA weights; every rank calls it."""
+        return self.evaluation(self.ema, images_seen)
 
     def pictures(self, images: int, final: bool) -> None:
-        """Originals (top row) above the EMA autoencoder's reconstructions."""
+        """Originals (top row) above the EMA autoencoder's reconstructions; every rank calls it."""
         from ..visualize import save_grid
 
-        self.ema.copy_to(self.eval_model)
-        with torch.no_grad():
+        weights = self.ema.full_state_dict(keep=self.env.is_main)  # every rank joins the gather; rank 0 draws
+        if not self.env.is_main:
+            return
+        self.ema.copy_to(self.eval_model, weights)
+        with torch.no_grad(), torch.autocast(self.env.device.type, dtype=self.dtype or torch.float32,
+                                             enabled=self.dtype is not None):
             recon = self.eval_model(self.pictures_x, sample=False)["reconstruction"].float().clamp(-1, 1)
         grid = torch.cat([self.pictures_x, recon]).cpu()
         upscale = max(1, 64 // self.cfg.data.resolution)
