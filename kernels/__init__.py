@@ -18,6 +18,9 @@ on a CPU passes on a GPU.
     out = K.qk_norm_attention(qkv, q_weight, k_weight)                   # qkv (B, N, 3, H, D) -> (B, N, H*D)
     out_img, out_ctx = K.joint_qk_norm_attention(qkv_img, qkv_ctx, qw_img, kw_img, qw_ctx, kw_ctx)  # MMDiT
     n, s = K.normalize_silu(x)                                           # EDM2: pixel norm, mp_silu of it
+    h = K.group_norm_silu(x, weight, bias, 32)                           # silu(GroupNorm(x)): LDM's ResnetBlock
+    x, h = K.group_norm_silu(h, weight, bias, 32, residual=x)            # (s, silu(GroupNorm(s))), s = h + x
+    h = K.channel_rms_norm_silu(x, weight)                               # silu(x / |x|_C * sqrt(C) * weight)
 """
 
 from __future__ import annotations
@@ -35,12 +38,12 @@ IMPLS = ("auto", "reference", "triton")
 # the interpreter (TRITON_INTERPRET), and a broken install should fail loudly, not fall back silently.
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
-    from . import ada_norm, attention, mp
+    from . import ada_norm, attention, mp, norm_silu
 
 __all__ = ["reference", "HAS_TRITON", "IMPLS", "ada_layer_norm", "gated_residual",
            "gated_residual_ada_layer_norm", "qk_norm_attention", "joint_qk_norm_attention", "AdaLayerNorm",
            "GatedResidualAdaLayerNorm", "normalize", "normalize_silu", "mp_silu", "mp_sum", "modulated_silu",
-           "mp_cat", "mp_cat_silu", "mp_weight", "normalize_weight_"]
+           "mp_cat", "mp_cat_silu", "mp_weight", "normalize_weight_", "group_norm_silu", "channel_rms_norm_silu"]
 
 
 def _use_triton(impl: str, x: torch.Tensor) -> bool:
@@ -249,3 +252,28 @@ def normalize_weight_(w: torch.Tensor, eps: float = reference.MP_EPS, impl: str 
         return mp.normalize_weight_(w, eps)
     checks.mp_weight("normalize_weight_", w, None)
     return reference.normalize_weight_(w, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The autoencoder's norms + SiLU (kernels/norm_silu.py; the spec is the reference section of the same
+# name). x (B, C, H, W) in either memory format; the channel RMSNorm also takes (M, C) rows.
+
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
+                    eps: float = 1e-6, residual: torch.Tensor | None = None, impl: str = "auto"):
+    """silu(GroupNorm(x) * weight + bias), statistics in fp32 over C/groups channels x H x W. With
+    `residual` (shaped like x): (s, silu(GroupNorm(s) * weight + bias)), s = x + residual in x's dtype.
+    See reference.group_norm_silu."""
+    if _use_triton(impl, x):
+        return norm_silu.group_norm_silu(x, weight, bias, groups, eps, residual)
+    checks.group_norm_silu(x, weight, bias, groups, residual)
+    return reference.group_norm_silu(x, weight, bias, groups, eps, residual)
+
+
+def channel_rms_norm_silu(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6,
+                          impl: str = "auto") -> torch.Tensor:
+    """silu(x / max(|x|, eps) * sqrt(C) * weight), the norm per pixel over the channels (the seed
+    autoencoder's ChannelRMSNorm). See reference.channel_rms_norm_silu."""
+    if _use_triton(impl, x):
+        return norm_silu.channel_rms_norm_silu(x, weight, eps)
+    checks.channel_rms_norm_silu(x, weight)
+    return reference.channel_rms_norm_silu(x, weight, eps)

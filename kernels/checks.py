@@ -178,3 +178,39 @@ def mp_weight(op: str, w: Tensor, gain: Tensor | None) -> None:
             raise ValueError(f"archirf_kernels {op}: gain must hold one number, got shape {tuple(gain.shape)}")
         _dtype(op, "gain", gain)
         _device(op, "gain", gain, "w", w)
+
+
+# ----------------------------------------------------------------------------------------------
+# The autoencoder's norms + SiLU: x (B, C, H, W) (channel RMSNorm: also (M, C) rows); per-channel
+# weight and bias (C,); GroupNorm's residual shaped like x.
+
+def _channel_vector(op: str, name: str, t: Tensor | None, x: Tensor) -> None:
+    if t is None:
+        return
+    if tuple(t.shape) != (x.shape[1],):
+        raise ValueError(f"archirf_kernels {op}: {name} must be (C,) = ({x.shape[1]},), got {tuple(t.shape)}")
+    _dtype(op, name, t)
+    _device(op, name, t, "x", x)
+
+
+def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int,
+                    residual: Tensor | None) -> None:
+    op = "group_norm_silu"
+    activation(op, x, (4,))
+    if isinstance(groups, bool) or not isinstance(groups, (int, torch.SymInt)) or groups < 1:
+        raise ValueError(f"archirf_kernels {op}: groups must be a positive int, got {groups!r}")
+    if x.shape[1] % groups:
+        raise ValueError(f"archirf_kernels {op}: C={x.shape[1]} channels are not divisible by groups={groups}")
+    _channel_vector(op, "weight", weight, x)
+    _channel_vector(op, "bias", bias, x)
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"archirf_kernels {op}: residual has shape {tuple(residual.shape)}, x has "
+                             f"{tuple(x.shape)}")
+        _dtype(op, "residual", residual)
+        _device(op, "residual", residual, "x", x)
+
+
+def channel_rms_norm_silu(x: Tensor, weight: Tensor | None) -> None:
+    activation("channel_rms_norm_silu", x)
+    _channel_vector("channel_rms_norm_silu", "weight", weight, x)

@@ -7,6 +7,8 @@ of the modulation).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -268,3 +270,33 @@ def mp_cat_silu(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> tuple[torch
     """Decoder block input: x = mp_cat(a, b, t) (skip connection) and mp_silu(x) for conv_res0 -> (x, mp_silu(x))."""
     x = mp_cat(a, b, t)
     return x, mp_silu(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# The autoencoder's norms and SiLU (LDM's ResnetBlock: conv(silu(norm(x))), Rombach et al. 2022).
+# Activations (B, C, H, W) in either memory format; math in fp32 (fp64 stays fp64), results in x's dtype.
+
+# GroupNorm (Wu & He 2018, Eq. 1-3: statistics over C/groups channels x H x W per sample and group,
+# biased variance, eps under the square root) with its per-channel affine, then SiLU. With `residual`,
+# the previous block's residual add goes first: s = x + residual, stored in x's dtype, and the norm
+# reads s as stored -> (s, silu(group_norm(s))).
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
+                    eps: float = 1e-6, residual: torch.Tensor | None = None):
+    s = x if residual is None else (_upcast(x) + _upcast(residual)).to(x.dtype)
+    n = F.group_norm(_upcast(s), groups, eps=eps)      # the affine outside: torch's backward fails on bias alone
+    if weight is not None:
+        n = n * _upcast(weight)[:, None, None]
+    if bias is not None:
+        n = n + _upcast(bias)[:, None, None]
+    y = F.silu(n).to(x.dtype)
+    return y if residual is None else (s, y)
+
+
+# The seed autoencoder's channel RMSNorm, then SiLU: x / max(||x||_2 over the channels, eps) * sqrt(C) * weight
+# (F.normalize: eps clamps the norm, it is not added under the square root), per pixel; a row norm of
+# (B, C, H, W) in channels_last, or of (M, C) rows. Bit for bit the model's ChannelRMSNorm in fp32.
+def channel_rms_norm_silu(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    C = x.shape[1]
+    n = F.normalize(_upcast(x), dim=1, eps=eps)
+    k = math.sqrt(C) if weight is None else (_upcast(weight) * math.sqrt(C)).reshape(1, C, *[1] * (x.dim() - 2))
+    return F.silu(n * k).to(x.dtype)
