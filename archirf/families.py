@@ -75,7 +75,7 @@ FAMILY_KEYS = {
     "edm2_unet": _UNET + ("label_balance", "concat_balance", "preconditioning", "sigma_data", "uncertainty_weighting",
                           "logvar_channels", "kernels"),
     "autoencoder": ("channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout", "latent", "z_channels",
-                    "norm", "resample", "mid_heads", "qk_norm"),
+                    "norm", "resample", "mid_heads", "qk_norm", "kernels"),
 }
 # said when a key a family does not read is set
 FAMILY_NOTES = {"mmdit": "MMDiT always normalises q and k", "edm2_unet": "its cosine attention has no attn_impl"}

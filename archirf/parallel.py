@@ -146,6 +146,9 @@ def _selective_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+_COMPILED_UNITS = 0                 # units compiled by this process so far (the dynamo cache entries they may need)
+
+
 def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], compile: bool,
                 activation_checkpointing: str = "none", reshard_after_forward: bool = True,
                 blocks_per_shard: int = 1, shard: bool = True) -> nn.Module:
@@ -167,8 +170,12 @@ def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], c
     block_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     blocks = model.blocks
-    if compile:  # blocks that differ (a UNet's widths, resampling, attention) compile one graph each
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(blocks))
+    if compile:  # blocks that differ (a UNet's widths, resampling, attention) compile one graph each; another
+        # compiled copy (the evaluation's, without grad) adds as many to each class's cache, twice when it also
+        # runs at a second batch size (the sample grids')
+        global _COMPILED_UNITS
+        _COMPILED_UNITS += len(blocks)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * _COMPILED_UNITS)
     for i, block in enumerate(blocks):
         if activation_checkpointing != "none":
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper

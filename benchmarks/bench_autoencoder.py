@@ -7,19 +7,22 @@ networks compiled the same way, in one process.
 Implementations (same weights, same data, AdamW fused for both networks):
 - "ours": `AutoencoderLoss.generator_backward` and the discriminator step on the same reconstruction
   (archirf/tasks/autoencoder.py's step): one autoencoder forward; one pass through LPIPS and one through the
-  discriminator for the adaptive weight's output gradients, reused for the autoencoder's backward; the
-  autoencoder's units compiled one by one (fullgraph, static shapes, as parallel.parallelize does), LPIPS and
-  the discriminator compiled whole.
+  discriminator for the adaptive weight's output gradients, reused for the autoencoder's backward; the fused
+  norm + SiLU kernels (kernels=auto); the autoencoder's units compiled one by one (fullgraph, static shapes,
+  as parallel.parallelize does), LPIPS and the discriminator compiled whole.
+- "ours_plain": the same step with the norms in plain PyTorch (kernels=reference): ours / ours_plain is what
+  the kernels add, ours_plain / reference what the step's algorithm adds.
 - "reference": LDM's `LPIPSWithDiscriminator` step as its Lightning module runs it (the seed copies it): the
   generator step (forward, the loss, two autograd.grad calls on the last layer's weight, backward, step), then
-  a second autoencoder forward for the discriminator step. The same networks, compiled the same way.
+  a second autoencoder forward (no graph: Lightning freezes the autoencoder for the discriminator's index)
+  for the discriminator step. The same networks in plain PyTorch (kernels=reference), compiled the same way.
 - "ours_eager" / "reference_eager" with --eager: nothing compiled.
+Each in NCHW and with channels_last input images ("_cl"; the weights as they are, cuDNN then runs the
+convolutions channels-last); the speed-up compares each side at its faster layout.
 
 Throughput: images/s over `steps` timed steps (CUDA events) after warm-up. Model FLOPs per image of a step,
-for MFU (counted once, the same for every implementation; the reference does more work): autoencoder forward
-and backward 3 x its forward; LPIPS forwards of x and x_hat and the backward to x_hat, 3 x one image's
-forward; the discriminator's forward and backward to x_hat (generator) and its forward on both and full
-backward (discriminator step), 2 + 2 x 3 = 8 x one image's forward; 2 FLOPs per multiply-add.
+for MFU: archirf.tasks.autoencoder.step_macs (the training log's MFU, against archirf.metrics.peak_flops),
+2 FLOPs per multiply-add, counted once and the same for every implementation (the reference does more work).
 
 Data: a folder of JPEGs made here (larger than the crop, as ImageNet's) through archirf's folder loader with
 `--workers` decode workers, alone: images/s the loader can feed, against the step's.
@@ -42,20 +45,6 @@ CASES = {  # name: (preset, resolution, loss reduction, var/kl) -- the recipes' 
     "seed64": ("Seed-f8c16", 64, "mean"),
     "kl256": ("KL-f8c4", 256, "sum"),
 }
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def _peak(name: str) -> float | None:
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-
-
-def _macs(module: torch.nn.Module, shape: tuple[int, ...]) -> int:
-    from archirf.models.autoencoder import _count_macs
-
-    twin = copy.deepcopy(module).to("meta")
-    return _count_macs(twin, shape)
-
-
 def _networks(preset: str, res: int, device):
     from archirf.losses.discriminator import PatchDiscriminator
     from archirf.losses.lpips import LPIPS
@@ -68,23 +57,20 @@ def _networks(preset: str, res: int, device):
     return ae, disc, lpips
 
 
-def _lpips_macs(lpips, res: int) -> int:
-    class One(torch.nn.Module):            # LPIPS of one image branch: its features
-        def __init__(self, net):
-            super().__init__()
-            self.net = net
+def _set_kernels(ae, kernels: str) -> None:
+    from archirf.models.autoencoder import ChannelRMSNorm, GroupNorm
 
-        def forward(self, x):
-            return self.net(x, x)
-
-    return _macs(One(lpips), (1, 3, res, res)) // 2
+    for m in ae.modules():
+        if isinstance(m, (GroupNorm, ChannelRMSNorm)):
+            m.kernels = kernels
 
 
 class Ours:
-    def __init__(self, ae, disc, lpips, reduction: str, compile: bool):
+    def __init__(self, ae, disc, lpips, reduction: str, compile: bool, kernels: str = "auto"):
         from archirf import parallel
         from archirf.losses.autoencoder import AutoencoderLoss, LossWeights
 
+        _set_kernels(ae, kernels)
         self.ae, self.disc = ae, disc
         if compile:
             parallel.parallelize(ae, None, param_dtype=None, compile=True, shard=False)
@@ -95,7 +81,8 @@ class Ours:
         self.dopt = torch.optim.AdamW(disc.parameters(), lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0, fused=True)
 
     def step(self, x):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch._functorch.config.donated_buffer = True          # (the default)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
             self.disc.requires_grad_(False)
             out = self.ae(x)
             self.loss.generator_backward(x, out, self.ae.decoder.conv_out, 1)
@@ -109,11 +96,13 @@ class Ours:
 
 
 class Reference:
-    """LDM's step (taming / ldm `LPIPSWithDiscriminator`, Lightning's two optimizer indices)."""
+    """LDM's step (taming / ldm `LPIPSWithDiscriminator`, Lightning's two optimizer indices), plain PyTorch: the
+    networks' norms without the fused kernels."""
 
-    def __init__(self, ae, disc, lpips, reduction: str, compile: bool):
+    def __init__(self, ae, disc, lpips, reduction: str, compile: bool, kernels: str = "reference"):
         from archirf import parallel
 
+        _set_kernels(ae, kernels)
         self.ae, self.disc, self.lpips, self.reduction = ae, disc, lpips, reduction
         if compile:
             parallel.parallelize(ae, None, param_dtype=None, compile=True, shard=False)
@@ -130,7 +119,10 @@ class Reference:
         return 0.01 * ClippedAutoencoder.variance_loss(out["z"])
 
     def step(self, x):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        # its autograd.grad calls keep the graph (retain_graph), which compiled backward graphs that donate
+        # their buffers refuse: compile these without buffer donation (read when a graph is compiled)
+        torch._functorch.config.donated_buffer = False
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
             # optimizer_idx 0: the generator (Lightning freezes the other optimizer's parameters)
             self.disc.requires_grad_(False)
             out = self.ae(x)
@@ -146,10 +138,12 @@ class Reference:
             loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            # optimizer_idx 1: the discriminator, on a second forward of the autoencoder
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            # optimizer_idx 1: the discriminator, on a second forward of the autoencoder (whose parameters
+            # Lightning's toggle_optimizer has frozen: no graph)
             self.disc.requires_grad_(True)
-            x_hat = self.ae(x)["reconstruction"]
+            with torch.no_grad():
+                x_hat = self.ae(x)["reconstruction"]
             real, fake = self.disc(x.detach()), self.disc(x_hat.detach())
             d = 0.5 * (torch.relu(1 - real.float()).mean() + torch.relu(1 + fake.float()).mean())
             d.backward()
@@ -158,21 +152,28 @@ class Reference:
 
 
 def _time(impl, x, steps: int, warmup: int = 3) -> tuple[float, float]:
-    """(seconds per step, first-call seconds)."""
-    torch.cuda.synchronize()
+    """(seconds per step, first-call seconds); CUDA events on a GPU."""
+    cuda = x.is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     impl.step(x)
-    torch.cuda.synchronize()
+    sync()
     first = time.perf_counter() - t0
     for _ in range(warmup):
         impl.step(x)
-    torch.cuda.synchronize()
+    sync()
+    if not cuda:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            impl.step(x)
+        return (time.perf_counter() - t0) / steps, first
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(steps):
         impl.step(x)
     end.record()
-    torch.cuda.synchronize()
+    sync()
     return start.elapsed_time(end) / 1e3 / steps, first
 
 
@@ -208,12 +209,20 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--eager", action="store_true", help="also time both steps uncompiled")
+    p.add_argument("--layouts", default="nchw,cl", help="input memory formats: nchw, cl (channels_last images; the "
+                                                        "weights stay as they are)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--data-images", type=int, default=20_000, help="JPEGs made for the loader's rate (0: skip)")
+    p.add_argument("--smoke", action="store_true", help="on the CPU: batch 2, one step, eager only (checks the code)")
     args = p.parse_args(argv)
-    device = torch.device("cuda")
+    if args.smoke:
+        args.batch, args.steps, args.layouts, args.data_images = 2, 1, "nchw", 0
+    from archirf.metrics import peak_flops
+    from archirf.tasks.autoencoder import step_macs
+
+    device = torch.device("cpu" if args.smoke else "cuda")
     torch.backends.cudnn.benchmark = True
-    gpu = torch.cuda.get_device_name()
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"gpu": gpu, "torch": torch.__version__, "batch": args.batch, "steps": args.steps, "cases": {}}
@@ -222,34 +231,44 @@ def main(argv=None) -> int:
         preset, res, reduction = CASES[name]
         x = (torch.rand(args.batch, 3, res, res, device=device) * 2 - 1)
         ae, disc, lpips = _networks(preset, res, device)
-        m = ae.flops_per_image()
-        ae_macs = m["encoder"] + m["decoder"]
-        d_macs = _macs(disc, (1, 3, res, res))
-        l_macs = _lpips_macs(lpips, res)
-        flops = 2 * (3 * ae_macs + 3 * l_macs + 8 * d_macs)
-        case = {"preset": preset, "resolution": res, "macs_per_image": {"autoencoder": ae_macs, "lpips": l_macs,
-                                                                          "discriminator": d_macs},
-                "model_flops_per_image": flops, "impls": {}}
-        impls = [("ours", Ours, True), ("reference", Reference, True)]
-        if args.eager:
-            impls += [("ours_eager", Ours, False), ("reference_eager", Reference, False)]
-        for label, cls, compiled in impls:
+        macs = step_macs(ae, lpips, disc, res, 3)
+        flops = 2 * macs["step"]
+        case = {"preset": preset, "resolution": res, "macs_per_image": macs, "model_flops_per_image": flops,
+                "impls": {}}
+        impls = []
+        for layout in args.layouts.split(","):
+            tag = "" if layout == "nchw" else "_cl"
+            if not args.smoke:
+                    impls += [(f"ours{tag}", Ours, True, layout, "auto"), (f"ours_plain{tag}", Ours, True, layout, "reference"),
+                          (f"reference{tag}", Reference, True, layout, "reference")]
+            if args.eager or args.smoke:
+                impls += [(f"ours_eager{tag}", Ours, False, layout, "reference"),
+                          (f"reference_eager{tag}", Reference, False, layout, "reference")]
+        for label, cls, compiled, layout, kernels in impls:
             torch._dynamo.reset()
             nets = [copy.deepcopy(n) for n in (ae, disc, lpips)]
-            impl = cls(*nets, reduction, compiled)
-            sec, first = _time(impl, x, args.steps)
+            impl = cls(*nets, reduction, compiled, kernels)
+            xin = x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x
+            sec, first = _time(impl, xin, args.steps)
             rate = args.batch / sec
-            peak = _peak(gpu)
+            peak = peak_flops(device)
             case["impls"][label] = {"ms_per_step": sec * 1e3, "img_per_s": rate, "first_step_s": first,
-                                    "mfu": rate * flops / (peak * 1e12) if peak else None,
-                                    "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+                                    "mfu": rate * flops / peak if peak else None,
+                                    "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if x.is_cuda else None}
             print(f"{name} {label}: {sec * 1e3:.1f} ms/step, {rate:.0f} img/s, MFU "
                   f"{case['impls'][label]['mfu'] or float('nan'):.3f} (first step {first:.1f} s)", flush=True)
             del impl, nets
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        o, r = case["impls"]["ours"], case["impls"]["reference"]
+            if x.is_cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+        def best(prefix: str) -> dict:             # at its faster layout
+            rows = [v for n, v in case["impls"].items() if n in (prefix, prefix + "_cl")]
+            return max(rows, key=lambda v: v["img_per_s"])
+
+        o, r = best("ours_eager" if args.smoke else "ours"), best("reference_eager" if args.smoke else "reference")
         case["speedup_vs_reference"] = o["img_per_s"] / r["img_per_s"]
+        if not args.smoke:
+            case["speedup_of_kernels"] = o["img_per_s"] / best("ours_plain")["img_per_s"]
         if args.data_images:
             case["loader_img_per_s"] = _loader_rate(res, args.batch, args.workers, args.data_images,
                                                     tmp / f"jpegs_{res}")

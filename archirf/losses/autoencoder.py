@@ -13,9 +13,13 @@ Generator (autoencoder) step, per image, then averaged over the batch:
 
 Discriminator step: f * (hinge or vanilla loss of D(x) and D(x_hat.detach())).
 
-Changes that cost nothing in the result (the reference: LDM's, which the seed copies):
+Departures from the reference (LDM's, which the seed copies):
 - the reconstruction is computed once and reused (detached) by the discriminator step, where the reference
-  ran the autoencoder forward twice;
+  ran the autoencoder forward again after the autoencoder's optimizer step: the discriminator trains on the
+  reconstruction from before that step (one step older) and, for the KL latent, of the same posterior sample;
+- LPIPS's convolutions run in the ambient precision (bf16 under precision=bf16; losses/lpips.py), the
+  distances and the adaptive weight in fp32.
+Changes that cost nothing in the result:
 - before disc_start (f = 0) neither g, the adaptive weight nor the discriminator's loss is computed, where the
   reference computed them and multiplied by 0 (the task still steps the discriminator's optimizer with zero
   gradients, as the reference does);
@@ -70,10 +74,14 @@ def weight_from_output_grads(dnll: torch.Tensor, dg: torch.Tensor, last_input: t
     measures its own micro batch's gradients, as each GPU does in LDM's data-parallel training."""
     acc = torch.promote_types(last_input.dtype, torch.float32)          # fp32 at least (bf16 activations)
     h = last_input.detach().to(acc)
-    shape = (last_layer.out_channels, last_layer.in_channels // last_layer.groups, *last_layer.kernel_size)
-    norms = [torch.nn.grad.conv2d_weight(h, shape, dy.to(acc), stride=last_layer.stride, padding=last_layer.padding,
-                                         dilation=last_layer.dilation, groups=last_layer.groups).norm()
-             for dy in (dnll, dg)]
+    out, inp, k = last_layer.out_channels, last_layer.in_channels // last_layer.groups, last_layer.kernel_size
+    conv = dict(stride=last_layer.stride, padding=last_layer.padding, dilation=last_layer.dilation)
+    if last_layer.groups == 1:      # both gradients in one weight-gradient convolution, stacked as output channels
+        dw = torch.nn.grad.conv2d_weight(h, (2 * out, inp, *k), torch.cat([dnll, dg], dim=1).to(acc), **conv)
+        norms = [dw[:out].norm(), dw[out:].norm()]
+    else:
+        norms = [torch.nn.grad.conv2d_weight(h, (out, inp, *k), dy.to(acc), groups=last_layer.groups, **conv).norm()
+                 for dy in (dnll, dg)]
     return (norms[0] / (norms[1] + 1e-4)).clamp(0.0, 1e4).detach() * disc_weight
 
 
@@ -139,15 +147,21 @@ class AutoencoderLoss(nn.Module):
         two backward passes, through LPIPS and through the discriminator, are the only ones through them: the
         autoencoder's backward then starts from x_hat with dnll + lambda f dg (and from the KL or variance
         term), where LDM's autograd.grad calls on the weight and its loss.backward() go through LPIPS and the
-        discriminator twice. Before disc_start: an ordinary backward."""
-        nll, reg, g, metrics = self._terms(x, out, images_seen)
-        if g is None:
+        discriminator twice. Before disc_start: an ordinary backward.
+
+        The two output gradients are taken at a detached copy of x_hat, so those two passes never reach the
+        autoencoder's graph: under FSDP2 they would fire its backward hooks (a gather of the root, its end-of-
+        backward callback) and leave the real backward without prefetching."""
+        if self.gan_factor(images_seen) == 0:
+            nll, reg, _, metrics = self._terms(x, out, images_seen)
             loss = nll + reg
             (loss * scale).backward()
             return loss.detach(), metrics
         x_hat = out["reconstruction"]
-        dnll, = torch.autograd.grad(nll, x_hat)               # frees the graph behind it (L1, LPIPS) ...
-        dg, = torch.autograd.grad(g, x_hat)                   # ... and the discriminator's
+        leaf = x_hat.detach().requires_grad_()
+        nll, reg, g, metrics = self._terms(x, {**out, "reconstruction": leaf}, images_seen)
+        dnll, = torch.autograd.grad(nll, leaf)                # frees the graph behind it (L1, LPIPS) ...
+        dg, = torch.autograd.grad(g, leaf)                    # ... and the discriminator's
         lam = weight_from_output_grads(dnll, dg, out["last_input"], last_layer, self.w.disc_weight)
         factor = self.gan_factor(images_seen)
         acc = torch.promote_types(x_hat.dtype, torch.float32)

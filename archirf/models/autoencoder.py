@@ -14,7 +14,10 @@ Two latents:
 `norm`: "group" (GroupNorm 32, eps 1e-6, LDM) or "rms" (channel RMSNorm: x / ||x||_channels * sqrt(C) * g,
 the seed's); `resample`: "conv" (LDM: strided 3x3 conv down, nearest + 3x3 conv up) or "bilinear" (the
 seed's: interpolation only, no weights). Attention is single-head over H*W tokens (LDM), with per-head
-RMSNorm of q and k when `qk_norm` (the seed's mid block).
+RMSNorm of q and k when `qk_norm` (the seed's mid block). `kernels` (auto | reference | triton, as the
+other families' key): the norm + SiLU of every ResnetBlock and of both output heads through
+archirf_kernels' fused group_norm_silu / channel_rms_norm_silu (auto: on CUDA; the channel RMSNorm's only
+outside torch.compile, where the measurement put inductor ahead).
 """
 
 from __future__ import annotations
@@ -26,9 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import archirf_kernels
+
+from .layers import use_fused_kernels
+
 
 class ChannelRMSNorm(nn.Module):
     """x / ||x|| over channels * sqrt(C) * g: a per-pixel RMSNorm (a row norm in channels_last)."""
+
+    kernels = "auto"                              # set by the autoencoder: see `silu`
 
     def __init__(self, channels: int, eps: float = 1e-6):
         super().__init__()
@@ -38,10 +47,35 @@ class ChannelRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=1, eps=self.eps) * (self.weight * self.scale).reshape(1, -1, 1, 1).to(x.dtype)
 
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(self(x)): archirf_kernels' fused op where `kernels` says so (see models/layers.py); with
+        kernels=auto only outside torch.compile: inside a compiled unit inductor's fusion of this row norm was
+        faster (benchmarks/results/nvidia-h100-80gb-hbm3/autoencoder_step.md)."""
+        if use_fused_kernels(self.kernels, x, under_compile=False):
+            return archirf_kernels.channel_rms_norm_silu(x, self.weight, self.eps, impl=_impl(self.kernels))
+        return F.silu(self(x))
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm with `silu`, as ChannelRMSNorm; the fused op also inside compiled units, where it beat
+    inductor's GroupNorm (the same record)."""
+
+    kernels = "auto"
+
+    def silu(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused_kernels(self.kernels, x):
+            return archirf_kernels.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps,
+                                                  impl=_impl(self.kernels))
+        return F.silu(self(x))
+
+
+def _impl(kernels: str) -> str:
+    return "triton" if kernels == "triton" else "auto"
+
 
 def make_norm(kind: str, channels: int) -> nn.Module:
     if kind == "group":
-        return nn.GroupNorm(32, channels, eps=1e-6)
+        return GroupNorm(32, channels, eps=1e-6)
     return ChannelRMSNorm(channels)
 
 
@@ -56,8 +90,8 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(self.norm1.silu(x))
+        h = self.conv2(self.dropout(self.norm2.silu(h)))
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
@@ -197,7 +231,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return self.conv_out(self.norm_out.silu(self.mid(h)))
 
 
 class Decoder(nn.Module):
@@ -230,7 +264,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        h = F.silu(self.norm_out(h))
+        h = self.norm_out.silu(h)
         out = self.conv_out(h)
         return (out, h) if return_last_input else out
 
@@ -242,8 +276,10 @@ class _Autoencoder(nn.Module):
                  channel_mult: tuple[int, ...] = (1, 2, 4, 4), num_res_blocks: int = 2,
                  attn_resolutions: tuple[int, ...] = (), z_channels: int = 4, norm: str = "group",
                  resample: str = "conv", dropout: float = 0.0, mid_heads: int = 1, qk_norm: bool = False,
-                 encoder_out: Optional[int] = None):
+                 kernels: str = "auto", encoder_out: Optional[int] = None):
         super().__init__()
+        from .layers import resolve_kernels
+
         if norm not in ("group", "rms") or resample not in ("conv", "bilinear"):
             raise ValueError(f"norm must be group or rms and resample conv or bilinear (got {norm}, {resample})")
         factor = 2 ** (len(channel_mult) - 1)
@@ -260,6 +296,10 @@ class _Autoencoder(nn.Module):
         self.input_size, self.in_channels, self.z_channels, self.factor = input_size, in_channels, z_channels, factor
         self._shape = dict(input_size=input_size, in_channels=in_channels, z_channels=z_channels, **{
             k: v for k, v in shape.items() if k not in ("resolution", "heads")}, mid_heads=mid_heads)
+        kernels = resolve_kernels(kernels)         # norm + SiLU of every ResnetBlock and both outputs' norms
+        for m in self.modules():
+            if isinstance(m, (GroupNorm, ChannelRMSNorm)):
+                m.kernels = kernels
 
     @property
     def blocks(self) -> BlockSlots:

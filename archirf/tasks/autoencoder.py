@@ -43,6 +43,9 @@ class AutoencoderTask:
     def __init__(self, cfg: Config, env: Env, run_dir: Path, *, dtype: Optional[torch.dtype], compile: bool):
         self.cfg, self.env, self.run_dir, self.dtype = cfg, env, run_dir, dtype
         device, loss = env.device, cfg.loss
+        if loss.disc_norm == "batch" and env.world_size > 1:
+            raise ConfigError(f"loss.disc_norm=batch on {env.world_size} ranks: BatchNorm's statistics are each "
+                              f"rank's own, so the discriminator's replicas would drift apart; use loss.disc_norm=group")
         # The autoencoder as the generative models train: per-unit compile, FSDP2 over several ranks (bf16
         # gathers), rank 0's full initial copy as the EMA's eval model.
         self.model, self.eval_model = parallel.build_training_model(cfg, env, param_dtype=dtype, compile=compile)
@@ -61,6 +64,9 @@ class AutoencoderTask:
                 lpips = LPIPS(loss.lpips, loss.lpips_weights).to(device)
             except LPIPSError as err:
                 raise ConfigError(f"loss.perceptual_weight={loss.perceptual_weight}: {err}") from None
+        # MFU: the step's multiply-adds per image in forward units (the loop counts 6 FLOPs per forward multiply-add)
+        self.flops_per_image = (step_macs(self.eval_model, lpips, self.discriminator, cfg.data.resolution,
+                                          cfg.data.channels)["step"] // 3 if env.is_main else None)
         if compile:   # the frozen LPIPS network and the discriminator compile whole (their inputs' shapes are fixed)
             self.discriminator.compile(fullgraph=True)
             if lpips is not None:
@@ -83,7 +89,6 @@ class AutoencoderTask:
         self.disc_stepped = False                  # whether this optimizer step gave the discriminator gradients
         self._step_sums: dict[str, torch.Tensor] = {}      # this optimizer step's metrics (dropped if skipped)
         self._sums: dict[str, tuple[torch.Tensor, int]] = {}  # since the last log line: (sum, steps that had it)
-        self.flops_per_image = None                # MFU: the 6 x forward rule does not hold for three networks
         self.pictures_x = _first_images(cfg, device) if env.is_main else None
 
     def describe(self) -> str:
@@ -265,6 +270,35 @@ class AutoencoderTask:
 
     def done_message(self) -> str:
         return f"reconstructions in {self.run_dir / 'reconstructions.png'} (originals above)"
+
+
+def step_macs(model, lpips, discriminator, resolution: int, channels: int) -> dict[str, int]:
+    """Multiply-adds per image of one forward of each network, and of a training step with the GAN on:
+    the autoencoder's forward and backward (3 forwards), LPIPS on x and x_hat and its backward to x_hat
+    (3 one-image forwards), the discriminator's forward and backward to x_hat in the generator step and its
+    forward on both and full backward in its own step (2 + 2 x 3 = 8 forwards). Before disc_start a step
+    does less; MFU counts the step with the GAN on."""
+    import copy
+
+    from ..models.autoencoder import _count_macs
+
+    macs = model.flops_per_image()
+    ae = macs["encoder"] + macs["decoder"]
+    d = _count_macs(copy.deepcopy(discriminator).to("meta"), (1, channels, resolution, resolution))
+    p = 0
+    if lpips is not None:
+        net = copy.deepcopy(lpips).to("meta")
+        p = _count_macs(_Features(net), (1, 3, resolution, resolution))
+    return {"autoencoder": ae, "lpips": p, "discriminator": d, "step": 3 * ae + 3 * p + 8 * d}
+
+
+class _Features(torch.nn.Module):
+    def __init__(self, lpips):
+        super().__init__()
+        self.lpips = lpips
+
+    def forward(self, x):
+        return self.lpips.features(x)
 
 
 class _RGB(torch.nn.Module):
