@@ -41,6 +41,8 @@ class ModelConfig:
     archirf/families.py says which keys each family reads; models/__init__.py maps them to its constructor."""
     name: Literal["dit", "mmdit", "adm_unet", "edm2_unet", "autoencoder"] = "dit"  # network family
     preset: Optional[str] = None                 # e.g. "DiT-XL/2", "MMDiT-XL/2", "ADM-64", "EDM2-S": fills the shape keys
+    autoencoder: Optional[str] = None            # latent models: the autoencoder (run dir or snapshot) that decodes
+    #                                              their samples for grids, archirf.sample and archirf.eval
     # Transformers (dit, mmdit)
     patch_size: Optional[int] = None             # pixels (or latent cells) per token side
     hidden_size: Optional[int] = None            # transformer width
@@ -148,7 +150,10 @@ class DataConfig:
     num_workers: int = 2                         # folder: DataLoader worker processes
     synthetic_size: int = 4096                   # synthetic: number of distinct random samples
     latent_scale: Any = 1.0                      # latents: x = (latents - latent_shift) * latent_scale; a float
-    latent_shift: Any = 0.0                      # or one per channel; shift subtracted first (SD3's VAE: 0.0609)
+    latent_shift: Any = 0.0                      # or one per channel; shift subtracted first (SD3's VAE: 0.0609);
+    #                                              auto: the file's channel_mean and 1 / channel_std (archirf.encode)
+    latent_posterior: Optional[Literal["sample", "mode"]] = None  # latents with a KL posterior's std: draw a
+    #                                              sample each time (null: so) or take the mean
     latent_storage: Literal["auto", "device", "host"] = "auto"  # latents: where the set lives (auto: see Data)
 
 
@@ -439,8 +444,18 @@ def validate(cfg: Config) -> None:
     need(d.source != "folder" or d.root, "data.source=folder needs data.root=/path/to/images")
     need(d.source != "latents" or d.root, "data.source=latents needs data.root=/path/to/latents.safetensors")
     for key in ("latent_scale", "latent_shift"):
-        setattr(d, key, _per_channel(getattr(d, key), f"data.{key}", d.channels, need))
-    need(all(v != 0 for v in _as_list(d.latent_scale)), f"data.latent_scale ({d.latent_scale}) must be non-zero")
+        if getattr(d, key) == "auto":
+            need(d.source == "latents", f"data.{key}=auto reads the latents file's channel statistics; "
+                                        f"data.source={d.source} has none")
+        else:
+            setattr(d, key, _per_channel(getattr(d, key), f"data.{key}", d.channels, need))
+    need(d.latent_scale == "auto" or all(v != 0 for v in _as_list(d.latent_scale)),
+         f"data.latent_scale ({d.latent_scale}) must be non-zero")
+    need(cfg.model.autoencoder is None or (cfg.model.name != "autoencoder" and d.source in ("latents", "synthetic")),
+         f"model.autoencoder={cfg.model.autoencoder}: a latent model's decoder; this run trains "
+         f"{'an autoencoder' if cfg.model.name == 'autoencoder' else 'on data.source=' + d.source}; remove it")
+    need(d.latent_posterior is None or d.source == "latents",
+         f"data.latent_posterior={d.latent_posterior}: read by data.source=latents only; remove it")
     o = cfg.objective
     _refuse_unread(cfg, need)
     need(o.logit_normal_std > 0, "objective.logit_normal_std must be > 0")
@@ -469,10 +484,10 @@ def validate(cfg: Config) -> None:
                                          f"reads it; set eval.every (images) or remove it (archirf.eval fid takes --samples)")
     need(e.cfg_scale is None or d.num_classes > 0, f"eval.cfg_scale={e.cfg_scale}: guidance needs a class-conditional "
                                                    f"model, and data.num_classes=0; set eval.cfg_scale=null")
-    if e.every > 0:
+    if e.every > 0 and not cfg.model.autoencoder:   # (a latent model's decoded samples: checked when it loads)
         need(d.source in ("digits", "folder"), f"eval.every={e.every}: FID measures images, and data.source="
                                                f"{d.source} holds {'latents' if d.source == 'latents' else 'random tensors'}; "
-                                               f"set eval.every=0")
+                                               f"set model.autoencoder (their decoder) or eval.every=0")
         need(d.channels in (1, 3), f"eval.every={e.every}: the feature networks read grey or RGB images, "
                                    f"not data.channels={d.channels}; set eval.every=0")
     if s.classes is not None:

@@ -238,7 +238,19 @@ def _sample(args) -> int:
                    sampler=args.sampler or cfg.sample.sampler, seed=args.seed, grid=args.grid,
                    return_trajectory=args.gif is not None)
     final, traj = out if args.gif is not None else (out, None)
-    upscale = max(1, 64 // cfg.data.resolution)
+    resolution = cfg.data.resolution
+    if cfg.model.autoencoder:                         # a latent model: its samples decoded by its autoencoder
+        from .decoding import LatentDecoder
+
+        try:
+            decoder = LatentDecoder(cfg, device, dtype)
+        except (ConfigError, ValueError) as err:
+            raise SampleError(f"{' '.join(str(err).split())}") from None
+        final = decoder(final)
+        traj = [decoder(f) for f in trajectory_frames(traj, cfg.sample.gif_frames)] if traj is not None else None
+        resolution = decoder.resolution
+        print(f"archirf.sample: decoded by {cfg.model.autoencoder}")
+    upscale = max(1, 64 // resolution)
     save_grid(final.cpu(), args.out, nrow=args.per_class, upscale=upscale)
     print(f"archirf.sample: wrote {args.out}")
     if traj is not None:

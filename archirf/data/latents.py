@@ -14,6 +14,12 @@ Horizontal flips (data.random_flip) mirror the latent along its width. For a con
 autoencoder that is close to, not exactly, the latent of the mirrored image; for exact flips,
 store the encodings of the mirrored images as extra samples and leave random_flip off.
 
+Files written by archirf.encode also hold `channel_mean` and `channel_std` (C,) -- data.latent_shift=auto and
+data.latent_scale=auto take the shift and 1 / std from them -- and, for a KL autoencoder, `latents_std`, the
+posterior's standard deviation: then each served latent is a fresh draw mean + std * noise (the noise from the
+micro batch's seeded generator, so it follows the data as the training noise does), as EDM2 trains on sampled
+latents; data.latent_posterior=mode serves the mean instead.
+
 Where the set lives (data.latent_storage): safetensors maps the file into memory and hands out
 tensors backed by the mapping (no copy; checked with safetensors 0.8), so reading it costs no
 process memory of its own and the ranks of a node share one copy in the page cache.
@@ -136,7 +142,10 @@ class LatentLoader(DeviceTensorLoader):
 
     def __init__(self, latents: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int,
                  device: torch.device, *, scale: float | list[float] = 1.0, shift: float | list[float] = 0.0,
-                 **order):
+                 posterior: bool = False, **order):
+        # posterior: `latents` holds each sample's mean and std as one (N, 2C, H, W) set (gathered, flipped and
+        # copied together)
+        self.posterior = posterior
         super().__init__(latents, labels, num_classes, batch_size, **order)
         self.device = torch.device(device)
         self.identity = scale == 1 and shift == 0
@@ -151,9 +160,31 @@ class LatentLoader(DeviceTensorLoader):
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         x = x.float()
+        if self.posterior:                            # a fresh draw from each sample's posterior
+            mean, std = x.chunk(2, dim=1)
+            x = mean + std * torch.randn(mean.shape, device=mean.device)
         if not self.identity:
             x = (x - self.shift) * self.scale         # a fresh tensor: never writes into the stored set
         return x, y
+
+
+def latent_statistics(cfg: Config) -> tuple[float | list[float], float | list[float], Optional[torch.Tensor]]:
+    """(scale, shift, posterior std or None) of cfg.data's latents file, `auto` resolved from its statistics."""
+    d, path = cfg.data, cfg.data.root
+    with safe_open(path, framework="pt") as f:
+        keys = set(f.keys())
+        stats = {k: f.get_tensor(k).float() for k in ("channel_mean", "channel_std") if k in keys}
+        std = f.get_tensor("latents_std") if "latents_std" in keys else None
+    auto = [f"data.{k}=auto" for k in ("latent_scale", "latent_shift") if getattr(d, k) == "auto"]
+    if auto and len(stats) < 2:
+        raise DataError(f"{', '.join(auto)}: {path} holds no channel_mean / channel_std (archirf.encode writes "
+                        f"them); set the numbers instead")
+    scale = (1.0 / stats["channel_std"]).tolist() if d.latent_scale == "auto" else d.latent_scale
+    shift = stats["channel_mean"].tolist() if d.latent_shift == "auto" else d.latent_shift
+    if d.latent_posterior is not None and std is None:
+        raise DataError(f"data.latent_posterior={d.latent_posterior}: {path} holds no 'latents_std' (a KL "
+                        f"autoencoder's posterior, written by archirf.encode); remove the setting")
+    return scale, shift, (std if d.latent_posterior != "mode" else None)
 
 
 def build_latent_loader(cfg: Config, batch_size: int, device: torch.device, rank: int = 0,
@@ -161,6 +192,12 @@ def build_latent_loader(cfg: Config, batch_size: int, device: torch.device, rank
     d = cfg.data
     latents, labels = read_latents(d.root)
     check_latents(cfg, latents, labels)
+    scale, shift, std = latent_statistics(cfg)
+    if std is not None:
+        if std.shape != latents.shape:
+            raise DataError(f"'latents_std' in {d.root} has shape {tuple(std.shape)}, the latents "
+                            f"{tuple(latents.shape)}; re-encode the set")
+        latents = torch.cat([latents, std.to(latents.dtype)], dim=1)       # split by LatentLoader
     if d.num_classes == 0 or labels is None:
         labels = torch.zeros(len(latents), dtype=torch.long)   # unconditional: every label is the null class 0
     storage = storage_device(d.latent_storage, latents, torch.device(device))
@@ -171,5 +208,5 @@ def build_latent_loader(cfg: Config, batch_size: int, device: torch.device, rank
         raise DataError(f"'latents' in {d.root} hold NaN or inf in {len(bad)} samples (first: sample "
                         f"{bad[0].item()}); re-encode those images or drop them from the file")
     return LatentLoader(latents, labels.to(storage, torch.long), d.num_classes, batch_size, device,
-                        scale=d.latent_scale, shift=d.latent_shift, seed=cfg.seed, rank=rank,
+                        scale=scale, shift=shift, posterior=std is not None, seed=cfg.seed, rank=rank,
                         world_size=world_size, random_flip=d.random_flip)

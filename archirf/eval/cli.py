@@ -165,15 +165,23 @@ def _fid(args) -> int:
     grid = args.grid or cfg.sample.grid
     from .reference import check_images
 
-    check_images(cfg, "FID")
+    if not cfg.model.autoencoder:
+        check_images(cfg, "FID")
     with parallel.distributed(_env_config(cfg, args.device)) as env:
         device = env.device
         dtype = parallel.autocast_dtype(args.precision, device)
+        decoder, images_cfg = None, cfg
+        if cfg.model.autoencoder:          # a latent model: FID of its decoded samples against the images
+            from ..decoding import LatentDecoder
+
+            decoder = LatentDecoder(cfg, device, dtype)
+            images_cfg = decoder.image_config     # the autoencoder's images: the reference's data
+            check_images(images_cfg, "FID")
         evaluator = Evaluator.load(args.inception or cfg.eval.inception, args.dinov2 or cfg.eval.dinov2, device)
         from .reference import ensure_reference
 
         batch = args.batch or cfg.eval.batch
-        ref = ensure_reference(cfg, evaluator, args.ref or cfg.eval.ref, run_dir / "eval", batch=batch,
+        ref = ensure_reference(images_cfg, evaluator, args.ref or cfg.eval.ref, run_dir / "eval", batch=batch,
                                rank=env.rank, world_size=env.world_size, progress=not args.no_progress)
         if env.is_main:
             print(f"archirf.eval: {which}; {args.num:,} samples, {steps} steps {sampler}, cfg {cfg_scale}, "
@@ -184,7 +192,7 @@ def _fid(args) -> int:
         result = evaluate_model(model, objective, cfg, evaluator, ref, num=args.num, batch=batch,
                                 steps=steps, sampler=sampler, grid=grid, cfg_scale=cfg_scale, device=device,
                                 dtype=dtype, seed=args.seed, precision_recall=args.precision_recall,
-                                save_images=args.save_images, progress=not args.no_progress)
+                                save_images=args.save_images, progress=not args.no_progress, decoder=decoder)
         if env.is_main:
             append_record(run_dir, evaluator, ref, dtype, weights=weights, source=weights_file,
                           images_seen=images_seen, steps=steps, sampler=sampler, grid=grid, cfg=cfg_scale,

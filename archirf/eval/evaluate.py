@@ -170,9 +170,10 @@ class _ImageWriter:
 def evaluate_model(model, objective, cfg, evaluator: Evaluator, ref: str | Path, *, num: int, batch: int,
                    steps: int, sampler: str, grid: str, cfg_scale: float, device: torch.device,
                    dtype: Optional[torch.dtype], seed: int = 0, precision_recall: bool = False,
-                   save_images: Optional[str] = None, progress: bool = True) -> dict:
-    """Scores of `model`'s `num`-sample set (sharded over the ranks, every rank calls it) against `ref`."""
-    check_images(cfg, "FID")
+                   save_images: Optional[str] = None, progress: bool = True, decoder=None) -> dict:
+    """Scores of `model`'s `num`-sample set (sharded over the ranks, every rank calls it) against `ref`; a latent
+    model's samples through `decoder` (archirf.decoding.LatentDecoder) first."""
+    check_images(decoder.image_config if decoder is not None else cfg, "FID")
     if num < 2:
         raise EvalError(f"--samples {num}: FID needs at least 2 samples (50000 is the standard)")
     evaluator.check(ref, precision_recall)
@@ -184,7 +185,7 @@ def evaluate_model(model, objective, cfg, evaluator: Evaluator, ref: str | Path,
         for indices, x in sample_set(model, objective, cfg, num=num, batch=batch, rank=rank, world_size=world_size,
                                      device=device, dtype=dtype, steps=steps, sampler=sampler, grid=grid,
                                      cfg_scale=cfg_scale, seed=seed):
-            u = to_uint8(x)
+            u = to_uint8(decoder(x) if decoder is not None else x)
             writer.add(indices, u)
             yield indices, u
 

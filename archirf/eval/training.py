@@ -21,10 +21,16 @@ class TrainingEval:
         from ..models import build_model
         from .reference import EvalError, check_images
 
-        check_images(cfg, "eval.every")
         e = cfg.eval
         self.cfg, self.env, self.run_dir, self.objective, self.dtype = cfg, env, Path(run_dir), objective, dtype
         device = env.device
+        self.decoder, self.images_cfg = None, cfg
+        if cfg.model.autoencoder:     # a latent model: FID of decoded samples against the autoencoder's images
+            from ..decoding import LatentDecoder
+
+            self.decoder = LatentDecoder(cfg, device, dtype, compile=compile)
+            self.images_cfg = self.decoder.image_config
+        check_images(self.images_cfg, "eval.every")
         self.evaluator = Evaluator.load(e.inception, e.dinov2, device)
         if e.ref is not None and not Path(e.ref).is_file():
             raise EvalError(f"eval.ref={e.ref}: no such file; compute it with: torchrun -m archirf.eval ref --config "
@@ -63,14 +69,15 @@ class TrainingEval:
             for name, own in self.model.named_buffers():
                 own.copy_(buffers[clean_fqn(name)])
         if self.ref is None:
-            self.ref = ensure_reference(cfg, self.evaluator, e.ref, self.run_dir / "eval", batch=e.batch,
+            self.ref = ensure_reference(self.images_cfg, self.evaluator, e.ref, self.run_dir / "eval", batch=e.batch,
                                         rank=env.rank, world_size=env.world_size, progress=cfg.progress)
         steps = e.steps or cfg.sample.steps
         cfg_scale = guidance_scale(cfg)
         sampler = resolve_sampler(cfg.sample.sampler, self.objective)
         result = evaluate_model(self.model, self.objective, cfg, self.evaluator, self.ref, num=e.num, batch=e.batch,
                                 steps=steps, sampler=sampler, grid=cfg.sample.grid, cfg_scale=cfg_scale,
-                                device=env.device, dtype=self.dtype, seed=cfg.seed, progress=False)
+                                device=env.device, dtype=self.dtype, seed=cfg.seed, progress=False,
+                                decoder=self.decoder)
         scores = {k: result[k] for k in ("fid", "fd_dinov2") if k in result}
         self.history.append({"images_seen": images_seen, **scores})
         if env.is_main:

@@ -45,6 +45,11 @@ class GenerativeTask:
 
             self.evaluation = TrainingEval(cfg, env, run_dir, self.objective, dtype=dtype, compile=compile,
                                            eval_model=self.eval_model)
+        self.decoder = None
+        if cfg.model.autoencoder and env.is_main:      # a latent model's grids and GIF show decoded images
+            from ..decoding import LatentDecoder
+
+            self.decoder = LatentDecoder(cfg, device, dtype, compile=compile)
         self.labels = sample_classes(cfg, cfg.sample.classes, cfg.sample.per_class)
         # A model that weights its loss per time (EDM2's uncertainty / EDM preconditioning) also returns logvar.
         logvar = {"return_logvar": True} if getattr(self.model, "loss_logvar", False) else {}
@@ -140,7 +145,12 @@ class GenerativeTask:
                        steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, sampler=cfg.sample.sampler,
                        seed=cfg.seed, return_trajectory=final)
         final_x, traj = out if final else (out, None)
-        upscale = max(1, 64 // cfg.data.resolution)
+        resolution = cfg.data.resolution
+        if self.decoder is not None:
+            final_x = self.decoder(final_x)
+            traj = [self.decoder(f) for f in trajectory_frames(traj, cfg.sample.gif_frames)] if traj else traj
+            resolution = self.decoder.resolution
+        upscale = max(1, 64 // resolution)
         (self.run_dir / "samples").mkdir(exist_ok=True)
         save_grid(final_x.cpu(), self.run_dir / "samples" / f"images-{images:012d}.png", nrow=cfg.sample.per_class,
                   upscale=upscale)

@@ -1,0 +1,227 @@
+"""archirf.encode: a trained autoencoder's latents of a dataset, the file the latents source reads.
+
+1 and 2 ranks write the same file (bitwise, fp32 on the CPU); an interrupted encode continues from its
+parts; --flips stores the mirrored images' encodings; the metadata names the autoencoder and the images;
+a KL autoencoder's posterior std is stored and the channel statistics account for it.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from test_distributed import ENV, ROOT, torchrun
+
+AE = ["model.name=autoencoder", "model.latent=kl", "model.channels=32", "model.channel_mult=[1,2]",
+      "model.num_res_blocks=1", "model.attn_resolutions=[]", "model.z_channels=4", "data.resolution=16",
+      "global_batch=16", "sample_every=0", "progress=false", "loss.disc_layers=2", "loss.disc_channels=32",
+      "loss.perceptual_weight=0", "total_images=32"]
+
+
+@pytest.fixture(scope="module")
+def ae_run(tmp_path_factory) -> Path:
+    from archirf.config import load_config
+    from archirf.trainer import train
+
+    run = tmp_path_factory.mktemp("ae") / "run"
+    train(load_config(None, AE + [f"run_dir={run}"]))
+    return run
+
+
+def _encode(*args, nproc: int = 0) -> subprocess.CompletedProcess:
+    if nproc:
+        return torchrun(nproc, *map(str, args), "--no-progress", module="archirf.encode")
+    return subprocess.run([sys.executable, "-m", "archirf.encode", *map(str, args), "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+
+
+def test_one_and_two_ranks_write_the_same_latents_and_the_metadata(ae_run, tmp_path):
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    _encode(ae_run, "--out", one, "--chunk", 400, "--batch", 100, nproc=1)
+    _encode(ae_run, "--out", two, "--chunk", 400, "--batch", 100, nproc=2)
+    a, b = load_file(str(one)), load_file(str(two))
+    assert a.keys() == b.keys() == {"latents", "latents_std", "labels", "channel_mean", "channel_std"}
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a["latents"].shape == (1797, 4, 8, 8) and (a["latents_std"] > 0).all()
+    assert torch.equal(a["labels"][:10], torch.arange(10))             # the digits in their order
+    z, s = a["latents"].double(), a["latents_std"].double()
+    var = z.var(dim=(0, 2, 3), unbiased=False) + s.square().mean(dim=(0, 2, 3))
+    torch.testing.assert_close(a["channel_std"].double(), var.sqrt(), rtol=1e-5, atol=0)
+    with safe_open(str(one), "pt") as f:
+        meta = f.metadata()
+    snapshot = sorted((ae_run / "snapshots").glob("ema-*.safetensors"))[-1]
+    assert meta["autoencoder"] == str(snapshot) and len(meta["autoencoder_sha256"]) == 64
+    assert json.loads(meta["images"]) == {"source": "digits", "root": None, "resolution": 16, "channels": 1,
+                                          "count": 1797}
+    assert meta["latent"] == "kl" and json.loads(meta["flips"]) is False
+    assert not (tmp_path / "one.safetensors.parts").exists()
+
+
+def test_the_latents_are_the_autoencoders_encodings_with_flips(ae_run, tmp_path):
+    from archirf.data.digits import digits_tensors
+    from archirf.encode import load_autoencoder
+
+    out = tmp_path / "f.safetensors"
+    _encode(ae_run, "--out", out, "--flips", "--batch", 256)
+    t = load_file(str(out))
+    assert t["latents"].shape[0] == 2 * 1797 and torch.equal(t["labels"][1797:], t["labels"][:1797])
+    model, _, _, _ = load_autoencoder(ae_run, [])
+    x = digits_tensors(16, 1)[0][:5]
+    x = (((x + 1) * 127.5).round().clamp(0, 255)) / 127.5 - 1            # through uint8, as encoded
+    with torch.no_grad():
+        mean, logvar = model.encode(x)
+        flipped, _ = model.encode(x.flip(-1))
+    torch.testing.assert_close(t["latents"][:5], mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t["latents_std"][:5], torch.exp(0.5 * logvar), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t["latents"][1797:1802], flipped, rtol=1e-5, atol=1e-6)
+
+
+def test_an_interrupted_encode_continues_from_its_parts(ae_run, tmp_path):
+    full = tmp_path / "full.safetensors"
+    proc = _encode(ae_run, "--out", full, "--chunk", 500, "--keep-parts")
+    assert proc.returncode == 0, proc.stderr
+    parts = tmp_path / "full.safetensors.parts"
+    assert len(list(parts.glob("chunk-*.safetensors"))) == 4
+    again = tmp_path / "again.safetensors"
+    shutil.copytree(parts, tmp_path / "again.safetensors.parts")
+    (tmp_path / "again.safetensors.parts" / "chunk-000002.safetensors").unlink()   # killed before this one
+    proc = _encode(ae_run, "--out", again, "--chunk", 500)
+    assert proc.returncode == 0 and "continuing: 3 of 4 chunks" in proc.stdout
+    a, b = load_file(str(full)), load_file(str(again))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    shutil.copytree(parts, tmp_path / "other.safetensors.parts")
+    proc = _encode(ae_run, "--out", tmp_path / "other.safetensors", "--chunk", 400)
+    assert proc.returncode == 2 and "with other chunk" in proc.stderr
+
+
+def test_bad_input_is_one_line(ae_run, tmp_path):
+    proc = _encode(tmp_path / "nope", "--out", tmp_path / "x.safetensors")
+    assert proc.returncode == 2 and "no such autoencoder run dir" in proc.stderr
+    proc = _encode(ae_run, "--out", tmp_path / "x.safetensors", "model.channels=64")
+    assert proc.returncode == 2 and "data.*, precision and device overrides only" in proc.stderr
+    proc = _encode(ae_run, "--out", tmp_path / "no" / "x.safetensors")
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    assert all(len(p.stderr.strip().splitlines()) == 1 for p in [proc])
+
+
+@pytest.fixture(scope="module")
+def latents_file(ae_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lat") / "digits.safetensors"
+    proc = _encode(ae_run, "--out", out, "--batch", 512)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _loader(path: Path, *overrides: str, batch: int = 1797):
+    from archirf.config import load_config
+    from archirf.data import build_loader
+
+    cfg = load_config(None, ["data.source=latents", f"data.root={path}", "data.channels=4", "data.resolution=8",
+                             *overrides])
+    return build_loader(cfg, batch, torch.device("cpu"))
+
+
+def test_auto_shift_and_scale_and_posterior_draws(latents_file):
+    t = load_file(str(latents_file))
+    torch.manual_seed(3)
+    x, y = next(_loader(latents_file, "data.latent_shift=auto", "data.latent_scale=auto"))
+    assert x.shape == (1797, 4, 8, 8)
+    mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3))
+    torch.testing.assert_close(mean, torch.zeros(4), atol=0.05, rtol=0)              # unit statistics
+    torch.testing.assert_close(std, torch.ones(4), atol=0.05, rtol=0)
+    loader = _loader(latents_file, "data.latent_posterior=mode")
+    mode, y = next(loader)
+    order = torch.argsort(y, stable=True)                  # the served order is a permutation: match by content
+    sums = lambda a: torch.sort(a.flatten(1).sum(1)).values   # noqa: E731
+    torch.testing.assert_close(sums(mode), sums(t["latents"]))
+    torch.manual_seed(3)
+    a, _ = next(_loader(latents_file))                     # the default: a fresh draw from each posterior
+    torch.manual_seed(3)
+    b, _ = next(_loader(latents_file))
+    torch.manual_seed(4)
+    c, _ = next(_loader(latents_file))
+    assert torch.equal(a, b) and not torch.equal(a, c)     # the draw follows the seeded generator
+    assert (a - mode).abs().mean() > 0 and order.numel() == 1797
+
+
+def test_latent_settings_are_checked(latents_file, tmp_path):
+    from archirf.config import ConfigError, load_config
+    from archirf.data import DataError
+    from safetensors.torch import save_file
+
+    with pytest.raises(ConfigError, match="data.latent_scale=auto reads the latents file"):
+        load_config(None, ["data.latent_scale=auto"])
+    with pytest.raises(ConfigError, match="data.latent_posterior=mode: read by data.source=latents only"):
+        load_config(None, ["data.latent_posterior=mode"])
+    plain = tmp_path / "plain.safetensors"
+    save_file({"latents": torch.randn(8, 4, 8, 8), "labels": torch.arange(8) % 10}, str(plain))
+    with pytest.raises(DataError, match="holds no channel_mean"):
+        _loader(plain, "data.latent_scale=auto", batch=4)
+    with pytest.raises(DataError, match="holds no 'latents_std'"):
+        _loader(plain, "data.latent_posterior=sample", batch=4)
+
+
+LATENT_DIT = ["data.source=latents", "data.channels=4", "data.resolution=8", "model.hidden_size=32", "model.depth=2",
+              "model.num_heads=2", "model.patch_size=2", "model.num_register_tokens=0", "global_batch=32",
+              "total_images=64", "sample.steps=2", "sample.per_class=2", "sample.classes=[0,1,2]",
+              "sample.gif_frames=2", "progress=false", "log_every=32", "data.latent_shift=auto",
+              "data.latent_scale=auto"]
+
+
+def test_a_latent_model_shows_decoded_samples(ae_run, latents_file, tmp_path):
+    """model.autoencoder: the grids and archirf.sample decode the samples (images of the autoencoder's size, not
+    the latents' preview); another autoencoder than the one that encoded the file is refused."""
+    from PIL import Image
+
+    from archirf.config import ConfigError, load_config
+    from archirf.trainer import train
+
+    run = tmp_path / "latent"
+    train(load_config(None, LATENT_DIT + [f"run_dir={run}", f"data.root={latents_file}",
+                                          f"model.autoencoder={ae_run}"]))
+    side = lambda png: Image.open(png).size  # noqa: E731
+    # 3 x 2 tiles of 16 px images upscaled 4x (a latent preview would be 8 px upscaled 8x: also 64, so count
+    # colours: decoded digits are grey, a preview of 4 channels is coloured)
+    grid = np.asarray(Image.open(run / "samples.png"))
+    assert side(run / "samples.png") == (2 * 64 + 3 * 2, 3 * 64 + 4 * 2)
+    assert (grid[..., 0] == grid[..., 1]).all() and (grid[..., 1] == grid[..., 2]).all()     # grey images
+    out = tmp_path / "s.png"
+    proc = subprocess.run([sys.executable, "-m", "archirf.sample", str(run), "--out", str(out), "--per-class", "1",
+                           "--classes", "3,4"], capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "decoded by" in proc.stdout and side(out) == (64 + 2 * 2, 2 * 64 + 3 * 2)
+    other = tmp_path / "other_ae"
+    train(load_config(None, AE + [f"run_dir={other}", "seed=7"]))
+    with pytest.raises(ConfigError, match="encoded by another autoencoder"):
+        train(load_config(None, LATENT_DIT + [f"run_dir={tmp_path / 'x'}", f"data.root={latents_file}",
+                                              f"model.autoencoder={other}"]))
+    with pytest.raises(ConfigError, match="model.autoencoder=.*a latent model's decoder"):
+        load_config(None, AE + [f"model.autoencoder={other}"])
+
+
+def test_fid_of_a_latent_model_measures_decoded_samples(ae_run, latents_file, tmp_path, tiny_net):
+    """archirf.eval fid and FID while training decode a latent model's samples and measure them against the
+    autoencoder's images (the digits here)."""
+    from archirf.config import load_config
+    from archirf.trainer import train
+
+    run = tmp_path / "latent"
+    train(load_config(None, LATENT_DIT + [f"run_dir={run}", f"data.root={latents_file}", f"model.autoencoder={ae_run}",
+                                          "eval.every=64", "eval.num=20", "eval.batch=10", f"eval.inception={tiny_net}",
+                                          "sample_every=0"]))
+    rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["fid"] > 0
+    assert [p.name.startswith("ref-digits-16px-") for p in (run / "eval").glob("*.npz")] == [True]   # the images'
+    assert rows[0]["images_seen"] == 64
+    proc = subprocess.run([sys.executable, "-m", "archirf.eval", "fid", str(run), "--samples", "20", "--batch", "10",
+                           "--inception", str(tiny_net), "--no-progress"], capture_output=True, text=True,
+                          timeout=300, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert len((run / "eval.jsonl").read_text().splitlines()) == 2
