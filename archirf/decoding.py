@@ -4,14 +4,18 @@
     images = decoder(samples)                        # model space (B, C, h, w) -> images in [-1, 1]
 
 The samples are the model's data space, x = (latents - shift) * scale (data.latent_shift / latent_scale,
-`auto` resolved from the latents file's statistics), so the decoder takes z = x / scale + shift. Refused
+`auto` resolved from the latents file's statistics), so the decoder takes z = x / scale + shift. FID's
+reference images are the ones archirf.encode recorded in the latents file (else the autoencoder's own data.*).
+Refused
 with one line: an autoencoder whose latent is not the model's data shape, or a latents file that another
 autoencoder encoded (its metadata's snapshot hash).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from typing import Optional
 
 import torch
@@ -36,7 +40,8 @@ class LatentDecoder:
                               f"autoencoder that encoded data.root")
         self.sha256 = _sha256(snapshot)
         scale, shift = d.latent_scale, d.latent_shift
-        if d.source == "latents":
+        self.image_config = ae_cfg               # the images FID's reference is made of: the autoencoder's ...
+        if d.source == "latents" and os.path.isfile(d.root):
             from .data.latents import latent_statistics
             from safetensors import safe_open
 
@@ -46,8 +51,15 @@ class LatentDecoder:
                 raise ConfigError(f"model.autoencoder={path}: data.root={d.root} was encoded by another autoencoder "
                                   f"({meta.get('autoencoder')}); decode with that one")
             scale, shift, _ = latent_statistics(cfg)
+            if "images" in meta:                 # ... or, better, the ones encoded into data.root (archirf.encode)
+                images = json.loads(meta["images"])
+                self.image_config = dataclasses.replace(ae_cfg, data=dataclasses.replace(
+                    ae_cfg.data, source=images["source"], root=images["root"], resolution=images["resolution"],
+                    channels=images["channels"]))
         elif "auto" in (scale, shift):
-            raise ConfigError("data.latent_scale / latent_shift=auto need data.source=latents (the file's statistics)")
+            raise ConfigError(f"data.latent_scale / latent_shift=auto: the statistics are read from the latents file "
+                              f"data.root={d.root}, which is not there; put it back, or set the numbers (its "
+                              f"channel_mean and 1 / channel_std) on the command line")
         as_tensor = lambda v: torch.tensor(v, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)  # noqa: E731
         self.scale, self.shift = as_tensor(scale), as_tensor(shift)
         self.model = ae.to(device)
@@ -55,7 +67,6 @@ class LatentDecoder:
             self.model.decoder.compile(dynamic=False)
         self.device, self.dtype = device, dtype
         self.channels, self.resolution = ae_cfg.data.channels, ae_cfg.data.resolution
-        self.image_config = ae_cfg               # the images the autoencoder was trained on (FID's reference)
         self.describe = json.dumps({"autoencoder": str(snapshot), "sha256": self.sha256[:16]})
 
     @torch.no_grad()

@@ -165,7 +165,7 @@ def encode_chunk(model, images: _Images, start: int, stop: int, batch: int, devi
             if std is not None:
                 parts.setdefault(prefix + "latents_std", []).append(std.cpu())
         if bar is not None:
-            bar.update(len(u8))
+            bar.update(len(u8) * len(views))
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -254,7 +254,8 @@ def encode(source: str | Path, out: str | Path, overrides: list[str], *, batch: 
             d = cfg.data
             info = {"autoencoder": str(snapshot), "autoencoder_sha256": _sha256(snapshot),
                     "autoencoder_images_seen": meta.get("images_seen", "?"), "latent": cfg.model.latent,
-                    "images": json.dumps({"source": d.source, "root": d.root, "resolution": d.resolution,
+                    "images": json.dumps({"source": d.source, "root": os.path.abspath(d.root) if d.root else None,
+                                          "resolution": d.resolution,
                                           "channels": d.channels, "count": n}),
                     "flips": json.dumps(flips), "format": "archirf.encode/1"}
             tmp = out.with_name(out.name + ".tmp")

@@ -102,7 +102,7 @@ def _claim_run_dir(run_dir: Path, config_yaml: str, images_seen: int, resume: Op
 
 # model.* keys a resumed run may change: how the same network runs or is regularised, not which network it is
 _RESUMABLE_MODEL_KEYS = {"preset", "attn_impl", "attn_backend", "kernels", "class_dropout_prob", "dropout",
-                         "class_embeddings"}
+                         "class_embeddings", "autoencoder"}      # (the decoder of a latent model's pictures)
 
 
 def _refuse_another_network(cfg: Config, resume: Path) -> None:

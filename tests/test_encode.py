@@ -225,3 +225,28 @@ def test_fid_of_a_latent_model_measures_decoded_samples(ae_run, latents_file, tm
                           timeout=300, env=ENV, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert len((run / "eval.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_decoder_inverts_the_loaders_shift_and_scale(ae_run, latents_file, tmp_path):
+    from archirf.config import ConfigError, load_config
+    from archirf.decoding import LatentDecoder
+    from archirf.encode import load_autoencoder
+
+    t = load_file(str(latents_file))
+    cfg = load_config(None, LATENT_DIT + [f"data.root={latents_file}", f"model.autoencoder={ae_run}"])
+    decoder = LatentDecoder(cfg, torch.device("cpu"), None)
+    model, _, _, _ = load_autoencoder(ae_run, [])
+    z = t["latents"][:4]
+    x = (z - t["channel_mean"].reshape(1, -1, 1, 1)) / t["channel_std"].reshape(1, -1, 1, 1)    # the loader's
+    with torch.no_grad():
+        expected = model.decode(z).clamp(-1, 1)
+    torch.testing.assert_close(decoder(x), expected, rtol=1e-4, atol=1e-5)
+    assert decoder.image_config.data.source == "digits" and decoder.image_config.data.resolution == 16
+    moved = tmp_path / "gone.safetensors"                   # the latents file is not needed with numbers ...
+    numbers = load_config(None, [*LATENT_DIT[:-2], f"data.root={moved}", f"model.autoencoder={ae_run}",
+                                 "data.latent_scale=0.5", "data.latent_shift=0.1"])
+    torch.testing.assert_close(LatentDecoder(numbers, torch.device("cpu"), None)(z[:1] * 0),
+                               model.decode(torch.full_like(z[:1], 0.1)).clamp(-1, 1), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="which is not there"):           # ... but is with auto statistics
+        LatentDecoder(load_config(None, LATENT_DIT + [f"data.root={moved}", f"model.autoencoder={ae_run}"]),
+                      torch.device("cpu"), None)

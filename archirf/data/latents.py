@@ -124,14 +124,14 @@ def _nonfinite_samples(latents: torch.Tensor, device: torch.device) -> torch.Ten
     return torch.cat(bad).nonzero().flatten().cpu()  # note: a host sync, once before training
 
 
-def storage_device(setting: str, latents: torch.Tensor, device: torch.device) -> torch.device:
+def storage_device(setting: str, latents: torch.Tensor, device: torch.device, extra_bytes: int = 0) -> torch.device:
     """Where the set lives: `device`, or the host (cpu) for data.latent_storage=host or a large set under auto."""
     if setting == "host":
         return torch.device("cpu")
     if setting == "device" or device.type != "cuda":
         return device
     total = torch.cuda.get_device_properties(device).total_memory
-    return device if latents.nbytes <= _DEVICE_FRACTION * total else torch.device("cpu")
+    return device if latents.nbytes + extra_bytes <= _DEVICE_FRACTION * total else torch.device("cpu")
 
 
 class LatentLoader(DeviceTensorLoader):
@@ -142,11 +142,9 @@ class LatentLoader(DeviceTensorLoader):
 
     def __init__(self, latents: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int,
                  device: torch.device, *, scale: float | list[float] = 1.0, shift: float | list[float] = 0.0,
-                 posterior: bool = False, **order):
-        # posterior: `latents` holds each sample's mean and std as one (N, 2C, H, W) set (gathered, flipped and
-        # copied together)
-        self.posterior = posterior
+                 std: Optional[torch.Tensor] = None, **order):
         super().__init__(latents, labels, num_classes, batch_size, **order)
+        self.std = std                                # a KL posterior's std, stored like the latents (or None)
         self.device = torch.device(device)
         self.identity = scale == 1 and shift == 0
         # (1, C, 1, 1) fp32 on the device: one number or one per channel, broadcast over the batch
@@ -154,15 +152,16 @@ class LatentLoader(DeviceTensorLoader):
         self.scale, self.shift = as_tensor(scale), as_tensor(shift)
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = super().__next__()                     # (B, C, R, R) stored dtype, (B,): where the set lives
-        if x.is_cpu and self.device.type != "cpu":    # host storage: one asynchronous copy from pinned memory
+        index, flip = self._take()                    # the same samples and flips for the latents and their std
+        parts = [self._gather(t, index, flip) for t in (self.images, self.std) if t is not None]
+        y = self.labels.index_select(0, index)        # (B, C, R, R) stored dtype, (B,): where the set lives
+        if y.is_cpu and self.device.type != "cpu":    # host storage: one asynchronous copy from pinned memory
             if self.device.type == "cuda":          # (compare types: cuda and cuda:0 are the same device)
-                x, y = x.pin_memory(), y.pin_memory()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        x = x.float()
-        if self.posterior:                            # a fresh draw from each sample's posterior
-            mean, std = x.chunk(2, dim=1)
-            x = mean + std * torch.randn(mean.shape, device=mean.device)
+                parts, y = [t.pin_memory() for t in parts], y.pin_memory()
+            parts, y = [t.to(self.device, non_blocking=True) for t in parts], y.to(self.device, non_blocking=True)
+        x = parts[0].float()
+        if self.std is not None:                      # a fresh draw from each sample's posterior
+            x = x + parts[1].float() * torch.randn(x.shape, device=x.device)
         if not self.identity:
             x = (x - self.shift) * self.scale         # a fresh tensor: never writes into the stored set
         return x, y
@@ -193,20 +192,21 @@ def build_latent_loader(cfg: Config, batch_size: int, device: torch.device, rank
     latents, labels = read_latents(d.root)
     check_latents(cfg, latents, labels)
     scale, shift, std = latent_statistics(cfg)
-    if std is not None:
-        if std.shape != latents.shape:
-            raise DataError(f"'latents_std' in {d.root} has shape {tuple(std.shape)}, the latents "
-                            f"{tuple(latents.shape)}; re-encode the set")
-        latents = torch.cat([latents, std.to(latents.dtype)], dim=1)       # split by LatentLoader
+    if std is not None and std.shape != latents.shape:
+        raise DataError(f"'latents_std' in {d.root} has shape {tuple(std.shape)}, the latents "
+                        f"{tuple(latents.shape)}; re-encode the set")
     if d.num_classes == 0 or labels is None:
         labels = torch.zeros(len(latents), dtype=torch.long)   # unconditional: every label is the null class 0
-    storage = storage_device(d.latent_storage, latents, torch.device(device))
+    storage = storage_device(d.latent_storage, latents, torch.device(device),
+                             extra_bytes=std.nbytes if std is not None else 0)
     dtype = latents.dtype if latents.dtype in _KEPT_DTYPES else torch.float32
     latents = latents.to(storage, dtype)   # device: the one copy this rank keeps; host: the mapped file itself
+    if std is not None:
+        std = std.to(storage, std.dtype if std.dtype in _KEPT_DTYPES else torch.float32)
     bad = _nonfinite_samples(latents, torch.device(device))
     if len(bad):
         raise DataError(f"'latents' in {d.root} hold NaN or inf in {len(bad)} samples (first: sample "
                         f"{bad[0].item()}); re-encode those images or drop them from the file")
     return LatentLoader(latents, labels.to(storage, torch.long), d.num_classes, batch_size, device,
-                        scale=scale, shift=shift, posterior=std is not None, seed=cfg.seed, rank=rank,
+                        scale=scale, shift=shift, std=std, seed=cfg.seed, rank=rank,
                         world_size=world_size, random_flip=d.random_flip)

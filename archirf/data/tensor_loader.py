@@ -44,17 +44,23 @@ class DeviceTensorLoader:
     def __iter__(self) -> "DeviceTensorLoader":
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _take(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next batch's sample indices (B,) and flips (B,) or None, on the set's device."""
         runs = self._order.take(self.batch_size)
         parts = [self._permutation_on_device(epoch) for epoch, _, _ in runs]
         index = _cat([p[0][start:stop] for p, (_, start, stop) in zip(parts, runs)])       # (B,)
-        x = self.images.index_select(0, index)                                              # (B, C, R, R)
-        if self.random_flip:
-            flip = _cat([p[1][start:stop] for p, (_, start, stop) in zip(parts, runs)])     # (B,)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        y = self.labels.index_select(0, index)                                              # (B,)
+        flip = _cat([p[1][start:stop] for p, (_, start, stop) in zip(parts, runs)]) if self.random_flip else None
         self._device_perm = {e: v for e, v in self._device_perm.items() if e >= self._order.epoch}
-        return x, y
+        return index, flip
+
+    @staticmethod
+    def _gather(t: torch.Tensor, index: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+        x = t.index_select(0, index)                                                        # (B, C, R, R)
+        return torch.where(flip[:, None, None, None], x.flip(-1), x) if flip is not None else x
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        index, flip = self._take()
+        return self._gather(self.images, index, flip), self.labels.index_select(0, index)
 
     def state_dict(self) -> dict:
         return self._order.state_dict()
