@@ -122,8 +122,12 @@ class _Images:
                 yield self.images[idx[0]:idx[-1] + 1]
             return
         loader = torch.utils.data.DataLoader(_Decode(self.folder), batch_sampler=spans, num_workers=self.workers,
-                                             collate_fn=torch.stack)
-        yield from loader
+                                             collate_fn=list)
+        for items in loader:                    # a worker reports an unreadable file; it is raised here, in one line
+            bad = next((message for _, message in items if message is not None), None)
+            if bad is not None:
+                raise EncodeError(bad)
+            yield torch.stack([image for image, _ in items])
 
 
 class _Decode(torch.utils.data.Dataset):
@@ -133,14 +137,14 @@ class _Decode(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> tuple[Optional[torch.Tensor], Optional[str]]:
         from .data.folder import to_chw
 
         try:
-            return to_chw(self.folder._decode(index))
+            return to_chw(self.folder._decode(index)), None
         except Exception as err:        # PIL raises many types on bad files
-            raise EncodeError(f"{self.folder.samples[index][0]} cannot be read ({type(err).__name__}: {err}); "
-                              f"remove or replace it: every image of the set is encoded") from None
+            return None, (f"{self.folder.samples[index][0]} cannot be read ({type(err).__name__}: {err}); "
+                          f"remove or replace it: every image of the set is encoded")
 
 
 def _encode(model, x: torch.Tensor, dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -169,6 +173,19 @@ def encode_chunk(model, images: _Images, start: int, stop: int, batch: int, devi
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
+def _channel_moments(t: torch.Tensor, square: bool = False, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (population) variance of (N, C, h, w) in float64, `rows` samples at a time (no
+    float64 copy of the set); with square, of t**2."""
+    n, total, total_sq = 0, 0.0, 0.0
+    for chunk in t.split(rows):
+        c = chunk.double().square() if square else chunk.double()
+        total = total + c.sum(dim=(0, 2, 3))
+        total_sq = total_sq + c.square().sum(dim=(0, 2, 3))
+        n += c.shape[0] * c.shape[2] * c.shape[3]
+    mean = total / n
+    return mean, (total_sq / n - mean.square()).clamp_min(0)
+
+
 def _check_plan(path: Path, plan: dict) -> None:
     """An interrupted encode continues only with what made its parts: the same snapshot, images, chunk and
     batch size, flips and precision."""
@@ -179,7 +196,9 @@ def _check_plan(path: Path, plan: dict) -> None:
             raise EncodeError(f"{path.parent} holds the parts of an encode with other {', '.join(changed)}; run it "
                               f"again with the same arguments to continue it, or delete {path.parent} to start over")
     else:
-        path.write_text(json.dumps(plan, indent=1))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(plan, indent=1))
+        os.replace(tmp, path)
 
 
 def _chunk_file(parts: Path, k: int) -> Path:
@@ -245,11 +264,10 @@ def encode(source: str | Path, out: str | Path, overrides: list[str], *, batch: 
                     tensors[key] = torch.cat([tensors[key], tensors.pop("flipped_" + key)])
             if images.conditional:
                 tensors["labels"] = images.labels.repeat(2 if flips else 1)
-            z = tensors["latents"].double()
-            mean = z.mean(dim=(0, 2, 3))
-            var = z.var(dim=(0, 2, 3), unbiased=False)
+            z = tensors["latents"]
+            mean, var = _channel_moments(z)
             if kl:
-                var = var + tensors["latents_std"].double().square().mean(dim=(0, 2, 3))
+                var = var + _channel_moments(tensors["latents_std"], square=True)[0]
             tensors["channel_mean"], tensors["channel_std"] = mean.float(), var.sqrt().float()
             d = cfg.data
             info = {"autoencoder": str(snapshot), "autoencoder_sha256": _sha256(snapshot),

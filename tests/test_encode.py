@@ -250,3 +250,17 @@ def test_the_decoder_inverts_the_loaders_shift_and_scale(ae_run, latents_file, t
     with pytest.raises(ConfigError, match="which is not there"):           # ... but is with auto statistics
         LatentDecoder(load_config(None, LATENT_DIT + [f"data.root={moved}", f"model.autoencoder={ae_run}"]),
                       torch.device("cpu"), None)
+
+
+def test_an_unreadable_image_stops_the_encode_in_one_line(ae_run, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((20, 20), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes(b"not a png")
+    proc = _encode(ae_run, "--out", tmp_path / "x.safetensors", "data.source=folder", f"data.root={folder.parent}",
+                   "data.num_workers=1", "data.num_classes=1")
+    assert proc.returncode == 2 and "3.png cannot be read" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
