@@ -25,7 +25,8 @@ from .config import Config, ConfigError
 
 class LatentDecoder:
     def __init__(self, cfg: Config, device: torch.device, dtype: Optional[torch.dtype], *, compile: bool = False):
-        from .encode import EncodeError, _sha256, load_autoencoder
+        from .encode import EncodeError, load_autoencoder
+        from .eval.detectors import file_sha256
 
         path = cfg.model.autoencoder
         try:
@@ -38,7 +39,7 @@ class LatentDecoder:
             raise ConfigError(f"model.autoencoder={path}: its latents are {'x'.join(map(str, ae.latent_shape))} "
                               f"(C x h x w) but this model's data are {'x'.join(map(str, want))}; name the "
                               f"autoencoder that encoded data.root")
-        self.sha256 = _sha256(snapshot)
+        self.sha256 = file_sha256(snapshot)
         scale, shift = d.latent_scale, d.latent_shift
         self.image_config = ae_cfg               # the images FID's reference is made of: the autoencoder's ...
         if d.source == "latents" and os.path.isfile(d.root):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -81,14 +80,6 @@ def load_autoencoder(source: str | Path, overrides: list[str]) -> tuple[torch.nn
     return model.eval().requires_grad_(False), cfg, path, meta
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _Images:
     """The dataset's images by global index (uint8, (n, C, R, R), the training preprocessing, no flips) and labels."""
 
@@ -121,30 +112,17 @@ class _Images:
             for idx in spans:
                 yield self.images[idx[0]:idx[-1] + 1]
             return
-        loader = torch.utils.data.DataLoader(_Decode(self.folder), batch_sampler=spans, num_workers=self.workers,
+        from .eval.reference import _Decoded
+
+        loader = torch.utils.data.DataLoader(_Decoded(self.folder), batch_sampler=spans, num_workers=self.workers,
                                              collate_fn=list)
         for items in loader:                    # a worker reports an unreadable file; it is raised here, in one line
-            bad = next((message for _, message in items if message is not None), None)
-            if bad is not None:
-                raise EncodeError(bad)
-            yield torch.stack([image for image, _ in items])
-
-
-class _Decode(torch.utils.data.Dataset):
-    def __init__(self, folder):
-        self.folder = folder
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def __getitem__(self, index: int) -> tuple[Optional[torch.Tensor], Optional[str]]:
-        from .data.folder import to_chw
-
-        try:
-            return to_chw(self.folder._decode(index)), None
-        except Exception as err:        # PIL raises many types on bad files
-            return None, (f"{self.folder.samples[index][0]} cannot be read ({type(err).__name__}: {err}); "
-                          f"remove or replace it: every image of the set is encoded")
+            bad = next(((i, message) for i, _, message in items if message is not None), None)
+            if bad is not None:                 # message: "path (error)"
+                path = self.folder.samples[bad[0]][0]
+                raise EncodeError(f"{path} cannot be read {bad[1][len(path):].strip()}; remove or replace it: every "
+                                  f"image of the set is encoded")
+            yield torch.stack([image for _, image, _ in items])
 
 
 def _encode(model, x: torch.Tensor, dtype: Optional[torch.dtype]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -211,6 +189,7 @@ def encode(source: str | Path, out: str | Path, overrides: list[str], *, batch: 
     from safetensors.torch import load_file, save_file
 
     from . import parallel
+    from .eval.detectors import file_sha256
 
     if batch < 1 or chunk < 1:
         raise EncodeError(f"--batch and --chunk must be >= 1 (got {batch}, {chunk})")
@@ -229,7 +208,8 @@ def encode(source: str | Path, out: str | Path, overrides: list[str], *, batch: 
         if device.type == "cuda":
             model.encoder.compile(dynamic=False)
         total = -(-n // chunk)
-        plan = {"autoencoder_sha256": _sha256(snapshot), "images": n, "chunk": chunk, "batch": batch, "flips": flips,
+        sha256 = file_sha256(snapshot)
+        plan = {"autoencoder_sha256": sha256, "images": n, "chunk": chunk, "batch": batch, "flips": flips,
                 "data": {k: v for k, v in dataclasses.asdict(cfg.data).items()}, "precision": str(dtype)}
         if env.is_main:
             parts.mkdir(exist_ok=True)
@@ -270,7 +250,7 @@ def encode(source: str | Path, out: str | Path, overrides: list[str], *, batch: 
                 var = var + _channel_moments(tensors["latents_std"], square=True)[0]
             tensors["channel_mean"], tensors["channel_std"] = mean.float(), var.sqrt().float()
             d = cfg.data
-            info = {"autoencoder": str(snapshot), "autoencoder_sha256": _sha256(snapshot),
+            info = {"autoencoder": str(snapshot), "autoencoder_sha256": sha256,
                     "autoencoder_images_seen": meta.get("images_seen", "?"), "latent": cfg.model.latent,
                     "images": json.dumps({"source": d.source, "root": os.path.abspath(d.root) if d.root else None,
                                           "resolution": d.resolution,

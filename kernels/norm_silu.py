@@ -535,9 +535,7 @@ def _gn_forward(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias:
     if x.numel() == 0:
         return s, y, mean.zero_(), rstd.zero_()
     plan = _group_plan(B, C, S, groups, cl, x.device, backward=False)
-    affine = (weight if weight is not None else x, bias if bias is not None else x)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, CHANNELS_LAST=cl,
-                 BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+    affine, flags = _affine_launch(weight, bias, x, cl, plan)
     if plan.fused:
         ngb = triton.cdiv(groups, plan.groups_per_program)
         _gn_fwd_fused_kernel[(B * ngb,)](
@@ -560,6 +558,14 @@ def _gn_forward(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias:
     return s, y, mean, rstd
 
 
+def _affine_launch(weight: Tensor | None, bias: Tensor | None, placeholder: Tensor, cl: bool, plan):
+    """The affine pointers (a placeholder tensor for an absent one) and the launch flags the GroupNorm kernels
+    share, forward and backward."""
+    affine = (weight if weight is not None else placeholder, bias if bias is not None else placeholder)
+    return affine, dict(HAS_W=weight is not None, HAS_B=bias is not None, CHANNELS_LAST=cl,
+                        BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+
+
 def _gn_backward(dy: Tensor, ds: Tensor | None, s: Tensor, weight: Tensor | None, bias: Tensor | None,
                  mean: Tensor, rstd: Tensor, groups: int,
                  grad_dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -575,9 +581,7 @@ def _gn_backward(dy: Tensor, ds: Tensor | None, s: Tensor, weight: Tensor | None
         p1.zero_(), p2.zero_()
     else:
         plan = _group_plan(B, C, S, groups, cl, s.device, backward=True)
-        affine = (weight if weight is not None else s, bias if bias is not None else s)
-        flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, CHANNELS_LAST=cl,
-                     BLOCK_S=plan.block_s, BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+        affine, flags = _affine_launch(weight, bias, s, cl, plan)
         if plan.fused:
             ngb = triton.cdiv(groups, plan.groups_per_program)
             _gn_bwd_fused_kernel[(B * ngb,)](

@@ -76,6 +76,10 @@ def dataset_images(cfg, batch: int, rank: int, world_size: int, *, limit: Option
 
 
 class _Decoded(torch.utils.data.Dataset):
+    """(index, uint8 (C, R, R) image or None, None or 'path (error)') of a FolderDataset, for DataLoader workers:
+    an unreadable file is reported to the main process, not raised in the worker (its traceback would come
+    along). Also archirf.encode's."""
+
     def __init__(self, folder):
         self.folder = folder
 
