@@ -367,17 +367,18 @@ def load_training_state(path: str | Path, model, optimizer, ema, loader, posthoc
 
 
 def save_snapshot(run_dir: str | Path, images_seen: int, weights: dict[str, torch.Tensor],
-                  config_yaml: str, kind: str = "ema") -> Path:
+                  config_yaml: str, kind: str = "ema", extra: Optional[dict[str, str]] = None) -> Path:
     """Release/sampling snapshot: safetensors of full (unsharded) weights + a JSON sidecar.
 
-    The resolved config travels inside the safetensors metadata too, so the file alone suffices.
+    The resolved config travels inside the safetensors metadata too, so the file alone suffices; `extra`
+    adds metadata (a latent model's "latents" record, archirf/decoding.py).
     """
     from safetensors.torch import save_file
 
     out = Path(run_dir) / "snapshots"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{kind}-{images_seen:012d}.safetensors"
-    info = {"weights": kind, "images_seen": str(images_seen), "config": config_yaml}
+    info = {"weights": kind, "images_seen": str(images_seen), "config": config_yaml, **(extra or {})}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=info)

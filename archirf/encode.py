@@ -19,7 +19,8 @@ class-conditional set, `channel_mean` and `channel_std` (of the latents as drawn
 variance adds the mean of the posterior variance), and metadata: the autoencoder snapshot (path, sha256, images
 seen), the images (source, root, resolution, channels, count), the latent kind, and `flips`. With `--flips` the
 mirrored images' encodings follow the originals' (exact flips; samples N .. 2N - 1 are the mirrors of 0 .. N - 1).
-On CUDA the encoder is compiled and runs under bf16 autocast (precision=fp32 in the overrides: fp32).
+On CUDA the encoder is compiled and runs in the autoencoder's precision (bf16 autocast for the recipes; precision=fp32
+in the overrides: fp32); on a CPU in fp32 unless precision= is given.
 """
 
 from __future__ import annotations
@@ -179,14 +180,40 @@ def _check_plan(path: Path, plan: dict) -> None:
         os.replace(tmp, path)
 
 
+_ENCODED_DATA = ("source", "root", "resolution", "channels", "num_classes")    # the data.* that change the file
+
+
 def _chunk_file(parts: Path, k: int) -> Path:
     return parts / f"chunk-{k:06d}.safetensors"
+
+
+def _join(parts: Path, total: int, n: int, flips: bool) -> dict[str, torch.Tensor]:
+    """The part files' tensors in one set (mirrors after the originals), copied a part at a time into tensors
+    allocated once: the join holds the set once, not the parts beside their concatenation."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    start = 0
+    for k in range(total):
+        with safe_open(str(_chunk_file(parts, k)), framework="pt") as f:
+            rows = 0
+            for key in f.keys():
+                t = f.get_tensor(key)
+                name, offset = (key[len("flipped_"):], n) if key.startswith("flipped_") else (key, 0)
+                if name not in out:
+                    out[name] = torch.empty((n * (2 if flips else 1), *t.shape[1:]), dtype=t.dtype)
+                out[name][offset + start:offset + start + len(t)] = t
+                rows = len(t)
+        start += rows
+    if start != n:
+        raise EncodeError(f"{parts} holds {start} encoded images, the set {n}; delete {parts} and encode again")
+    return out
 
 
 def encode(source: str | Path, out: str | Path, overrides: list[str], *, batch: int = 64, chunk: int = 8192,
            flips: bool = False, progress: bool = True, keep_parts: bool = False) -> dict:
     """Encodes the set on every rank of the process group (torchrun) or alone; returns the file's metadata."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from . import parallel
     from .eval.detectors import file_sha256
@@ -203,14 +230,16 @@ def encode(source: str | Path, out: str | Path, overrides: list[str], *, batch: 
     parts = out.with_name(out.name + ".parts")
     with parallel.distributed(env_cfg) as env:
         device = env.device
-        dtype = parallel.autocast_dtype(cfg.precision, device)
+        explicit = any(o.startswith("precision=") for o in overrides)    # else bf16 recipes encode in fp32 on a CPU
+        dtype = parallel.autocast_dtype(cfg.precision, device) if device.type == "cuda" or explicit else None
         model = model.to(device)
         if device.type == "cuda":
             model.encoder.compile(dynamic=False)
         total = -(-n // chunk)
         sha256 = file_sha256(snapshot)
         plan = {"autoencoder_sha256": sha256, "images": n, "chunk": chunk, "batch": batch, "flips": flips,
-                "data": {k: v for k, v in dataclasses.asdict(cfg.data).items()}, "precision": str(dtype)}
+                "data": {k: getattr(cfg.data, k) for k in _ENCODED_DATA},
+                "precision": str(dtype)}
         if env.is_main:
             parts.mkdir(exist_ok=True)
             _check_plan(parts / "plan.json", plan)
@@ -236,12 +265,8 @@ def encode(source: str | Path, out: str | Path, overrides: list[str], *, batch: 
         parallel.barrier(env)
         info = {}
         if env.is_main:
-            loaded = [load_file(str(_chunk_file(parts, k))) for k in range(-(-n // chunk))]
-            tensors = {key: torch.cat([p[key] for p in loaded]) for key in loaded[0]}
+            tensors = _join(parts, total, n, flips)
             kl = "latents_std" in tensors
-            if flips:
-                for key in ("latents", "latents_std") if kl else ("latents",):
-                    tensors[key] = torch.cat([tensors[key], tensors.pop("flipped_" + key)])
             if images.conditional:
                 tensors["labels"] = images.labels.repeat(2 if flips else 1)
             z = tensors["latents"]

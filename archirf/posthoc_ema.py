@@ -166,7 +166,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if foreign:
         ap.error(f"{base} does not match the post-hoc files' parameters ({foreign[:3]}): they are from another model")
     tensors.update(weights)
-    path = ckpt.save_snapshot(args.run_dir, images, tensors, meta["config"], kind=f"ema_sigma{args.sigma_rel:.4g}")
+    path = ckpt.save_snapshot(args.run_dir, images, tensors, meta["config"], kind=f"ema_sigma{args.sigma_rel:.4g}",
+                              extra={"latents": meta["latents"]} if "latents" in meta else None)
     print(f"archirf.posthoc_ema: sigma_rel {args.sigma_rel} at {images:,} images from {len(x)} stored EMAs "
           f"(coefficients {x.min().item():+.3g} .. {x.max().item():+.3g}) -> {path}")
     return 0

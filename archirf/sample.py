@@ -176,6 +176,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", default="samples.png", help="output PNG grid")
     ap.add_argument("--gif", default=None, nargs="?", const="", help="also write the trajectory as a GIF (path)")
     ap.add_argument("--device", default="auto", help="auto|cpu|cuda")
+    ap.add_argument("--autoencoder", default=None, help="a latent model: decode with this autoencoder (run dir or snapshot) instead of "
+                        "model.autoencoder; it must be the one that encoded the model's latents")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return _sample(args)
@@ -217,6 +219,12 @@ def _sample(args) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     model, cfg, which = load_for_sampling(args.source, args.weights)
+    from .decoding import with_autoencoder
+
+    try:
+        cfg = with_autoencoder(cfg, args.autoencoder)
+    except ConfigError as err:
+        raise SampleError(str(err)) from None
     if args.grid == "edm" and cfg.objective.name != "rectified_flow":
         raise SampleError(f"--grid edm is a rectified-flow time grid; this model was trained with "
                           f"{cfg.objective.name}")
@@ -240,10 +248,10 @@ def _sample(args) -> int:
     final, traj = out if args.gif is not None else (out, None)
     resolution = cfg.data.resolution
     if cfg.model.autoencoder:                         # a latent model: its samples decoded by its autoencoder
-        from .decoding import LatentDecoder
+        from .decoding import LatentDecoder, read_record
 
         try:
-            decoder = LatentDecoder(cfg, device, dtype)
+            decoder = LatentDecoder(cfg, device, dtype, record=read_record(args.source))
         except (ConfigError, ValueError) as err:
             raise SampleError(f"{' '.join(str(err).split())}") from None
         final = decoder(final)

@@ -46,20 +46,21 @@ def _forward_rate(model, batch: int, device, reps: int = 10) -> float:
     return reps / (start.elapsed_time(end) / 1e3)
 
 
-def _write_jpegs(folder: Path, n: int) -> None:
+def _write_jpegs(folder: Path, n: int, size: tuple[int, int] = (320, 384)) -> None:
+    """n textured JPEGs of size (height, width) in folder."""
     from concurrent.futures import ProcessPoolExecutor
 
     folder.mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        list(pool.map(_jpeg_chunk, [(str(folder), s, min(s + 1000, n)) for s in range(0, n, 1000)]))
+        list(pool.map(_jpeg_chunk, [(str(folder), s, min(s + 1000, n), size) for s in range(0, n, 1000)]))
 
 
 def _jpeg_chunk(job) -> None:
     from PIL import Image
 
-    folder, start, stop = job
+    folder, start, stop, (height, width) = job
     rng = np.random.default_rng(start)
-    yy, xx = np.mgrid[0:320, 0:384].astype(np.float32)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     for i in range(start, stop):
         a, b, c = rng.uniform(0.005, 0.05, 3)
         img = np.stack([np.sin(a * xx + i), np.cos(b * yy - i), np.sin(c * (xx + yy))], -1) * 100 + 128

@@ -102,6 +102,28 @@ def test_fused_norm_silu_kernels_give_the_reference_autoencoder(norm):
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-3, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 2, 5, 7), (2, 1, 1, 3)])
+def test_bilinear_resampling_forms_are_interpolates(shape):
+    """The bilinear autoencoder's resampling: the 2x2 average pool is F.interpolate by 1/2 and
+    upsample2x_bilinear (the form used inside compiled units) is F.interpolate by 2, output and gradient, in
+    float64, odd sides and a side of 1 included."""
+    import torch.nn.functional as F
+
+    from archirf.models.autoencoder import upsample2x_bilinear
+
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(*shape[:2], shape[2] * 2, shape[3] * 2, dtype=torch.float64)
+    want = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+    (dwant,) = torch.autograd.grad(want, x, g)
+    got = upsample2x_bilinear(x)
+    (dgot,) = torch.autograd.grad(got, x, g)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(dgot, dwant, rtol=0, atol=1e-12)
+    if min(shape[2:]) > 1:
+        torch.testing.assert_close(F.avg_pool2d(x, 2), F.interpolate(x, scale_factor=0.5, mode="bilinear",
+                                                                    align_corners=False), rtol=0, atol=1e-12)
+
+
 def test_docs_table_of_autoencoder_presets_is_the_code():
     import re
 

@@ -175,7 +175,18 @@ LATENT_DIT = ["data.source=latents", "data.channels=4", "data.resolution=8", "mo
               "data.latent_scale=auto"]
 
 
-def test_a_latent_model_shows_decoded_samples(ae_run, latents_file, tmp_path):
+@pytest.fixture(scope="module")
+def other(tmp_path_factory) -> Path:
+    """Another autoencoder of the same shape (another seed)."""
+    from archirf.config import load_config
+    from archirf.trainer import train
+
+    run = tmp_path_factory.mktemp("other") / "run"
+    train(load_config(None, AE + [f"run_dir={run}", "seed=7"]))
+    return run
+
+
+def test_a_latent_model_shows_decoded_samples(ae_run, latents_file, other, tmp_path):
     """model.autoencoder: the grids and archirf.sample decode the samples (images of the autoencoder's size, not
     the latents' preview); another autoencoder than the one that encoded the file is refused."""
     from PIL import Image
@@ -197,13 +208,45 @@ def test_a_latent_model_shows_decoded_samples(ae_run, latents_file, tmp_path):
                            "--classes", "3,4"], capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "decoded by" in proc.stdout and side(out) == (64 + 2 * 2, 2 * 64 + 3 * 2)
-    other = tmp_path / "other_ae"
-    train(load_config(None, AE + [f"run_dir={other}", "seed=7"]))
-    with pytest.raises(ConfigError, match="encoded by another autoencoder"):
+    with pytest.raises(ConfigError, match="is not the autoencoder that encoded this model's latents"):
         train(load_config(None, LATENT_DIT + [f"run_dir={tmp_path / 'x'}", f"data.root={latents_file}",
                                               f"model.autoencoder={other}"]))
     with pytest.raises(ConfigError, match="model.autoencoder=.*a latent model's decoder"):
         load_config(None, AE + [f"model.autoencoder={other}"])
+
+
+def test_a_latent_run_records_its_autoencoder_and_statistics(ae_run, latents_file, other, tmp_path):
+    """The run dir and its snapshots keep the latents' record (autoencoder hash, shift and scale as numbers,
+    the images): sampling needs neither the latents file nor its statistics, and another autoencoder given
+    on the command line is refused."""
+    from archirf.config import load_config
+    from archirf.trainer import train
+
+    data = tmp_path / "latents.safetensors"
+    shutil.copy(latents_file, data)
+    run = tmp_path / "latent"
+    train(load_config(None, LATENT_DIT + [f"run_dir={run}", f"data.root={data}", f"model.autoencoder={ae_run}",
+                                          "sample_every=0"]))
+    record = json.loads((run / "latents.json").read_text())
+    t = load_file(str(data))
+    with safe_open(str(data), "pt") as f:
+        assert record["autoencoder_sha256"] == f.metadata()["autoencoder_sha256"]
+    torch.testing.assert_close(torch.tensor(record["latent_shift"]), t["channel_mean"])
+    torch.testing.assert_close(torch.tensor(record["latent_scale"]), 1 / t["channel_std"])
+    assert record["images"]["source"] == "digits" and record["latents"] == str(data.resolve())
+    snapshot = sorted((run / "snapshots").glob("ema-*.safetensors"))[-1]
+    with safe_open(str(snapshot), "pt") as f:
+        assert json.loads(f.metadata()["latents"]) == record
+    data.unlink()                                            # gone: the record suffices
+    run_cmd = lambda *a: subprocess.run([sys.executable, "-m", "archirf.sample", *map(str, a), "--per-class", "1",  # noqa: E731
+                                         "--classes", "3", "--steps", "2"], capture_output=True, text=True,
+                                        timeout=300, env=ENV, cwd=ROOT)
+    for source in (snapshot, run):
+        proc = run_cmd(source, "--out", tmp_path / "s.png")
+        assert proc.returncode == 0 and "decoded by" in proc.stdout, proc.stderr
+    proc = run_cmd(snapshot, "--out", tmp_path / "t.png", "--autoencoder", other)
+    assert proc.returncode == 2 and "is not the autoencoder that encoded this model's latents" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_fid_of_a_latent_model_measures_decoded_samples(ae_run, latents_file, tmp_path, tiny_net):

@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                                                              "sample.cfg_scale; 1 = off)")
     fid.add_argument("--weights", choices=["ema", "raw"], default="ema", help="run dir: EMA or raw weights")
     fid.add_argument("--seed", type=int, default=0, help="sample i's noise comes from seed + i")
+    fid.add_argument("--autoencoder", default=None, help="a latent model: decode with this autoencoder (run dir or snapshot) instead of "
+                     "model.autoencoder; it must be the one that encoded the model's latents")
     fid.add_argument("--precision-recall", action="store_true",
                      help="also precision and recall (k=3); the reference needs features (ref --features N)")
     fid.add_argument("--save-images", default=None, metavar="DIR", help="also write every sample as DIR/i.png")
@@ -146,6 +148,12 @@ def _fid(args) -> int:
         raise EvalError(f"--samples {args.num}: {'precision/recall (k=3)' if args.precision_recall else 'FID'} needs at "
                         f"least {least} samples (50000 is the standard)")
     model, cfg, which = load_for_sampling(args.source, args.weights)
+    from ..decoding import with_autoencoder
+
+    try:
+        cfg = with_autoencoder(cfg, args.autoencoder)
+    except ConfigError as err:
+        raise EvalError(str(err)) from None
     run_dir, images_seen, weights_file, weights = source_facts(args.source, args.weights)
     if args.grid == "edm" and cfg.objective.name != "rectified_flow":
         raise EvalError(f"--grid edm is a rectified-flow time grid; this model was trained with {cfg.objective.name}")
@@ -172,9 +180,9 @@ def _fid(args) -> int:
         dtype = parallel.autocast_dtype(args.precision, device)
         decoder, images_cfg = None, cfg
         if cfg.model.autoencoder:          # a latent model: FID of its decoded samples against the images
-            from ..decoding import LatentDecoder
+            from ..decoding import LatentDecoder, read_record
 
-            decoder = LatentDecoder(cfg, device, dtype)
+            decoder = LatentDecoder(cfg, device, dtype, record=read_record(args.source))
             images_cfg = decoder.image_config     # the autoencoder's images: the reference's data
             check_images(images_cfg, "FID")
         evaluator = Evaluator.load(args.inception or cfg.eval.inception, args.dinov2 or cfg.eval.dinov2, device)

@@ -124,24 +124,48 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
+def upsample2x_bilinear(x: torch.Tensor) -> torch.Tensor:
+    """F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False) as weighted sums of neighbours
+    (output 2i = 3/4 x[i] + 1/4 x[i - 1], 2i + 1 = 3/4 x[i] + 1/4 x[i + 1], edges clamped), one axis after the
+    other: pointwise work inductor fuses, forward and backward (interpolate's backward scatters with atomics)."""
+
+    def along(x: torch.Tensor, dim: int) -> torch.Tensor:
+        n = x.shape[dim]
+        prev = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
+        nxt = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
+        shape = list(x.shape)
+        shape[dim] *= 2
+        return torch.stack([0.75 * x + 0.25 * prev, 0.75 * x + 0.25 * nxt], dim + 1).reshape(shape)
+
+    return along(along(x, 3), 2)
+
+
 class Downsample(nn.Module):
+    impl = "pool"                                  # or "interpolate" (the same numbers; for benchmarks)
+
     def __init__(self, channels: int, resample: str):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2) if resample == "conv" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv is None:
-            return F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)   # = 2x2 average
+        if self.conv is None:                      # bilinear by 1/2 without antialiasing is the 2x2 mean
+            if self.impl == "interpolate":
+                return F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
+            return F.avg_pool2d(x, 2)
         return self.conv(F.pad(x, (0, 1, 0, 1)))                          # LDM's asymmetric padding
 
 
 class Upsample(nn.Module):
+    impl = "lerp"                                  # or "interpolate" (the same numbers; for benchmarks)
+
     def __init__(self, channels: int, resample: str):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1) if resample == "conv" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv is None:
+        if self.conv is None:                      # compiled: the fusible form; eager: one interpolate kernel
+            if self.impl == "lerp" and torch.compiler.is_compiling():
+                return upsample2x_bilinear(x)
             return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 

@@ -8,6 +8,7 @@ one the loop had when it held all of this itself, so runs and checkpoints are un
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -45,11 +46,15 @@ class GenerativeTask:
 
             self.evaluation = TrainingEval(cfg, env, run_dir, self.objective, dtype=dtype, compile=compile,
                                            eval_model=self.eval_model)
-        self.decoder = None
-        if cfg.model.autoencoder and env.is_main:      # a latent model's grids and GIF show decoded images
-            from ..decoding import LatentDecoder
+        self.decoder, self.latents = None, None
+        if env.is_main and cfg.data.source == "latents":   # what decoding its samples needs (archirf/decoding.py)
+            from ..decoding import LatentDecoder, latent_record
 
-            self.decoder = LatentDecoder(cfg, device, dtype, compile=compile)
+            if (record := latent_record(cfg)) is not None:
+                self.latents = json.dumps(record)
+                ckpt.write_atomic(run_dir / "latents.json", self.latents)
+            if cfg.model.autoencoder:                  # a latent model's grids and GIF show decoded images
+                self.decoder = LatentDecoder(cfg, device, dtype, compile=compile, record=record)
         self.labels = sample_classes(cfg, cfg.sample.classes, cfg.sample.per_class)
         # A model that weights its loss per time (EDM2's uncertainty / EDM preconditioning) also returns logvar.
         logvar = {"return_logvar": True} if getattr(self.model, "loss_logvar", False) else {}
@@ -103,7 +108,8 @@ class GenerativeTask:
         weights = self.ema.full_state_dict(keep=self.env.is_main)  # every rank joins the gather
         if self.env.is_main:
             buffers = {parallel.clean_fqn(n): b for n, b in self.model.named_buffers()}
-            ckpt.save_snapshot(self.run_dir, images, {**buffers, **weights}, config_yaml)  # EMA parameters + buffers
+            ckpt.save_snapshot(self.run_dir, images, {**buffers, **weights}, config_yaml,  # EMA parameters + buffers
+                               extra={"latents": self.latents} if self.latents else None)
         return path
 
     def set_aside_after(self, images_seen: int) -> None:
