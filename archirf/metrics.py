@@ -216,6 +216,7 @@ class Metrics:
             "steps": self._window_steps,
             "nonfinite": int(nonfinite),
             "data_wait_frac": min(self._window_data_wait_s / wall_s, 1.0),
+            "paused_s": self._paused_s,        # checkpoints, sample grids, evaluation: outside img/s and MFU
             "time": time.time(),
             "elapsed_s": now - self._start_time,
         }

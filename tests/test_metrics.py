@@ -139,6 +139,10 @@ def test_paused_time_is_left_out_of_throughput(tmp_path, clock):
         clock.t += 10.0  # e.g. a checkpoint
     rec = m.log(images_seen=50, lr=1e-3)
     assert rec["img_per_s"] == pytest.approx(50.0)
+    assert rec["paused_s"] == pytest.approx(10.0)              # and reported on its own
+    m.step(torch.tensor(1.0), torch.tensor(1.0), images=50, data_wait_s=0.0)
+    clock.t += 1.0
+    assert m.log(images_seen=100, lr=1e-3)["paused_s"] == 0.0  # per interval
 
 
 def test_non_main_rank_writes_nothing_and_progress_bar_advances(tmp_path, clock, capsys):
