@@ -15,7 +15,8 @@ Implementations (same weights, same data, AdamW fused for both networks):
 - "reference": LDM's `LPIPSWithDiscriminator` step as its Lightning module runs it (the seed copies it): the
   generator step (forward, the loss, two autograd.grad calls on the last layer's weight, backward, step), then
   a second autoencoder forward (no graph: Lightning freezes the autoencoder for the discriminator's index)
-  for the discriminator step. The same networks in plain PyTorch (kernels=reference), compiled the same way.
+  for the discriminator step. The same networks in plain PyTorch (kernels=reference; the bilinear autoencoder
+  resampling with F.interpolate, as the seed wrote it), compiled the same way.
 - "ours_eager" / "reference_eager" with --eager: nothing compiled.
 Each in NCHW and with channels_last input images ("_cl"; the weights as they are, cuDNN then runs the
 convolutions channels-last); the speed-up compares each side at its faster layout.
@@ -65,6 +66,18 @@ def _set_kernels(ae, kernels: str) -> None:
             m.kernels = kernels
 
 
+def set_resampling(ae, impl: str) -> None:
+    """The bilinear autoencoder's resampling: "fused" (ours: 2x2 average pool down; up, inside compiled units,
+    the pointwise upsample2x_bilinear) or "interpolate" (F.interpolate both ways). The same numbers."""
+    from archirf.models.autoencoder import Downsample, Upsample
+
+    for m in ae.modules():
+        if isinstance(m, Downsample):
+            m.impl = "interpolate" if impl == "interpolate" else "pool"
+        elif isinstance(m, Upsample):
+            m.impl = "interpolate" if impl == "interpolate" else "lerp"
+
+
 class Ours:
     def __init__(self, ae, disc, lpips, reduction: str, compile: bool, kernels: str = "auto"):
         from archirf import parallel
@@ -103,6 +116,7 @@ class Reference:
         from archirf import parallel
 
         _set_kernels(ae, kernels)
+        set_resampling(ae, "interpolate")           # the seed's F.interpolate both ways, as written
         self.ae, self.disc, self.lpips, self.reduction = ae, disc, lpips, reduction
         if compile:
             parallel.parallelize(ae, None, param_dtype=None, compile=True, shard=False)

@@ -23,13 +23,12 @@ import torch
 
 
 def _variant(case: str, batch: int, resample: str, steps: int, profile_dir: Path | None, trace: bool) -> dict:
-    from archirf.models.autoencoder import Downsample, Upsample
-    from benchmarks.bench_autoencoder import CASES, Ours, _networks, _time
+    from benchmarks.bench_autoencoder import CASES, Ours, _networks, _time, set_resampling
 
-    Downsample.impl, Upsample.impl = ("interpolate", "interpolate") if resample == "interpolate" else ("pool", "lerp")
     preset, res, reduction = CASES[case]
     torch._dynamo.reset()
     ae, disc, lpips = _networks(preset, res, torch.device("cuda"))
+    set_resampling(ae, resample)
     impl = Ours(ae, disc, lpips, reduction, True, "auto")
     x = (torch.rand(batch, 3, res, res, device="cuda") * 2 - 1).contiguous(memory_format=torch.channels_last)
     sec, first = _time(impl, x, steps)

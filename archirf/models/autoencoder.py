@@ -141,7 +141,7 @@ def upsample2x_bilinear(x: torch.Tensor) -> torch.Tensor:
 
 
 class Downsample(nn.Module):
-    impl = "pool"                                  # or "interpolate" (the same numbers; for benchmarks)
+    impl = "pool"                                  # or "interpolate": the same numbers (benchmarks set it)
 
     def __init__(self, channels: int, resample: str):
         super().__init__()
@@ -156,7 +156,7 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    impl = "lerp"                                  # or "interpolate" (the same numbers; for benchmarks)
+    impl = "lerp"                                  # or "interpolate": the same numbers (benchmarks set it)
 
     def __init__(self, channels: int, resample: str):
         super().__init__()
