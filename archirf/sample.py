@@ -176,8 +176,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--out", default="samples.png", help="output PNG grid")
     ap.add_argument("--gif", default=None, nargs="?", const="", help="also write the trajectory as a GIF (path)")
     ap.add_argument("--device", default="auto", help="auto|cpu|cuda")
-    ap.add_argument("--autoencoder", default=None, help="a latent model: decode with this autoencoder (run dir or snapshot) instead of "
-                        "model.autoencoder; it must be the one that encoded the model's latents")
+    ap.add_argument("--autoencoder", default=None,
+                    help="a latent model: decode with this autoencoder (run dir or snapshot) instead of "
+                         "model.autoencoder; it must be the one that encoded the model's latents")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return _sample(args)
@@ -240,6 +241,14 @@ def _sample(args) -> int:
     from .parallel import autocast_dtype
 
     dtype = autocast_dtype("auto", device)
+    decoder = None
+    if cfg.model.autoencoder:                         # loaded first: a wrong autoencoder stops before sampling
+        from .decoding import LatentDecoder, read_record
+
+        try:
+            decoder = LatentDecoder(cfg, device, dtype, record=read_record(args.source))
+        except (ConfigError, ValueError) as err:
+            raise SampleError(f"{' '.join(str(err).split())}") from None
     out = generate(model, build_objective(cfg), cfg, labels, device=device, dtype=dtype,
                    steps=args.steps or cfg.sample.steps,
                    cfg_scale=cfg.sample.cfg_scale if args.cfg is None else args.cfg,
@@ -247,13 +256,7 @@ def _sample(args) -> int:
                    return_trajectory=args.gif is not None)
     final, traj = out if args.gif is not None else (out, None)
     resolution = cfg.data.resolution
-    if cfg.model.autoencoder:                         # a latent model: its samples decoded by its autoencoder
-        from .decoding import LatentDecoder, read_record
-
-        try:
-            decoder = LatentDecoder(cfg, device, dtype, record=read_record(args.source))
-        except (ConfigError, ValueError) as err:
-            raise SampleError(f"{' '.join(str(err).split())}") from None
+    if decoder is not None:                           # a latent model: its samples decoded by its autoencoder
         final = decoder(final)
         traj = [decoder(f) for f in trajectory_frames(traj, cfg.sample.gif_frames)] if traj is not None else None
         resolution = decoder.resolution

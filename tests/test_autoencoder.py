@@ -500,17 +500,19 @@ def _same_steps(a: list[dict], b: list[dict], rel: float) -> None:
 @pytest.fixture(scope="module")
 def ae_runs(tmp_path_factory, tiny_net) -> dict[str, Path]:
     """The tiny clipped autoencoder with its GAN switched on halfway: 1 rank, 2 ranks (FSDP2, with rFID on the
-    tiny feature network), and a 2-rank checkpoint resumed on 1 rank."""
+    tiny feature network), and the 2-rank run's checkpoint at 32 images resumed on 1 rank."""
     import shutil
 
     root = tmp_path_factory.mktemp("ae_dist")
-    out = {k: root / k for k in ("one", "two", "half", "resume1")}
+    out = {k: root / k for k in ("one", "two", "resume1")}
     _ae_run(1, out["one"], 64)
-    proc = _ae_run(2, out["two"], 64, "eval.every=32", "eval.num=24", "eval.batch=8", f"eval.inception={tiny_net}")
+    two = ["checkpoint_every=32", "eval.every=32", "eval.num=24", "eval.batch=8", f"eval.inception={tiny_net}"]
+    proc = _ae_run(2, out["two"], 64, *two)
     assert "FSDP2 mesh" in proc.stdout and "rFID" in proc.stdout
-    _ae_run(2, out["half"], 32)
-    shutil.copytree(out["half"], out["resume1"])
-    assert "resumed from" in _ae_run(1, out["resume1"], 64).stdout
+    shutil.copytree(out["two"], out["resume1"])
+    (last,) = (out["resume1"] / "checkpoints").glob("images-*64")
+    shutil.rmtree(last)                                     # back to the checkpoint at 32 images
+    assert "resumed from" in _ae_run(1, out["resume1"], 64, *two).stdout
     return out
 
 

@@ -186,47 +186,26 @@ def other(tmp_path_factory) -> Path:
     return run
 
 
-def test_a_latent_model_shows_decoded_samples(ae_run, latents_file, other, tmp_path):
-    """model.autoencoder: the grids and archirf.sample decode the samples (images of the autoencoder's size, not
-    the latents' preview); another autoencoder than the one that encoded the file is refused."""
+def test_a_latent_model_decodes_its_samples_by_its_record(ae_run, latents_file, other, tmp_path):
+    """model.autoencoder: the grids and archirf.sample show decoded images (the autoencoder's size, not the
+    latents' preview). The run dir and its snapshots keep the latents' record (autoencoder hash, shift and scale
+    as numbers, the images), so sampling needs neither the latents file nor its statistics; another autoencoder
+    is refused, in training and on the command line."""
     from PIL import Image
 
     from archirf.config import ConfigError, load_config
     from archirf.trainer import train
 
+    data = tmp_path / "latents.safetensors"
+    shutil.copy(latents_file, data)
     run = tmp_path / "latent"
-    train(load_config(None, LATENT_DIT + [f"run_dir={run}", f"data.root={latents_file}",
-                                          f"model.autoencoder={ae_run}"]))
+    train(load_config(None, LATENT_DIT + [f"run_dir={run}", f"data.root={data}", f"model.autoencoder={ae_run}"]))
     side = lambda png: Image.open(png).size  # noqa: E731
     # 3 x 2 tiles of 16 px images upscaled 4x (a latent preview would be 8 px upscaled 8x: also 64, so count
     # colours: decoded digits are grey, a preview of 4 channels is coloured)
     grid = np.asarray(Image.open(run / "samples.png"))
     assert side(run / "samples.png") == (2 * 64 + 3 * 2, 3 * 64 + 4 * 2)
     assert (grid[..., 0] == grid[..., 1]).all() and (grid[..., 1] == grid[..., 2]).all()     # grey images
-    out = tmp_path / "s.png"
-    proc = subprocess.run([sys.executable, "-m", "archirf.sample", str(run), "--out", str(out), "--per-class", "1",
-                           "--classes", "3,4"], capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    assert "decoded by" in proc.stdout and side(out) == (64 + 2 * 2, 2 * 64 + 3 * 2)
-    with pytest.raises(ConfigError, match="is not the autoencoder that encoded this model's latents"):
-        train(load_config(None, LATENT_DIT + [f"run_dir={tmp_path / 'x'}", f"data.root={latents_file}",
-                                              f"model.autoencoder={other}"]))
-    with pytest.raises(ConfigError, match="model.autoencoder=.*a latent model's decoder"):
-        load_config(None, AE + [f"model.autoencoder={other}"])
-
-
-def test_a_latent_run_records_its_autoencoder_and_statistics(ae_run, latents_file, other, tmp_path):
-    """The run dir and its snapshots keep the latents' record (autoencoder hash, shift and scale as numbers,
-    the images): sampling needs neither the latents file nor its statistics, and another autoencoder given
-    on the command line is refused."""
-    from archirf.config import load_config
-    from archirf.trainer import train
-
-    data = tmp_path / "latents.safetensors"
-    shutil.copy(latents_file, data)
-    run = tmp_path / "latent"
-    train(load_config(None, LATENT_DIT + [f"run_dir={run}", f"data.root={data}", f"model.autoencoder={ae_run}",
-                                          "sample_every=0"]))
     record = json.loads((run / "latents.json").read_text())
     t = load_file(str(data))
     with safe_open(str(data), "pt") as f:
@@ -237,37 +216,23 @@ def test_a_latent_run_records_its_autoencoder_and_statistics(ae_run, latents_fil
     snapshot = sorted((run / "snapshots").glob("ema-*.safetensors"))[-1]
     with safe_open(str(snapshot), "pt") as f:
         assert json.loads(f.metadata()["latents"]) == record
+    with pytest.raises(ConfigError, match="is not the autoencoder that encoded this model's latents"):
+        train(load_config(None, LATENT_DIT + [f"run_dir={tmp_path / 'x'}", f"data.root={data}",
+                                              f"model.autoencoder={other}"]))
+    with pytest.raises(ConfigError, match="model.autoencoder=.*a latent model's decoder"):
+        load_config(None, AE + [f"model.autoencoder={other}"])
     data.unlink()                                            # gone: the record suffices
     run_cmd = lambda *a: subprocess.run([sys.executable, "-m", "archirf.sample", *map(str, a), "--per-class", "1",  # noqa: E731
-                                         "--classes", "3", "--steps", "2"], capture_output=True, text=True,
+                                         "--classes", "3,4", "--steps", "2"], capture_output=True, text=True,
                                         timeout=300, env=ENV, cwd=ROOT)
     for source in (snapshot, run):
-        proc = run_cmd(source, "--out", tmp_path / "s.png")
+        out = tmp_path / f"{source.name}.png"
+        proc = run_cmd(source, "--out", out)
         assert proc.returncode == 0 and "decoded by" in proc.stdout, proc.stderr
+        assert side(out) == (64 + 2 * 2, 2 * 64 + 3 * 2)
     proc = run_cmd(snapshot, "--out", tmp_path / "t.png", "--autoencoder", other)
     assert proc.returncode == 2 and "is not the autoencoder that encoded this model's latents" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-
-
-def test_fid_of_a_latent_model_measures_decoded_samples(ae_run, latents_file, tmp_path, tiny_net):
-    """archirf.eval fid and FID while training decode a latent model's samples and measure them against the
-    autoencoder's images (the digits here)."""
-    from archirf.config import load_config
-    from archirf.trainer import train
-
-    run = tmp_path / "latent"
-    train(load_config(None, LATENT_DIT + [f"run_dir={run}", f"data.root={latents_file}", f"model.autoencoder={ae_run}",
-                                          "eval.every=64", "eval.num=20", "eval.batch=10", f"eval.inception={tiny_net}",
-                                          "sample_every=0"]))
-    rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and rows[0]["fid"] > 0
-    assert [p.name.startswith("ref-digits-16px-") for p in (run / "eval").glob("*.npz")] == [True]   # the images'
-    assert rows[0]["images_seen"] == 64
-    proc = subprocess.run([sys.executable, "-m", "archirf.eval", "fid", str(run), "--samples", "20", "--batch", "10",
-                           "--inception", str(tiny_net), "--no-progress"], capture_output=True, text=True,
-                          timeout=300, env=ENV, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
-    assert len((run / "eval.jsonl").read_text().splitlines()) == 2
 
 
 def test_the_decoder_inverts_the_loaders_shift_and_scale(ae_run, latents_file, tmp_path):
@@ -307,3 +272,39 @@ def test_an_unreadable_image_stops_the_encode_in_one_line(ae_run, tmp_path):
                    "data.num_workers=1", "data.num_classes=1")
     assert proc.returncode == 2 and "3.png cannot be read" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_readmes_latent_pipeline_runs_end_to_end(tmp_path, tiny_net):
+    """The README's four commands of the latent pipeline (train the digits autoencoder, encode, train the latent
+    MMDiT, FID), run as written from a fresh folder with overrides that make them tiny; FID of the decoded
+    samples while training and by the command, against the digits."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## The latent pipeline"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    commands = [shlex.split(line) for line in block.splitlines() if line.strip() and not line.startswith("#")]
+    assert [c[c.index("-m") + 1] for c in commands] == ["archirf.train", "archirf.encode", "archirf.train",
+                                                        "archirf.eval"]
+    tiny = {0: ["total_images=64", "global_batch=32", "log_every=32", "sample_every=0", "checkpoint_every=0",
+                "loss.perceptual_weight=0", "loss.disc_start=32", "progress=false"],
+            1: ["--batch", "512", "--no-progress"],
+            2: ["total_images=64", "global_batch=32", "log_every=32", "sample.steps=2", "sample.per_class=1",
+                "progress=false", "eval.every=64", "eval.num=20", "eval.batch=10", f"eval.inception={tiny_net}"],
+            3: ["--samples", "20", "--batch", "10", "--inception", str(tiny_net), "--steps", "2", "--no-progress"]}
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    for i, command in enumerate(commands):
+        if command[0] == "torchrun":
+            command = [sys.executable, "-m", "torch.distributed.run", *command[1:]]
+        elif command[0] == "python":
+            command = [sys.executable, *command[1:]]
+        proc = subprocess.run(command + tiny[i], capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path)
+        assert proc.returncode == 0, (command, proc.stdout[-2000:], proc.stderr[-3000:])
+    runs = tmp_path / "runs"
+    assert (runs / "ae_digits" / "latents.safetensors").is_file()
+    assert (runs / "latent_digits" / "samples.png").is_file() and (runs / "latent_digits" / "latents.json").is_file()
+    # FID of decoded samples while training (at 64 images) and by archirf.eval fid, against the digits' images
+    rows = [json.loads(line) for line in (runs / "latent_digits" / "eval.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["images_seen"] == 64 and all(r["fid"] > 0 for r in rows)
+    assert [p.name.startswith("ref-digits-16px-") for p in (runs / "latent_digits" / "eval").glob("*.npz")] == [True]

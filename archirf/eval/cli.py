@@ -61,8 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                                                              "sample.cfg_scale; 1 = off)")
     fid.add_argument("--weights", choices=["ema", "raw"], default="ema", help="run dir: EMA or raw weights")
     fid.add_argument("--seed", type=int, default=0, help="sample i's noise comes from seed + i")
-    fid.add_argument("--autoencoder", default=None, help="a latent model: decode with this autoencoder (run dir or snapshot) instead of "
-                     "model.autoencoder; it must be the one that encoded the model's latents")
+    fid.add_argument("--autoencoder", default=None,
+                     help="a latent model: decode with this autoencoder (run dir or snapshot) instead of "
+                          "model.autoencoder; it must be the one that encoded the model's latents")
     fid.add_argument("--precision-recall", action="store_true",
                      help="also precision and recall (k=3); the reference needs features (ref --features N)")
     fid.add_argument("--save-images", default=None, metavar="DIR", help="also write every sample as DIR/i.png")
