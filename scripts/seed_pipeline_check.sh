@@ -18,7 +18,7 @@ python scripts/photo_folder.py --out "$out/photos" --count "$COUNT" --size 64
 classes=$(find "$out/photos" -mindepth 1 -maxdepth 1 -type d | wc -l)
 start=$(date +%s)
 torchrun --nproc_per_node=1 -m archirf.train --config configs/ae_seed_64px.yaml run_dir="$out/ae" \
-    data.root="$out/photos" total_images="$AE_IMAGES" loss.disc_start=$((AE_IMAGES / 3)) log_every=$((AE_IMAGES / 6)) \
+    data.root="$out/photos" data.num_classes="$classes" total_images="$AE_IMAGES" loss.disc_start=$((AE_IMAGES / 3)) log_every=$((AE_IMAGES / 6)) \
     sample_every=0 checkpoint_every=0 eval.every=0 eval.ref=null progress=false ${EXTRA:-} "$@" | tee "$out/ae.log"
 ae=$(date +%s)
 torchrun --nproc_per_node=1 -m archirf.encode "$out/ae" --out "$out/latents.safetensors" --flips --batch 256 \
