@@ -80,22 +80,27 @@ def assert_same_steps(a: list[dict], b: list[dict], rel: float) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    """Straight runs on 1 rank, 2 ranks and 2 ranks HSDP; a 2-rank run stopped halfway and resumed on 1, 2, 3."""
+    """Straight runs on 1 rank, 2 ranks and 2 ranks HSDP; the 2-rank run's checkpoint halfway resumed on 1, 2, 3
+    ranks, and the 1-rank run's (no FSDP2) on 2."""
     root = tmp_path_factory.mktemp("dist")
-    names = ("one", "one_fsdp", "two", "hsdp", "half", "resume1", "resume2", "resume3", "half1", "resume_from1")
+    names = ("one", "one_fsdp", "two", "hsdp", "resume1", "resume2", "resume3", "resume_from1")
     out = {name: root / name for name in names}
-    train(1, out["one"])
+    half = f"checkpoint_every={24 * STEPS // 2}"             # a checkpoint halfway; the steps are the same
+    train(1, out["one"], half)
     train(1, out["one_fsdp"], "parallel.shard_single_rank=true")
-    train(2, out["two"])
+    train(2, out["two"], half)
     train(2, out["hsdp"], "parallel.hsdp_replicate=2")
-    train(2, out["half"], steps=STEPS // 2)
+
+    def halfway(run: Path, copy: Path) -> None:             # the run as it was when its halfway checkpoint was new
+        shutil.copytree(run, copy)
+        shutil.rmtree(copy / "checkpoints" / f"images-{24 * STEPS:012d}")
+
     for n in (1, 2, 3):
-        shutil.copytree(out["half"], out[f"resume{n}"])
-        proc = train(n, out[f"resume{n}"])
+        halfway(out["two"], out[f"resume{n}"])
+        proc = train(n, out[f"resume{n}"], half)
         assert f"resumed from {out[f'resume{n}']}/checkpoints/images-{24 * STEPS // 2:012d}" in proc.stdout
-    train(1, out["half1"], steps=STEPS // 2)                 # one rank, no FSDP2: its checkpoint on 2 ranks
-    shutil.copytree(out["half1"], out["resume_from1"])
-    assert "resumed from" in train(2, out["resume_from1"]).stdout
+    halfway(out["one"], out["resume_from1"])
+    assert "resumed from" in train(2, out["resume_from1"], half).stdout
     return out
 
 
