@@ -8,9 +8,11 @@ The samples are the model's data space, x = (latents - shift) * scale (data.late
 
 A model trained on a file archirf.encode wrote keeps a record of it (`latent_record`): the encoding
 autoencoder's snapshot and sha256, the shift and scale it trained with (numbers, `auto` resolved) and the
-images encoded. Training writes it to RUN_DIR/latents.json and into every snapshot's metadata ("latents"),
-so sampling and FID need neither the latents file nor its statistics: the decoder uses the record's numbers,
-refuses an autoencoder whose snapshot hash is not the record's, and FID's reference is the recorded images.
+images encoded. Training writes it to RUN_DIR/latents.json with each checkpoint (a resume on latents that give
+another record is refused) and into every snapshot's metadata ("latents"), so sampling and FID need neither
+the latents file nor its statistics: the decoder uses the record's numbers, takes the recorded snapshot from
+an autoencoder run dir while it is there, refuses an autoencoder whose snapshot hash is not the record's, and
+FID's reference is the recorded images.
 Without a record (a file of other origin) the numbers come from data.* and the file, as in training.
 Refused with one line: an autoencoder whose latent is not the model's data shape, or one that did not encode
 the model's latents.
@@ -36,8 +38,14 @@ class LatentDecoder:
         from .eval.detectors import file_sha256
 
         path = cfg.model.autoencoder
+        if record is None and _latents_file(cfg):
+            record = latent_record(cfg)
+        source = path
+        if record is not None and Path(path).is_dir():  # an autoencoder run: the snapshot that encoded, if still there
+            recorded = Path(path) / "snapshots" / Path(record["autoencoder"] or "").name
+            source = recorded if recorded.is_file() else path
         try:
-            ae, ae_cfg, snapshot, _ = load_autoencoder(path, [])
+            ae, ae_cfg, snapshot, _ = load_autoencoder(source, [])
         except (EncodeError, ConfigError) as err:
             raise ConfigError(f"model.autoencoder={path}: {err}") from None
         d = cfg.data
@@ -47,8 +55,6 @@ class LatentDecoder:
                               f"(C x h x w) but this model's data are {'x'.join(map(str, want))}; name the "
                               f"autoencoder that encoded data.root")
         self.sha256 = file_sha256(snapshot)
-        if record is None and d.source == "latents" and d.root and os.path.isfile(d.root):
-            record = latent_record(cfg)
         if record is not None:
             if record["autoencoder_sha256"] != self.sha256:
                 raise ConfigError(f"model.autoencoder={path} is not the autoencoder that encoded this model's latents "
@@ -87,6 +93,11 @@ class LatentDecoder:
         return torch.cat(out)
 
 
+def _latents_file(cfg: Config) -> bool:
+    d = cfg.data
+    return d.source == "latents" and bool(d.root) and os.path.isfile(d.root)
+
+
 def latent_record(cfg: Config) -> Optional[dict]:
     """What a model trained on cfg.data's latents needs to be decoded, when archirf.encode wrote the file: the
     autoencoder (snapshot path and sha256), the shift and scale as numbers, the images encoded and the file."""
@@ -95,7 +106,7 @@ def latent_record(cfg: Config) -> Optional[dict]:
     from .data.latents import latent_statistics
 
     d = cfg.data
-    if d.source != "latents" or not d.root or not os.path.isfile(d.root):
+    if not _latents_file(cfg):
         return None
     with safe_open(d.root, framework="pt") as f:
         meta = f.metadata() or {}
@@ -116,6 +127,8 @@ def read_record(source: str | Path) -> Optional[dict]:
 
         with safe_open(str(path), framework="pt") as f:
             text = (f.metadata() or {}).get("latents")
+        if text is None and path.parent.name == "snapshots":       # a snapshot written without it: its run's
+            return read_record(path.parent.parent)
     else:
         run = path.parent.parent if path.parent.name == "checkpoints" else path
         text = (run / "latents.json").read_text() if (run / "latents.json").is_file() else None

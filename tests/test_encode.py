@@ -221,6 +221,14 @@ def test_a_latent_model_decodes_its_samples_by_its_record(ae_run, latents_file, 
                                               f"model.autoencoder={other}"]))
     with pytest.raises(ConfigError, match="model.autoencoder=.*a latent model's decoder"):
         load_config(None, AE + [f"model.autoencoder={other}"])
+    with safe_open(str(data), "pt") as f:                   # re-encoded in place: a resume is refused
+        meta = f.metadata()
+    from safetensors.torch import save_file
+
+    save_file({**t, "channel_std": t["channel_std"] * 2}, str(data), metadata=meta)
+    with pytest.raises(ConfigError, match="is not the latents this run trained on"):
+        train(load_config(None, LATENT_DIT + [f"run_dir={run}", f"data.root={data}", f"model.autoencoder={ae_run}",
+                                              "total_images=96"]))
     data.unlink()                                            # gone: the record suffices
     run_cmd = lambda *a: subprocess.run([sys.executable, "-m", "archirf.sample", *map(str, a), "--per-class", "1",  # noqa: E731
                                          "--classes", "3,4", "--steps", "2"], capture_output=True, text=True,

@@ -46,15 +46,13 @@ class GenerativeTask:
 
             self.evaluation = TrainingEval(cfg, env, run_dir, self.objective, dtype=dtype, compile=compile,
                                            eval_model=self.eval_model)
-        self.decoder, self.latents = None, None
-        if env.is_main and cfg.data.source == "latents":   # what decoding its samples needs (archirf/decoding.py)
-            from ..decoding import LatentDecoder, latent_record
+        from ..decoding import LatentDecoder, latent_record
 
-            if (record := latent_record(cfg)) is not None:
-                self.latents = json.dumps(record)
-                ckpt.write_atomic(run_dir / "latents.json", self.latents)
-            if cfg.model.autoencoder:                  # a latent model's grids and GIF show decoded images
-                self.decoder = LatentDecoder(cfg, device, dtype, compile=compile, record=record)
+        record = latent_record(cfg)     # what decoding its samples needs (archirf/decoding.py): saved with checkpoints
+        self.latents = json.dumps(record) if record is not None else None
+        self.decoder = None
+        if cfg.model.autoencoder and env.is_main:      # a latent model's grids and GIF show decoded images
+            self.decoder = LatentDecoder(cfg, device, dtype, compile=compile, record=record)
         self.labels = sample_classes(cfg, cfg.sample.classes, cfg.sample.per_class)
         # A model that weights its loss per time (EDM2's uncertainty / EDM preconditioning) also returns logvar.
         logvar = {"return_logvar": True} if getattr(self.model, "loss_logvar", False) else {}
@@ -98,6 +96,8 @@ class GenerativeTask:
 
     # -- state ---------------------------------------------------------------------------------------------
     def load(self, path: Path, loader, verified: bool) -> int:
+        if self.latents is not None and (self.run_dir / "latents.json").is_file():     # every rank: one verdict
+            _same_latents(json.loads((self.run_dir / "latents.json").read_text()), json.loads(self.latents))
         return ckpt.load_training_state(path, self.model, self.optimizer, self.ema, loader, self.posthoc,
                                         verified=verified, evaluation=self.evaluation)
 
@@ -107,6 +107,8 @@ class GenerativeTask:
                                         evaluation=self.evaluation)
         weights = self.ema.full_state_dict(keep=self.env.is_main)  # every rank joins the gather
         if self.env.is_main:
+            if self.latents is not None:
+                ckpt.write_atomic(self.run_dir / "latents.json", self.latents)
             buffers = {parallel.clean_fqn(n): b for n, b in self.model.named_buffers()}
             ckpt.save_snapshot(self.run_dir, images, {**buffers, **weights}, config_yaml,  # EMA parameters + buffers
                                extra={"latents": self.latents} if self.latents else None)
@@ -170,3 +172,14 @@ class GenerativeTask:
 
     def done_message(self) -> str:
         return f"samples in {self.run_dir / 'samples.png'}, trajectory {self.run_dir / 'trajectory.gif'}"
+
+
+def _same_latents(old: dict, new: dict) -> None:
+    """A resumed latent run trains on the latents it started on: the same encoding autoencoder and statistics."""
+    changed = [k for k in ("autoencoder_sha256", "latent_shift", "latent_scale") if old.get(k) != new.get(k)]
+    if changed:
+        from ..config import ConfigError
+
+        raise ConfigError(f"data.root={new['latents']} is not the latents this run trained on (its "
+                          f"{', '.join(changed)} differ from RUN_DIR/latents.json: re-encoded?); resume with the "
+                          f"file it trained on, or start a new run (another run_dir, or resume=none)")
