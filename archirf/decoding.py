@@ -38,7 +38,7 @@ class LatentDecoder:
         from .eval.detectors import file_sha256
 
         path = cfg.model.autoencoder
-        if record is None and _latents_file(cfg):
+        if record is None:
             record = latent_record(cfg)
         source = path
         if record is not None and Path(path).is_dir():  # an autoencoder run: the snapshot that encoded, if still there
@@ -93,11 +93,6 @@ class LatentDecoder:
         return torch.cat(out)
 
 
-def _latents_file(cfg: Config) -> bool:
-    d = cfg.data
-    return d.source == "latents" and bool(d.root) and os.path.isfile(d.root)
-
-
 def latent_record(cfg: Config) -> Optional[dict]:
     """What a model trained on cfg.data's latents needs to be decoded, when archirf.encode wrote the file: the
     autoencoder (snapshot path and sha256), the shift and scale as numbers, the images encoded and the file."""
@@ -106,7 +101,7 @@ def latent_record(cfg: Config) -> Optional[dict]:
     from .data.latents import latent_statistics
 
     d = cfg.data
-    if not _latents_file(cfg):
+    if d.source != "latents" or not d.root or not os.path.isfile(d.root):
         return None
     with safe_open(d.root, framework="pt") as f:
         meta = f.metadata() or {}

@@ -151,10 +151,7 @@ def _fid(args) -> int:
     model, cfg, which = load_for_sampling(args.source, args.weights)
     from ..decoding import with_autoencoder
 
-    try:
-        cfg = with_autoencoder(cfg, args.autoencoder)
-    except ConfigError as err:
-        raise EvalError(str(err)) from None
+    cfg = with_autoencoder(cfg, args.autoencoder)          # a ConfigError is main's one line
     run_dir, images_seen, weights_file, weights = source_facts(args.source, args.weights)
     if args.grid == "edm" and cfg.objective.name != "rectified_flow":
         raise EvalError(f"--grid edm is a rectified-flow time grid; this model was trained with {cfg.objective.name}")

@@ -17,19 +17,15 @@ from .evaluate import Evaluator, append_record, evaluate_model
 
 class TrainingEval:
     def __init__(self, cfg, env, run_dir: Path, objective, *, dtype: Optional[torch.dtype], compile: bool,
-                 eval_model: Optional[nn.Module]):
+                 eval_model: Optional[nn.Module], decoder=None):
         from ..models import build_model
         from .reference import EvalError, check_images
 
         e = cfg.eval
         self.cfg, self.env, self.run_dir, self.objective, self.dtype = cfg, env, Path(run_dir), objective, dtype
         device = env.device
-        self.decoder, self.images_cfg = None, cfg
-        if cfg.model.autoencoder:     # a latent model: FID of decoded samples against the autoencoder's images
-            from ..decoding import LatentDecoder
-
-            self.decoder = LatentDecoder(cfg, device, dtype, compile=compile)
-            self.images_cfg = self.decoder.image_config
+        # a latent model: FID of its samples decoded by the task's decoder, against the images that were encoded
+        self.decoder, self.images_cfg = decoder, (decoder.image_config if decoder is not None else cfg)
         check_images(self.images_cfg, "eval.every")
         self.evaluator = Evaluator.load(e.inception, e.dinov2, device)
         if e.ref is not None and not Path(e.ref).is_file():

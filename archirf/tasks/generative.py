@@ -41,18 +41,18 @@ class GenerativeTask:
                        sigma_rel=cfg.ema.sigma_rel, start_images=cfg.ema.start_images)
         self.posthoc = PostHocEMA(self.model, cfg.ema.posthoc_sigma_rels) if cfg.ema.posthoc_sigma_rels else None
         self.evaluation = None
-        if cfg.eval.every:  # FID while training: loads the feature networks now, so a missing one fails first
-            from ..eval.training import TrainingEval
-
-            self.evaluation = TrainingEval(cfg, env, run_dir, self.objective, dtype=dtype, compile=compile,
-                                           eval_model=self.eval_model)
         from ..decoding import LatentDecoder, latent_record
 
         record = latent_record(cfg)     # what decoding its samples needs (archirf/decoding.py): saved with checkpoints
         self.latents = json.dumps(record) if record is not None else None
-        self.decoder = None
-        if cfg.model.autoencoder and env.is_main:      # a latent model's grids and GIF show decoded images
+        self.decoder = None             # a latent model's grids and GIF (rank 0) and FID (every rank) decode
+        if cfg.model.autoencoder and (env.is_main or cfg.eval.every):
             self.decoder = LatentDecoder(cfg, device, dtype, compile=compile, record=record)
+        if cfg.eval.every:  # FID while training: loads the feature networks now, so a missing one fails first
+            from ..eval.training import TrainingEval
+
+            self.evaluation = TrainingEval(cfg, env, run_dir, self.objective, dtype=dtype, compile=compile,
+                                           eval_model=self.eval_model, decoder=self.decoder)
         self.labels = sample_classes(cfg, cfg.sample.classes, cfg.sample.per_class)
         # A model that weights its loss per time (EDM2's uncertainty / EDM preconditioning) also returns logvar.
         logvar = {"return_logvar": True} if getattr(self.model, "loss_logvar", False) else {}
