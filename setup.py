@@ -28,5 +28,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],
+        # GPU image decoding (data.loader=dali); CUDA 13 drivers. For CUDA 12: pip install nvidia-dali-cuda120
+        "dali": ["nvidia-dali-cuda130==2.4.0"],
     },
 )

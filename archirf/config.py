@@ -139,22 +139,29 @@ def fill_model_config(m: ModelConfig) -> None:
         setattr(m, key, None if key in off else list(value) if isinstance(value, list) else value)
 
 
+IMAGE_SOURCES = ("digits", "folder", "shards", "array")   # the sources that hold images (not latents)
+ENCODED_SOURCES = ("folder", "shards")                   # the sources whose images are encoded files
+
+
 @dataclass
 class DataConfig:
-    source: Literal["digits", "folder", "latents", "synthetic"] = "digits"
-    root: Optional[str] = None                   # folder: ImageFolder root (class per sub-folder); latents: the file
+    source: Literal["digits", "folder", "shards", "array", "latents", "synthetic"] = "digits"
+    root: Optional[str] = None                   # folder: ImageFolder root (class per sub-folder); shards: the folder
+    #                                              of .tar shards; array, latents: the .safetensors file
+    loader: Literal["auto", "torch", "dali"] = "auto"  # folder, shards: decode with PIL in DataLoader workers
+    #                                              (torch) or NVIDIA DALI (dali); auto: DALI on a GPU when installed
     resolution: int = 16                         # images are resized/cropped to this square size (latents: their side)
     channels: int = 1                            # 1 (grey) or 3 (RGB); digits are grey; latents: their channels
     num_classes: int = 10                        # classes of the dataset (0 = unconditional)
     random_flip: bool = False                    # horizontal flips (off for digits: a flipped 3 is no 3)
-    num_workers: int = 2                         # folder: DataLoader worker processes
+    num_workers: int = 2                         # folder, shards: DataLoader worker processes (dali: its CPU threads)
     synthetic_size: int = 4096                   # synthetic: number of distinct random samples
     latent_scale: Any = 1.0                      # latents: x = (latents - latent_shift) * latent_scale; a float
     latent_shift: Any = 0.0                      # or one per channel; shift subtracted first (SD3's VAE: 0.0609);
     #                                              auto: the file's channel_mean and 1 / channel_std (archirf.encode)
     latent_posterior: Optional[Literal["sample", "mode"]] = None  # latents with a KL posterior's std: draw a
     #                                              sample each time (null: so) or take the mean
-    latent_storage: Literal["auto", "device", "host"] = "auto"  # latents: where the set lives (auto: see Data)
+    storage: Literal["auto", "device", "host"] = "auto"  # array, latents: where the set lives (auto: see Data)
 
 
 @dataclass
@@ -300,9 +307,14 @@ def _section_class(path: list[str]):
     return cls
 
 
+_RENAMED = {"data.latent_storage": "data.storage"}     # old key -> new key
+
+
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None) or "?"
     msg = str(err).splitlines()[0]
+    if isinstance(err, ConfigKeyError) and key in _RENAMED:
+        return ConfigError(f"config key '{key}' (from {source}) is now '{_RENAMED[key]}'; rename it")
     if isinstance(err, ConfigKeyError):
         parent = key.split(".")[:-1]
         cls = _section_class(parent)
@@ -442,7 +454,16 @@ def validate(cfg: Config) -> None:
     need(d.channels >= 1, "data.channels must be >= 1")
     need(d.num_classes >= 0, "data.num_classes must be >= 0 (0 = unconditional)")
     need(d.source != "folder" or d.root, "data.source=folder needs data.root=/path/to/images")
+    need(d.source != "shards" or d.root, "data.source=shards needs data.root=/path/to/folder/of/tar/shards")
+    need(d.source != "array" or d.root, "data.source=array needs data.root=/path/to/images.safetensors (written by "
+                                        "python -m archirf.prepare array)")
     need(d.source != "latents" or d.root, "data.source=latents needs data.root=/path/to/latents.safetensors")
+    need(d.loader == "auto" or d.source in ENCODED_SOURCES,
+         f"data.loader={d.loader}: decodes image files (data.source=folder or shards); data.source={d.source} "
+         f"has none to decode; remove it")
+    need(d.storage == "auto" or d.source in ("array", "latents"),
+         f"data.storage={d.storage}: where an array or latents set lives; data.source={d.source} has no such set; "
+         f"remove it")
     for key in ("latent_scale", "latent_shift"):
         if getattr(d, key) == "auto":
             need(d.source == "latents", f"data.{key}=auto reads the latents file's channel statistics; "
@@ -485,7 +506,7 @@ def validate(cfg: Config) -> None:
     need(e.cfg_scale is None or d.num_classes > 0, f"eval.cfg_scale={e.cfg_scale}: guidance needs a class-conditional "
                                                    f"model, and data.num_classes=0; set eval.cfg_scale=null")
     if e.every > 0 and not cfg.model.autoencoder:   # (a latent model's decoded samples: checked when it loads)
-        need(d.source in ("digits", "folder"), f"eval.every={e.every}: FID measures images, and data.source="
+        need(d.source in IMAGE_SOURCES, f"eval.every={e.every}: FID measures images, and data.source="
                                                f"{d.source} holds {'latents' if d.source == 'latents' else 'random tensors'}; "
                                                f"set model.autoencoder (their decoder) or eval.every=0")
         need(d.channels in (1, 3), f"eval.every={e.every}: the feature networks read grey or RGB images, "
@@ -597,8 +618,8 @@ def _refuse_unread_autoencoder(cfg: Config, need) -> None:
          f"loss.lpips={loss.lpips} needs larger images than {cfg.data.resolution} px "
          f"({'VGG pools 4 times: 16 px' if loss.lpips == 'vgg' else 'AlexNet: 32 px'} at least); use vgg, or "
          f"loss.perceptual_weight=0")
-    need(cfg.data.source in ("digits", "folder"), f"model.name=autoencoder trains on images; data.source="
-                                                  f"{cfg.data.source} holds none (use digits or folder)")
+    need(cfg.data.source in IMAGE_SOURCES, f"model.name=autoencoder trains on images; data.source="
+                                           f"{cfg.data.source} holds none (use digits, folder, shards or array)")
     need(loss.disc_layers >= 1 and loss.disc_channels >= 1, "loss.disc_layers and loss.disc_channels must be >= 1")
     need(loss.disc_norm == "batch" or loss.disc_channels % 32 == 0,
          f"loss.disc_channels={loss.disc_channels}: GroupNorm(32) needs a multiple of 32")

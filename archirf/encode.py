@@ -92,14 +92,20 @@ class _Images:
 
             images, labels = digits_tensors(d.resolution, d.channels)
             self.images, self.labels, self.folder = to_uint8(images), labels, None
-        elif d.source == "folder":
-            from .data.folder import FolderDataset, find_images
+        elif d.source == "array":
+            from .data.array import read_array
 
-            samples, _ = find_images(d.root)
+            self.images, labels, _ = read_array(d.root)
+            self.labels, self.folder = labels if labels is not None else torch.zeros(len(self.images)), None
+        elif d.source in ("folder", "shards"):
+            from .data.folder import FolderDataset, encoded_samples
+
+            samples, _ = encoded_samples(cfg)
             self.folder = FolderDataset(samples, d.resolution, d.channels)
             self.labels = torch.tensor([label for _, label in samples])
         else:
-            raise EncodeError(f"data.source={d.source} holds no images to encode; use digits or folder (data.root=)")
+            raise EncodeError(f"data.source={d.source} holds no images to encode; use digits, folder, shards or array "
+                              f"(data.root=)")
         self.workers = d.num_workers
         self.conditional = d.num_classes > 0
 
@@ -120,7 +126,7 @@ class _Images:
         for items in loader:                    # a worker reports an unreadable file; it is raised here, in one line
             bad = next(((i, message) for i, _, message in items if message is not None), None)
             if bad is not None:                 # message: "path (error)"
-                path = self.folder.samples[bad[0]][0]
+                path = str(self.folder.samples[bad[0]][0])
                 raise EncodeError(f"{path} cannot be read {bad[1][len(path):].strip()}; remove or replace it: every "
                                   f"image of the set is encoded")
             yield torch.stack([image for _, image, _ in items])

@@ -183,8 +183,8 @@ def test_missing_root_and_bad_scale_are_refused(tmp_path):
         load_config(None, ["data.source=latents"])
     with pytest.raises(ConfigError, match="data.latent_scale"):
         load_config(None, ["data.latent_scale=0"])
-    with pytest.raises(ConfigError, match="data.latent_storage"):
-        load_config(None, ["data.latent_storage=disk"])
+    with pytest.raises(ConfigError, match="data.storage"):
+        load_config(None, ["data.storage=disk"])
 
 
 def test_per_channel_scale_and_shift(tmp_path):
@@ -239,7 +239,7 @@ def test_a_tiny_model_trains_on_latents_through_the_entry_point(tmp_path):
 def test_device_and_host_storage_give_the_same_batches_on_a_gpu(tmp_path):
     write_latents(tmp_path / "l.safetensors", dtype=torch.bfloat16)
     cuda = torch.device("cuda")
-    loaders = {s: build_loader(latent_cfg(tmp_path / "l.safetensors", latent_storage=s, random_flip=True,
+    loaders = {s: build_loader(latent_cfg(tmp_path / "l.safetensors", storage=s, random_flip=True,
                                           latent_scale=0.5), 5, cuda) for s in ("device", "host", "auto")}
     assert loaders["host"].images.device == CPU and loaders["device"].images.is_cuda
     assert loaders["auto"].images.is_cuda                          # a tiny set fits the GPU

@@ -5,12 +5,13 @@
     state = loader.state_dict()    # {"epoch": int, "index": int}: global, the same on every rank and any W
     loader.load_state_dict(state)  # continues with exactly the batches (and flips) that would follow
 
-Every loader also has `num_samples` (dataset size), `num_classes` and `batch_size`; the folder
-loader adds `classes`, `num_skipped`, `skipped_files` and `close()`. The order is a function of
+Every loader also has `num_samples` (dataset size), `num_classes` and `batch_size`; the folder and shards
+loaders add `classes`, `num_skipped`, `skipped_files` and `close()`. The order is a function of
 (cfg.seed, epoch) only; see order.py for how epochs, ranks and epoch ends work.
 
 Sources (cfg.data.source): digits (scikit-learn's bundled 8x8 digits, kept on the device),
-folder (ImageFolder tree decoded by PIL in DataLoader workers), latents (precomputed latents from a
+folder (ImageFolder tree) and shards (WebDataset-style tar files, shards.py), decoded by PIL in DataLoader
+workers or by NVIDIA DALI (data.loader, dali.py), array (a packed uint8 array prepared once, array.py), latents (precomputed latents from a
 safetensors file; x = (latents - data.latent_shift) * data.latent_scale, unbounded, not [-1, 1]),
 synthetic (random, benchmarks).
 """
@@ -32,14 +33,17 @@ def build_loader(cfg, batch_size: int, device: torch.device, rank: int = 0, worl
     source = cfg.data.source
     if source == "digits":
         from archirf.data.digits import build_digits_loader as build
-    elif source == "folder":
+    elif source in ("folder", "shards"):
         from archirf.data.folder import build_folder_loader as build
+    elif source == "array":
+        from archirf.data.array import build_array_loader as build
     elif source == "latents":
         from archirf.data.latents import build_latent_loader as build
     elif source == "synthetic":
         from archirf.data.synthetic import build_synthetic_loader as build
     else:
-        raise DataError(f"unknown data.source={source}; choose one of digits, folder, latents, synthetic")
+        raise DataError(f"unknown data.source={source}; choose one of digits, folder, shards, array, latents, "
+                        f"synthetic")
     return build(cfg, batch_size, torch.device(device), rank, world_size)
 
 

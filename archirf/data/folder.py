@@ -14,6 +14,7 @@ in `loader.num_skipped`.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -77,6 +78,23 @@ def to_chw(arr: np.ndarray) -> torch.Tensor:
     return (image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)).contiguous()
 
 
+def image_source(ref):
+    """What PIL opens for a sample reference: a file path as it is, a tar member (shards.py) as its bytes."""
+    from archirf.data.shards import Member, read_member
+
+    return io.BytesIO(read_member(ref)) if isinstance(ref, Member) else ref
+
+
+def read_bytes(ref) -> bytes:
+    """The encoded bytes of a sample reference (a file path or a tar member)."""
+    from archirf.data.shards import Member, read_member
+
+    if isinstance(ref, Member):
+        return read_member(ref)
+    with open(ref, "rb") as f:
+        return f.read()
+
+
 def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
     """ADM's resize (guided-diffusion image_datasets.py): box-halve while the short side is >= 2x size
     (cheap anti-aliasing), bicubic to short side = size, then center crop. (H, W[, C]) uint8."""
@@ -90,7 +108,9 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
 
 
 class FolderDataset(torch.utils.data.Dataset):
-    """Item (sample index, flip) -> (image (C, R, R) uint8, label, [(unreadable path, reason)])."""
+    """Item (sample index, flip) -> (image (C, R, R) uint8, label, [(unreadable file, reason)]).
+
+    A sample is (file path or tar member, label): the folder and shards sources share it."""
 
     def __init__(self, samples: list[tuple[str, int]], resolution: int, channels: int):
         self.samples, self.resolution, self.mode = samples, resolution, _PIL_MODES[channels]
@@ -100,7 +120,7 @@ class FolderDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def _decode(self, index: int) -> np.ndarray:
-        with Image.open(self.samples[index][0]) as image:
+        with Image.open(image_source(self.samples[index][0])) as image:
             return center_crop_arr(image.convert(self.mode), self.resolution)
 
     def __getitem__(self, item: tuple[int, bool]) -> tuple[torch.Tensor, int, list[tuple[str, str]]]:
@@ -110,13 +130,13 @@ class FolderDataset(torch.utils.data.Dataset):
             # The replacement is the next readable file in dataset order, whichever worker looks.
             candidate = (index + offset) % len(self.samples)
             if candidate in self._unreadable:
-                unreadable.append((self.samples[candidate][0], self._unreadable[candidate]))
+                unreadable.append((str(self.samples[candidate][0]), self._unreadable[candidate]))
                 continue
             try:
                 arr = self._decode(candidate)
             except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, ... on bad files
                 self._unreadable[candidate] = f"{type(err).__name__}: {err}"
-                unreadable.append((self.samples[candidate][0], self._unreadable[candidate]))
+                unreadable.append((str(self.samples[candidate][0]), self._unreadable[candidate]))
                 continue
             if flip:
                 arr = arr[:, ::-1]
@@ -227,23 +247,59 @@ class FolderLoader:
         self._batches = None
 
 
-def build_folder_loader(cfg: Config, batch_size: int, device: torch.device, rank: int = 0,
-                        world_size: int = 1) -> FolderLoader:
+def encoded_samples(cfg: Config, root: str | None = None) -> tuple[list[tuple], list[str]]:
+    """([(file path or tar member, label)], class names) of a folder or shards source (root: instead of
+    data.root), labels checked against data.num_classes (all 0 when it is 0)."""
+    d = cfg.data
+    root = root or d.root
+    if d.source == "shards" and root == d.root:
+        from archirf.data.shards import check_labels, find_shard_samples
+
+        samples, names, labelled = find_shard_samples(root)
+        check_labels(samples, names, labelled, root, d.num_classes)
+        classes = names or [str(k) for k in range(max(label for _, label in samples) + 1)]
+    else:
+        samples, classes = find_images(root)
+        if d.num_classes and d.num_classes != len(classes):
+            shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+            raise DataError(f"data.root={root} has {len(classes)} classes ({shown}) but data.num_classes="
+                            f"{d.num_classes}; set data.num_classes={len(classes)} (or 0 to train unconditionally), "
+                            f"or fix the folder layout (one sub-folder per class; empty sub-folders are not classes)")
+    if d.num_classes == 0:
+        samples = [(ref, 0) for ref, _ in samples]  # unconditional: every label is the null class 0
+    return samples, classes
+
+
+def check_image_settings(cfg: Config) -> None:
     d = cfg.data
     if d.channels not in _PIL_MODES:
-        raise DataError(f"data.source=folder decodes to 1 (grey) or 3 (RGB) channels; got data.channels={d.channels}")
+        raise DataError(f"data.source={d.source} decodes to 1 (grey) or 3 (RGB) channels; got data.channels={d.channels}")
     if d.resolution < 1:
         raise DataError(f"data.resolution must be >= 1 (got {d.resolution})")
     if d.num_workers < 0:
         raise DataError(f"data.num_workers must be >= 0 (got {d.num_workers}; 0 decodes in the main process)")
-    samples, classes = find_images(d.root)
-    if d.num_classes == 0:
-        samples = [(path, 0) for path, _ in samples]  # unconditional: every label is the null class 0
-    elif d.num_classes != len(classes):
-        shown = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
-        raise DataError(f"data.root={d.root} has {len(classes)} classes ({shown}) but data.num_classes="
-                        f"{d.num_classes}; set data.num_classes={len(classes)} (or 0 to train unconditionally), "
-                        f"or fix the folder layout (one sub-folder per class; empty sub-folders are not classes)")
-    return FolderLoader(samples, classes, d.num_classes, batch_size, device, root=d.root, resolution=d.resolution,
-                        channels=d.channels, seed=cfg.seed, rank=rank, world_size=world_size,
-                        random_flip=d.random_flip, num_workers=d.num_workers)
+
+
+def use_dali(cfg: Config, device: torch.device) -> bool:
+    """data.loader=dali, or auto on a CUDA device with DALI installed."""
+    if cfg.data.loader == "dali":
+        return True
+    if cfg.data.loader == "auto" and torch.device(device).type == "cuda":
+        from archirf.data.dali import dali_available
+
+        return dali_available()
+    return False
+
+
+def build_folder_loader(cfg: Config, batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1):
+    """The loader of a folder or shards source: PIL in DataLoader workers, or DALI (data.loader)."""
+    d = cfg.data
+    check_image_settings(cfg)
+    samples, classes = encoded_samples(cfg)
+    kwargs = dict(root=d.root, resolution=d.resolution, channels=d.channels, seed=cfg.seed, rank=rank,
+                  world_size=world_size, random_flip=d.random_flip, num_workers=d.num_workers)
+    if use_dali(cfg, device):
+        from archirf.data.dali import DaliLoader
+
+        return DaliLoader(samples, classes, d.num_classes, batch_size, device, **kwargs)
+    return FolderLoader(samples, classes, d.num_classes, batch_size, device, **kwargs)

@@ -20,7 +20,7 @@ posterior's standard deviation: then each served latent is a fresh draw mean + s
 micro batch's seeded generator, so it follows the data as the training noise does), as EDM2 trains on sampled
 latents; data.latent_posterior=mode serves the mean instead.
 
-Where the set lives (data.latent_storage): safetensors maps the file into memory and hands out
+Where the set lives (data.storage): safetensors maps the file into memory and hands out
 tensors backed by the mapping (no copy; checked with safetensors 0.8), so reading it costs no
 process memory of its own and the ranks of a node share one copy in the page cache.
 `device` copies it once to the training device in its stored dtype (a step is then two
@@ -125,7 +125,7 @@ def _nonfinite_samples(latents: torch.Tensor, device: torch.device) -> torch.Ten
 
 
 def storage_device(setting: str, latents: torch.Tensor, device: torch.device, extra_bytes: int = 0) -> torch.device:
-    """Where the set lives: `device`, or the host (cpu) for data.latent_storage=host or a large set under auto."""
+    """Where the set lives: `device`, or the host (cpu) for data.storage=host or a large set under auto."""
     if setting == "host":
         return torch.device("cpu")
     if setting == "device" or device.type != "cuda":
@@ -153,18 +153,25 @@ class LatentLoader(DeviceTensorLoader):
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         index, flip = self._take()                    # the same samples and flips for the latents and their std
-        parts = [self._gather(t, index, flip) for t in (self.images, self.std) if t is not None]
+        parts = [t.index_select(0, index) for t in (self.images, self.std) if t is not None]
         y = self.labels.index_select(0, index)        # (B, C, R, R) stored dtype, (B,): where the set lives
         if y.is_cpu and self.device.type != "cpu":    # host storage: one asynchronous copy from pinned memory
             if self.device.type == "cuda":          # (compare types: cuda and cuda:0 are the same device)
                 parts, y = [t.pin_memory() for t in parts], y.pin_memory()
             parts, y = [t.to(self.device, non_blocking=True) for t in parts], y.to(self.device, non_blocking=True)
+            flip = flip.to(self.device, non_blocking=True) if flip is not None else None
+        if flip is not None:                          # on the training device, after the copy
+            parts = [torch.where(flip[:, None, None, None], t.flip(-1), t) for t in parts]
+        return self._values(parts), y
+
+    def _values(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The float32 batch of the gathered (latents[, posterior std]) in their stored dtype."""
         x = parts[0].float()
         if self.std is not None:                      # a fresh draw from each sample's posterior
             x = x + parts[1].float() * torch.randn(x.shape, device=x.device)
         if not self.identity:
             x = (x - self.shift) * self.scale         # a fresh tensor: never writes into the stored set
-        return x, y
+        return x
 
 
 def latent_statistics(cfg: Config) -> tuple[float | list[float], float | list[float], Optional[torch.Tensor]]:
@@ -197,7 +204,7 @@ def build_latent_loader(cfg: Config, batch_size: int, device: torch.device, rank
                         f"{tuple(latents.shape)}; re-encode the set")
     if d.num_classes == 0 or labels is None:
         labels = torch.zeros(len(latents), dtype=torch.long)   # unconditional: every label is the null class 0
-    storage = storage_device(d.latent_storage, latents, torch.device(device),
+    storage = storage_device(d.storage, latents, torch.device(device),
                              extra_bytes=std.nbytes if std is not None else 0)
     dtype = latents.dtype if latents.dtype in _KEPT_DTYPES else torch.float32
     latents = latents.to(storage, dtype)   # device: the one copy this rank keeps; host: the mapped file itself

@@ -25,6 +25,8 @@ _PREPROCESSING = {
     "digits": "scikit-learn digits (8x8, 0..16) scaled to [-1, 1], bilinear (antialiased) to data.resolution, "
               "rounded to uint8",
     "folder": "ADM's center_crop_arr: box-halving, bicubic to the short side, center crop to data.resolution; uint8",
+    "shards": "ADM's center_crop_arr: box-halving, bicubic to the short side, center crop to data.resolution; uint8",
+    "array": "as prepared (archirf.prepare array: ADM's center_crop_arr); uint8",
 }
 
 
@@ -34,7 +36,7 @@ def check_images(cfg, what: str) -> None:
         why = ("it holds latents, and FID measures images; the latents' autoencoder decodes them"
                if cfg.data.source == "latents" else "it holds random tensors, not images")
         raise EvalError(f"{what}: data.source={cfg.data.source} cannot be measured ({why}); evaluate a model "
-                        f"trained on data.source=digits or folder")
+                        f"trained on data.source=digits, folder, shards or array")
     if cfg.data.channels not in (1, 3):
         raise EvalError(f"{what}: data.channels={cfg.data.channels}; the feature networks read grey (1) or RGB (3)")
 
@@ -65,9 +67,16 @@ def dataset_images(cfg, batch: int, rank: int, world_size: int, *, limit: Option
         n = min(len(images), limit or len(images))
         chunks = batches_of_rank(n, batch, rank, world_size)
         return n, ((idx, images[idx[0]:idx[-1] + 1]) for idx in chunks)
-    from ..data.folder import FolderDataset, find_images
+    if d.source == "array" and root is None:
+        from ..data.array import read_array
 
-    samples, _ = find_images(root or d.root)
+        images = read_array(d.root)[0]
+        n = min(len(images), limit or len(images))
+        chunks = batches_of_rank(n, batch, rank, world_size)
+        return n, ((idx, images[idx[0]:idx[-1] + 1].clone()) for idx in chunks)
+    from ..data.folder import FolderDataset, encoded_samples, find_images
+
+    samples = find_images(root)[0] if root is not None else encoded_samples(cfg)[0]
     n = min(len(samples), limit or len(samples))
     dataset = _Decoded(FolderDataset(samples, d.resolution, d.channels))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches_of_rank(n, batch, rank, world_size),

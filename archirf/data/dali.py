@@ -1,0 +1,241 @@
+"""NVIDIA DALI decoding for the folder and shards sources (data.loader=dali; auto on a GPU when installed).
+
+The order, flips, rank shards and resume are the project's own (order.py), exactly as the PIL loader's:
+DALI's readers are not used. An external source, called once per batch in order, reads the batch's encoded
+files (or tar members) on the host and hands DALI the bytes, the flips and the labels; DALI decodes (nvJPEG
+and the hardware JPEG decoder on a GPU: the `mixed` decoder; its CPU decoder on a CPU), resizes the short
+side to data.resolution (antialiased bicubic), center-crops, mirrors and lays the image out as (C, R, R)
+uint8 on the training device; the loader turns it into [-1, 1] floats as the PIL loader does. A checkpoint
+holds the same small global position as every loader; a resume rebuilds the pipeline at that position, so it
+works across world sizes.
+
+Preprocessing differs from the PIL path in one way: ADM's center_crop_arr halves the image with a box filter
+while its short side is at least twice the target and then resizes bicubically, where DALI resizes once with
+an antialiased bicubic filter. When no halving happens the two agree to rounding (mean |difference| below 0.3
+of 255); with halving they differ by a few levels on average (docs/data.md has the measured tolerance).
+
+Unreadable files are skipped and replaced by the next readable file in dataset order, counted and warned about
+once, as the PIL loader does. A file whose bytes are empty, not an image format DALI and PIL share, or a JPEG
+without its end marker (a truncated download) is judged before DALI sees it; a file that passes that check but
+still fails to decode makes the pipeline raise, and then the batches in flight are checked file by file with
+PIL and the failing files marked, and the pipeline is rebuilt at the same position.
+"""
+
+from __future__ import annotations
+
+import collections
+import warnings
+
+import numpy as np
+import torch
+
+from archirf.data import DataError
+from archirf.data.folder import FolderDataset, read_bytes
+from archirf.data.order import ResumableOrder
+
+INSTALL_HINT = ("pip install 'archirf[dali]' (NVIDIA DALI for CUDA 13 drivers; for CUDA 12 drivers install "
+                "nvidia-dali-cuda120 instead), or set data.loader=torch")
+_PREFETCH = 2                      # batches DALI decodes ahead
+_MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"BM", "bmp"))
+_JPEG_END = b"\xff\xd9"
+_JPEG_TAIL = 1 << 16               # the end marker is looked for in the last 64 KiB (a few tools pad after it)
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401  (only whether it imports)
+    except ImportError:
+        return False
+    return True
+
+
+def require_dali():
+    try:
+        import nvidia.dali
+    except ImportError:
+        raise DataError(f"data.loader=dali needs NVIDIA DALI, which is not installed: {INSTALL_HINT}") from None
+    return nvidia.dali
+
+
+def check_encoded(data: bytes) -> str | None:
+    """Why these bytes are no image DALI can decode (None: they look like one). Cheap: no decoding."""
+    if not data:
+        return "empty file"
+    kind = next((kind for magic, kind in _MAGIC if data.startswith(magic)), None)
+    if kind is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        kind = "webp"
+    if kind is None:
+        return "not a JPEG, PNG, WebP or BMP file"
+    if kind == "jpeg" and _JPEG_END not in data[-_JPEG_TAIL:]:
+        return "truncated JPEG (no end-of-image marker)"
+    return None
+
+
+class DaliLoader:
+    """Yields (x (B, C, R, R) float32 in [-1, 1], y (B,) long) on `device` forever; resumable (FolderLoader's
+    interface: num_samples, classes, skipped_files, state_dict, close)."""
+
+    def __init__(self, samples: list[tuple], classes: list[str], num_classes: int, batch_size: int,
+                 device: torch.device, *, root: str, resolution: int, channels: int, seed: int, rank: int = 0,
+                 world_size: int = 1, random_flip: bool = False, num_workers: int = 2):
+        require_dali()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        self.samples, self.classes, self.num_classes, self.batch_size = samples, classes, num_classes, batch_size
+        self.num_samples = len(samples)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.resolution, self.channels, self.random_flip = resolution, channels, random_flip
+        self.num_threads = max(1, num_workers)
+        self.skipped_files: dict[str, str] = {}   # unreadable file -> reason (reported)
+        self._unreadable: dict[int, str] = {}     # sample index -> reason (known, maybe not yet reported)
+        self._order = ResumableOrder(self.num_samples, seed, rank, world_size)
+        # PIL judges the files the cheap check lets through but DALI cannot decode; and, as the PIL loader does,
+        # a set with no readable file at all fails here, before training.
+        self._pil = FolderDataset(samples, resolution, channels)
+        self._pil.first_readable(root)
+        self._pipe = None
+        self._feed_order: ResumableOrder | None = None
+        self._in_flight: collections.deque = collections.deque()   # per fed batch: ([sample index], [(file, why)])
+        self._feed_error: BaseException | None = None
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped_files)
+
+    # -- the external source: the next batch of the project's order, as encoded bytes --------------------------
+
+    def _readable(self, index: int, unreadable: list) -> tuple[int, bytes]:
+        """(index, bytes) of the first file from `index` on in dataset order that passes the cheap check."""
+        for offset in range(self.num_samples):
+            candidate = (index + offset) % self.num_samples
+            ref = self.samples[candidate][0]
+            if candidate not in self._unreadable:
+                try:
+                    data = read_bytes(ref)
+                    why = check_encoded(data)
+                except OSError as err:
+                    why = f"{type(err).__name__}: {err}"
+                if why is not None and why != "truncated JPEG (no end-of-image marker)":
+                    self._unreadable[candidate] = why
+                elif why is not None:     # rare: PIL has the last word on a JPEG that may only be padded
+                    try:
+                        self._pil._decode(candidate)
+                        why = None
+                    except Exception as err:
+                        self._unreadable[candidate] = f"{why}; {type(err).__name__}: {err}"
+                if why is None:
+                    return candidate, data
+            unreadable.append((str(ref), self._unreadable[candidate]))
+        raise DataError(f"none of the {self.num_samples} images could be decoded; check the files under data.root")
+
+    def _feed(self, info):
+        try:
+            indices, data, unreadable = [], [], []
+            items = self._feed_order.take_items(self.batch_size)
+            for index, _ in items:
+                index, blob = self._readable(index, unreadable)
+                indices.append(index)
+                data.append(np.frombuffer(blob, dtype=np.uint8))
+            flips = [np.array(self.random_flip and flip, dtype=np.int32) for _, flip in items]
+            labels = [np.array(self.samples[i][1], dtype=np.int64) for i in indices]
+            self._in_flight.append((indices, unreadable))
+            return data, flips, labels
+        except BaseException as err:   # DALI would wrap it: kept, and raised as it is by __next__
+            self._feed_error = err
+            raise
+
+    def _build(self):
+        from nvidia.dali import fn, pipeline_def, types
+
+        gpu = self.device.type == "cuda"
+        size = self.resolution
+        colour = types.RGB if self.channels == 3 else types.GRAY
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_threads,
+                      device_id=self.device.index if gpu else None, prefetch_queue_depth=_PREFETCH, seed=0)
+        def pipeline():
+            encoded, flip, label = fn.external_source(source=self._feed, batch=True, batch_info=True, num_outputs=3,
+                                                      dtype=[types.UINT8, types.INT32, types.INT64])
+            decoder = dict(device="mixed", hw_decoder_load=0.65, device_memory_padding=211025920,
+                           host_memory_padding=140544512) if gpu else dict(device="cpu")
+            image = fn.decoders.image(encoded, output_type=colour, **decoder)
+            # ADM's rounding: the short side becomes `size`, the long one round(long * size / short) (no
+            # sub-pixel scale), and the crop starts at floor((long - size) / 2) (DALI rounds half up: 0.5 - 1e-5)
+            image = fn.resize(image, resize_shorter=size, interp_type=types.INTERP_CUBIC, antialias=True,
+                              subpixel_scale=False)
+            image = fn.crop_mirror_normalize(image, crop=(size, size), crop_pos_x=0.5 - 1e-5, crop_pos_y=0.5 - 1e-5,
+                                             mirror=flip, dtype=types.UINT8, output_layout="CHW")
+            return image, label
+
+        self._feed_order = self._order.copy()
+        self._in_flight.clear()
+        self._feed_error = None
+        if gpu:
+            torch.cuda.set_device(self.device)    # else DALI makes a context on GPU 0 in every process
+        pipe = pipeline()
+        pipe.build()
+        self._pipe = pipe
+
+    # -- recovery: a file the cheap check let through made DALI fail -------------------------------------------
+
+    def _recover(self, err: BaseException) -> None:
+        """Marks the files of the in-flight batches PIL cannot decode; re-raises `err` if there are none."""
+        found = 0
+        for indices, _ in self._in_flight:
+            for index in indices:
+                if index in self._unreadable:
+                    continue
+                try:
+                    self._pil._decode(index)
+                except Exception as bad:
+                    self._unreadable[index] = f"DALI and PIL cannot decode it ({type(bad).__name__}: {bad})"
+                    found += 1
+        self.close()
+        if not found:
+            raise err
+
+    def __iter__(self) -> "DaliLoader":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:
+            if self._pipe is None:
+                self._build()
+            try:
+                images, labels = self._pipe.run()
+                break
+            except Exception as err:
+                if self._feed_error is not None:
+                    raise self._feed_error from None
+                self._recover(err)        # the pipeline is rebuilt at the same position on the next pass
+        indices, unreadable = self._in_flight.popleft()
+        self._order.take(self.batch_size)
+        for path, reason in unreadable:
+            if path not in self.skipped_files:
+                self.skipped_files[path] = reason
+                warnings.warn(f"skipping unreadable image {path} ({reason}); it is replaced by the next readable "
+                              f"file ({self.num_skipped} skipped so far)", stacklevel=2)
+        y = torch.from_numpy(np.asarray(labels.as_tensor()).reshape(-1).copy()).to(self.device, non_blocking=True)
+        images = images.as_tensor()
+        if self.device.type == "cuda":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            u8 = torch.empty(images.shape(), dtype=torch.uint8, device=self.device)
+            feed_ndarray(images, u8, cuda_stream=torch.cuda.current_stream(self.device))   # DALI's buffer is reused
+        else:
+            u8 = torch.from_numpy(np.array(images))       # a copy: DALI owns its buffer until the next run
+        return u8.float().div_(127.5).sub_(1), y          # (B, C, R, R) in [-1, 1], as the PIL loader computes
+
+    def state_dict(self) -> dict:
+        return self._order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._order.load_state_dict(state)
+        self.close()
+
+    def close(self) -> None:
+        """Drops the pipeline (and its decoder's memory); the next batch builds a new one at the position."""
+        self._pipe = None
+        self._in_flight.clear()
