@@ -307,7 +307,8 @@ def _section_class(path: list[str]):
     return cls
 
 
-_RENAMED = {"data.latent_storage": "data.storage"}     # old key -> new key
+_RENAMED = {"data.latent_storage": "data.storage"}     # old key -> new key (same section); an override of the
+#                                                        old name is refused, a recipe's or saved config's moved
 
 
 def _explain(err: OmegaConfBaseException, source: str) -> ConfigError:
@@ -382,7 +383,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     """Schema defaults <- YAML recipe <- `key.sub=value` overrides, validated; returns a Config."""
     cfg = OmegaConf.structured(Config)
     if path is not None:
-        cfg = _merge(cfg, _load_recipe(path), path)
+        recipe = _load_recipe(path)
+        _migrate(recipe)               # also a snapshot's config written to a file (archirf.encode)
+        cfg = _merge(cfg, recipe, path)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. optim.lr=3e-4)")
@@ -704,9 +707,23 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+def _migrate(mapping) -> None:
+    """Keys renamed since a config was written, moved to their new name in place (a run dir's config.yaml, a
+    snapshot's config and a recipe all keep working; the value is kept, never dropped)."""
+    for old, new in _RENAMED.items():
+        section, _, key = old.rpartition(".")
+        node = OmegaConf.select(mapping, section) if section else mapping
+        if isinstance(node, DictConfig) and key in node:
+            value = node.pop(key)
+            if new.rpartition(".")[2] not in node:
+                node[new.rpartition(".")[2]] = value
+
+
 def from_yaml_text(text: str) -> Config:
     """Parses a saved resolved config (run dir / snapshot) back into a validated Config."""
-    cfg = _merge(OmegaConf.structured(Config), OmegaConf.create(text), "saved config")
+    saved = OmegaConf.create(text)
+    _migrate(saved)
+    cfg = _merge(OmegaConf.structured(Config), saved, "saved config")
     obj: Config = OmegaConf.to_object(cfg)
     _drop_unread_defaults(obj.model)
     validate(obj)

@@ -93,10 +93,12 @@ class _Images:
             images, labels = digits_tensors(d.resolution, d.channels)
             self.images, self.labels, self.folder = to_uint8(images), labels, None
         elif d.source == "array":
-            from .data.array import read_array
+            from .data.array import check_array, read_array
 
-            self.images, labels, _ = read_array(d.root)
-            self.labels, self.folder = labels if labels is not None else torch.zeros(len(self.images)), None
+            self.images, labels, meta = read_array(d.root)
+            check_array(cfg, self.images, labels, meta)
+            self.folder = None
+            self.labels = labels.long() if labels is not None else torch.zeros(len(self.images), dtype=torch.long)
         elif d.source in ("folder", "shards"):
             from .data.folder import FolderDataset, encoded_samples
 

@@ -62,6 +62,8 @@ def write_safetensors_streaming(path: Path, shapes: dict[str, tuple[torch.dtype,
             data = piece.contiguous().view(torch.uint8).reshape(-1).numpy()
             f.write(data)
             written += data.nbytes
+        f.flush()
+        os.fsync(f.fileno())                             # the rename below must not outrun the data
     if written != offset:
         os.unlink(tmp)
         raise PrepareError(f"{path}: {written} bytes of tensors written, {offset} expected; run the command again")
@@ -98,6 +100,8 @@ def prepare_array(cfg: Config, out: str | Path, *, chunk: int = 8192, batch: int
     out = Path(out)
     if not out.resolve().parent.is_dir():
         raise PrepareError(f"--out {out}: the folder {out.resolve().parent} does not exist; create it or write elsewhere")
+    if out.is_dir():
+        raise PrepareError(f"--out {out} is a folder; name the array file to write (e.g. {out}/images.safetensors)")
     d = cfg.data
     try:
         check_image_settings(cfg)
@@ -109,7 +113,10 @@ def prepare_array(cfg: Config, out: str | Path, *, chunk: int = 8192, batch: int
     parts = out.with_name(out.name + ".parts")
     env_cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, hsdp_replicate=1))
     with parallel.distributed(env_cfg) as env:
-        plan = {"images": n, "chunk": chunk, "source": d.source, "root": os.path.abspath(d.root),
+        import hashlib
+
+        names = hashlib.sha256("\n".join(f"{ref}\t{label}" for ref, label in samples).encode()).hexdigest()
+        plan = {"images": n, "files_sha256": names, "chunk": chunk, "source": d.source, "root": os.path.abspath(d.root),
                 "resolution": d.resolution, "channels": d.channels, "num_classes": d.num_classes}
         if env.is_main:
             parts.mkdir(exist_ok=True)
@@ -146,6 +153,8 @@ def prepare_array(cfg: Config, out: str | Path, *, chunk: int = 8192, batch: int
                        "labels": torch.tensor(labels, dtype=torch.int64)}
             tmp = _chunk_file(parts, k).with_suffix(".tmp")
             save_file(tensors, str(tmp), metadata={"skipped": json.dumps(bad)})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())                     # a chunk that exists is complete, also after a crash
             os.replace(tmp, _chunk_file(parts, k))
         bar.close()
         seconds = time.perf_counter() - start_time
@@ -224,6 +233,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="shards: seed of the order the images are written in")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (data.root=FOLDER, ...)")
     args = p.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    given = {a for a in (sys.argv[1:] if argv is None else argv) if a.startswith("--")}
+    other = {"array": ("--per-shard", "--seed"), "shards": ("--chunk", "--batch", "--keep-parts")}[args.what]
+    wrong = [o for o in other if any(g == o or g.startswith(o + "=") for g in given)]
+    if wrong:
+        print(f"archirf.prepare: error: {', '.join(wrong)} applies to the other command, not to "
+              f"'{args.what}'; remove it", file=sys.stderr)
+        return 2
     try:
         cfg = _config(args)
         if args.what == "array":

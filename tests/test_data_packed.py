@@ -170,10 +170,63 @@ def test_dali_skips_and_counts_bad_files_as_the_torch_path_does(tmp_path):
 
 
 def test_missing_dali_names_the_extra_to_install(photos, monkeypatch):
+    from archirf.data.folder import use_dali
+
+    assert use_dali(cfg_of(photos, loader="auto"), torch.device("cuda"))              # installed: auto takes it
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)              # import fails as if not installed
     with pytest.raises(DataError, match=r"pip install 'archirf\[dali\]'.*data.loader=torch"):
         build_loader(cfg_of(photos, loader="dali"), 4, CPU)
+    assert not use_dali(cfg_of(photos, loader="auto"), torch.device("cuda"))          # not installed: PIL
     assert type(build_loader(cfg_of(photos, loader="auto"), 4, CPU)).__name__ == "FolderLoader"
+
+
+def test_dali_reads_files_as_pil_does_exif_rotations_and_other_formats(tmp_path):
+    """EXIF orientation is not applied (ADM's preprocessing does not); a file with an image format DALI does not
+    take (a TIFF named .jpg) is read through PIL, not skipped; a file DALI alone fails on is fed PIL's decoding."""
+    write_photos(tmp_path, {"a": 3, "b": 3})
+    rng = np.random.default_rng(5)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                  # "rotate 90 CW to display"
+    Image.fromarray(photo(rng, 20, 44)).save(tmp_path / "a" / "img50.jpg", quality=95, exif=exif)
+    Image.fromarray(photo(rng, 30, 30)).save(tmp_path / "b" / "img51.jpg", format="TIFF")
+    c = dict(num_classes=2, random_flip=False)
+    pil = take(build_loader(cfg_of(tmp_path, loader="torch", **c), 4, CPU), 4)
+    loader = build_loader(cfg_of(tmp_path, loader="dali", **c), 4, CPU)
+    for (xt, yt), (xd, yd) in zip(pil, take(loader, 4)):
+        assert torch.equal(yt, yd) and levels(xt, xd) < 8
+    assert loader.num_skipped == 0
+    # DALI failing on a batch whose files PIL reads: the culprit is found and fed as PIL's decoding
+    from archirf.data import dali as dali_module
+
+    real = dali_module._dali_cpu_decodes
+    loader = build_loader(cfg_of(tmp_path, loader="dali", **c), 4, CPU)
+
+    def failing():                                   # DALI took a batch from the feed, then failed on it
+        loader._feed(None)
+        raise RuntimeError("Critical error in pipeline:\nsimulated")
+
+    loader._pipe.run = failing
+    calls = []
+    dali_module._dali_cpu_decodes = lambda data, channels: calls.append(1) or len(calls) != 2
+    try:
+        got = take(loader, 4)
+    finally:
+        dali_module._dali_cpu_decodes = real
+    assert len(loader._via_pil) == 1 and loader.num_skipped == 0
+    for (xt, yt), (xd, yd) in zip(pil, got):
+        assert torch.equal(yt, yd) and levels(xt, xd) < 8
+
+
+def test_configs_saved_before_data_storage_still_load(tmp_path):
+    from omegaconf import OmegaConf
+
+    from archirf.config import from_yaml_text
+
+    text = OmegaConf.to_yaml(OmegaConf.structured(Config())).replace("  storage: auto", "  latent_storage: auto")
+    assert "latent_storage: auto" in text and from_yaml_text(text).data.storage == "auto"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  source: latents\n  root: x.safetensors\n  latent_storage: host\n")
+    assert load_config(str(recipe)).data.storage == "host"
 
 
 def test_loader_and_storage_settings_are_refused_where_unread():
@@ -236,6 +289,17 @@ def test_shard_index_is_cached_rebuilt_on_change_and_foreign_shards_read(tmp_pat
         build_loader(cfg_of(root, source="shards"), 2, CPU)
     x, y = next(build_loader(cfg_of(root, source="shards", num_classes=0), 3, CPU))
     assert x.shape == (3, 3, 16, 16) and (y == 0).all()
+    # The cached index is used while the shards are unchanged; a truncated one is rebuilt.
+    import archirf.data.shards as shards_module
+
+    real = shards_module.build_index
+    shards_module.build_index = lambda *a, **k: pytest.fail("the cached index was not used")
+    try:
+        assert len(find_shard_samples(str(root))[0]) == 3
+    finally:
+        shards_module.build_index = real
+    (root / INDEX_NAME).write_bytes((root / INDEX_NAME).read_bytes()[:100])
+    assert len(find_shard_samples(str(root))[0]) == 3
     # A changed shard rebuilds the index.
     with tarfile.open(root / "a.tar", "a") as tar:
         tar.add(tmp_path / "0.png", arcname="part/x3.png")
@@ -276,8 +340,11 @@ def test_array_round_trip_equals_the_folder_loader_and_continues_an_interrupted_
     # An interrupted run (a chunk missing) continues from its parts and writes the same file.
     first = out.read_bytes()
     os.unlink(out)
-    os.unlink(tmp_path / "images.safetensors.parts" / "chunk-000002.safetensors")
+    parts = tmp_path / "images.safetensors.parts"
+    os.unlink(parts / "chunk-000002.safetensors")
+    kept = {p.name: p.stat().st_mtime_ns for p in parts.glob("chunk-*")}
     assert prepare_main(args) == 0 and out.read_bytes() == first
+    assert {p.name: p.stat().st_mtime_ns for p in parts.glob("chunk-*") if p.name in kept} == kept  # not redone
     # ...but not with other settings.
     os.unlink(out)
     assert prepare_main(args[:-1] + ["data.channels=1"]) == 2
@@ -306,7 +373,7 @@ def test_array_settings_are_checked(photos, tmp_path):
                          "data.num_classes=3", "data.resolution=16", "data.channels=3"]) == 0
     with pytest.raises(DataError, match="are 3x16x16 .* set data.channels=3 data.resolution=16"):
         build_loader(cfg_of(out, source="array", resolution=32), 4, CPU)
-    with pytest.raises(DataError, match="labels' in .* go up to 2 but data.num_classes=2; set data.num_classes=3"):
+    with pytest.raises(DataError, match="holds 3 classes but data.num_classes=2; set data.num_classes=3"):
         build_loader(cfg_of(out, source="array", num_classes=2), 4, CPU)
     with pytest.raises(DataError, match="is a folder; data.source=array reads one .safetensors file"):
         build_loader(cfg_of(photos, source="array"), 4, CPU)
@@ -314,6 +381,15 @@ def test_array_settings_are_checked(photos, tmp_path):
     assert (y == 0).all()
     assert prepare_main(["array", "--out", str(tmp_path / "d.safetensors"), "data.source=digits"]) == 2
     assert prepare_main(["shards", "--out", str(photos), "data.source=folder", f"data.root={photos}"]) == 2
+    assert prepare_main(["shards", "--out", str(tmp_path / "s"), "--chunk", "3", "data.source=folder",
+                         f"data.root={photos}"]) == 2                      # an option of the other command
+    assert prepare_main(["array", "--out", str(tmp_path), "data.source=folder", f"data.root={photos}"]) == 2
+    with pytest.raises(DataError, match="holds 3 classes but data.num_classes=4; set data.num_classes=3"):
+        build_loader(cfg_of(out, source="array", num_classes=4), 4, CPU)
+    from archirf.encode import _Images
+
+    with pytest.raises(DataError, match="are 3x16x16 .* set data.channels=3 data.resolution=16"):
+        _Images(cfg_of(out, source="array", resolution=32))                  # encode checks the array too
 
 
 def test_encode_and_reference_read_arrays_and_shards_as_the_folder(photos, tmp_path):

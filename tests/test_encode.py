@@ -241,6 +241,11 @@ def test_a_latent_model_decodes_its_samples_by_its_record(ae_run, latents_file, 
     proc = run_cmd(snapshot, "--out", tmp_path / "t.png", "--autoencoder", other)
     assert proc.returncode == 2 and "is not the autoencoder that encoded this model's latents" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    # archirf.eval fid takes --autoencoder too, and refuses another one before any sampling or reference
+    proc = subprocess.run([sys.executable, "-m", "archirf.eval", "fid", str(run), "--samples", "10",
+                           "--autoencoder", str(other)], capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert proc.returncode == 2 and "is not the autoencoder that encoded this model's latents" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_the_decoder_inverts_the_loaders_shift_and_scale(ae_run, latents_file, tmp_path):
@@ -316,3 +321,28 @@ def test_the_readmes_latent_pipeline_runs_end_to_end(tmp_path, tiny_net):
     rows = [json.loads(line) for line in (runs / "latent_digits" / "eval.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["images_seen"] == 64 and all(r["fid"] > 0 for r in rows)
     assert [p.name.startswith("ref-digits-16px-") for p in (runs / "latent_digits" / "eval").glob("*.npz")] == [True]
+
+
+def test_a_bf16_recipe_encodes_in_fp32_on_a_cpu_unless_told(tmp_path):
+    """On a CPU the encoder runs in fp32 whatever the autoencoder trained in (bf16 autocast on a CPU is slow and
+    loses precision for nothing); precision=bf16 among the overrides asks for bf16 and gets it."""
+    from archirf.config import load_config
+    from archirf.data.digits import digits_tensors
+    from archirf.encode import encode, load_autoencoder
+    from archirf.trainer import train
+
+    run = tmp_path / "bf16"
+    train(load_config(None, AE + [f"run_dir={run}", "precision=bf16", "total_images=16"]))
+    model, cfg, _, _ = load_autoencoder(run, [])
+    assert cfg.precision == "bf16"
+    x = digits_tensors(16, 1)[0][:64]
+    x = (((x + 1) * 127.5).round().clamp(0, 255)) / 127.5 - 1
+    with torch.no_grad():
+        want = model.encode(x)[0]
+    got = {}
+    for name, extra in (("default", []), ("bf16", ["precision=bf16"])):
+        encode(run, tmp_path / f"{name}.safetensors", extra, batch=64, chunk=64, progress=False)
+        got[name] = load_file(str(tmp_path / f"{name}.safetensors"))["latents"][:64]
+    torch.testing.assert_close(got["default"], want, rtol=1e-5, atol=1e-6)
+    assert (got["bf16"] - want).abs().max() > 1e-3            # bf16 autocast, as asked
+    torch.testing.assert_close(got["bf16"], want, rtol=0.05, atol=0.05)

@@ -51,7 +51,7 @@ def read_array(path: str) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
     return images, labels, meta
 
 
-def check_array(cfg: Config, images: torch.Tensor, labels: torch.Tensor | None) -> None:
+def check_array(cfg: Config, images: torch.Tensor, labels: torch.Tensor | None, meta: dict | None = None) -> None:
     d, path = cfg.data, cfg.data.root
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] == 0:
         raise DataError(f"'images' in {path} is {images.dtype} {tuple(images.shape)}; a packed array is (N, C, R, R) "
@@ -68,8 +68,14 @@ def check_array(cfg: Config, images: torch.Tensor, labels: torch.Tensor | None) 
                         f"train unconditionally, or prepare it from a class-conditional set")
     if labels.shape != (n,) or labels.dtype.is_floating_point:
         raise DataError(f"'labels' in {path} are {labels.dtype} {tuple(labels.shape)}; they must be ({n},) integers")
-    high = int(labels.max())
-    if int(labels.min()) < 0 or high >= d.num_classes:
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0:
+        raise DataError(f"'labels' in {path} hold {low}; class ids are >= 0: prepare the array again")
+    classes = array_classes(meta or {})
+    if classes is not None and len(classes) != d.num_classes:
+        raise DataError(f"{path} holds {len(classes)} classes but data.num_classes={d.num_classes}; set "
+                        f"data.num_classes={len(classes)} (or 0 to train unconditionally)")
+    if high >= d.num_classes:
         raise DataError(f"'labels' in {path} go up to {high} but data.num_classes={d.num_classes}; set "
                         f"data.num_classes={high + 1}")
 
@@ -82,14 +88,14 @@ class ArrayLoader(LatentLoader):
 
 
 def array_classes(meta: dict) -> list[str] | None:
-    return json.loads(meta["classes"]) if "classes" in meta else None
+    return json.loads(meta["classes"]) if meta.get("classes") else None
 
 
 def build_array_loader(cfg: Config, batch_size: int, device: torch.device, rank: int = 0,
                        world_size: int = 1) -> ArrayLoader:
     d = cfg.data
     images, labels, meta = read_array(d.root)
-    check_array(cfg, images, labels)
+    check_array(cfg, images, labels, meta)
     if d.num_classes == 0 or labels is None:
         labels = torch.zeros(len(images), dtype=torch.long)
     storage = storage_device(d.storage, images, torch.device(device))

@@ -15,15 +15,17 @@ an antialiased bicubic filter. When no halving happens the two agree to rounding
 of 255); with halving they differ by a few levels on average (docs/data.md has the measured tolerance).
 
 Unreadable files are skipped and replaced by the next readable file in dataset order, counted and warned about
-once, as the PIL loader does. A file whose bytes are empty, not an image format DALI and PIL share, or a JPEG
-without its end marker (a truncated download) is judged before DALI sees it; a file that passes that check but
-still fails to decode makes the pipeline raise, and then the batches in flight are checked file by file with
-PIL and the failing files marked, and the pipeline is rebuilt at the same position.
+once, as the PIL loader does, with PIL as the judge: bytes DALI should decode (a JPEG with its end marker, PNG,
+WebP, BMP) go to DALI as they are; anything else is decoded by PIL and handed over as a lossless PNG, or skipped
+when PIL cannot read it. If DALI still fails on a batch, the batches in flight are checked file by file (PIL,
+then DALI's CPU decoder alone), the culprits skipped or fed through PIL, and the pipeline rebuilt at the same
+position. EXIF orientation is not applied (PIL's path does not apply it either).
 """
 
 from __future__ import annotations
 
 import collections
+import io
 import warnings
 
 import numpy as np
@@ -71,6 +73,26 @@ def check_encoded(data: bytes) -> str | None:
     return None
 
 
+def _dali_cpu_decodes(data: bytes, channels: int) -> bool:
+    """Whether DALI's CPU decoder decodes these bytes (a one-sample pipeline; only after a failure)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def one():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB if channels == 3 else types.GRAY,
+                                 adjust_orientation=False)
+
+    try:
+        pipe = one()
+        pipe.build()
+        pipe.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8)])
+        pipe.run()
+        return True
+    except Exception:  # DALI raises RuntimeError with its own multi-line report
+        return False
+
+
 class DaliLoader:
     """Yields (x (B, C, R, R) float32 in [-1, 1], y (B,) long) on `device` forever; resumable (FolderLoader's
     interface: num_samples, classes, skipped_files, state_dict, close)."""
@@ -90,6 +112,7 @@ class DaliLoader:
         self.num_threads = max(1, num_workers)
         self.skipped_files: dict[str, str] = {}   # unreadable file -> reason (reported)
         self._unreadable: dict[int, str] = {}     # sample index -> reason (known, maybe not yet reported)
+        self._via_pil: set[int] = set()           # readable by PIL, not by DALI: fed as PNGs of PIL's decoding
         self._order = ResumableOrder(self.num_samples, seed, rank, world_size)
         # PIL judges the files the cheap check lets through but DALI cannot decode; and, as the PIL loader does,
         # a set with no readable file at all fails here, before training.
@@ -99,6 +122,7 @@ class DaliLoader:
         self._feed_order: ResumableOrder | None = None
         self._in_flight: collections.deque = collections.deque()   # per fed batch: ([sample index], [(file, why)])
         self._feed_error: BaseException | None = None
+        self._build()             # now: a DALI that cannot run on this machine fails before training
 
     @property
     def num_skipped(self) -> int:
@@ -107,7 +131,9 @@ class DaliLoader:
     # -- the external source: the next batch of the project's order, as encoded bytes --------------------------
 
     def _readable(self, index: int, unreadable: list) -> tuple[int, bytes]:
-        """(index, bytes) of the first file from `index` on in dataset order that passes the cheap check."""
+        """(index, bytes for DALI) of the first readable file from `index` on in dataset order. PIL has the last
+        word, as on the PIL path: a file the cheap check rejects, or one DALI failed on, is fed as a lossless PNG
+        of PIL's decoding when PIL reads it, and skipped when it does not."""
         for offset in range(self.num_samples):
             candidate = (index + offset) % self.num_samples
             ref = self.samples[candidate][0]
@@ -116,19 +142,26 @@ class DaliLoader:
                     data = read_bytes(ref)
                     why = check_encoded(data)
                 except OSError as err:
-                    why = f"{type(err).__name__}: {err}"
-                if why is not None and why != "truncated JPEG (no end-of-image marker)":
-                    self._unreadable[candidate] = why
-                elif why is not None:     # rare: PIL has the last word on a JPEG that may only be padded
-                    try:
-                        self._pil._decode(candidate)
-                        why = None
-                    except Exception as err:
-                        self._unreadable[candidate] = f"{why}; {type(err).__name__}: {err}"
-                if why is None:
+                    data, why = None, f"{type(err).__name__}: {err}"
+                if why is None and candidate not in self._via_pil:
                     return candidate, data
+                try:
+                    return candidate, self._pil_png(candidate)
+                except Exception as err:  # PIL raises many types on bad files
+                    self._unreadable[candidate] = f"{why + '; ' if why else ''}{type(err).__name__}: {err}"
             unreadable.append((str(ref), self._unreadable[candidate]))
         raise DataError(f"none of the {self.num_samples} images could be decoded; check the files under data.root")
+
+    def _pil_png(self, index: int) -> bytes:
+        """The file decoded by PIL (no resizing, no EXIF rotation: as the PIL path reads it), as PNG bytes."""
+        from PIL import Image
+
+        from archirf.data.folder import image_source
+
+        with Image.open(image_source(self.samples[index][0])) as image:
+            out = io.BytesIO()
+            image.convert(self._pil.mode).save(out, format="PNG", compress_level=1)
+        return out.getvalue()
 
     def _feed(self, info):
         try:
@@ -160,7 +193,8 @@ class DaliLoader:
                                                       dtype=[types.UINT8, types.INT32, types.INT64])
             decoder = dict(device="mixed", hw_decoder_load=0.65, device_memory_padding=211025920,
                            host_memory_padding=140544512) if gpu else dict(device="cpu")
-            image = fn.decoders.image(encoded, output_type=colour, **decoder)
+            # adjust_orientation=False: PIL's path (ADM's center_crop_arr) does not apply EXIF rotations either
+            image = fn.decoders.image(encoded, output_type=colour, adjust_orientation=False, **decoder)
             # ADM's rounding: the short side becomes `size`, the long one round(long * size / short) (no
             # sub-pixel scale), and the crop starts at floor((long - size) / 2) (DALI rounds half up: 0.5 - 1e-5)
             image = fn.resize(image, resize_shorter=size, interp_type=types.INTERP_CUBIC, antialias=True,
@@ -181,20 +215,30 @@ class DaliLoader:
     # -- recovery: a file the cheap check let through made DALI fail -------------------------------------------
 
     def _recover(self, err: BaseException) -> None:
-        """Marks the files of the in-flight batches PIL cannot decode; re-raises `err` if there are none."""
+        """After DALI failed on a batch in flight: the files PIL cannot decode are marked unreadable; if there
+        are none, the files DALI's CPU decoder cannot decode alone are fed as PNGs of PIL's decoding; if there
+        are none either, the first batch in flight is fed that way (once: failing again raises)."""
+        batches = [indices for indices, _ in self._in_flight]
         found = 0
-        for indices, _ in self._in_flight:
-            for index in indices:
-                if index in self._unreadable:
-                    continue
-                try:
-                    self._pil._decode(index)
-                except Exception as bad:
-                    self._unreadable[index] = f"DALI and PIL cannot decode it ({type(bad).__name__}: {bad})"
+        for index in {i for indices in batches for i in indices} - set(self._unreadable) - self._via_pil:
+            try:
+                self._pil._decode(index)
+            except Exception as bad:  # PIL raises many types on bad files
+                self._unreadable[index] = f"DALI and PIL cannot decode it ({type(bad).__name__}: {bad})"
+                found += 1
+        if not found:
+            for index in {i for indices in batches for i in indices} - set(self._unreadable) - self._via_pil:
+                if not _dali_cpu_decodes(read_bytes(self.samples[index][0]), self.channels):
+                    self._via_pil.add(index)
                     found += 1
+        if not found and batches and not set(batches[0]) <= self._via_pil:
+            self._via_pil.update(batches[0])
+            found = len(batches[0])
         self.close()
         if not found:
-            raise err
+            summary = " ".join(str(err).split())[:300]
+            raise DataError(f"DALI fails on a batch whose files PIL reads, even fed as PNGs ({summary}); train with "
+                            f"data.loader=torch") from None
 
     def __iter__(self) -> "DaliLoader":
         return self

@@ -298,8 +298,22 @@ def build_folder_loader(cfg: Config, batch_size: int, device: torch.device, rank
     samples, classes = encoded_samples(cfg)
     kwargs = dict(root=d.root, resolution=d.resolution, channels=d.channels, seed=cfg.seed, rank=rank,
                   world_size=world_size, random_flip=d.random_flip, num_workers=d.num_workers)
+    loader = None
     if use_dali(cfg, device):
-        from archirf.data.dali import DaliLoader
+        from archirf.data.dali import INSTALL_HINT, DaliLoader
 
-        return DaliLoader(samples, classes, d.num_classes, batch_size, device, **kwargs)
-    return FolderLoader(samples, classes, d.num_classes, batch_size, device, **kwargs)
+        try:
+            loader = DaliLoader(samples, classes, d.num_classes, batch_size, device, **kwargs)  # builds its pipeline
+        except DataError:
+            raise
+        except Exception as err:  # DALI reports a driver or library problem as RuntimeError, over many lines
+            why = " ".join(str(err).split())[:200]
+            if d.loader == "dali":
+                raise DataError(f"data.loader=dali: DALI cannot run here ({why}); {INSTALL_HINT}") from None
+            warnings.warn(f"data.loader=auto: DALI cannot run here ({why}); decoding with PIL instead", stacklevel=2)
+    if loader is None:
+        loader = FolderLoader(samples, classes, d.num_classes, batch_size, device, **kwargs)
+    if rank == 0:   # which preprocessing a run gets (docs/data.md): said once, at the start
+        how = "NVIDIA DALI" if type(loader).__name__ == "DaliLoader" else f"PIL in {d.num_workers} worker(s)"
+        print(f"archirf: data.source={d.source}: {len(samples):,} images decoded by {how}", flush=True)
+    return loader

@@ -146,8 +146,8 @@ def load_index(root: str) -> dict:
             classes = meta.get("classes")
             if meta.get("version") == _INDEX_VERSION and meta.get("shards") == _fingerprint(paths):
                 return index
-        except (OSError, ValueError, KeyError):
-            pass                                  # unreadable or foreign: rebuilt below
+        except Exception:  # noqa: BLE001  truncated (BadZipFile, EOFError), unreadable or foreign: rebuilt below
+            pass
     index = build_index(root, classes)
     if os.access(root, os.W_OK):
         try:
@@ -186,37 +186,59 @@ def check_labels(samples: list, classes: list[str] | None, labelled: bool, root:
                         f"{num_classes}; set data.num_classes={high + 1} (or 0 to train unconditionally)")
 
 
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_shards(samples: list[tuple[str, int]], classes: list[str], out: str, *, per_shard: int,
                  seed: int = 0, progress: bool = True) -> int:
     """Writes `samples` (path, label) as shards of `per_shard` images in a seeded random order, with
-    <key>.<suffix> = the file's bytes as they are and <key>.cls = the label; then the index. Returns the count."""
+    <key>.<suffix> = the file's bytes as they are and <key>.cls = the label; then the index. Returns the count.
+    Everything is written into OUT.partial/ and synced, and that folder becomes OUT last: a crash never leaves
+    a shard folder that looks complete."""
     import io
+    import shutil
 
     import torch
     from tqdm import tqdm
 
+    out = os.path.normpath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise DataError(f"--out {out} exists and is not an empty folder; choose a new folder (nothing is overwritten)")
-    os.makedirs(out, exist_ok=True)
+    partial = out + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)           # an earlier interrupted run's: never trained on
+    os.makedirs(partial)
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
     count = -(-len(samples) // per_shard)
     bar = tqdm(total=len(samples), desc="shards", unit="img", disable=not progress, dynamic_ncols=True)
     for k in range(count):
-        final = os.path.join(out, f"shard-{k:06d}.tar")
-        tmp = final + ".tmp"
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        path_k = os.path.join(partial, f"shard-{k:06d}.tar")
+        with tarfile.open(path_k, "w", format=tarfile.USTAR_FORMAT) as tar:
             for position in order[k * per_shard:(k + 1) * per_shard]:
                 path, label = samples[position]
                 suffix = os.path.splitext(path)[1].lower().lstrip(".")
                 key = f"{position:09d}"
-                with open(path, "rb") as f:
-                    data = f.read()
+                try:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                except OSError as err:
+                    raise DataError(f"cannot read {path} ({err.strerror or err}); fix its permissions or remove it, "
+                                    f"then run the command again") from None
                 for name, payload in ((f"{key}.{suffix}", data), (f"{key}.cls", str(label).encode())):
                     info = tarfile.TarInfo(name)
                     info.size, info.mode, info.mtime = len(payload), 0o644, 0
                     tar.addfile(info, io.BytesIO(payload))
                 bar.update(1)
-        os.replace(tmp, final)
+        _fsync(path_k)
     bar.close()
-    write_index(out, build_index(out, classes))
+    write_index(partial, build_index(partial, classes))
+    _fsync(os.path.join(partial, INDEX_NAME))
+    if os.path.isdir(out):
+        os.rmdir(out)                                   # empty (checked above)
+    os.replace(partial, out)
+    _fsync(os.path.dirname(os.path.abspath(out)))
     return len(samples)

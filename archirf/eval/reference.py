@@ -68,9 +68,10 @@ def dataset_images(cfg, batch: int, rank: int, world_size: int, *, limit: Option
         chunks = batches_of_rank(n, batch, rank, world_size)
         return n, ((idx, images[idx[0]:idx[-1] + 1]) for idx in chunks)
     if d.source == "array" and root is None:
-        from ..data.array import read_array
+        from ..data.array import check_array, read_array
 
-        images = read_array(d.root)[0]
+        images, labels, meta = read_array(d.root)
+        check_array(cfg, images, labels, meta)
         n = min(len(images), limit or len(images))
         chunks = batches_of_rank(n, batch, rank, world_size)
         return n, ((idx, images[idx[0]:idx[-1] + 1].clone()) for idx in chunks)
