@@ -199,7 +199,8 @@ def test_a_latent_model_decodes_its_samples_by_its_record(ae_run, latents_file, 
     data = tmp_path / "latents.safetensors"
     shutil.copy(latents_file, data)
     run = tmp_path / "latent"
-    train(load_config(None, LATENT_DIT + [f"run_dir={run}", f"data.root={data}", f"model.autoencoder={ae_run}"]))
+    train(load_config(None, LATENT_DIT + [f"run_dir={run}", f"data.root={data}", f"model.autoencoder={ae_run}",
+                                          "ema.posthoc_sigma_rels=[0.05,0.1]", "ema.posthoc_every=32"]))
     side = lambda png: Image.open(png).size  # noqa: E731
     # 3 x 2 tiles of 16 px images upscaled 4x (a latent preview would be 8 px upscaled 8x: also 64, so count
     # colours: decoded digits are grey, a preview of 4 channels is coloured)
@@ -241,6 +242,13 @@ def test_a_latent_model_decodes_its_samples_by_its_record(ae_run, latents_file, 
     proc = run_cmd(snapshot, "--out", tmp_path / "t.png", "--autoencoder", other)
     assert proc.returncode == 2 and "is not the autoencoder that encoded this model's latents" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    # a post-hoc EMA snapshot keeps the record
+    from archirf.posthoc_ema import main as posthoc
+
+    assert posthoc([str(run), "--sigma-rel", "0.07"]) == 0
+    reconstructed = [p for p in (run / "snapshots").glob("*.safetensors") if "sigma" in p.name]
+    with safe_open(str(reconstructed[0]), "pt") as f:
+        assert len(reconstructed) == 1 and json.loads(f.metadata()["latents"]) == record
     # archirf.eval fid takes --autoencoder too, and refuses another one before any sampling or reference
     proc = subprocess.run([sys.executable, "-m", "archirf.eval", "fid", str(run), "--samples", "10",
                            "--autoencoder", str(other)], capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
