@@ -707,22 +707,29 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def _migrate(mapping) -> None:
-    """Keys renamed since a config was written, moved to their new name in place (a run dir's config.yaml, a
-    snapshot's config and a recipe all keep working; the value is kept, never dropped)."""
+def _migrate(mapping, saved: bool = False) -> None:
+    """Keys renamed since a config was written, moved to their new name in place, so a run dir's config.yaml, a
+    snapshot's config and a recipe keep working. Both names with different values: ConfigError. A saved
+    config's data.latent_storage is dropped where its source never read it (it was a dump of every key)."""
     for old, new in _RENAMED.items():
         section, _, key = old.rpartition(".")
+        new_key = new.rpartition(".")[2]
         node = OmegaConf.select(mapping, section) if section else mapping
-        if isinstance(node, DictConfig) and key in node:
-            value = node.pop(key)
-            if new.rpartition(".")[2] not in node:
-                node[new.rpartition(".")[2]] = value
+        if not isinstance(node, DictConfig) or key not in node:
+            continue
+        value = node.pop(key)
+        if new_key in node and node[new_key] != value:
+            raise ConfigError(f"{old}={value} and {new}={node[new_key]} are both set; {old} is the old name of "
+                              f"{new}: keep {new} only")
+        if saved and old == "data.latent_storage" and node.get("source") not in ("latents", "array"):
+            continue
+        node[new_key] = value
 
 
 def from_yaml_text(text: str) -> Config:
     """Parses a saved resolved config (run dir / snapshot) back into a validated Config."""
     saved = OmegaConf.create(text)
-    _migrate(saved)
+    _migrate(saved, saved=True)
     cfg = _merge(OmegaConf.structured(Config), saved, "saved config")
     obj: Config = OmegaConf.to_object(cfg)
     _drop_unread_defaults(obj.model)

@@ -68,6 +68,11 @@ def write_safetensors_streaming(path: Path, shapes: dict[str, tuple[torch.dtype,
         os.unlink(tmp)
         raise PrepareError(f"{path}: {written} bytes of tensors written, {offset} expected; run the command again")
     os.replace(tmp, path)
+    fd = os.open(path.resolve().parent, os.O_RDONLY)     # the rename itself, before the parts are removed
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _config(args) -> Config:
@@ -115,7 +120,10 @@ def prepare_array(cfg: Config, out: str | Path, *, chunk: int = 8192, batch: int
     with parallel.distributed(env_cfg) as env:
         import hashlib
 
-        names = hashlib.sha256("\n".join(f"{ref}\t{label}" for ref, label in samples).encode()).hexdigest()
+        def name(ref) -> str:       # independent of how data.root is spelled
+            return os.path.relpath(ref, d.root) if isinstance(ref, str) else f"{os.path.basename(ref.tar)}:{ref.name}"
+
+        names = hashlib.sha256("\n".join(f"{name(ref)}\t{label}" for ref, label in samples).encode()).hexdigest()
         plan = {"images": n, "files_sha256": names, "chunk": chunk, "source": d.source, "root": os.path.abspath(d.root),
                 "resolution": d.resolution, "channels": d.channels, "num_classes": d.num_classes}
         if env.is_main:
@@ -218,7 +226,8 @@ def prepare_shards(cfg: Config, out: str | Path, *, per_shard: int = 10_000, see
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m archirf.prepare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m archirf.prepare", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)    # --per would pass the other-command check below
     p.add_argument("what", choices=("array", "shards"), help="array: decode, resize and crop once into a packed "
                                                             "uint8 array (.safetensors); shards: pack an image "
                                                             "folder's files into tar shards")

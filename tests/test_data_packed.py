@@ -198,7 +198,7 @@ def test_dali_reads_files_as_pil_does_exif_rotations_and_other_formats(tmp_path)
     # DALI failing on a batch whose files PIL reads: the culprit is found and fed as PIL's decoding
     from archirf.data import dali as dali_module
 
-    real = dali_module._dali_cpu_decodes
+    real = dali_module._dali_decodes
     loader = build_loader(cfg_of(tmp_path, loader="dali", **c), 4, CPU)
 
     def failing():                                   # DALI took a batch from the feed, then failed on it
@@ -207,12 +207,15 @@ def test_dali_reads_files_as_pil_does_exif_rotations_and_other_formats(tmp_path)
 
     loader._pipe.run = failing
     calls = []
-    dali_module._dali_cpu_decodes = lambda data, channels: calls.append(1) or len(calls) != 2
+    dali_module._dali_decodes = lambda data, channels, device: calls.append(1) or len(calls) != 2
     try:
-        got = take(loader, 4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = take(loader, 4)
     finally:
-        dali_module._dali_cpu_decodes = real
-    assert len(loader._via_pil) == 1 and loader.num_skipped == 0
+        dali_module._dali_decodes = real
+    rerouted = [w for w in caught if "DALI cannot decode" in str(w.message) and "PIL can" in str(w.message)]
+    assert len(rerouted) == 1 and loader.num_skipped == 0
     for (xt, yt), (xd, yd) in zip(pil, got):
         assert torch.equal(yt, yd) and levels(xt, xd) < 8
 
@@ -227,6 +230,11 @@ def test_configs_saved_before_data_storage_still_load(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("data:\n  source: latents\n  root: x.safetensors\n  latent_storage: host\n")
     assert load_config(str(recipe)).data.storage == "host"
+    # a digits run's dump held latent_storage: host, which that source never read: dropped, not refused
+    assert from_yaml_text(text.replace("latent_storage: auto", "latent_storage: host")).data.storage == "auto"
+    recipe.write_text("data:\n  source: latents\n  root: x.safetensors\n  latent_storage: host\n  storage: device\n")
+    with pytest.raises(ConfigError, match="data.latent_storage=host and data.storage=device are both set"):
+        load_config(str(recipe))
 
 
 def test_loader_and_storage_settings_are_refused_where_unread():
@@ -383,6 +391,9 @@ def test_array_settings_are_checked(photos, tmp_path):
     assert prepare_main(["shards", "--out", str(photos), "data.source=folder", f"data.root={photos}"]) == 2
     assert prepare_main(["shards", "--out", str(tmp_path / "s"), "--chunk", "3", "data.source=folder",
                          f"data.root={photos}"]) == 2                      # an option of the other command
+    with pytest.raises(SystemExit):                                        # not even abbreviated
+        prepare_main(["array", "--out", str(tmp_path / "b.safetensors"), "--per", "3", "data.source=folder",
+                      f"data.root={photos}"])
     assert prepare_main(["array", "--out", str(tmp_path), "data.source=folder", f"data.root={photos}"]) == 2
     with pytest.raises(DataError, match="holds 3 classes but data.num_classes=4; set data.num_classes=3"):
         build_loader(cfg_of(out, source="array", num_classes=4), 4, CPU)

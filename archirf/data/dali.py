@@ -38,6 +38,7 @@ from archirf.data.order import ResumableOrder
 INSTALL_HINT = ("pip install 'archirf[dali]' (NVIDIA DALI for CUDA 13 drivers; for CUDA 12 drivers install "
                 "nvidia-dali-cuda120 instead), or set data.loader=torch")
 _PREFETCH = 2                      # batches DALI decodes ahead
+_BLIND_REROUTES = 3                # DALI failures no single file explains that reroute a whole batch, at most
 _MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"BM", "bmp"))
 _JPEG_END = b"\xff\xd9"
 _JPEG_TAIL = 1 << 16               # the end marker is looked for in the last 64 KiB (a few tools pad after it)
@@ -73,15 +74,18 @@ def check_encoded(data: bytes) -> str | None:
     return None
 
 
-def _dali_cpu_decodes(data: bytes, channels: int) -> bool:
-    """Whether DALI's CPU decoder decodes these bytes (a one-sample pipeline; only after a failure)."""
+def _dali_decodes(data: bytes, channels: int, device: torch.device) -> bool:
+    """Whether DALI's decoder for `device` (mixed on a GPU, CPU otherwise) decodes these bytes alone: a one-sample
+    pipeline, built only after a failure."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    gpu = device.type == "cuda"
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=device.index if gpu else None, prefetch_queue_depth=1)
     def one():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8)
-        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB if channels == 3 else types.GRAY,
-                                 adjust_orientation=False)
+        return fn.decoders.image(encoded, device="mixed" if gpu else "cpu", adjust_orientation=False,
+                                 output_type=types.RGB if channels == 3 else types.GRAY)
 
     try:
         pipe = one()
@@ -113,6 +117,7 @@ class DaliLoader:
         self.skipped_files: dict[str, str] = {}   # unreadable file -> reason (reported)
         self._unreadable: dict[int, str] = {}     # sample index -> reason (known, maybe not yet reported)
         self._via_pil: set[int] = set()           # readable by PIL, not by DALI: fed as PNGs of PIL's decoding
+        self._blind_reroutes = 0                  # failures no single file explained (see _recover)
         self._order = ResumableOrder(self.num_samples, seed, rank, world_size)
         # PIL judges the files the cheap check lets through but DALI cannot decode; and, as the PIL loader does,
         # a set with no readable file at all fails here, before training.
@@ -146,7 +151,9 @@ class DaliLoader:
                 if why is None and candidate not in self._via_pil:
                     return candidate, data
                 try:
-                    return candidate, self._pil_png(candidate)
+                    png = self._pil_png(candidate)
+                    self._via_pil.add(candidate)          # from now on without reading the raw bytes first
+                    return candidate, png
                 except Exception as err:  # PIL raises many types on bad files
                     self._unreadable[candidate] = f"{why + '; ' if why else ''}{type(err).__name__}: {err}"
             unreadable.append((str(ref), self._unreadable[candidate]))
@@ -216,28 +223,34 @@ class DaliLoader:
 
     def _recover(self, err: BaseException) -> None:
         """After DALI failed on a batch in flight: the files PIL cannot decode are marked unreadable; if there
-        are none, the files DALI's CPU decoder cannot decode alone are fed as PNGs of PIL's decoding; if there
-        are none either, the first batch in flight is fed that way (once: failing again raises)."""
+        are none, the files DALI's own decoder cannot decode alone are fed as PNGs of PIL's decoding; if there are
+        none either, the oldest batch in flight not yet fed that way is (a few times at most: then it raises)."""
         batches = [indices for indices, _ in self._in_flight]
+        suspects = {i for indices in batches for i in indices} - set(self._unreadable) - self._via_pil
         found = 0
-        for index in {i for indices in batches for i in indices} - set(self._unreadable) - self._via_pil:
+        for index in suspects:
             try:
                 self._pil._decode(index)
             except Exception as bad:  # PIL raises many types on bad files
                 self._unreadable[index] = f"DALI and PIL cannot decode it ({type(bad).__name__}: {bad})"
                 found += 1
+        rerouted = []
         if not found:
-            for index in {i for indices in batches for i in indices} - set(self._unreadable) - self._via_pil:
-                if not _dali_cpu_decodes(read_bytes(self.samples[index][0]), self.channels):
-                    self._via_pil.add(index)
-                    found += 1
-        if not found and batches and not set(batches[0]) <= self._via_pil:
-            self._via_pil.update(batches[0])
-            found = len(batches[0])
+            rerouted = [i for i in suspects if not _dali_decodes(read_bytes(self.samples[i][0]), self.channels,
+                                                                 self.device)]
+        if not found and not rerouted:
+            pending = next((b for b in batches if not set(b) <= self._via_pil), None)
+            self._blind_reroutes += 1
+            if pending is not None and self._blind_reroutes <= _BLIND_REROUTES:
+                rerouted = [i for i in pending if i not in self._via_pil]
+        self._via_pil.update(rerouted)
+        for index in rerouted:
+            warnings.warn(f"DALI cannot decode {self.samples[index][0]}, PIL can: it is fed as PIL's decoding "
+                          f"({len(self._via_pil)} such files so far)", stacklevel=3)
         self.close()
-        if not found:
+        if not found and not rerouted:
             summary = " ".join(str(err).split())[:300]
-            raise DataError(f"DALI fails on a batch whose files PIL reads, even fed as PNGs ({summary}); train with "
+            raise DataError(f"DALI fails on batches whose files PIL reads, even fed as PNGs ({summary}); train with "
                             f"data.loader=torch") from None
 
     def __iter__(self) -> "DaliLoader":

@@ -247,8 +247,8 @@ class FolderLoader:
         self._batches = None
 
 
-def encoded_samples(cfg: Config, root: str | None = None) -> tuple[list[tuple], list[str]]:
-    """([(file path or tar member, label)], class names) of a folder or shards source (root: instead of
+def encoded_samples(cfg: Config, root: str | None = None) -> tuple[list[tuple], list[str] | None]:
+    """([(file path or tar member, label)], class names or None) of a folder or shards source (root: instead of
     data.root), labels checked against data.num_classes (all 0 when it is 0)."""
     d = cfg.data
     root = root or d.root
@@ -257,7 +257,7 @@ def encoded_samples(cfg: Config, root: str | None = None) -> tuple[list[tuple], 
 
         samples, names, labelled = find_shard_samples(root)
         check_labels(samples, names, labelled, root, d.num_classes)
-        classes = names or [str(k) for k in range(max(label for _, label in samples) + 1)]
+        classes = names            # None for shards written by other tools: they carry ids, not names
     else:
         samples, classes = find_images(root)
         if d.num_classes and d.num_classes != len(classes):

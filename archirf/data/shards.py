@@ -237,6 +237,7 @@ def write_shards(samples: list[tuple[str, int]], classes: list[str], out: str, *
     bar.close()
     write_index(partial, build_index(partial, classes))
     _fsync(os.path.join(partial, INDEX_NAME))
+    _fsync(partial)                                     # its entries, before the folder is renamed
     if os.path.isdir(out):
         os.rmdir(out)                                   # empty (checked above)
     os.replace(partial, out)
