@@ -71,6 +71,15 @@ def _fsync_write(path: Path, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flushes a written file, or a folder's entries (after a rename into it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str | Path, text: str) -> None:
     """Replaces `path` whole or not at all (a temp file beside it, fsync, rename): a crash or a full disk
     never leaves a run's config.yaml or stopped.json cut short. An OSError names `path`."""

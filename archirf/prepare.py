@@ -30,6 +30,7 @@ from typing import Iterable, Optional
 
 import torch
 
+from .checkpoint import fsync_path
 from .config import Config, ConfigError, load_config
 
 
@@ -68,11 +69,7 @@ def write_safetensors_streaming(path: Path, shapes: dict[str, tuple[torch.dtype,
         os.unlink(tmp)
         raise PrepareError(f"{path}: {written} bytes of tensors written, {offset} expected; run the command again")
     os.replace(tmp, path)
-    fd = os.open(path.resolve().parent, os.O_RDONLY)     # the rename itself, before the parts are removed
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path.resolve().parent)                    # the rename itself, before the parts are removed
 
 
 def _config(args) -> Config:
@@ -96,6 +93,7 @@ def prepare_array(cfg: Config, out: str | Path, *, chunk: int = 8192, batch: int
 
     from . import parallel
     from .data import DataError
+    from .data.array import FORMAT as ARRAY_FORMAT
     from .data.folder import FolderDataset, check_image_settings, encoded_samples
     from .encode import EncodeError, _check_plan, _chunk_file
     from .eval.reference import _Decoded
@@ -161,8 +159,7 @@ def prepare_array(cfg: Config, out: str | Path, *, chunk: int = 8192, batch: int
                        "labels": torch.tensor(labels, dtype=torch.int64)}
             tmp = _chunk_file(parts, k).with_suffix(".tmp")
             save_file(tensors, str(tmp), metadata={"skipped": json.dumps(bad)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())                     # a chunk that exists is complete, also after a crash
+            fsync_path(tmp)                              # a chunk that exists is complete, also after a crash
             os.replace(tmp, _chunk_file(parts, k))
         bar.close()
         seconds = time.perf_counter() - start_time
@@ -178,7 +175,7 @@ def prepare_array(cfg: Config, out: str | Path, *, chunk: int = 8192, batch: int
             if kept == 0:
                 raise PrepareError(f"none of the {n} images under data.root={d.root} could be decoded (first: "
                                    f"{skipped[0] if skipped else '?'}); check the files")
-            info = {"format": "archirf.prepare/array/1", "classes": json.dumps(classes if d.num_classes else None),
+            info = {"format": ARRAY_FORMAT, "classes": json.dumps(classes if d.num_classes else None),
                     "images": json.dumps({"source": d.source, "root": os.path.abspath(d.root),
                                           "resolution": d.resolution, "channels": d.channels, "count": kept,
                                           "preprocessing": "ADM's center_crop_arr (box-halving, bicubic, center "

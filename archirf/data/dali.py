@@ -11,8 +11,8 @@ works across world sizes.
 
 Preprocessing differs from the PIL path in one way: ADM's center_crop_arr halves the image with a box filter
 while its short side is at least twice the target and then resizes bicubically, where DALI resizes once with
-an antialiased bicubic filter. When no halving happens the two agree to rounding (mean |difference| below 0.3
-of 255); with halving they differ by a few levels on average (docs/data.md has the measured tolerance).
+an antialiased bicubic filter. When no halving happens the two agree to rounding; with halving they differ by
+a few levels on average (docs/data.md has the measured tolerance).
 
 Unreadable files are skipped and replaced by the next readable file in dataset order, counted and warned about
 once, as the PIL loader does, with PIL as the judge: bytes DALI should decode (a JPEG with its end marker, PNG,

@@ -106,9 +106,9 @@ def shard_files(root: str) -> list[str]:
     return paths
 
 
-def build_index(root: str, classes: list[str] | None = None) -> dict:
-    """The index of every shard under root (see the module docstring), as numpy arrays."""
-    paths = shard_files(root)
+def build_index(root: str, classes: list[str] | None = None, paths: list[str] | None = None) -> dict:
+    """The index of every shard under root (`paths`: shard_files(root), when the caller has it), as numpy arrays."""
+    paths = paths or shard_files(root)
     shard, offset, size, names, labels = [], [], [], [], []
     for k, path in enumerate(paths):
         members, ids = _scan(path)
@@ -133,8 +133,9 @@ def write_index(root: str, index: dict) -> None:
     os.replace(tmp, os.path.join(root, INDEX_NAME))
 
 
-def load_index(root: str) -> dict:
-    """The cached index when it matches the shards, else a fresh one (cached when root is writable)."""
+def load_index(root: str) -> tuple[dict, list[str]]:
+    """(the cached index when it matches the shards, else a fresh one (cached when root is writable), the shard
+    files)."""
     paths = shard_files(root)
     cached = os.path.join(root, INDEX_NAME)
     classes = None
@@ -145,22 +146,21 @@ def load_index(root: str) -> dict:
             meta = json.loads(str(index["meta"]))
             classes = meta.get("classes")
             if meta.get("version") == _INDEX_VERSION and meta.get("shards") == _fingerprint(paths):
-                return index
+                return index, paths
         except Exception:  # noqa: BLE001  truncated (BadZipFile, EOFError), unreadable or foreign: rebuilt below
             pass
-    index = build_index(root, classes)
+    index = build_index(root, classes, paths)
     if os.access(root, os.W_OK):
         try:
             write_index(root, index)
         except OSError:
             pass                                  # another rank wrote it first, or a read-only mount
-    return index
+    return index, paths
 
 
 def find_shard_samples(root: str) -> tuple[list[tuple[Member, int]], list[str] | None, bool]:
     """([(member, label)], class names or None, whether every sample has a class id) of a shard folder."""
-    index = load_index(root)
-    paths = shard_files(root)
+    index, paths = load_index(root)
     names = [n.decode("utf-8", "replace") for n in index["name"].tolist()]
     labels = index["label"].tolist()
     samples = [(Member(paths[s], o, z, n), max(label, 0)) for s, o, z, n, label in
@@ -186,14 +186,6 @@ def check_labels(samples: list, classes: list[str] | None, labelled: bool, root:
                         f"{num_classes}; set data.num_classes={high + 1} (or 0 to train unconditionally)")
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_shards(samples: list[tuple[str, int]], classes: list[str], out: str, *, per_shard: int,
                  seed: int = 0, progress: bool = True) -> int:
     """Writes `samples` (path, label) as shards of `per_shard` images in a seeded random order, with
@@ -205,6 +197,8 @@ def write_shards(samples: list[tuple[str, int]], classes: list[str], out: str, *
 
     import torch
     from tqdm import tqdm
+
+    from archirf.checkpoint import fsync_path as _fsync    # here: DataLoader workers import this module
 
     out = os.path.normpath(out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
