@@ -9,19 +9,22 @@ reference.py is the spec. x is (B, C, H, W), dense NCHW or channels_last (the ch
 tensor of a call in x's layout. Math in fp32, outputs in x's dtype, gradients in their input's dtype.
 
 GroupNorm reduces over (C / groups) x S elements per (sample, group): 16k at 64 x 64 with 4 channels
-a group, 262k at 256 x 256. A launch plan (_group_plan) picks one of two shapes:
+a group, 262k at 256 x 256. A launch plan (_group_plan) picks one of three shapes:
 - fused: a program holds whole groups in registers (all their pixels; in channels_last several adjacent
   groups, so that each pixel's run of channels is long enough to load in full sectors), computes the
   statistics exactly in two passes over its registers (mean, then the centred sum of squares), and
   writes y: x is read once. Chosen when the groups fit (FUSED_*_ELEMENTS) and B x groups programs fill
   the GPU.
 - split: a reduction pass over tiles of BLOCK_S pixels x BLOCK_C channels, each program looping over a
-  chunk of its sample's pixels and keeping per-channel (count, mean, M2), merged tile by tile with Chan
-  et al.'s pairwise formula (each tile's own mean and M2 from its registers, two-pass): no E[x^2] -
-  E[x]^2 cancellation; a combine kernel merges the chunks' and channels' partials of each group the
-  same way. Then an elementwise pass reads x again. It walks the tiles in reverse order, so that it
-  starts on what the reduction pass read last, still in L2. About SPLIT_WAVES x SMs programs whatever
-  B is (B = 1 still fills the GPU).
+  chunk of its sample's pixels and accumulating, elementwise in registers, the shifted sums of
+  d = x - k and d^2 per channel, with k the chunk's first tile's own per-channel mean (the shifted-data
+  algorithm: no E[x^2] - E[x]^2 cancellation, one cross-thread reduction per chunk); the chunk's
+  (mean, M2) follow, and a combine kernel merges the chunks' and channels' partials of each group with
+  Chan et al.'s pairwise formula. Then an elementwise pass reads x again. It walks the tiles in reverse
+  order, so that it starts on what the reduction pass read last, still in L2. About SPLIT_WAVES x SMs
+  programs whatever B is (B = 1 still fills the GPU).
+- looped (off by default: LOOPED_CHANNELS): whole groups of one sample per program, looping over its
+  pixels: the shifted sums, then the output pass in reverse order, in one launch.
 The forward saves mean and rstd per (sample, group), fp32.
 
 Backward, per (b, g) with N = (C / groups) S elements, xhat = (s - mean) rstd, z = xhat w + b,
@@ -31,8 +34,8 @@ dz = dy silu'(z), and ds the gradient of the s output (residual form; else 0):
     A    = sum_{c in g} w_c sum_pixels dz          Bs = sum_{c in g} w_c sum_pixels dz xhat
     dx   = rstd (dz w - (A + xhat Bs) / N) + ds    (= dresidual)
 
-The per-(sample, channel) sums come from the same fused or split shapes (split: a partials pass, a
-combine kernel, then the dx pass). The channel RMSNorm is a row op over C, like mp.normalize: with
+The per-(sample, channel) sums come from the same fused, looped or split shapes (split: a partials
+pass, a combine kernel, then the dx pass). The channel RMSNorm is a row op over C, like mp.normalize: with
 d = max(|x|, eps), u = x / d, k = sqrt(C) w, z = u k:
 
     dw_c = sqrt(C) sum dz u               dx = (dz k - u sum_C(dz k u) [|x| >= eps]) / d
@@ -57,16 +60,21 @@ from .mp import _alloc_like, _bcs, _channels_last, _check_device, _dense, _dsilu
 
 Tensor = torch.Tensor
 
-# Launch plan of the GroupNorm kernels on a GPU (see _group_plan): first choices, not yet timed;
-# benchmarks/sweep_norm_silu_launch.py times the alternatives.
+# Launch plan of the GroupNorm kernels on a GPU (see _group_plan), set from benchmarks/sweep_norm_silu_launch.py's
+# H100 sweep (benchmarks/results/nvidia-h100-80gb-hbm3/norm_silu_launch_sweep.txt): fused programs of at most
+# 8 warps, split tiles of 4096 elements on 4 warps; the looped shape won at few shapes and is off.
 FUSED_FWD_ELEMENTS = 16384   # a fused forward program holds at most this many elements (padded) in registers
 FUSED_BWD_ELEMENTS = 16384   # the same for the backward, which holds s and dy
 MIN_CL_RUN = 16              # channels_last, fused: whole groups per program until a pixel's run is this long
 TILE_ELEMENTS = 4096         # split: pixels x channels per tile
 SPLIT_WAVES = 4              # split: reduction programs per SM
+LOOPED_CHANNELS = 0          # looped: channels (whole groups, at least one) per program; 0: never looped
+RMS_BWD_PROGRAMS_PER_SM = 8  # channel RMSNorm backward: programs per SM, each looping over tiles
+LOOPED_WAVES = 4             # looped: chosen when B x its programs per sample reach this many per SM
 COMBINE_CHANNELS = 64        # split: channels (whole groups) per program of the kernels combining partials
 # In Triton's interpreter: small tiles and several per program, so that CPU tests cover every loop.
-INTERPRETER = {"fused_elements": 1024, "groups_per_program": 4, "tile": 256, "programs": 4}
+INTERPRETER = {"fused_elements": 1024, "groups_per_program": 4, "tile": 256, "programs": 4, "looped": False,
+               "looped_channels": 8}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,26 +205,81 @@ def _gn_stats_kernel(
     cmask = c < C
     base = b * C * S
     s0 = chunk * chunk_tiles * BLOCK_S
-    count = 0.0
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for t in range(0, tl.minimum(chunk_tiles, tl.cdiv(S - s0, BLOCK_S))):
+    n_tiles = tl.minimum(chunk_tiles, tl.cdiv(S - s0, BLOCK_S))
+    shift, acc1, acc2 = _shifted_sums(X_ptr + base, R_ptr + base, S_ptr + base, c, cmask, C, S, s0, n_tiles,
+                                      HAS_RES, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    count = tl.minimum(S - s0, chunk_tiles * BLOCK_S).to(tl.float32)
+    sum1 = tl.sum(acc1, axis=0)                                                     # (BC,)
+    part = (b * num_chunks + chunk) * C + c
+    tl.store(PMean_ptr + part, shift + sum1 / count, mask=cmask)
+    tl.store(PM2_ptr + part, tl.maximum(tl.sum(acc2, axis=0) - sum1 * sum1 / count, 0.0), mask=cmask)
+
+
+@triton.jit
+def _shifted_sums(X_ptr, R_ptr, S_ptr, c, cmask, C, S, s0, n_tiles,
+                  HAS_RES: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per-channel statistics of pixels [s0, s0 + n_tiles BLOCK_S) of one sample (pointers at its start):
+    -> (shift (BC,), sums of d = s - shift (BS, BC), sums of d^2 (BS, BC)), accumulated elementwise in
+    registers (one cross-thread reduction per chunk, not per tile). The shift is the first tile's own
+    per-channel mean, so that d is centred to within the data's drift: the shifted-data algorithm, free of
+    E[x^2] - E[x]^2's cancellation for any mean."""
+    s = s0 + tl.arange(0, BLOCK_S)
+    mask = (s < S)[:, None] & cmask[None, :]
+    v = _load_s(X_ptr, R_ptr, S_ptr, _offsets(s, c, C, S, CHANNELS_LAST), mask, HAS_RES)
+    shift = tl.sum(v, axis=0) / tl.minimum(S - s0, BLOCK_S).to(tl.float32)            # (BC,)
+    acc1 = tl.where(mask, v - shift[None, :], 0.0)
+    acc2 = acc1 * acc1
+    for t in range(1, n_tiles):
         s = s0 + t * BLOCK_S + tl.arange(0, BLOCK_S)
         mask = (s < S)[:, None] & cmask[None, :]
-        v = _load_s(X_ptr + base, R_ptr + base, S_ptr + base, _offsets(s, c, C, S, CHANNELS_LAST), mask,
-                    HAS_RES)                                                        # (BS, BC)
-        # -- the tile's own mean and M2 per channel, then Chan et al.'s merge into the running ones
-        n_t = tl.minimum(S - (s0 + t * BLOCK_S), BLOCK_S).to(tl.float32)
-        mean_t = tl.sum(v, axis=0) / n_t                                           # (BC,)
-        d = tl.where(mask, v - mean_t[None, :], 0.0)
-        total = count + n_t
-        delta = mean_t - mean
-        mean += delta * (n_t / total)
-        m2 += tl.sum(d * d, axis=0) + delta * delta * (count * n_t / total)
-        count = total
-    part = (b * num_chunks + chunk) * C + c
-    tl.store(PMean_ptr + part, mean, mask=cmask)
-    tl.store(PM2_ptr + part, m2, mask=cmask)
+        v = _load_s(X_ptr, R_ptr, S_ptr, _offsets(s, c, C, S, CHANNELS_LAST), mask, HAS_RES)
+        d = tl.where(mask, v - shift[None, :], 0.0)
+        acc1 += d
+        acc2 += d * d
+    return shift, acc1, acc2
+
+
+@triton.jit
+def _gn_fwd_looped_kernel(
+    X_ptr, R_ptr, S_ptr, Y_ptr, W_ptr, Bias_ptr, Mean_ptr, Rstd_ptr,   # as _gn_fwd_fused_kernel's
+    C, S, G, CG: tl.constexpr, num_gblocks, eps,
+    GROUPS_PER_PROGRAM: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """Whole groups of one sample per program, looping over its pixels in tiles: the statistics pass, then
+    the output pass over the same pixels in reverse order (what the first pass read last is still in L2).
+    One launch, no partials."""
+    pid = tl.program_id(0)
+    b = (pid // num_gblocks).to(tl.int64)
+    g0 = (pid % num_gblocks) * GROUPS_PER_PROGRAM
+    c, cmask, onehot, gmask = _group_channels(g0, C, G, CG, GROUPS_PER_PROGRAM, BLOCK_C, BLOCK_G)
+    base = b * C * S
+    n_tiles = tl.cdiv(S, BLOCK_S)
+    shift, acc1, acc2 = _shifted_sums(X_ptr + base, R_ptr + base, S_ptr + base, c, cmask, C, S, 0, n_tiles,
+                                      HAS_RES, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+    # -- each channel's mean and M2, merged into its group's (equal counts: Chan et al.'s formula)
+    npix = S * 1.0
+    sum1 = tl.sum(acc1, axis=0)
+    mean_c = tl.where(cmask, shift + sum1 / npix, 0.0)                              # (BC,)
+    m2_c = tl.where(cmask, tl.maximum(tl.sum(acc2, axis=0) - sum1 * sum1 / npix, 0.0), 0.0)
+    mean = _group_sum(mean_c, onehot) / CG                                          # (BG,)
+    dm = tl.where(cmask, mean_c - _spread(mean, onehot), 0.0)
+    rstd = 1.0 / tl.sqrt(_group_sum(m2_c + npix * dm * dm, onehot) / (CG * npix) + eps)
+    gi = b * G + g0 + tl.arange(0, BLOCK_G)
+    tl.store(Mean_ptr + gi, mean, mask=gmask)
+    tl.store(Rstd_ptr + gi, rstd, mask=gmask)
+    w, bias = _affine(W_ptr, Bias_ptr, c, cmask, HAS_W, HAS_B)
+    mean_s = _spread(mean, onehot)
+    scale = _spread(rstd, onehot) * w
+    if HAS_RES:
+        tl.debug_barrier()              # s, written by the first pass, is read back by other threads
+    for i in range(0, n_tiles):
+        s = (n_tiles - 1 - i) * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = (s < S)[:, None] & cmask[None, :]
+        offs = _offsets(s, c, C, S, CHANNELS_LAST)
+        v = tl.load(S_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        z = (v - mean_s[None, :]) * scale[None, :] + bias[None, :]
+        tl.store(Y_ptr + base + offs, _silu(z).to(Y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -308,6 +371,63 @@ def _gn_bwd_fused_kernel(
 
 
 @triton.jit
+def _gn_dx_tile(S_ptr, DY_ptr, DS_ptr, DX_ptr, offs, mask, mean, rstd, w, bias, a, bs, n, HAS_DS: tl.constexpr):
+    """dx of one tile (pointers at the sample's start; per-channel (BC,) mean, rstd, affine, group sums A, Bs)."""
+    v = tl.load(S_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = (v - mean[None, :]) * rstd[None, :]
+    dz = dy * _dsilu(xhat * w[None, :] + bias[None, :])
+    dx = rstd[None, :] * (dz * w[None, :] - (a[None, :] + xhat * bs[None, :]) / n)
+    if HAS_DS:
+        dx += tl.load(DS_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX_ptr + offs, dx.to(DX_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_bwd_looped_kernel(
+    S_ptr, DY_ptr, DS_ptr, DX_ptr, W_ptr, Bias_ptr, Mean_ptr, Rstd_ptr, P1_ptr, P2_ptr,  # as the fused one's
+    C, S, G, CG: tl.constexpr, num_gblocks,
+    GROUPS_PER_PROGRAM: tl.constexpr, HAS_DS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """The forward's looped shape: the per-channel sums over all of a sample's pixels, then dx in reverse."""
+    pid = tl.program_id(0)
+    b = (pid // num_gblocks).to(tl.int64)
+    g0 = (pid % num_gblocks) * GROUPS_PER_PROGRAM
+    c, cmask, onehot, gmask = _group_channels(g0, C, G, CG, GROUPS_PER_PROGRAM, BLOCK_C, BLOCK_G)
+    gi = b * G + g0 + tl.arange(0, BLOCK_G)
+    mean = _spread(tl.load(Mean_ptr + gi, mask=gmask, other=0.0), onehot)            # (BC,)
+    rstd = _spread(tl.load(Rstd_ptr + gi, mask=gmask, other=0.0), onehot)
+    w, bias = _affine(W_ptr, Bias_ptr, c, cmask, HAS_W, HAS_B)
+    base = b * C * S
+    n_tiles = tl.cdiv(S, BLOCK_S)
+    acc1 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for t in range(0, n_tiles):
+        s = t * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = (s < S)[:, None] & cmask[None, :]
+        offs = _offsets(s, c, C, S, CHANNELS_LAST)
+        v = tl.load(S_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        xhat = (v - mean[None, :]) * rstd[None, :]
+        dz = dy * _dsilu(xhat * w[None, :] + bias[None, :])                         # 0 where masked
+        acc1 += dz * xhat
+        acc2 += dz
+    p1 = tl.sum(acc1, axis=0)                                                       # (BC,)
+    p2 = tl.sum(acc2, axis=0)
+    tl.store(P1_ptr + b * C + c, p1, mask=cmask)
+    tl.store(P2_ptr + b * C + c, p2, mask=cmask)
+    n = CG * S * 1.0
+    a = _spread(_group_sum(w * p2, onehot), onehot)
+    bs = _spread(_group_sum(w * p1, onehot), onehot)
+    for i in range(0, n_tiles):
+        s = (n_tiles - 1 - i) * BLOCK_S + tl.arange(0, BLOCK_S)
+        mask = (s < S)[:, None] & cmask[None, :]
+        _gn_dx_tile(S_ptr + base, DY_ptr + base, DS_ptr + base, DX_ptr + base, _offsets(s, c, C, S, CHANNELS_LAST),
+                    mask, mean, rstd, w, bias, a, bs, n, HAS_DS)
+
+
+@triton.jit
 def _gn_bwd_partials_kernel(
     S_ptr, DY_ptr, W_ptr, Bias_ptr, Mean_ptr, Rstd_ptr,
     Part1_ptr, Part2_ptr,               # (B, num_chunks, C) fp32 out: sums of dz xhat and of dz per chunk
@@ -392,14 +512,8 @@ def _gn_bwd_apply_kernel(
     bs = tl.load(Bs_ptr + grp, mask=cmask, other=0.0)
     w, bias = _affine(W_ptr, Bias_ptr, c, cmask, HAS_W, HAS_B)
     n = CG * S * 1.0                    # fp32 (CG, S may be constexpr 1: Triton specialises 1s)
-    v = tl.load(S_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    xhat = (v - mean[None, :]) * rstd[None, :]
-    dz = dy * _dsilu(xhat * w[None, :] + bias[None, :])
-    dx = rstd[None, :] * (dz * w[None, :] - (a[None, :] + xhat * bs[None, :]) / n)
-    if HAS_DS:
-        dx += tl.load(DS_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DX_ptr + base + offs, dx.to(DX_ptr.dtype.element_ty), mask=mask)
+    _gn_dx_tile(S_ptr + base, DY_ptr + base, DS_ptr + base, DX_ptr + base, offs, mask, mean, rstd, w, bias, a, bs,
+                n, HAS_DS)
 
 
 @triton.jit
@@ -429,22 +543,28 @@ def _rms_fwd_kernel(
 @triton.jit
 def _rms_bwd_kernel(
     X_ptr, W_ptr, DY_ptr, DX_ptr, Part_ptr,   # Part: (programs, C) fp32 partial sums of dweight
-    C, S, num_s_blocks, eps, scale,
+    C, S, num_s_blocks, num_tiles, eps, scale,
     HAS_W: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Program p takes tiles p, p + programs, ...: dweight's partials accumulate elementwise in registers
+    and are reduced and written once per program."""
     pid = tl.program_id(0)
-    offs, mask, _ = _tile(pid, C, S, num_s_blocks, CHANNELS_LAST, BLOCK_S, BLOCK_C)
-    u, norm, d, k = _rms_load(X_ptr, W_ptr, offs, mask, C, eps, scale, HAS_W, BLOCK_C)
-    dy = tl.load(DY_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dz = dy * _dsilu(u * k[None, :])                                                # (BS, BC)
+    acc = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for tile in range(pid, num_tiles, tl.num_programs(0)):
+        offs, mask, _ = _tile(tile, C, S, num_s_blocks, CHANNELS_LAST, BLOCK_S, BLOCK_C)
+        u, norm, d, k = _rms_load(X_ptr, W_ptr, offs, mask, C, eps, scale, HAS_W, BLOCK_C)
+        dy = tl.load(DY_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dz = dy * _dsilu(u * k[None, :])                                            # (BS, BC)
+        if HAS_W:
+            acc += dz * u
+        du = dz * k[None, :]
+        # -- dx = (du - u sum(du u)) / d; a row clamped at eps (|x| < eps) is a plain scaling: du / eps
+        coef = tl.where(norm >= eps, tl.sum(du * u, axis=1), 0.0)                   # (BS,)
+        dx = (du - u * coef[:, None]) / d[:, None]
+        tl.store(DX_ptr + offs, dx.to(DX_ptr.dtype.element_ty), mask=mask)
     if HAS_W:
         cols = tl.arange(0, BLOCK_C)
-        tl.store(Part_ptr + pid.to(tl.int64) * C + cols, tl.sum(dz * u, axis=0) * scale, mask=cols < C)
-    du = dz * k[None, :]
-    # -- dx = (du - u sum(du u)) / d; a row clamped at eps (|x| < eps) is a plain scaling: du / eps
-    coef = tl.where(norm >= eps, tl.sum(du * u, axis=1), 0.0)                       # (BS,)
-    dx = (du - u * coef[:, None]) / d[:, None]
-    tl.store(DX_ptr + offs, dx.to(DX_ptr.dtype.element_ty), mask=mask)
+        tl.store(Part_ptr + pid.to(tl.int64) * C + cols, tl.sum(acc, axis=0) * scale, mask=cols < C)
 
 
 # The kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 when triton decorated them).
@@ -461,6 +581,7 @@ class GroupPlan(NamedTuple):
     block_c: int                # fused: >= groups_per_program * C / groups; split: channels per tile
     chunk_tiles: int            # split: tiles per reduction program (its chunk of one sample's pixels)
     num_warps: int
+    looped: bool = False        # (not fused) whole groups per program, looping over the pixels in tiles
 
 
 def _pow2_floor(n: float) -> int:
@@ -489,8 +610,17 @@ def _group_plan(B: int, C: int, S: int, groups: int, channels_last: bool, device
         gpp = min(INTERPRETER["groups_per_program"], triton.next_power_of_2(groups))
     block_s, block_c = triton.next_power_of_2(S), triton.next_power_of_2(gpp * cg)
     if block_s * block_c <= fused_max and B * triton.cdiv(groups, gpp) >= min_programs:
-        warps = min(max(_pow2_floor(block_s * block_c / (16 if backward else 32) / 32), 1), 16)
+        warps = min(max(_pow2_floor(block_s * block_c / (16 if backward else 32) / 32), 1), 8)
         return GroupPlan(True, gpp, block_s, block_c, 1, warps)
+    # -- looped: whole groups of LOOPED_CHANNELS channels (at least one group) per program, tiles of `tile`
+    looped_channels = LOOPED_CHANNELS if cuda else INTERPRETER["looped_channels"]
+    if looped_channels and (cuda or INTERPRETER["looped"]):
+        gpp = min(max(looped_channels // cg, 1), triton.next_power_of_2(groups))
+        block_c = triton.next_power_of_2(gpp * cg)
+        if B * triton.cdiv(groups, gpp) >= (LOOPED_WAVES * min_programs if cuda else 1):
+            block_s = max(1, min(tile // block_c, triton.next_power_of_2(S)))
+            warps = min(max(_pow2_floor(block_s * block_c / 16 / 32), 1), 8)
+            return GroupPlan(False, gpp, block_s, block_c, 1, warps, True)
     # -- split: tiles of `tile` elements, along the contiguous dim; chunks so that ~`programs` reduce
     if channels_last:
         block_c = min(triton.next_power_of_2(C), tile)
@@ -500,7 +630,7 @@ def _group_plan(B: int, C: int, S: int, groups: int, channels_last: bool, device
         block_c = max(1, min(triton.next_power_of_2(C), tile // block_s))
     s_tiles = triton.cdiv(S, block_s)
     chunks = min(max(triton.cdiv(programs, B * triton.cdiv(C, block_c)), 1), s_tiles)
-    warps = min(max(_pow2_floor(block_s * block_c / 16 / 32), 1), 8)
+    warps = min(max(_pow2_floor(block_s * block_c / 32 / 32), 1), 8)
     return GroupPlan(False, 1, block_s, block_c, triton.cdiv(s_tiles, chunks), warps)
 
 
@@ -536,9 +666,9 @@ def _gn_forward(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias:
         return s, y, mean.zero_(), rstd.zero_()
     plan = _group_plan(B, C, S, groups, cl, x.device, backward=False)
     affine, flags = _affine_launch(weight, bias, x, cl, plan)
-    if plan.fused:
+    if plan.fused or plan.looped:
         ngb = triton.cdiv(groups, plan.groups_per_program)
-        _gn_fwd_fused_kernel[(B * ngb,)](
+        (_gn_fwd_fused_kernel if plan.fused else _gn_fwd_looped_kernel)[(B * ngb,)](
             x, res if res is not None else x, s, y, *affine, mean, rstd, C, S, groups, cg, ngb, eps,
             GROUPS_PER_PROGRAM=plan.groups_per_program, HAS_RES=res is not None,
             BLOCK_G=triton.next_power_of_2(plan.groups_per_program), **flags)
@@ -582,9 +712,9 @@ def _gn_backward(dy: Tensor, ds: Tensor | None, s: Tensor, weight: Tensor | None
     else:
         plan = _group_plan(B, C, S, groups, cl, s.device, backward=True)
         affine, flags = _affine_launch(weight, bias, s, cl, plan)
-        if plan.fused:
+        if plan.fused or plan.looped:
             ngb = triton.cdiv(groups, plan.groups_per_program)
-            _gn_bwd_fused_kernel[(B * ngb,)](
+            (_gn_bwd_fused_kernel if plan.fused else _gn_bwd_looped_kernel)[(B * ngb,)](
                 s, dy, ds if ds is not None else dy, dx, *affine, mean, rstd, p1, p2, C, S, groups, cg, ngb,
                 GROUPS_PER_PROGRAM=plan.groups_per_program, HAS_DS=ds is not None,
                 BLOCK_G=triton.next_power_of_2(plan.groups_per_program), **flags)
@@ -631,11 +761,14 @@ def _rms_backward(dy: Tensor, x: Tensor, weight: Tensor | None, eps: float) -> t
     dx = _alloc_like(x)
     B, C, S = _bcs(x)
     block_s, block_c, nsb, warps = _rms_grid(B, C, S, x.device)
-    part = _alloc_like(x, (B * nsb if weight is not None else 0, C), torch.float32)
+    tiles = B * nsb
+    per_sm = RMS_BWD_PROGRAMS_PER_SM if x.device.type == "cuda" else 0
+    programs = min(tiles, per_sm * _sm_count(x.device) if per_sm else INTERPRETER["programs"])
+    part = _alloc_like(x, (programs if weight is not None else 0, C), torch.float32)
     if x.numel():
-        _rms_bwd_kernel[(B * nsb,)](x, weight if weight is not None else x, dy, dx, part, C, S, nsb, eps,
-                                    math.sqrt(C), HAS_W=weight is not None, CHANNELS_LAST=cl,
-                                    BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+        _rms_bwd_kernel[(programs,)](x, weight if weight is not None else x, dy, dx, part, C, S, nsb, tiles, eps,
+                                     math.sqrt(C), HAS_W=weight is not None, CHANNELS_LAST=cl,
+                                     BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
     elif weight is not None:
         part.zero_()
     return dx, part.sum(0).to(weight.dtype) if weight is not None else None

@@ -64,15 +64,23 @@ def test_group_norm_silu_mixed_dtypes_gpu(fmt):
           lambda x, r, w, b: reference.group_norm_silu(x, w, b, 32, residual=r), [x, r, w, b])
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
-def test_group_norm_silu_both_launch_shapes_at_one_size(monkeypatch, fused):
-    monkeypatch.setattr(norm_silu, "FUSED_FWD_ELEMENTS", 16384 if fused else 0)
-    monkeypatch.setattr(norm_silu, "FUSED_BWD_ELEMENTS", 16384 if fused else 0)
-    x = act((64, 256, 32, 32), torch.bfloat16, 7, "cl", std=2.0, mean=-0.5)
-    assert norm_silu._group_plan(64, 256, 1024, 32, True, x.device, backward=True).fused == fused
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("mode", ["fused", "looped", "split"])
+def test_group_norm_silu_every_launch_shape_at_one_size(monkeypatch, mode, fmt):
+    monkeypatch.setattr(norm_silu, "FUSED_FWD_ELEMENTS", 16384 if mode == "fused" else 0)
+    monkeypatch.setattr(norm_silu, "FUSED_BWD_ELEMENTS", 16384 if mode == "fused" else 0)
+    monkeypatch.setattr(norm_silu, "LOOPED_WAVES", 0 if mode == "looped" else 1 << 20)
+    monkeypatch.setattr(norm_silu, "LOOPED_CHANNELS", 16)
+    x = act((64, 256, 32, 32), torch.bfloat16, 7, fmt, std=2.0, mean=-0.5)
+    r = act((64, 256, 32, 32), torch.bfloat16, 8, fmt)
+    for backward in (False, True):
+        plan = norm_silu._group_plan(64, 256, 1024, 32, fmt == "cl", x.device, backward=backward)
+        assert (plan.fused, plan.looped) == (mode == "fused", mode == "looped")
     w, b = affine(256, torch.bfloat16, 8)
     check(lambda x, w, b: K.group_norm_silu(x, w, b, 32, impl="triton"),
           lambda x, w, b: reference.group_norm_silu(x, w, b, 32), [x, w, b])
+    check(lambda x, r, w, b: K.group_norm_silu(x, w, b, 32, residual=r, impl="triton"),
+          lambda x, r, w, b: reference.group_norm_silu(x, w, b, 32, residual=r), [x, r, w, b])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

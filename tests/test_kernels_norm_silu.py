@@ -35,13 +35,18 @@ def poison(monkeypatch):
 
 @pytest.fixture
 def path(request, monkeypatch):
-    """Force the GroupNorm's launch shape: "fused" (whole groups per program) or "split"."""
+    """Force the GroupNorm's launch shape: "fused" (whole groups per program, in registers), "looped"
+    (whole groups per program, looping over pixel tiles) or "split" (the reduction spread over programs)."""
+    fused = 1 << 30 if request.param == "fused" else 0
     if DEVICE == "cuda":
-        monkeypatch.setattr(norm_silu, "FUSED_FWD_ELEMENTS", 1 << 30 if request.param == "fused" else 0)
-        monkeypatch.setattr(norm_silu, "FUSED_BWD_ELEMENTS", 1 << 30 if request.param == "fused" else 0)
+        monkeypatch.setattr(norm_silu, "FUSED_FWD_ELEMENTS", fused)
+        monkeypatch.setattr(norm_silu, "FUSED_BWD_ELEMENTS", fused)
         monkeypatch.setattr(norm_silu, "_sm_count", lambda device: 1)
+        monkeypatch.setattr(norm_silu, "LOOPED_WAVES", 0)
+        monkeypatch.setattr(norm_silu, "LOOPED_CHANNELS", 16 if request.param == "looped" else 0)
     else:
-        monkeypatch.setitem(norm_silu.INTERPRETER, "fused_elements", 1 << 30 if request.param == "fused" else 0)
+        monkeypatch.setitem(norm_silu.INTERPRETER, "fused_elements", fused)
+        monkeypatch.setitem(norm_silu.INTERPRETER, "looped", request.param == "looped")
     return request.param
 
 
@@ -68,7 +73,7 @@ AFFINES = ["wb", "w", "", "b"]
 # a fused program holds 4 groups (one in test_fused_one_group_per_program, as NCHW on a GPU)
 GRID = [(dt, lay, res, p, *SHAPES[i % len(SHAPES)], AFFINES[i % len(AFFINES)])
         for i, (dt, lay, res, p) in enumerate(itertools.product(DTYPES, ["nchw", "cl"], [False, True],
-                                                                ["fused", "split"]))]
+                                                                ["fused", "looped", "split"]))]
 
 
 def case_id(v):
@@ -91,7 +96,7 @@ def test_group_norm_silu(dtype, layout, with_residual, path, shape, groups, kind
         assert t.is_contiguous(memory_format=CL if layout == "cl" else torch.contiguous_format)
 
 
-@pytest.mark.parametrize("path", ["fused", "split"], indirect=True)
+@pytest.mark.parametrize("path", ["fused", "looped", "split"], indirect=True)
 @pytest.mark.parametrize("used", [(0,), (1,)], ids=["only-s", "only-y"])
 def test_group_norm_silu_residual_one_output_used(used, path):
     x, r = act((2, 40, 3, 5), torch.float32, 2, "cl"), act((2, 40, 3, 5), torch.float32, 3, "cl")
@@ -112,7 +117,7 @@ def test_split_reduction_loops(monkeypatch, layout):
     # several chunks of a sample's pixels, each of several tiles (the last chunk and tile short), several
     # channel blocks, and the combine kernels looping over the chunks in blocks of 2
     monkeypatch.setattr(norm_silu, "INTERPRETER", {"fused_elements": 0, "groups_per_program": 4, "tile": 16,
-                                                   "programs": 16})
+                                                   "programs": 16, "looped": False, "looped_channels": 8})
     monkeypatch.setattr(norm_silu, "_combine_plan", lambda C, G, chunks, device: (4, 2, 32, 4))  # 20 of 32 channels
     shape = (2, 20, 5, 7)
     plan = norm_silu._group_plan(2, 20, 35, 4, layout == "cl", torch.device(DEVICE), backward=False)
@@ -125,7 +130,24 @@ def test_split_reduction_loops(monkeypatch, layout):
                             torch.float32)
 
 
-@pytest.mark.parametrize("path", ["fused", "split"], indirect=True)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("shape,groups", [((2, 20, 5, 7), 4), ((3, 16, 3, 5), 8)], ids=case_id)
+def test_looped_pixel_loops(monkeypatch, layout, shape, groups):
+    # whole groups per program (one of 5 channels in a block of 8; four of 2 channels) looping over many
+    # pixel tiles, the last one short, forward and backward, with the residual's s read back
+    monkeypatch.setattr(norm_silu, "INTERPRETER", {"fused_elements": 0, "groups_per_program": 4, "tile": 16,
+                                                   "programs": 16, "looped": True, "looped_channels": 8})
+    C, S = shape[1], shape[2] * shape[3]
+    for backward in (False, True):
+        plan = norm_silu._group_plan(shape[0], C, S, groups, layout == "cl", torch.device(DEVICE), backward)
+        if DEVICE == "cpu":
+            assert plan.looped and not plan.fused and S % plan.block_s and S // plan.block_s > 1
+    x, r = act(shape, torch.float32, 4, layout, std=2.0, mean=40.0), act(shape, torch.float32, 5, layout)
+    check_against_reference(*gn_call(groups, with_residual=True), [x, r, *affine("wb", C, torch.float32, 6)],
+                            torch.float32)
+
+
+@pytest.mark.parametrize("path", ["fused", "looped", "split"], indirect=True)
 @pytest.mark.parametrize("shape", [(2, 8, 1, 2), (3, 4, 1, 1)], ids=case_id)
 def test_group_norm_silu_one_channel_groups(path, shape):
     # C == groups, one or two pixels: a group of 1 or 2 elements (on a GPU, integer arguments equal to 1 are
@@ -134,7 +156,7 @@ def test_group_norm_silu_one_channel_groups(path, shape):
     check_against_reference(*gn_call(shape[1]), [x, *affine("wb", shape[1], torch.float32, 15)], torch.float32)
 
 
-@pytest.mark.parametrize("path", ["fused", "split"], indirect=True)
+@pytest.mark.parametrize("path", ["fused", "looped", "split"], indirect=True)
 def test_group_norm_statistics_of_a_large_mean(path):
     # var = E[(x - mean)^2] with mean 300, std 1: E[x^2] - E[x]^2 in fp32 would lose ~3 of 7 digits
     x = act((2, 16, 8, 8), torch.float32, 6, "cl", std=1.0, mean=300.0)
@@ -142,7 +164,7 @@ def test_group_norm_statistics_of_a_large_mean(path):
     assert_close_to_fp64("output", out, reference.group_norm_silu(x.double(), None, None, 4), torch.float32, 1e-4)
 
 
-@pytest.mark.parametrize("path", ["fused", "split"], indirect=True)
+@pytest.mark.parametrize("path", ["fused", "looped", "split"], indirect=True)
 def test_group_norm_silu_mixed_dtypes_and_layouts(path):
     # fp16 channels_last stream, fp32 NCHW residual and fp32 affine: s and y in fp16 and channels_last, the
     # residual's gradient in fp32
