@@ -42,10 +42,14 @@ def plans(B, C, S, cl, sms):
         block_s, block_c = triton.next_power_of_2(S), triton.next_power_of_2(gpp * cg)
         if gpp <= GROUPS and block_s * block_c <= FUSED_MAX:
             yield f"fused g{gpp} w{warps:<2}", norm_silu.GroupPlan(True, gpp, block_s, block_c, 1, warps)
+    seen = set()
     for chans, tile, warps in LOOPED:
         gpp = min(max(chans // cg, 1), GROUPS)
         block_c = triton.next_power_of_2(gpp * cg)
         block_s = max(1, min(tile // block_c, triton.next_power_of_2(S)))
+        if (gpp, block_s, warps) in seen:       # e.g. 8 and 16 channels asked, whole groups of 16 given
+            continue
+        seen.add((gpp, block_s, warps))
         yield (f"looped c{gpp * cg} t{tile} w{warps}",
                norm_silu.GroupPlan(False, gpp, block_s, block_c, 1, warps, True))
     for tile, warps, waves in SPLIT:

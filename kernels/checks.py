@@ -6,6 +6,8 @@ kernels alone (CUDA tensors, the row width, the head dim) stay with their launch
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .reference import NORMS, unpack_qkv
@@ -209,6 +211,14 @@ def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, group
                              f"{tuple(x.shape)}")
         _dtype(op, "residual", residual)
         _device(op, "residual", residual, "x", x)
+
+
+def sample_size(op: str, x: Tensor) -> None:
+    """The GroupNorm kernels index within a sample in int32: C x H x W < 2^31 elements."""
+    per_sample = math.prod(x.shape[1:])
+    if per_sample >= 2 ** 31:
+        raise ValueError(f"archirf_kernels {op}: one sample holds {per_sample:,} elements (C x H x W), over the "
+                         f"kernels' 2^31 limit; use impl='reference'")
 
 
 def channel_rms_norm_silu(x: Tensor, weight: Tensor | None) -> None:

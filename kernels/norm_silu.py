@@ -222,7 +222,8 @@ def _shifted_sums(X_ptr, R_ptr, S_ptr, c, cmask, C, S, s0, n_tiles,
     -> (shift (BC,), sums of d = s - shift (BS, BC), sums of d^2 (BS, BC)), accumulated elementwise in
     registers (one cross-thread reduction per chunk, not per tile). The shift is the first tile's own
     per-channel mean, so that d is centred to within the data's drift: the shifted-data algorithm, free of
-    E[x^2] - E[x]^2's cancellation for any mean."""
+    E[x^2] - E[x]^2's cancellation of a large mean; its error grows with (shift - the chunk's mean)^2 /
+    variance, i.e. when the first tile (few pixels in channels_last at large C) is far from typical."""
     s = s0 + tl.arange(0, BLOCK_S)
     mask = (s < S)[:, None] & cmask[None, :]
     v = _load_s(X_ptr, R_ptr, S_ptr, _offsets(s, c, C, S, CHANNELS_LAST), mask, HAS_RES)
@@ -787,6 +788,7 @@ def _empty_if_none(t: Tensor | None, like: Tensor) -> Tensor:
 
 def _check_gn(x, weight, bias, groups, residual) -> None:
     checks.group_norm_silu(x, weight, bias, groups, residual)
+    checks.sample_size("group_norm_silu", x)        # the Triton path only: the reference has no such limit
     _check_device("group_norm_silu", x)
 
 

@@ -137,11 +137,14 @@ def test_looped_pixel_loops(monkeypatch, layout, shape, groups):
     # pixel tiles, the last one short, forward and backward, with the residual's s read back
     monkeypatch.setattr(norm_silu, "INTERPRETER", {"fused_elements": 0, "groups_per_program": 4, "tile": 16,
                                                    "programs": 16, "looped": True, "looped_channels": 8})
+    if DEVICE == "cuda":            # the same plan on a GPU: 8 channels a program, tiles of 16 elements
+        for name, value in [("FUSED_FWD_ELEMENTS", 0), ("FUSED_BWD_ELEMENTS", 0), ("LOOPED_CHANNELS", 8),
+                            ("LOOPED_WAVES", 0), ("TILE_ELEMENTS", 16)]:
+            monkeypatch.setattr(norm_silu, name, value)
     C, S = shape[1], shape[2] * shape[3]
     for backward in (False, True):
         plan = norm_silu._group_plan(shape[0], C, S, groups, layout == "cl", torch.device(DEVICE), backward)
-        if DEVICE == "cpu":
-            assert plan.looped and not plan.fused and S % plan.block_s and S // plan.block_s > 1
+        assert plan.looped and not plan.fused and S % plan.block_s and S // plan.block_s > 1
     x, r = act(shape, torch.float32, 4, layout, std=2.0, mean=40.0), act(shape, torch.float32, 5, layout)
     check_against_reference(*gn_call(groups, with_residual=True), [x, r, *affine("wb", C, torch.float32, 6)],
                             torch.float32)
@@ -288,6 +291,13 @@ def test_impl_auto_uses_the_reference_off_cuda(monkeypatch):
     s, y = K.group_norm_silu(x, w, None, 2, residual=x, impl="reference")
     torch.testing.assert_close(y, reference.group_norm_silu(2 * x, w, None, 2), atol=0, rtol=0)
     torch.testing.assert_close(K.channel_rms_norm_silu(x, w), reference.channel_rms_norm_silu(x, w), atol=0, rtol=0)
+
+
+def test_group_norm_kernels_refuse_samples_over_int32_offsets():
+    x = torch.empty(1, 2 ** 12, 2 ** 10, 2 ** 9, device="meta")      # 2^31 elements in one sample
+    with pytest.raises(ValueError, match=r"one sample holds 2,147,483,648 elements .* use impl='reference'"):
+        norm_silu._check_gn(x, None, None, 32, None)
+    norm_silu.checks.sample_size("group_norm_silu", x[:, :, :, :-1])     # one element less per row: accepted
 
 
 # The same argument checks on both paths: a call the CPU fallback accepts is one the GPU accepts.
