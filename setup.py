@@ -27,7 +27,11 @@ setup(
         "torchmetrics>=1.4",  # PSNR and SSIM of reconstructions (archirf.eval.recon)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        # the tests run the fp8 conversion in torchao's CPU emulation
+        "test": ["pytest>=8", "pytest-benchmark>=4", "torchao==0.17.0"],
+        # precision=fp8-tensorwise | fp8-rowwise (archirf/fp8.py): torchao's float8 training; 0.17 imports
+        # beside torch 2.11 to 2.13
+        "fp8": ["torchao==0.17.0"],
         # GPU image decoding (data.loader=dali); CUDA 13 drivers. For CUDA 12: pip install nvidia-dali-cuda120
         "dali": ["nvidia-dali-cuda130==2.4.0"],
     },

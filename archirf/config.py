@@ -265,7 +265,8 @@ class Config:
     run_dir: str = "runs/digits"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"   # auto: bf16 autocast on CUDA, fp32 on CPU
+    # auto: bf16 autocast on CUDA, fp32 on CPU; fp8-*: bf16 with fp8 GEMMs in the transformer blocks (archirf/fp8.py)
+    precision: Literal["auto", "bf16", "fp32", "fp8-tensorwise", "fp8-rowwise"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"        # per-block torch.compile; auto: on on CUDA, off on CPU
     global_batch: int = 128                      # images per optimizer step, all ranks together
     micro_batch: Optional[int] = None            # per rank per forward; None: global_batch / world size
@@ -440,6 +441,9 @@ def validate(cfg: Config) -> None:
              "model.class_embeddings needs a class-conditional dataset (data.num_classes > 0); set it to null")
     if m.name != "autoencoder":
         need(0.0 <= m.class_dropout_prob < 1.0, "model.class_dropout_prob must be in [0, 1)")
+    need(not cfg.precision.startswith("fp8") or m.name in ("dit", "mmdit"),
+         f"precision={cfg.precision}: fp8 GEMMs are for the transformers (model.name=dit|mmdit), not "
+         f"model.name={m.name}; use precision=bf16")
     if m.name == "autoencoder":
         need(m.channels >= 1 and m.num_res_blocks >= 1 and m.z_channels >= 1 and m.mid_heads >= 1,
              "model.channels, num_res_blocks, z_channels and mid_heads must be >= 1")

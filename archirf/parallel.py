@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from . import fp8
 from .config import Config, ConfigError
 from .data.order import stream_seed
 
@@ -81,7 +82,10 @@ def _pick_device(cfg: Config) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of a precision setting (auto | bf16 | fp32): auto is bf16 on CUDA, fp32 (None) elsewhere."""
+    """The autocast dtype of a precision setting (auto | bf16 | fp32 | fp8-*): auto is bf16 on CUDA, fp32 (None)
+    elsewhere; the fp8 settings run bf16 autocast around their fp8 GEMMs."""
+    if precision.startswith("fp8"):     # fp8 GEMMs where archirf/fp8.py converts a layer, bf16 everywhere else
+        return torch.bfloat16
     return {"auto": torch.bfloat16 if device.type == "cuda" else None, "bf16": torch.bfloat16, "fp32": None}[precision]
 
 
@@ -151,8 +155,9 @@ _COMPILED_UNITS = 0                 # units compiled by this process so far (the
 
 def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], compile: bool,
                 activation_checkpointing: str = "none", reshard_after_forward: bool = True,
-                blocks_per_shard: int = 1, shard: bool = True) -> nn.Module:
-    """Activation checkpointing -> per-block compile -> per-block fully_shard -> root fully_shard, in place.
+                blocks_per_shard: int = 1, shard: bool = True, precision: str = "auto") -> nn.Module:
+    """fp8 GEMMs (precision=fp8-*) -> activation checkpointing -> per-block compile -> per-block fully_shard ->
+    root fully_shard, in place.
 
     Repeated blocks compile once (same code, parameters are graph inputs). Parameters stay fp32
     (the optimizer's master copy, sharded); `param_dtype` is the dtype they are gathered in (the one
@@ -170,6 +175,9 @@ def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], c
     block_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     root_mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     blocks = model.blocks
+    if fp8.recipe(precision):           # swaps linear layers of the blocks for Float8Linear: before compile and FSDP2
+        chosen = fp8.convert(blocks, precision)
+        model.fp8_plan = chosen         # read by the task's description line
     if compile:  # blocks that differ (a UNet's widths, resampling, attention) compile one graph each; another
         # compiled copy (the evaluation's, without grad) adds as many to each class's cache, twice when it also
         # runs at a second batch size (the sample grids')
@@ -222,7 +230,7 @@ def build_training_model(cfg: Config, env: Env, *, param_dtype: Optional[torch.d
         torch.manual_seed(cfg.seed)
         reference = build_model(cfg)
         model = copy.deepcopy(reference)
-        parallelize(model, None, param_dtype=None, compile=compile, shard=False,
+        parallelize(model, None, param_dtype=None, compile=compile, shard=False, precision=cfg.precision,
                     activation_checkpointing=cfg.parallel.activation_checkpointing)
         _freeze_empty(model.to(env.device))
         return model, reference
@@ -232,7 +240,7 @@ def build_training_model(cfg: Config, env: Env, *, param_dtype: Optional[torch.d
     if unsaved:
         raise ValueError(f"non-persistent buffers {sorted(unsaved)} would stay uninitialised after the broadcast "
                          f"of rank 0's weights; register them with persistent=True")
-    parallelize(model, env.mesh, param_dtype=param_dtype, compile=compile,
+    parallelize(model, env.mesh, param_dtype=param_dtype, compile=compile, precision=cfg.precision,
                 activation_checkpointing=cfg.parallel.activation_checkpointing,
                 reshard_after_forward=cfg.parallel.reshard_after_forward,
                 blocks_per_shard=cfg.parallel.blocks_per_shard)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from . import parallel
+from . import fp8, parallel
 from .config import (Config, ConfigError, batch_split, config_changes, from_yaml_text, preset_departures,
                      to_yaml)
 from .data import build_loader, skipped_images
@@ -154,6 +154,7 @@ def _train(cfg: Config, env: Env) -> Path:
     device = env.device
     micro, accum = batch_split(cfg, env.world_size)
     dtype = parallel.autocast_dtype(cfg.precision, device)
+    fp8.check(cfg.precision, cfg.model.name, device)     # before anything is written: no fp8 GPU is a config error
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     run_dir = _prepare_run_dir(cfg, env)
     config_yaml = to_yaml(cfg)

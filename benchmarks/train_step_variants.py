@@ -10,6 +10,8 @@ autocast on CUDA, synthetic data already on the device):
   whole     torch.compile of the whole plain model (what a user's own compiled script does)
   eager     no compile
   *_ref     the same with model.kernels=reference (no fused Triton ops)
+  *_fp8t, *_fp8r   the same with precision=fp8-tensorwise / fp8-rowwise (archirf/fp8.py's layers; "whole"
+            converts the same layers before compiling), e.g. plain_fp8t
 Prints one JSON line per variant (ms per step, img/s, MFU at 6 x forward MACs, peak memory,
 first-step seconds incl. compilation); --profile writes torch.profiler tables per variant.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from archirf import parallel
+from archirf import fp8, parallel
 from archirf.config import load_config
 from archirf.ema import EMA
 from archirf.metrics import peak_flops
@@ -33,6 +35,9 @@ from archirf.models import build_model
 from archirf.objectives import build_objective
 from archirf.optim import build_optimizer
 from archirf.sample import autocast_model_fn
+
+
+FP8_SUFFIXES = {"_fp8t": "fp8-tensorwise", "_fp8r": "fp8-rowwise"}
 
 
 def measure(name, cfg, model, device, dtype, batch, steps, profile_dir):
@@ -118,8 +123,13 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             cfg = copy.deepcopy(base)
-            kind = name.removesuffix("_ref")
-            if name.endswith("_ref"):
+            core = name
+            for suffix, precision in FP8_SUFFIXES.items():
+                if name.endswith(suffix):
+                    core, cfg.precision = name.removesuffix(suffix), precision
+                    fp8.check(precision, cfg.model.name, device)
+            kind = core.removesuffix("_ref")
+            if core.endswith("_ref"):
                 if cfg.model.kernels is None:
                     raise SystemExit(f"variant {name}: model.name={cfg.model.name} has no model.kernels to set to "
                                      f"reference; drop the _ref variants")
@@ -130,10 +140,13 @@ def main(argv=None) -> int:
             elif kind in ("whole", "eager"):
                 torch.manual_seed(cfg.seed)
                 model = build_model(cfg).to(device)
+                if fp8.recipe(cfg.precision):
+                    fp8.convert(model.blocks, cfg.precision)
                 if kind == "whole":
                     model = torch.compile(model)
             else:
-                raise SystemExit(f"unknown variant {name!r}; choose from fsdp, plain, whole, eager (+ _ref)")
+                raise SystemExit(f"unknown variant {name!r}; choose from fsdp, plain, whole, eager (+ _ref, + _fp8t or "
+                                 f"_fp8r)")
             results.append(measure(name, cfg, model.train(), device, dtype, args.batch, args.steps, args.profile))
             del model
     print("SUMMARY " + json.dumps(results))

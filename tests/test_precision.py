@@ -22,9 +22,10 @@ FAMILIES = {
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _first_block_io(overrides: list[str], shard: bool, device: str) -> tuple[list, torch.Tensor]:
-    cfg = load_config(None, overrides + ["precision=bf16", "compile=off", f"device={device}",
-                                         f"parallel.shard_single_rank={str(shard).lower()}"])
+def _first_block_io(overrides: list[str], shard: bool, device: str,
+                    precision: str | None = "bf16") -> tuple[list, torch.Tensor]:
+    cfg = load_config(None, overrides + ([f"precision={precision}"] if precision else []) + [
+        "compile=off", f"device={device}", f"parallel.shard_single_rank={str(shard).lower()}"])
     seen = {}
     with parallel.distributed(cfg) as env:
         model, _ = parallel.build_training_model(cfg, env, param_dtype=torch.bfloat16, compile=False)

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .. import checkpoint as ckpt
-from .. import parallel
+from .. import fp8, parallel
 from ..config import Config
 from ..ema import EMA
 from ..objectives import build_objective
@@ -64,8 +64,9 @@ class GenerativeTask:
     def describe(self) -> str:
         """Rank 0: the network and the objective, for the run's first line."""
         m = self.eval_model
+        plan = getattr(self.model, "fp8_plan", None)     # set by parallelize under precision=fp8-*
         return (f"{type(m).__name__} {m.num_params() / 1e6:.2f}M params, {self.flops_per_image / 1e9:.3f} G MACs/img"
-                f" | {self.cfg.objective.name}")
+                f" | {self.cfg.objective.name}" + (f" | {fp8.describe(plan, self.cfg.precision)}" if plan else ""))
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
