@@ -202,6 +202,8 @@ class OptimConfig:
     warmup_images: int = 5_000                   # linear warm-up from 0
     decay_start_images: int = 0                  # inv_sqrt: lr * min(1, sqrt(decay_start / images)) (EDM2)
     min_lr_ratio: float = 0.0                    # cosine: floor as a fraction of lr
+    # one pass for clipping's scale + AdamW + the EMAs (archirf_kernels.adamw_ema_step; CUDA, DiT / MMDiT / ADM)
+    fused_update: bool = False
 
 
 @dataclass
@@ -534,6 +536,14 @@ def validate(cfg: Config) -> None:
         p.grad_clip = 0.0 if ae else 1.0
     need(len(p.betas) == 2 and all(0 <= b < 1 for b in p.betas), "optim.betas must be two numbers in [0, 1)")
     need(p.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables)")
+    need(not p.fused_update or cfg.model.name in ("dit", "mmdit", "adm_unet"),
+         f"optim.fused_update: one pass for AdamW and the EMAs, for model.name=dit|mmdit|adm_unet; "
+         f"model.name={cfg.model.name} "
+         + ("normalises its weights between the step and the EMA" if cfg.model.name == "edm2_unet"
+            else "trains two networks with their own optimizers") + "; remove it")
+    need(not p.fused_update or len(cfg.ema.posthoc_sigma_rels) <= 3,
+         f"optim.fused_update updates at most 4 EMAs in its pass (ema and 3 post-hoc widths); ema.posthoc_sigma_rels "
+         f"has {len(cfg.ema.posthoc_sigma_rels)}: remove optim.fused_update or keep 3 widths")
     need(p.lr_schedule != "inv_sqrt" or p.decay_start_images > 0,
          "optim.lr_schedule=inv_sqrt needs optim.decay_start_images > 0 (EDM2: 70k batches of 2048 = 143,360,000 "
          "images on latents)")

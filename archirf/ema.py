@@ -69,18 +69,26 @@ class EMA:
         self.names = list(params)  # frozen ones too (their average is themselves): a complete parameter set
         self.shadow = {n: params[n].detach().float().clone() for n in self.names}
 
+    def rate(self, images_seen: int, batch_images: int) -> Optional[float]:
+        """This step's lerp weight 1 - beta toward the weights, or None while the EMA is a plain copy
+        (images_seen <= start_images)."""
+        if images_seen <= self.start_images:
+            return None
+        beta = (power_function_beta(self.sigma_rel, images_seen, batch_images, self.gamma) if self.gamma is not None
+                else decay_per_step(batch_images, self.half_life_images, self.decay))
+        return 1.0 - beta
+
     @torch.no_grad()
     def update(self, model: nn.Module, images_seen: int, batch_images: int) -> None:
         params = _named_params(model)
         src = [_local(params[n]) for n in self.names]  # no grad here: the tensors themselves
         dst = [_local(self.shadow[n]) for n in self.names]
-        if images_seen <= self.start_images:
+        rate = self.rate(images_seen, batch_images)
+        if rate is None:
             torch._foreach_copy_(dst, src)
             return
-        beta = (power_function_beta(self.sigma_rel, images_seen, batch_images, self.gamma) if self.gamma is not None
-                else decay_per_step(batch_images, self.half_life_images, self.decay))
         # shadow <- beta * shadow + (1 - beta) * param, in fp32
-        torch._foreach_lerp_(dst, [s.float() for s in src], 1.0 - beta)
+        torch._foreach_lerp_(dst, [s.float() for s in src], rate)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

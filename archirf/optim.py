@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -40,6 +41,34 @@ class AdamW(torch.optim.AdamW):
                  amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
                  eps=group["eps"], maximize=group["maximize"])
         return None
+
+    @torch.no_grad()
+    def fused_update(self, grad_scale: Optional[torch.Tensor], emas: list[dict[torch.Tensor, torch.Tensor]],
+                     rates: list[float]) -> bool:
+        """This step and the EMAs' in one pass (archirf_kernels.adamw_ema_step): the gradients times `grad_scale`
+        (clipping; None: as they are), AdamW, then each EMA (a map parameter -> its fp32 shadow) lerped toward the
+        new weights by its rate. The optimizer state keeps torch's layout and per-parameter step counts, so
+        checkpoints are the same either way. False (nothing done) where the kernel does not apply: the first
+        step (the state does not exist yet), several parameter groups, or a tensor the kernel does not take."""
+        import archirf_kernels as K
+
+        if len(self.param_groups) != 1 or not self._local_step_ready():
+            return False
+        group = self.param_groups[0]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params or group["maximize"] or any(_local(p).dtype != torch.float32 or _local(p.grad).dtype !=
+                                                  torch.float32 for p in params):
+            return False
+        states = [self.state[p] for p in params]
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1)       # torch keeps a count per parameter; they move together
+        beta1, beta2 = group["betas"]
+        K.adamw_ema_step([_local(p) for p in params], [_local(p.grad) for p in params],
+                         [_local(s["exp_avg"]) for s in states], [_local(s["exp_avg_sq"]) for s in states], steps[0],
+                         lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"], emas=[[_local(e[p]) for p in params] for e in emas],
+                         ema_rates=rates, grad_scale=grad_scale, impl="triton")
+        return True
 
     def _local_step_ready(self) -> bool:
         """Fused, no amsgrad / capturable, and every parameter with a gradient has its state already

@@ -21,6 +21,8 @@ on a CPU passes on a GPU.
     h = K.group_norm_silu(x, weight, bias, 32)                           # silu(GroupNorm(x)): LDM's ResnetBlock
     x, h = K.group_norm_silu(h, weight, bias, 32, residual=x)            # (s, silu(GroupNorm(s))), s = h + x
     h = K.channel_rms_norm_silu(x, weight)                               # silu(x / |x|_C * sqrt(C) * weight)
+    K.adamw_ema_step(params, grads, m, v, step, lr=1e-4, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0,
+                     emas=[ema], ema_rates=[1e-4], grad_scale=clip)      # AdamW + EMA in one pass, in place
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ IMPLS = ("auto", "reference", "triton")
 # the interpreter (TRITON_INTERPRET), and a broken install should fail loudly, not fall back silently.
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
-    from . import ada_norm, attention, mp, norm_silu
+    from . import ada_norm, attention, mp, norm_silu, optim
 
 __all__ = ["reference", "HAS_TRITON", "IMPLS", "ada_layer_norm", "gated_residual",
            "gated_residual_ada_layer_norm", "qk_norm_attention", "joint_qk_norm_attention", "AdaLayerNorm",
            "GatedResidualAdaLayerNorm", "normalize", "normalize_silu", "mp_silu", "mp_sum", "modulated_silu",
-           "mp_cat", "mp_cat_silu", "mp_weight", "normalize_weight_", "group_norm_silu", "channel_rms_norm_silu"]
+           "mp_cat", "mp_cat_silu", "mp_weight", "normalize_weight_", "group_norm_silu", "channel_rms_norm_silu",
+           "adamw_ema_step"]
 
 
 def _use_triton(impl: str, x: torch.Tensor) -> bool:
@@ -277,3 +280,23 @@ def channel_rms_norm_silu(x: torch.Tensor, weight: torch.Tensor | None = None, e
         return norm_silu.channel_rms_norm_silu(x, weight, eps)
     checks.channel_rms_norm_silu(x, weight)
     return reference.channel_rms_norm_silu(x, weight, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer step (kernels/optim.py; the spec is reference.adamw_ema_step): fp32 lists, in place.
+
+def adamw_ema_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                   exp_avg_sqs: list[torch.Tensor], step: torch.Tensor, *, lr: float, beta1: float, beta2: float,
+                   eps: float, weight_decay: float, emas=(), ema_rates=(), grad_scale: torch.Tensor | None = None,
+                   impl: str = "auto") -> None:
+    """AdamW (torch.optim.AdamW's update; `step` the count after this step, a scalar tensor) on gradients
+    times `grad_scale`, then each EMA list lerped toward the new weights by its rate (1 - decay): one pass
+    over every tensor. See reference.adamw_ema_step."""
+    if params and _use_triton(impl, params[0]):
+        return optim.adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, step, lr=lr, beta1=beta1, beta2=beta2,
+                                    eps=eps, weight_decay=weight_decay, emas=emas, ema_rates=ema_rates,
+                                    grad_scale=grad_scale)
+    checks.adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, [list(e) for e in emas], ema_rates)
+    return reference.adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, step, lr=lr, beta1=beta1, beta2=beta2,
+                                    eps=eps, weight_decay=weight_decay, emas=emas, ema_rates=ema_rates,
+                                    grad_scale=grad_scale)

@@ -224,3 +224,23 @@ def sample_size(op: str, x: Tensor) -> None:
 def channel_rms_norm_silu(x: Tensor, weight: Tensor | None) -> None:
     activation("channel_rms_norm_silu", x)
     _channel_vector("channel_rms_norm_silu", "weight", weight, x)
+
+
+def adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, emas, ema_rates, max_emas: int = 4) -> None:
+    n = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n) or any(len(e) != n for e in emas):
+        raise ValueError("archirf_kernels.adamw_ema_step: params, grads, exp_avgs, exp_avg_sqs and every EMA list "
+                         "must have one tensor per parameter")
+    if len(emas) != len(ema_rates) or len(emas) > max_emas:
+        raise ValueError(f"archirf_kernels.adamw_ema_step: {len(emas)} EMA lists and {len(ema_rates)} rates; one "
+                         f"rate per EMA, at most {max_emas} EMAs")
+    for r in ema_rates:
+        if not 0.0 <= float(r) <= 1.0:
+            raise ValueError(f"archirf_kernels.adamw_ema_step: an EMA rate (1 - decay) must be in [0, 1], got {r}")
+    for i, p in enumerate(params):
+        group = [p, grads[i], exp_avgs[i], exp_avg_sqs[i], *(e[i] for e in emas)]
+        for t in group:
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != p.shape or t.device != p.device:
+                raise ValueError(f"archirf_kernels.adamw_ema_step: tensor {i} ({tuple(p.shape)}): every tensor must be "
+                                 f"a contiguous fp32 tensor shaped and placed like its parameter (got {t.dtype}, "
+                                 f"{tuple(t.shape)}, {t.device}, contiguous={t.is_contiguous()})")

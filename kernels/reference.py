@@ -300,3 +300,23 @@ def channel_rms_norm_silu(x: torch.Tensor, weight: torch.Tensor | None = None, e
     n = F.normalize(_upcast(x), dim=1, eps=eps)
     k = math.sqrt(C) if weight is None else (_upcast(weight) * math.sqrt(C)).reshape(1, C, *[1] * (x.dim() - 2))
     return F.silu(n * k).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizer step (kernels/optim.py): AdamW as torch.optim.AdamW computes it, then each EMA.
+
+@torch.no_grad()
+def adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, step, *, lr, beta1, beta2, eps, weight_decay,
+                   emas=(), ema_rates=(), grad_scale=None) -> None:
+    """In place: g = grad * grad_scale; AdamW (decoupled weight decay, bias correction by the step count
+    `step`, the count after this step); then each EMA list lerps toward the new weights by its rate."""
+    n = float(step)
+    bc1, bc2 = 1 - beta1 ** n, 1 - beta2 ** n
+    for i, p in enumerate(params):
+        g = grads[i] * grad_scale if grad_scale is not None else grads[i]
+        exp_avgs[i].lerp_(g, 1 - beta1)
+        exp_avg_sqs[i].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        p.mul_(1 - lr * weight_decay)
+        p.addcdiv_(exp_avgs[i], (exp_avg_sqs[i].sqrt() / math.sqrt(bc2)).add_(eps), value=-lr / bc1)
+        for ema, rate in zip(emas, ema_rates):
+            ema[i].lerp_(p, rate)

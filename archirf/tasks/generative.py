@@ -16,7 +16,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from .. import fp8, parallel
-from ..config import Config
+from ..config import Config, ConfigError
 from ..ema import EMA
 from ..objectives import build_objective
 from ..optim import build_optimizer
@@ -59,6 +59,9 @@ class GenerativeTask:
         self.model_fn = autocast_model_fn(self.model, device, dtype, **logvar)
         self.post_step = getattr(self.model, "post_optimizer_step", None)  # e.g. EDM2's forced weight normalisation
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.clip_scale = self.ema_maps = None     # optim.fused_update: this step's clipping scale; EMA shadows
+        if cfg.optim.fused_update:
+            _check_fused_update(device)
         self.flops_per_image = self.eval_model.flops_per_image() if env.is_main else None   # MFU: rank 0
 
     def describe(self) -> str:
@@ -80,13 +83,26 @@ class GenerativeTask:
         return loss.detach()
 
     def clip(self) -> torch.Tensor:
-        return parallel.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)   # global norm, the same on every rank
+        if not self.cfg.optim.fused_update:
+            return parallel.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)   # global norm, the same on every rank
+        norm = parallel.clip_grad_norm_(self.params, 0.0)      # the norm only: the fused update applies the scale
+        max_norm = self.cfg.optim.grad_clip
+        self.clip_scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0) if max_norm > 0 else None
+        return norm
 
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def apply(self, images_seen: int) -> None:
-        """The optimizer step, then the EMAs at `images_seen` (the count after this step)."""
+        """The optimizer step, then the EMAs at `images_seen` (the count after this step): in one pass under
+        optim.fused_update where it applies (_fused_apply), else torch's AdamW and one lerp per EMA."""
+        if self.cfg.optim.fused_update and self._fused_apply(images_seen):
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        if self.clip_scale is not None:        # the fused update declined: scale as clip_grad_norm_ would have
+            torch._foreach_mul_([parallel.local_tensor(p.grad) for p in self.params if p.grad is not None],
+                                self.clip_scale)
+            self.clip_scale = None
         self.optimizer.step()
         if self.post_step is not None:
             self.post_step()
@@ -94,6 +110,26 @@ class GenerativeTask:
         self.ema.update(self.model, images_seen, self.cfg.global_batch)
         if self.posthoc is not None:
             self.posthoc.update(self.model, images_seen, self.cfg.global_batch)
+
+    def _fused_apply(self, images_seen: int) -> bool:
+        """AdamW and every EMA in one kernel (AdamW.fused_update); False where it does not apply (the first step,
+        an EMA still copying the weights), and the caller takes the unfused path."""
+        emas = [self.ema] + (list(self.posthoc.emas.values()) if self.posthoc is not None else [])
+        rates = [e.rate(images_seen, self.cfg.global_batch) for e in emas]
+        if any(r is None for r in rates):
+            return False
+        if self.ema_maps is None:              # parameter -> shadow, per EMA (the shadows are updated in place)
+            names = {p: parallel.clean_fqn(n) for n, p in self.model.named_parameters()}
+            self.ema_maps = [{p: e.shadow[names[p]] for p in self.params} for e in emas]
+        if not self.optimizer.fused_update(self.clip_scale, self.ema_maps, rates):
+            return False
+        self.clip_scale = None
+        idle = [p for p in self.params if p.grad is None]      # no gradient this step: unchanged, still averaged
+        for ema_map, rate in zip(self.ema_maps, rates):
+            if idle:
+                torch._foreach_lerp_([parallel.local_tensor(ema_map[p]) for p in idle],
+                                     [parallel.local_tensor(p).float() for p in idle], rate)
+        return True
 
     # -- state ---------------------------------------------------------------------------------------------
     def load(self, path: Path, loader, verified: bool) -> int:
@@ -184,3 +220,10 @@ def _same_latents(old: dict, new: dict) -> None:
         raise ConfigError(f"data.root={new['latents']} is not the latents this run trained on (its "
                           f"{', '.join(changed)} differ from RUN_DIR/latents.json: re-encoded?); resume with the "
                           f"file it trained on, or start a new run (another run_dir, or resume=none)")
+
+
+def _check_fused_update(device: torch.device) -> None:
+    from archirf_kernels import optim as fused
+
+    if device.type != "cuda" and not fused.INTERPRETED:
+        raise ConfigError(f"optim.fused_update runs a Triton kernel on CUDA; this run is on {device.type}: remove it")
