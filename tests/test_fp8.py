@@ -165,3 +165,19 @@ def _counting(fn):
         _counting.calls.append(len(chosen.convert))
         return chosen
     return wrapped
+
+
+def test_convergence_script_dry_run(tmp_path, monkeypatch):
+    # benchmarks/fp8_convergence.py end to end at toy size in the emulation: curves, verdicts, the plot
+    import json
+
+    from benchmarks import fp8_convergence
+
+    monkeypatch.setenv(fp8.EMULATE_ENV, "1")
+    rc = fp8_convergence.main(["--out", str(tmp_path), "--images", "64", "--precisions", "bf16,fp8-tensorwise",
+                               "--tolerance", "10", "model.preset=null", "model.hidden_size=64", "model.depth=1",
+                               "model.num_heads=2", "data.resolution=8", "global_batch=16", "compile=off"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "fp8_convergence.json").read_text())
+    assert set(doc["curves"]) == {"bf16", "fp8-tensorwise"} and len(doc["curves"]["bf16"]) == 4
+    assert doc["verdict"]["bf16"]["relative_to_bf16"] == 0 and (tmp_path / "fp8_loss.png").stat().st_size > 0
