@@ -8,8 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The kernel library installs as `archirf_kernels`: PyPI already has an unrelated `kernels`.
-    packages=find_packages(include=["archirf", "archirf.*"]) + ["archirf_kernels"],
-    package_dir={"archirf_kernels": "kernels"},
+    packages=find_packages(include=["archirf", "archirf.*"]) + ["archirf_kernels", "archirf_kernels.integrations"],
+    package_dir={"archirf_kernels": "kernels", "archirf_kernels.integrations": "kernels/integrations"},
     install_requires=[
         "torch>=2.11",              # archirf.MIN_TORCH: the oldest torch the tests run on
         "triton>=3.2; platform_system == 'Linux'",
@@ -27,8 +27,10 @@ setup(
         "torchmetrics>=1.4",  # PSNR and SSIM of reconstructions (archirf.eval.recon)
     ],
     extras_require={
-        # the tests run the fp8 conversion in torchao's CPU emulation
-        "test": ["pytest>=8", "pytest-benchmark>=4", "torchao==0.17.0"],
+        # the tests run the fp8 conversion in torchao's CPU emulation and patch small diffusers models
+        "test": ["pytest>=8", "pytest-benchmark>=4", "torchao==0.17.0", "diffusers==0.42.1"],
+        # archirf_kernels.integrations.diffusers (the kernels in diffusers' transformers)
+        "diffusers": ["diffusers==0.42.1"],
         # precision=fp8-tensorwise | fp8-rowwise (archirf/fp8.py): torchao's float8 training; 0.17 imports
         # beside torch 2.11 to 2.13
         "fp8": ["torchao==0.17.0"],

@@ -1,0 +1,193 @@
+"""archirf_kernels inside diffusers' transformers: `apply(transformer)` swaps, in place, what our fused ops compute.
+
+    from archirf_kernels.integrations import diffusers as ak
+    report = ak.apply(transformer)      # SD3Transformer2DModel, DiTTransformer2DModel, ... (any nn.Module)
+    print(report)                       # what changed, what was left alone and why
+    ak.remove(transformer)              # back to diffusers' own code
+
+What it swaps (per module instance: no diffusers class is patched, other models are untouched, parameter names
+and state dicts do not change):
+- `Attention` modules running `JointAttnProcessor2_0` (SD3 / SD3.5's joint attention, and SD3.5's second,
+  image-only attention) get `QKNormAttnProcessor`: per-head RMSNorm of q and k (diffusers' `RMSNorm`, with or
+  without its weight) and the attention over [image, context] keys through `joint_qk_norm_attention` /
+  `qk_norm_attention`, whose fused backend never writes the normalised or concatenated operands.
+- `AdaLayerNormZero` (SD3's and DiT's adaLN-Zero) and `AdaLayerNormZeroSingle` get a forward whose modulated
+  LayerNorm is `ada_layer_norm` (one pass, fp32 statistics).
+Left alone, and listed in the report with the reason: attention with a mask, a processor of another class,
+a QK norm that is not an RMSNorm without bias (e.g. LayerNorm), a norm that is not a plain LayerNorm without
+affine. A call with arguments the swapped code does not handle (an attention mask, extra kwargs) runs
+diffusers' own processor for that call. diffusers is imported only when `apply` is called.
+
+Not yet: Flux (its rotary embedding comes after the QK norm: the prep pass needs RoPE) and the blocks' gated
+residuals (`gated_residual_ada_layer_norm` would need the block's forward).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import archirf_kernels as K
+
+_ORIGINAL = "_archirf_original_processor"
+_FORWARD = "_archirf_forward"
+
+
+@dataclass
+class Report:
+    changed: list[str] = field(default_factory=list)        # "name: what"
+    skipped: dict[str, str] = field(default_factory=dict)   # name -> why left alone
+
+    def __str__(self) -> str:
+        lines = [f"archirf_kernels: {len(self.changed)} modules use the fused ops"]
+        kinds: dict[str, int] = {}
+        for c in self.changed:
+            kinds[c.split(": ", 1)[1]] = kinds.get(c.split(": ", 1)[1], 0) + 1
+        lines += [f"  {n} x {kind}" for kind, n in kinds.items()]
+        if self.skipped:
+            lines.append(f"left alone: {len(self.skipped)}")
+            lines += [f"  {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _qk_norm(norm) -> tuple[bool, torch.Tensor | None, float | None, str | None]:
+    """(is a norm, its weight, eps, why unsupported) of an Attention's norm_q / norm_k."""
+    from diffusers.models.normalization import RMSNorm
+
+    if norm is None:
+        return False, None, None, None
+    if type(norm) is not RMSNorm:
+        return True, None, None, f"QK norm {type(norm).__name__} (an RMSNorm is supported)"
+    if getattr(norm, "bias", None) is not None:
+        return True, None, None, "QK RMSNorm with a bias"
+    return True, norm.weight, float(norm.eps), None
+
+
+def _attention_unsupported(attn) -> str | None:
+    norms = [_qk_norm(getattr(attn, n, None)) for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")]
+    if any(why for *_, why in norms):
+        return next(why for *_, why in norms if why)
+    if norms[0][0] != norms[1][0] or (attn.add_q_proj is not None and norms[2][0] != norms[0][0]):
+        return "QK norm on some of q, k and the context's q, k only"
+    if getattr(attn, "residual_connection", False) or getattr(attn, "rescale_output_factor", 1.0) != 1.0:
+        return "residual connection or output rescaling inside the attention"
+    return None
+
+
+class QKNormAttnProcessor:
+    """JointAttnProcessor2_0's computation through archirf_kernels (see the module doc)."""
+
+    def __init__(self, original, impl: str = "auto", backend: str = "auto"):
+        self.original, self.impl, self.backend = original, impl, backend
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if attention_mask is not None or args or kwargs:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        B, heads = hidden_states.shape[0], attn.heads
+
+        def heads_view(t):
+            return t.view(B, -1, heads, t.shape[-1] // heads)
+
+        q, k, v = (heads_view(f(hidden_states)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        qk_norm, qw, q_eps, _ = _qk_norm(attn.norm_q)
+        _, kw, k_eps, _ = _qk_norm(attn.norm_k)
+        eps = (q_eps, k_eps) if qk_norm else 1e-6
+        if encoder_hidden_states is None:
+            out = K.qk_norm_attention((q, k, v), qw, kw, eps=eps, scale=attn.scale, qk_norm=qk_norm, impl=self.impl,
+                                      backend=self.backend)
+            ctx = None
+        else:
+            cq, ck, cv = (heads_view(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj,
+                                                                          attn.add_v_proj))
+            _, cqw, cq_eps, _ = _qk_norm(attn.norm_added_q)
+            _, ckw, ck_eps, _ = _qk_norm(attn.norm_added_k)
+            if qk_norm and (cq_eps, ck_eps) != (q_eps, k_eps):
+                return self.original(attn, hidden_states, encoder_hidden_states, attention_mask)
+            out, ctx = K.joint_qk_norm_attention((q, k, v), (cq, ck, cv), qw, kw, cqw, ckw, eps=eps, scale=attn.scale,
+                                                 qk_norm=qk_norm, impl=self.impl, backend=self.backend)
+            if not attn.context_pre_only:
+                ctx = attn.to_add_out(ctx)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out if ctx is None else (out, ctx)
+
+
+def _ada_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
+    """AdaLayerNormZero.forward with the modulated LayerNorm fused (archirf_kernels.ada_layer_norm)."""
+    if self.emb is not None:
+        emb = self.emb(timestep, class_labels, hidden_dtype=hidden_dtype)
+    emb = self.linear(self.silu(emb))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = emb.chunk(6, dim=1)
+    x = K.ada_layer_norm(x, shift_msa, scale_msa, eps=self.norm.eps, impl=self._archirf_impl)
+    return x, gate_msa, shift_mlp, scale_mlp, gate_mlp
+
+
+def _ada_zero_single_forward(self, x, emb=None):
+    emb = self.linear(self.silu(emb))
+    shift_msa, scale_msa, gate_msa = emb.chunk(3, dim=1)
+    return K.ada_layer_norm(x, shift_msa, scale_msa, eps=self.norm.eps, impl=self._archirf_impl), gate_msa
+
+
+def _plain_layer_norm(norm) -> str | None:
+    if type(norm) is not nn.LayerNorm:
+        return f"norm {type(norm).__name__} (a plain LayerNorm is supported)"
+    if norm.elementwise_affine:
+        return "LayerNorm with an affine"
+    return None
+
+
+def apply(model: nn.Module, *, impl: str = "auto", backend: str = "auto") -> Report:
+    """Swaps the supported attention processors and adaLN-Zero norms of `model` for archirf_kernels' ops, in place;
+    returns what changed and what was left alone. Calling it twice changes nothing more."""
+    from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+    from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
+
+    if impl not in K.IMPLS:
+        raise ValueError(f"unknown impl '{impl}'; choose one of {', '.join(K.IMPLS)}")
+    report = Report()
+    for name, m in model.named_modules():
+        if isinstance(m, Attention):
+            proc = m.processor
+            if isinstance(proc, QKNormAttnProcessor):
+                continue
+            if type(proc) is not JointAttnProcessor2_0:
+                report.skipped[name] = f"attention processor {type(proc).__name__}"
+            elif why := _attention_unsupported(m):
+                report.skipped[name] = why
+            else:
+                setattr(m, _ORIGINAL, proc)
+                m.set_processor(QKNormAttnProcessor(proc, impl, backend))
+                report.changed.append(f"{name}: joint QK-norm attention" if m.add_q_proj is not None
+                                      else f"{name}: QK-norm attention")
+        elif type(m).__name__.startswith(("AdaLayerNorm", "SD35AdaLayerNorm")) and type(m) not in (
+                AdaLayerNormZero, AdaLayerNormZeroSingle):
+            report.skipped[name] = f"class {type(m).__name__} (adaLN-Zero and its single form are supported)"
+        elif type(m) in (AdaLayerNormZero, AdaLayerNormZeroSingle):
+            if hasattr(m, _FORWARD):
+                continue
+            if why := _plain_layer_norm(m.norm):
+                report.skipped[name] = why
+                continue
+            m._archirf_impl = impl
+            setattr(m, _FORWARD, True)
+            single = type(m) is AdaLayerNormZeroSingle
+            m.forward = types.MethodType(_ada_zero_single_forward if single else _ada_zero_forward, m)
+            report.changed.append(f"{name}: adaLN-Zero modulated LayerNorm")
+    return report
+
+
+def remove(model: nn.Module) -> int:
+    """Undoes `apply`: diffusers' own processors and forwards again. Returns how many modules it restored."""
+    restored = 0
+    for m in model.modules():
+        if hasattr(m, _ORIGINAL):
+            m.set_processor(getattr(m, _ORIGINAL))
+            delattr(m, _ORIGINAL)
+            restored += 1
+        if hasattr(m, _FORWARD):
+            del m.forward, m._archirf_impl
+            delattr(m, _FORWARD)
+            restored += 1
+    return restored

@@ -1,0 +1,148 @@
+"""archirf_kernels.integrations.diffusers: small random-weight diffusers models (SD3.5-shaped with QK RMSNorm and
+dual attention, SD3.0-shaped without QK norm, DiT) patched with `apply` against unpatched copies: the output and
+every parameter's gradient; the report (what changed, what was left alone); `remove`; the per-call fallback (an
+attention mask); no diffusers class touched. fp32 in Triton's interpreter on a CPU (impl="triton"); on a GPU the
+same tests run the kernels for real."""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from archirf_kernels.integrations import diffusers as ak  # noqa: E402
+
+IMPL = "triton"
+B = 2
+
+
+def _sd3(qk_norm="rms_norm", dual=(0,)):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                                  num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=32,
+                                  pooled_projection_dim=16, out_channels=4, pos_embed_max_size=8,
+                                  dual_attention_layers=dual, qk_norm=qk_norm)
+    _randomise(model)
+    gen = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(B, 4, 8, 8, generator=gen),
+                  encoder_hidden_states=torch.randn(B, 5, 24, generator=gen),
+                  pooled_projections=torch.randn(B, 16, generator=gen), timestep=torch.tensor([3.0, 700.0]))
+    return model, inputs
+
+
+def _dit():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=2,
+                                  sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    _randomise(model)
+    gen = torch.Generator().manual_seed(1)
+    inputs = dict(hidden_states=torch.randn(B, 4, 8, 8, generator=gen), timestep=torch.tensor([3, 700]),
+                  class_labels=torch.tensor([1, 7]))
+    return model, inputs
+
+
+def _randomise(model):
+    """adaLN-Zero starts at zero (every block the identity): random weights everywhere, so every op counts."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() > 1 else 0.1))
+            if ".norm_" in name:        # QK-norm gains: logits far from uniform, so the attention's scale matters
+                p.add_(3.0)
+
+
+def _run(model, inputs):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)        # the same draws in both runs (DiT's label dropout in training mode)
+    out = model(**inputs, return_dict=False)[0]
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    (out * w).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _compare(ref, ours, tol=2e-5, grad_tol=2e-4):
+    """Output and every gradient within fp32 rounding of diffusers' own: error norm against the tensor's norm (the
+    kernels sum in another order), with an absolute floor for gradients that are zero in exact arithmetic (a key
+    bias shifts every logit of a query alike: its gradient is rounding noise on both sides)."""
+    err = lambda a, b: (a - b).norm().item()
+    out_r, grads_r = ref
+    out_o, grads_o = ours
+    assert err(out_o, out_r) < tol * out_r.norm().item()
+    assert grads_o.keys() == grads_r.keys() and grads_r
+    floor = 1e-5 * max(g.norm().item() for g in grads_r.values())       # fp32 noise of the largest gradients
+    for n in grads_r:
+        assert err(grads_o[n], grads_r[n]) < grad_tol * grads_r[n].norm().item() + floor, n
+
+
+@pytest.mark.parametrize("qk_norm,dual", [("rms_norm", (0,)), (None, ())], ids=["sd35", "sd30"])
+def test_sd3_patched_matches_diffusers(qk_norm, dual):
+    model, inputs = _sd3(qk_norm, dual)
+    patched = copy.deepcopy(model)
+    report = ak.apply(patched, impl=IMPL)
+    kinds = [c.split(": ", 1)[1] for c in report.changed]
+    assert kinds.count("joint QK-norm attention") == 2                  # both blocks' joint attention
+    assert kinds.count("QK-norm attention") == len(dual)                 # SD3.5's second attention
+    # norm1 of the non-dual block and norm1_context of the first block (the last block's is continuous)
+    assert kinds.count("adaLN-Zero modulated LayerNorm") == 2 - len(dual) + 1
+    if dual:
+        assert report.skipped["transformer_blocks.0.norm1"].startswith("class SD35AdaLayerNormZeroX")
+    assert patched.state_dict().keys() == model.state_dict().keys()
+    _compare(_run(model, inputs), _run(patched, inputs))
+    assert "modules use the fused ops" in str(report)
+
+
+def test_dit_patched_matches_diffusers():
+    model, inputs = _dit()
+    patched = copy.deepcopy(model)
+    report = ak.apply(patched, impl=IMPL)
+    assert [c.split(": ", 1)[1] for c in report.changed] == ["adaLN-Zero modulated LayerNorm"] * 2
+    assert all(why == "attention processor AttnProcessor2_0" for name, why in report.skipped.items()
+               if name.endswith("attn1"))
+    _compare(_run(model, inputs), _run(patched, inputs))
+
+
+def test_apply_twice_and_remove():
+    model, inputs = _sd3()
+    patched = copy.deepcopy(model)
+    first = ak.apply(patched, impl=IMPL)
+    again = ak.apply(patched, impl=IMPL)
+    assert first.changed and not again.changed
+    assert ak.remove(patched) == len(first.changed)
+    ref, back = _run(model, inputs), _run(patched, inputs)
+    assert torch.equal(ref[0], back[0])
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+    assert type(patched.transformer_blocks[0].attn.processor) is JointAttnProcessor2_0
+
+
+def test_other_models_and_classes_are_untouched():
+    from diffusers.models.normalization import AdaLayerNormZero
+
+    model, _ = _sd3()
+    other, _ = _sd3()
+    ak.apply(model, impl=IMPL)
+    assert "forward" not in vars(other.transformer_blocks[1].norm1)       # another instance: diffusers' code
+    assert AdaLayerNormZero.forward is not ak._ada_zero_forward
+
+
+def test_an_attention_mask_takes_diffusers_path_for_that_call():
+    model, _ = _sd3()
+    ak.apply(model, impl=IMPL)
+    attn = model.transformer_blocks[0].attn
+    calls = []
+    original = attn.processor.original
+    attn.processor.original = lambda *a, **k: calls.append(1) or original(*a, **k)
+    x, c = torch.randn(B, 16, 32), torch.randn(B, 5, 32)
+    attn(hidden_states=x, encoder_hidden_states=c, attention_mask=torch.ones(B, 1, 21, 21, dtype=torch.bool))
+    assert calls == [1]
+
+
+def test_unsupported_qk_norm_is_left_alone():
+    model, inputs = _sd3(qk_norm="layer_norm", dual=())
+    report = ak.apply(model, impl=IMPL)
+    attn_skips = {n: why for n, why in report.skipped.items() if n.endswith(".attn")}
+    assert attn_skips and all("QK norm LayerNorm" in why for why in attn_skips.values())
