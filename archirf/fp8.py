@@ -36,6 +36,9 @@ TOKEN_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 SKIPPED_STREAMS = ("ctx.",)             # MMDiT's context stream: few tokens per image
 FAMILIES = ("dit", "mmdit")
 EMULATE_ENV = "ARCHIRF_FP8_EMULATE"
+# torchao's size filter (a speed rule) on; numerics checks turn it off (benchmarks/fp8_convergence.py) to convert
+# every aligned per-token layer of a small model
+SIZE_FILTER = True
 
 
 class Fp8Error(ConfigError):
@@ -56,11 +59,26 @@ def emulated() -> bool:
     return os.environ.get(EMULATE_ENV, "") not in ("", "0")
 
 
-def check(precision: str, model_name: str, device: torch.device) -> None:
-    """A one-line Fp8Error unless fp8 GEMMs can run here: a transformer family, torchao, and an fp8 GPU (or the
-    emulation asked for by ARCHIRF_FP8_EMULATE=1)."""
+def check(precision: str, model_name: str, device: torch.device, cfg=None) -> None:
+    """A one-line Fp8Error unless fp8 GEMMs can run here: a transformer family, torchao, an fp8 GPU (or the
+    emulation asked for by ARCHIRF_FP8_EMULATE=1), and (given the run's config) at least one layer to convert."""
     if recipe(precision) is None:
         return
+    _check_runtime(precision, model_name, device)
+    if cfg is not None:
+        from .models import build_model
+
+        with torch.device("meta"):
+            blocks = build_model(cfg).blocks
+        chosen = plan(blocks, precision, size_filter=SIZE_FILTER and not emulated())
+        if not chosen.convert:
+            kinds = sorted({why.split(": ")[-1] for why in chosen.skipped.values()})
+            raise Fp8Error(f"precision={precision} converts no linear layer of this model ({'; '.join(kinds)}): it "
+                           f"would train in bf16; use precision=bf16" + (" or fp8-tensorwise" if precision ==
+                                                                         "fp8-rowwise" else ""))
+
+
+def _check_runtime(precision: str, model_name: str, device: torch.device) -> None:
     if model_name not in FAMILIES:
         raise Fp8Error(f"precision={precision}: fp8 GEMMs are for the transformers (model.name={'|'.join(FAMILIES)}),"
                        f" not model.name={model_name}; use precision=bf16")
@@ -115,7 +133,7 @@ def convert(blocks: nn.Module, precision: str, *, size_filter: Optional[bool] = 
     speed, which an emulation does not have."""
     float8 = _torchao()
     emulate = emulate or emulated()
-    chosen = plan(blocks, precision, size_filter=not emulate if size_filter is None else size_filter)
+    chosen = plan(blocks, precision, size_filter=(SIZE_FILTER and not emulate) if size_filter is None else size_filter)
     config = float8.Float8LinearConfig.from_recipe_name(recipe(precision))
     if emulate:
         config = dataclasses.replace(config, emulate=True)

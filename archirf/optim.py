@@ -42,6 +42,8 @@ class AdamW(torch.optim.AdamW):
                  eps=group["eps"], maximize=group["maximize"])
         return None
 
+    _fused_checked: Optional[tuple] = None     # the parameter set fused_update's checks passed for
+
     @torch.no_grad()
     def fused_update(self, grad_scale: Optional[torch.Tensor], emas: list[dict[torch.Tensor, torch.Tensor]],
                      rates: list[float]) -> bool:
@@ -51,6 +53,7 @@ class AdamW(torch.optim.AdamW):
         checkpoints are the same either way. False (nothing done) where the kernel does not apply: the first
         step (the state does not exist yet), several parameter groups, or a tensor the kernel does not take."""
         import archirf_kernels as K
+        from archirf_kernels import checks
 
         if len(self.param_groups) != 1 or not self._local_step_ready():
             return False
@@ -61,13 +64,21 @@ class AdamW(torch.optim.AdamW):
             return False
         states = [self.state[p] for p in params]
         steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1)       # torch keeps a count per parameter; they move together
+        tensors = ([_local(p) for p in params], [_local(p.grad) for p in params],
+                   [_local(s["exp_avg"]) for s in states], [_local(s["exp_avg_sq"]) for s in states])
+        ema_lists = [[_local(e[p]) for p in params] for e in emas]
+        key = tuple(id(p) for p in params)
+        if key != self._fused_checked:      # the argument checks once per set of parameters (host time)
+            try:
+                checks.adamw_ema_step(*tensors, ema_lists, rates, steps=steps)
+            except ValueError:
+                return False
+            self._fused_checked = key
+        torch._foreach_add_(steps, 1)       # torch keeps a count per parameter; the kernel reads each
         beta1, beta2 = group["betas"]
-        K.adamw_ema_step([_local(p) for p in params], [_local(p.grad) for p in params],
-                         [_local(s["exp_avg"]) for s in states], [_local(s["exp_avg_sq"]) for s in states], steps[0],
-                         lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                         weight_decay=group["weight_decay"], emas=[[_local(e[p]) for p in params] for e in emas],
-                         ema_rates=rates, grad_scale=grad_scale, impl="triton")
+        K.adamw_ema_step(*tensors, steps, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"], emas=ema_lists, ema_rates=rates, grad_scale=grad_scale,
+                         impl="triton", check=False)
         return True
 
     def _local_step_ready(self) -> bool:

@@ -154,7 +154,7 @@ def _train(cfg: Config, env: Env) -> Path:
     device = env.device
     micro, accum = batch_split(cfg, env.world_size)
     dtype = parallel.autocast_dtype(cfg.precision, device)
-    fp8.check(cfg.precision, cfg.model.name, device)     # before anything is written: no fp8 GPU is a config error
+    fp8.check(cfg.precision, cfg.model.name, device, cfg)    # before anything is written: no fp8 GPU is a config error
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     run_dir = _prepare_run_dir(cfg, env)
     config_yaml = to_yaml(cfg)

@@ -7,8 +7,9 @@ curves compared.
 Default: DiT-B/2 (`model.preset=DiT-B/2`) on the embedded digits at 32 px, batch 256, rectified flow: 6,000 steps
 on a GPU in a few minutes per precision. Each run goes through archirf.train in this process (run dirs under
 DIR/<precision>). The comparison: each precision's mean loss over the last quarter of the run against bf16's,
-relative; within `--tolerance` passes. Writes DIR/fp8_convergence.json (per-precision curves, means, what fp8
-converted) and DIR/fp8_loss.png (the curves, smoothed). Needs an fp8 GPU, or ARCHIRF_FP8_EMULATE=1 for a dry run
+relative; within `--tolerance` passes. Every aligned per-token GEMM is converted (torchao's size rule, a speed
+pick that converts little of DiT-B/2, is off unless --size-filter). Writes DIR/fp8_convergence.json (per-precision
+curves, means, the layers fp8 converted) and DIR/fp8_loss.png (the curves, smoothed). Needs an fp8 GPU, or ARCHIRF_FP8_EMULATE=1 for a dry run
 on a CPU (tests/test_fp8.py runs one).
 """
 
@@ -24,21 +25,38 @@ DEFAULTS = ["model.name=dit", "model.preset=DiT-B/2", "data.resolution=32", "glo
             "optim.lr=1e-4", "optim.warmup_images=25600", "sample_every=0", "checkpoint_every=0", "progress=false"]
 
 
-def run(out: Path, precisions: list[str], images: int, config: str | None, overrides: list[str]) -> dict:
+def run(out: Path, precisions: list[str], images: int, config: str | None, overrides: list[str],
+        all_layers: bool = True) -> tuple[dict, dict]:
+    from archirf import fp8
+
+    curves, converted = {}, {}
+    saved, fp8.SIZE_FILTER = fp8.SIZE_FILTER, not all_layers    # the numerics of every aligned per-token GEMM
+    try:
+        _train_each(out, precisions, images, config, overrides, curves, converted)
+    finally:
+        fp8.SIZE_FILTER = saved
+    return curves, converted
+
+
+def _train_each(out, precisions, images, config, overrides, curves, converted) -> None:
+    from archirf import fp8
     from archirf.config import load_config
+    from archirf.models import build_model
     from archirf.trainer import train
 
-    curves = {}
     for precision in precisions:
         torch._dynamo.reset()
         log_every = max(images // 100, 1)
         cfg = load_config(config, DEFAULTS + overrides + [
             f"run_dir={out / precision}", f"precision={precision}", f"total_images={images}",
             f"log_every={log_every}", "resume=none"])
+        if fp8.recipe(precision):
+            with torch.device("meta"):
+                converted[precision] = fp8.plan(build_model(cfg).blocks, precision,
+                                                size_filter=fp8.SIZE_FILTER and not fp8.emulated()).convert
         run_dir = train(cfg)
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
         curves[precision] = [(r["images_seen"], r["loss"]) for r in rows if "loss" in r]
-    return curves
 
 
 def compare(curves: dict, tolerance: float) -> dict:
@@ -82,6 +100,9 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", default="bf16,fp8-tensorwise,fp8-rowwise")
     ap.add_argument("--config", default=None, help="a recipe (default: the built-in digits defaults)")
     ap.add_argument("--tolerance", type=float, default=0.02)
+    ap.add_argument("--size-filter", action="store_true",
+                    help="convert only the layers torchao's size rule picks (as a training run does); default: every "
+                         "aligned per-token layer, so that each recipe's numerics are tested")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     precisions = args.precisions.split(",")
@@ -89,13 +110,13 @@ def main(argv=None) -> int:
         raise SystemExit("--precisions must include bf16: the other curves are compared with it")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    curves = run(out, precisions, args.images, args.config, args.overrides)
+    curves, converted = run(out, precisions, args.images, args.config, args.overrides, not args.size_filter)
     verdict = compare(curves, args.tolerance)
     plot(curves, out / "fp8_loss.png")
     (out / "fp8_convergence.json").write_text(json.dumps(
         {"images": args.images, "overrides": args.overrides, "tolerance": args.tolerance, "device":
          torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-         "curves": curves, "verdict": verdict}, indent=1))
+         "size_filter": args.size_filter, "converted": converted, "curves": curves, "verdict": verdict}, indent=1))
     for precision, v in verdict.items():
         print(f"{precision:16s} last-quarter mean loss {v['tail_mean_loss']:.5f}  vs bf16 {v['relative_to_bf16']:+.2%}"
               f"  {'within' if v['within'] else 'OUTSIDE'} ±{args.tolerance:.0%}")

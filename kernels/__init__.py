@@ -288,15 +288,24 @@ def channel_rms_norm_silu(x: torch.Tensor, weight: torch.Tensor | None = None, e
 def adamw_ema_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                    exp_avg_sqs: list[torch.Tensor], step: torch.Tensor, *, lr: float, beta1: float, beta2: float,
                    eps: float, weight_decay: float, emas=(), ema_rates=(), grad_scale: torch.Tensor | None = None,
-                   impl: str = "auto") -> None:
-    """AdamW (torch.optim.AdamW's update; `step` the count after this step, a scalar tensor) on gradients
-    times `grad_scale`, then each EMA list lerped toward the new weights by its rate (1 - decay): one pass
-    over every tensor. See reference.adamw_ema_step."""
+                   impl: str = "auto", check: bool = True) -> None:
+    """AdamW (torch.optim.AdamW's update; `step` the count after this step: a scalar tensor, or one per
+    parameter) on gradients times `grad_scale`, then each EMA list lerped toward the new weights by its rate
+    (1 - decay): one pass over every tensor. check=False: the caller checked these tensors already. See
+    reference.adamw_ema_step."""
     if params and _use_triton(impl, params[0]):
         return optim.adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, step, lr=lr, beta1=beta1, beta2=beta2,
                                     eps=eps, weight_decay=weight_decay, emas=emas, ema_rates=ema_rates,
-                                    grad_scale=grad_scale)
-    checks.adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, [list(e) for e in emas], ema_rates)
+                                    grad_scale=grad_scale, check=check)
+    steps = list(step) if isinstance(step, (list, tuple)) else None
+    if check:
+        checks.adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, [list(e) for e in emas], ema_rates, steps=steps)
+    if steps is not None:       # the reference: one parameter at a time with its own count
+        for i, s in enumerate(steps):
+            reference.adamw_ema_step([params[i]], [grads[i]], [exp_avgs[i]], [exp_avg_sqs[i]], s, lr=lr, beta1=beta1,
+                                     beta2=beta2, eps=eps, weight_decay=weight_decay, emas=[[e[i]] for e in emas],
+                                     ema_rates=ema_rates, grad_scale=grad_scale)
+        return None
     return reference.adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, step, lr=lr, beta1=beta1, beta2=beta2,
                                     eps=eps, weight_decay=weight_decay, emas=emas, ema_rates=ema_rates,
                                     grad_scale=grad_scale)

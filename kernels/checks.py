@@ -226,7 +226,7 @@ def channel_rms_norm_silu(x: Tensor, weight: Tensor | None) -> None:
     _channel_vector("channel_rms_norm_silu", "weight", weight, x)
 
 
-def adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, emas, ema_rates, max_emas: int = 4) -> None:
+def adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, emas, ema_rates, max_emas: int = 4, steps=None) -> None:
     n = len(params)
     if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == n) or any(len(e) != n for e in emas):
         raise ValueError("archirf_kernels.adamw_ema_step: params, grads, exp_avgs, exp_avg_sqs and every EMA list "
@@ -234,6 +234,10 @@ def adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, emas, ema_rates, max_em
     if len(emas) != len(ema_rates) or len(emas) > max_emas:
         raise ValueError(f"archirf_kernels.adamw_ema_step: {len(emas)} EMA lists and {len(ema_rates)} rates; one "
                          f"rate per EMA, at most {max_emas} EMAs")
+    if steps is not None and (len(steps) != n or any(s.numel() != 1 or s.device != p.device
+                                                     for s, p in zip(steps, params))):
+        raise ValueError("archirf_kernels.adamw_ema_step: step must be one scalar tensor, or one per parameter, on "
+                         "the parameters' device")
     for r in ema_rates:
         if not 0.0 <= float(r) <= 1.0:
             raise ValueError(f"archirf_kernels.adamw_ema_step: an EMA rate (1 - decay) must be in [0, 1], got {r}")

@@ -8,13 +8,16 @@
 reference.adamw_ema_step is the spec: torch.optim.AdamW's update (decoupled weight decay, bias correction
 from the step count) followed by torch.lerp of each EMA toward the new weights. Every tensor is fp32
 (the trainer's parameters are fp32 masters; their gradients, moments and EMAs too), one element per
-element of its parameter, and each is read and written once: 4 + 2 K fp32 accesses per element, where the
-unfused path (clip's scaling, fused AdamW, one lerp per EMA) makes 2 + 7 + 3 K.
+element of its parameter; the gradient is read once and every other tensor read and written once: 7 + 2 K
+fp32 accesses per element, where the unfused path (clip's scaling, fused AdamW, one lerp per EMA) makes
+2 + 7 + 3 K.
 
 Many tensors, one launch: the parameters are cut into chunks of BLOCK elements; a chunk table (which
 tensor, where in it) is built once per list of sizes and cached, and every launch passes tables of the
-tensors' addresses (int64), which the kernel casts to pointers. The step count is a device scalar (no host
-sync), incremented before the call as torch.optim.AdamW keeps it.
+tensors' addresses (int64), which the kernel casts to pointers; where every address is 16-byte aligned and
+every size a multiple of 4 the kernel is told so, for vector loads and stores. The step count is read per
+parameter from its device scalar (no host sync; torch.optim.AdamW keeps one per parameter), incremented
+before the call; the bias corrections are computed in fp64.
 """
 
 from __future__ import annotations
@@ -33,27 +36,36 @@ INTERPRETER_BLOCK = 64          # Triton's interpreter: small chunks, so tests c
 
 
 @triton.jit
-def _ptr(Table, row, N, i):
-    return tl.load(Table + row * N + i).to(tl.pointer_type(tl.float32))
+def _ptr(Table, row, N, i, ALIGNED: tl.constexpr):
+    p = tl.load(Table + row * N + i).to(tl.pointer_type(tl.float32))
+    if ALIGNED:                         # every address 16-byte aligned (checked on the host): vector accesses
+        p = tl.multiple_of(p, 16)
+    return p
 
 
 @triton.jit
 def _adamw_ema_kernel(
     ChunkTensor, ChunkStart, Sizes,     # per chunk: its tensor's index and first element; per tensor: numel
-    Ptrs,                               # (4 + NUM_EMAS, N) int64 addresses: param, grad, exp_avg, exp_avg_sq, EMAs
-    N, Scale_ptr, Step_ptr,
+    Ptrs,                               # (5 + NUM_EMAS, N) int64 addresses: param, grad, exp_avg, exp_avg_sq,
+    N, Scale_ptr,                       # step count (a scalar per parameter, as torch keeps it), EMAs
     lr, beta1, beta2, eps, weight_decay, r0, r1, r2, r3,
-    HAS_SCALE: tl.constexpr, NUM_EMAS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, NUM_EMAS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = tl.load(ChunkTensor + pid)
-    offs = tl.load(ChunkStart + pid).to(tl.int64) + tl.arange(0, BLOCK)
-    mask = offs < tl.load(Sizes + t).to(tl.int64)
-    p_ptr, g_ptr = _ptr(Ptrs, 0, N, t) + offs, _ptr(Ptrs, 1, N, t) + offs
-    m_ptr, v_ptr = _ptr(Ptrs, 2, N, t) + offs, _ptr(Ptrs, 3, N, t) + offs
-    step = tl.load(Step_ptr).to(tl.float32)
-    bc1 = 1.0 - tl.exp(step * tl.log(beta1))
-    bc2 = 1.0 - tl.exp(step * tl.log(beta2))
+    start = tl.load(ChunkStart + pid).to(tl.int64)
+    size = tl.load(Sizes + t).to(tl.int64)
+    if ALIGNED:                         # chunks start at multiples of BLOCK; every size a multiple of 4
+        start = tl.multiple_of(start, BLOCK)
+        size = tl.multiple_of(size, 4)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < size
+    p_ptr, g_ptr = _ptr(Ptrs, 0, N, t, ALIGNED) + offs, _ptr(Ptrs, 1, N, t, ALIGNED) + offs
+    m_ptr, v_ptr = _ptr(Ptrs, 2, N, t, ALIGNED) + offs, _ptr(Ptrs, 3, N, t, ALIGNED) + offs
+    # this parameter's own step count; the bias corrections in fp64 (exact pow, as torch's fused AdamW)
+    step = tl.load(_ptr(Ptrs, 4, N, t, False)).to(tl.float64)
+    bc1 = (1.0 - tl.exp(step * tl.log(tl.full([], beta1, tl.float64)))).to(tl.float32)
+    bc2 = (1.0 - tl.exp(step * tl.log(tl.full([], beta2, tl.float64)))).to(tl.float32)
     g = tl.load(g_ptr, mask=mask, other=0.0)
     if HAS_SCALE:
         g = g * tl.load(Scale_ptr)
@@ -68,7 +80,7 @@ def _adamw_ema_kernel(
     tl.store(p_ptr, p, mask=mask)
     for k in tl.static_range(NUM_EMAS):
         r = r0 if k == 0 else (r1 if k == 1 else (r2 if k == 2 else r3))
-        e_ptr = _ptr(Ptrs, 4 + k, N, t) + offs
+        e_ptr = _ptr(Ptrs, 5 + k, N, t, ALIGNED) + offs
         e = tl.load(e_ptr, mask=mask, other=0.0)
         tl.store(e_ptr, e + r * (p - e), mask=mask)
 
@@ -92,15 +104,18 @@ def _chunk_table(sizes: tuple[int, ...], block: int, device: torch.device) -> tu
 
 
 def adamw_ema_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                   step: Tensor, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                   emas: list[list[Tensor]] = (), ema_rates: list[float] = (), grad_scale: Tensor | None = None,
-                   check: bool = True) -> None:
+                   step: Tensor | list[Tensor], *, lr: float, beta1: float, beta2: float, eps: float,
+                   weight_decay: float, emas: list[list[Tensor]] = (), ema_rates: list[float] = (),
+                   grad_scale: Tensor | None = None, check: bool = True) -> None:
     """Updates params, exp_avgs, exp_avg_sqs and each EMA list in place (see the module doc). `step`: the step
-    count after this step (a device scalar, as torch.optim.AdamW's state["step"]); `grad_scale`: a device scalar
-    the gradients are multiplied by, or None; `ema_rates`: 1 - decay of each EMA (torch.lerp's weight)."""
+    count after this step, one scalar tensor for all parameters or one per parameter (torch.optim.AdamW's
+    state["step"]s); `grad_scale`: a device scalar the gradients are multiplied by, or None; `ema_rates`:
+    1 - decay of each EMA (torch.lerp's weight). check=False skips the argument checks (a caller that checked
+    this set of tensors once)."""
     emas = [list(e) for e in emas]
+    steps = list(step) if isinstance(step, (list, tuple)) else [step] * len(params)
     if check:
-        checks.adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, emas, ema_rates)
+        checks.adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, emas, ema_rates, steps=steps)
     if not params:
         return
     device = params[0].device
@@ -110,12 +125,15 @@ def adamw_ema_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Ten
     block = BLOCK if device.type == "cuda" else INTERPRETER_BLOCK
     live = [i for i, p in enumerate(params) if p.numel()]
     tensor, start, sizes = _chunk_table(tuple(params[i].numel() for i in live), block, device)
-    rows = [params, grads, exp_avgs, exp_avg_sqs, *emas]
-    table = torch.tensor([[row[i].data_ptr() for i in live] for row in rows], dtype=torch.int64,
-                         pin_memory=device.type == "cuda")
+    rows = [params, grads, exp_avgs, exp_avg_sqs, steps, *emas]
+    addresses = [[row[i].data_ptr() for i in live] for row in rows]
+    aligned = (all(a % 16 == 0 for r, row in enumerate(addresses) if r != 4 for a in row)
+               and all(params[i].numel() % 4 == 0 for i in live))
+    table = torch.tensor(addresses, dtype=torch.int64, pin_memory=device.type == "cuda")
     rates = [float(r) for r in ema_rates] + [0.0] * (MAX_EMAS - len(ema_rates))
     _adamw_ema_kernel[(tensor.numel(),)](
         tensor, start, sizes, table.to(device, non_blocking=True), len(live),
-        grad_scale if grad_scale is not None else step, step,
+        grad_scale if grad_scale is not None else params[live[0]],
         float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), *rates,
-        HAS_SCALE=grad_scale is not None, NUM_EMAS=len(emas), BLOCK=block, num_warps=8 if block >= 2048 else 4)
+        HAS_SCALE=grad_scale is not None, NUM_EMAS=len(emas), ALIGNED=aligned, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4)

@@ -118,6 +118,18 @@ def test_no_fp8_gpu_is_a_one_line_error_before_the_run_dir(tmp_path, monkeypatch
     assert not (tmp_path / "run").exists()
 
 
+def test_a_plan_that_converts_nothing_is_refused(tmp_path, monkeypatch):
+    # on an fp8 GPU (stood in for here) the rowwise recipe's size rule converts no layer of a small DiT: training on
+    # would be bf16 under an fp8 name, so the run stops first, before its run dir exists
+    monkeypatch.delenv(fp8.EMULATE_ENV, raising=False)
+    monkeypatch.setattr(fp8, "_check_runtime", lambda *a: None)
+    with pytest.raises(ConfigError, match=r"precision=fp8-rowwise converts no linear layer of this model "
+                                          r"\(.*too small to gain.*\): it would train in bf16; use precision=bf16 or "
+                                          r"fp8-tensorwise"):
+        train(load_config(None, TINY + [f"run_dir={tmp_path / 'run'}", "precision=fp8-rowwise"]))
+    assert not (tmp_path / "run").exists()
+
+
 def test_fp8_refuses_other_families():
     with pytest.raises(ConfigError, match=r"precision=fp8-tensorwise: fp8 GEMMs are for the transformers"):
         load_config(None, ["model.name=edm2_unet", "precision=fp8-tensorwise"])
@@ -181,3 +193,5 @@ def test_convergence_script_dry_run(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "fp8_convergence.json").read_text())
     assert set(doc["curves"]) == {"bf16", "fp8-tensorwise"} and len(doc["curves"]["bf16"]) == 4
     assert doc["verdict"]["bf16"]["relative_to_bf16"] == 0 and (tmp_path / "fp8_loss.png").stat().st_size > 0
+    assert doc["converted"]["fp8-tensorwise"] == ["0.attn.qkv", "0.attn.proj", "0.mlp.fc1", "0.mlp.fc2"]
+    assert fp8.SIZE_FILTER      # the script's setting does not outlive it

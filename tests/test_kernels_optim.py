@@ -122,3 +122,33 @@ def test_rates_and_ema_count_are_checked():
         call(emas=state["emas"], ema_rates=[1.5])
     with pytest.raises(ValueError, match="one rate per EMA, at most 4 EMAs"):
         call(emas=state["emas"] * 5, ema_rates=[0.1] * 5)
+
+
+def test_per_parameter_step_counts_and_the_aligned_path(monkeypatch):
+    # torch keeps one count per parameter: a parameter that got its first gradient later has a smaller count and
+    # its own bias correction; sizes that are multiples of 4 take the kernel's aligned (vector) path
+    calls = []
+    launch = optim._adamw_ema_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*a, **k):
+                calls.append(k["ALIGNED"])
+                return launch[grid](*a, **k)
+            return run
+
+    monkeypatch.setattr(optim, "_adamw_ema_kernel", Spy())
+    shapes = [(8, 4), (16,), (4, 3)]
+    state = _state(6, shapes=shapes, emas=1)
+    ours, ref = _to(state, DEVICE), _to(state, "cpu", torch.float64)
+    counts = [7.0, 2.0, 1.0]
+    K.adamw_ema_step(ours["params"], ours["grads"], ours["exp_avgs"], ours["exp_avg_sqs"],
+                     [torch.tensor(c, device=DEVICE) for c in counts], **HP, emas=ours["emas"], ema_rates=[0.2],
+                     impl="triton")
+    for i, c in enumerate(counts):      # the spec, one parameter at a time with its own count
+        sub = {k: ([[e[i]] for e in v] if k == "emas" else [v[i]]) for k, v in ref.items()}
+        reference.adamw_ema_step(sub["params"], sub["grads"], sub["exp_avgs"], sub["exp_avg_sqs"], c, **HP,
+                                 emas=sub["emas"], ema_rates=[0.2])
+    for a, b in zip(ours["params"] + ours["exp_avgs"], ref["params"] + ref["exp_avgs"]):
+        torch.testing.assert_close(a.cpu().double(), b, rtol=2e-6, atol=1e-7)
+    assert calls == [True]          # fresh allocations are 16-byte aligned, and every size is a multiple of 4
