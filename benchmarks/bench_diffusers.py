@@ -2,10 +2,12 @@
 
     python -m benchmarks.bench_diffusers [--models sd35m] [--layers 12] [--batch 2] [--steps 10] [--res 1024]
 
-Models (random weights, bf16 parameters and autocast, shapes of the released configs with `--layers` blocks):
+Models (random weights, fp32 parameters under bf16 autocast, shapes of the released configs with `--layers` blocks):
   sd35m   SD3.5-medium: 24 heads x 64, QK RMSNorm, dual attention in the first 13 blocks, 1024 px -> 128 x 128
           latents (4,096 image tokens), 333 context tokens (CLIP 77 + T5 256) of width 4096
   sd3     SD3.0-medium: the same without QK norm and dual attention
+  flux    Flux.1-dev: 24 heads x 128, `--layers` double blocks and twice as many single blocks, 1024 px -> 4,096
+          packed image tokens of 64 channels, 512 text tokens of width 4096, rotary positions
 One step: forward, the flow-matching MSE against random targets, backward, AdamW (fused). Rows, each compiled
 whole with torch.compile (default mode): "diffusers" (the model as loaded), "patched" (after ak.apply). Prints
 one JSON line per row and the ratio; each row's first output is checked against the other's (bf16 tolerance).
@@ -31,13 +33,35 @@ CONFIGS = {
 
 
 def build(name: str, layers: int, device):
-    from diffusers import SD3Transformer2DModel
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    if name == "flux":
+        torch.manual_seed(0)
+        return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=2 * layers,
+                                      attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                      pooled_projection_dim=768, axes_dims_rope=(16, 56, 56)).to(device)
 
     cfg = dict(CONFIGS[name], num_layers=layers)
     if "dual_attention_layers" in cfg:
         cfg["dual_attention_layers"] = tuple(i for i in cfg["dual_attention_layers"] if i < layers)
     torch.manual_seed(0)
     return SD3Transformer2DModel(**cfg).to(device)
+
+
+def make_inputs(name: str, batch: int, lat: int, device):
+    gen = torch.Generator(device=device).manual_seed(1)
+    randn = lambda *shape: torch.randn(shape, device=device, generator=gen)
+    if name == "flux":                  # 2x2 latent patches packed into 64 channels, as Flux's pipeline does
+        side = lat // 2
+        img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side * 1.0), torch.arange(side * 1.0),
+                                             indexing="ij"), -1).reshape(-1, 3).to(device)
+        inputs = dict(hidden_states=randn(batch, side * side, 64), encoder_hidden_states=randn(batch, 512, 4096),
+                      pooled_projections=randn(batch, 768), timestep=torch.rand(batch, device=device, generator=gen),
+                      img_ids=img_ids, txt_ids=torch.zeros(512, 3, device=device))
+        return inputs, randn(batch, side * side, 64)
+    inputs = dict(hidden_states=randn(batch, 16, lat, lat), encoder_hidden_states=randn(batch, 333, 4096),
+                  pooled_projections=randn(batch, 2048), timestep=torch.rand(batch, device=device, generator=gen) * 1000)
+    return inputs, randn(batch, 16, lat, lat)
 
 
 def measure(model, inputs, target, steps):
@@ -82,12 +106,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     lat = args.res // 8
     for name in args.models.split(","):
-        gen = torch.Generator(device=device).manual_seed(1)
-        inputs = dict(hidden_states=torch.randn(args.batch, 16, lat, lat, device=device, generator=gen),
-                      encoder_hidden_states=torch.randn(args.batch, 333, 4096, device=device, generator=gen),
-                      pooled_projections=torch.randn(args.batch, 2048, device=device, generator=gen),
-                      timestep=torch.rand(args.batch, device=device, generator=gen) * 1000)
-        target = torch.randn(args.batch, 16, lat, lat, device=device, generator=gen)
+        inputs, target = make_inputs(name, args.batch, lat, device)
         rows = {}
         for row in ("diffusers", "patched"):
             torch._dynamo.reset()

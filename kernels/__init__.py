@@ -21,6 +21,7 @@ on a CPU passes on a GPU.
     h = K.group_norm_silu(x, weight, bias, 32)                           # silu(GroupNorm(x)): LDM's ResnetBlock
     x, h = K.group_norm_silu(h, weight, bias, 32, residual=x)            # (s, silu(GroupNorm(s))), s = h + x
     h = K.channel_rms_norm_silu(x, weight)                               # silu(x / |x|_C * sqrt(C) * weight)
+    q = K.qk_norm_rope(q, q_weight, cos, sin)                            # Flux: RMSNorm per head, then RoPE
     K.adamw_ema_step(params, grads, m, v, step, lr=1e-4, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0,
                      emas=[ema], ema_rates=[1e-4], grad_scale=clip)      # AdamW + EMA in one pass, in place
 """
@@ -40,13 +41,13 @@ IMPLS = ("auto", "reference", "triton")
 # the interpreter (TRITON_INTERPRET), and a broken install should fail loudly, not fall back silently.
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 if HAS_TRITON:
-    from . import ada_norm, attention, mp, norm_silu, optim
+    from . import ada_norm, attention, mp, norm_silu, optim, rope
 
 __all__ = ["reference", "HAS_TRITON", "IMPLS", "ada_layer_norm", "gated_residual",
            "gated_residual_ada_layer_norm", "qk_norm_attention", "joint_qk_norm_attention", "AdaLayerNorm",
            "GatedResidualAdaLayerNorm", "normalize", "normalize_silu", "mp_silu", "mp_sum", "modulated_silu",
            "mp_cat", "mp_cat_silu", "mp_weight", "normalize_weight_", "group_norm_silu", "channel_rms_norm_silu",
-           "adamw_ema_step"]
+           "adamw_ema_step", "qk_norm_rope"]
 
 
 def _use_triton(impl: str, x: torch.Tensor) -> bool:
@@ -309,3 +310,16 @@ def adamw_ema_step(params: list[torch.Tensor], grads: list[torch.Tensor], exp_av
     return reference.adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, step, lr=lr, beta1=beta1, beta2=beta2,
                                     eps=eps, weight_decay=weight_decay, emas=emas, ema_rates=ema_rates,
                                     grad_scale=grad_scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flux's q / k prep (kernels/rope.py; the spec is reference.qk_norm_rope).
+
+def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                 eps: float = 1e-6, impl: str = "auto") -> torch.Tensor:
+    """RMSNorm over each head's D (eps under the root, optional weight), then the interleaved rotary embedding
+    with cos, sin (S, D) fp32: x (B, S, H, D) -> (B, S, H, D) in x's dtype. See reference.qk_norm_rope."""
+    if _use_triton(impl, x):
+        return rope.qk_norm_rope(x, weight, cos, sin, eps)
+    checks.qk_norm_rope(x, weight, cos, sin)
+    return reference.qk_norm_rope(x, weight, cos, sin, eps)

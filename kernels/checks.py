@@ -248,3 +248,24 @@ def adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, emas, ema_rates, max_em
                 raise ValueError(f"archirf_kernels.adamw_ema_step: tensor {i} ({tuple(p.shape)}): every tensor must be "
                                  f"a contiguous fp32 tensor shaped and placed like its parameter (got {t.dtype}, "
                                  f"{tuple(t.shape)}, {t.device}, contiguous={t.is_contiguous()})")
+
+
+def qk_norm_rope(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor) -> None:
+    op = "qk_norm_rope"
+    if x.dim() != 4:
+        raise ValueError(f"archirf_kernels {op}: x must be (B, S, H, D), got shape {tuple(x.shape)}")
+    _dtype(op, "x", x)
+    B, S, H, D = x.shape
+    if D % 2:
+        raise ValueError(f"archirf_kernels {op}: the head dim D={D} must be even (rotary pairs)")
+    if weight is not None:
+        if tuple(weight.shape) != (D,):
+            raise ValueError(f"archirf_kernels {op}: weight must be (D,) = ({D},), got {tuple(weight.shape)}")
+        _dtype(op, "weight", weight)
+        _device(op, "weight", weight, "x", x)
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (S, D):
+            raise ValueError(f"archirf_kernels {op}: {name} must be (S, D) = ({S}, {D}), got {tuple(t.shape)}")
+        if t.dtype != torch.float32:
+            raise ValueError(f"archirf_kernels {op}: {name} must be fp32, got {t.dtype}")
+        _device(op, name, t, "x", x)

@@ -320,3 +320,22 @@ def adamw_ema_step(params, grads, exp_avgs, exp_avg_sqs, step, *, lr, beta1, bet
         p.addcdiv_(exp_avgs[i], (exp_avg_sqs[i].sqrt() / math.sqrt(bc2)).add_(eps), value=-lr / bc1)
         for ema, rate in zip(emas, ema_rates):
             ema[i].lerp_(p, rate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flux's q / k prep (kernels/rope.py): per-head RMSNorm, then the interleaved rotary embedding.
+
+def qk_norm_rope(x, weight, cos, sin, eps: float = 1e-6):
+    """x (B, S, H, D); weight (D,) or None; cos, sin (S, D). RMSNorm over D with eps under the root (diffusers'
+    RMSNorm), then y = n cos + rot(n) sin with rot(n)_{2i} = -n_{2i+1}, rot(n)_{2i+1} = n_{2i} (diffusers'
+    apply_rotary_emb, use_real=True, use_real_unbind_dim=-1). Math in x's dtype's fp32 or wider; output in x's
+    dtype."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(dt)
+    n = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        n = n * weight.to(dt)
+    pairs = n.unflatten(-1, (-1, 2))
+    rot = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    c, s = cos.to(dt)[None, :, None, :], sin.to(dt)[None, :, None, :]
+    return (n * c + rot * s).to(x.dtype)

@@ -2,7 +2,7 @@
 dual attention, SD3.0-shaped without QK norm, DiT) patched with `apply` against unpatched copies: the output and
 every parameter's gradient; the report (what changed, what was left alone); `remove`; the per-call fallback (an
 attention mask); no diffusers class touched. fp32 in Triton's interpreter on a CPU (impl="triton"); on a GPU the
-same tests run the kernels for real."""
+same tests run the kernels for real, in bf16 autocast too."""
 
 import copy
 
@@ -13,7 +13,8 @@ pytest.importorskip("diffusers")
 
 from archirf_kernels.integrations import diffusers as ak  # noqa: E402
 
-IMPL = "triton"
+IMPL = "triton"             # the kernels: on a GPU for real, in Triton's interpreter on a CPU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B = 2
 
 
@@ -30,7 +31,7 @@ def _sd3(qk_norm="rms_norm", dual=(0,)):
     inputs = dict(hidden_states=torch.randn(B, 4, 8, 8, generator=gen),
                   encoder_hidden_states=torch.randn(B, 5, 24, generator=gen),
                   pooled_projections=torch.randn(B, 16, generator=gen), timestep=torch.tensor([3.0, 700.0]))
-    return model, inputs
+    return _on_device(model, inputs)
 
 
 def _dit():
@@ -43,7 +44,31 @@ def _dit():
     gen = torch.Generator().manual_seed(1)
     inputs = dict(hidden_states=torch.randn(B, 4, 8, 8, generator=gen), timestep=torch.tensor([3, 700]),
                   class_labels=torch.tensor([1, 7]))
-    return model, inputs
+    return _on_device(model, inputs)
+
+
+def _flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                   pooled_projection_dim=12, axes_dims_rope=(2, 2, 4))
+    _randomise(model)
+    gen = torch.Generator().manual_seed(1)
+    n_img, n_txt = 12, 5
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(3.0), torch.arange(4.0), indexing="ij"),
+                          -1).reshape(n_img, 3)
+    inputs = dict(hidden_states=torch.randn(B, n_img, 8, generator=gen),
+                  encoder_hidden_states=torch.randn(B, n_txt, 16, generator=gen),
+                  pooled_projections=torch.randn(B, 12, generator=gen), timestep=torch.tensor([0.1, 0.9]),
+                  img_ids=img_ids,      # distinct text positions (Flux's are zeros): a position off by one shows
+                  txt_ids=torch.stack([torch.zeros(n_txt), 10.0 + torch.arange(n_txt), torch.arange(n_txt)], -1))
+    return _on_device(model, inputs)
+
+
+def _on_device(model, inputs):
+    return model.to(DEVICE), {k: v.to(DEVICE) for k, v in inputs.items()}
 
 
 def _randomise(model):
@@ -56,12 +81,13 @@ def _randomise(model):
                 p.add_(3.0)
 
 
-def _run(model, inputs):
+def _run(model, inputs, amp=None):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(5)        # the same draws in both runs (DiT's label dropout in training mode)
-    out = model(**inputs, return_dict=False)[0]
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
-    (out * w).sum().backward()
+    with torch.autocast(DEVICE, dtype=amp or torch.float32, enabled=amp is not None):
+        out = model(**inputs, return_dict=False)[0]
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    (out.float() * w).sum().backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -106,6 +132,17 @@ def test_dit_patched_matches_diffusers():
     _compare(_run(model, inputs), _run(patched, inputs))
 
 
+def test_flux_patched_matches_diffusers():
+    model, inputs = _flux()
+    patched = copy.deepcopy(model)
+    report = ak.apply(patched, impl=IMPL)
+    kinds = sorted(c.split(": ", 1)[1] for c in report.changed)
+    assert kinds == ["QK-norm + RoPE prep (Flux)"] * 2 + ["adaLN-Zero modulated LayerNorm"] * 3
+    assert patched.state_dict().keys() == model.state_dict().keys()
+    _compare(_run(model, inputs), _run(patched, inputs))
+    assert ak.remove(patched) == len(report.changed)
+
+
 def test_apply_twice_and_remove():
     model, inputs = _sd3()
     patched = copy.deepcopy(model)
@@ -136,8 +173,9 @@ def test_an_attention_mask_takes_diffusers_path_for_that_call():
     calls = []
     original = attn.processor.original
     attn.processor.original = lambda *a, **k: calls.append(1) or original(*a, **k)
-    x, c = torch.randn(B, 16, 32), torch.randn(B, 5, 32)
-    attn(hidden_states=x, encoder_hidden_states=c, attention_mask=torch.ones(B, 1, 21, 21, dtype=torch.bool))
+    x, c = torch.randn(B, 16, 32, device=DEVICE), torch.randn(B, 5, 32, device=DEVICE)
+    attn(hidden_states=x, encoder_hidden_states=c,
+         attention_mask=torch.ones(B, 1, 21, 21, dtype=torch.bool, device=DEVICE))
     assert calls == [1]
 
 
@@ -146,3 +184,37 @@ def test_unsupported_qk_norm_is_left_alone():
     report = ak.apply(model, impl=IMPL)
     attn_skips = {n: why for n, why in report.skipped.items() if n.endswith(".attn")}
     assert attn_skips and all("QK norm LayerNorm" in why for why in attn_skips.values())
+
+
+AMPS = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])   # the interpreter computes bf16 wrongly
+
+
+@pytest.mark.parametrize("amp", AMPS, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("build", [_sd3, _flux], ids=["sd35", "flux"])
+def test_half_precision_autocast(build, amp):
+    # the way people fine-tune: fp32 weights under fp16 / bf16 autocast; within that precision's rounding
+    model, inputs = build()
+    patched = copy.deepcopy(model)
+    ak.apply(patched, impl=IMPL)
+    tol = 2e-2 if amp == torch.float16 else 6e-2
+    _compare(_run(model, inputs, amp), _run(patched, inputs, amp), tol=tol, grad_tol=2 * tol)
+
+
+def test_a_patched_model_saves_and_loads_whole(tmp_path):
+    model, inputs = _dit()
+    ak.apply(model, impl=IMPL)
+    torch.save(model, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert torch.equal(_run(model, inputs)[0], _run(again, inputs)[0])
+
+
+def test_remove_keeps_a_processor_set_after_apply():
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    model, _ = _sd3()
+    ak.apply(model, impl=IMPL)
+    block = model.transformer_blocks[1]
+    mine = JointAttnProcessor2_0()
+    block.attn.set_processor(mine)                          # the user's own choice after apply
+    ak.remove(model)
+    assert block.attn.processor is mine and not hasattr(block.attn, ak._ORIGINAL)

@@ -10,21 +10,24 @@ and state dicts do not change):
 - `Attention` modules running `JointAttnProcessor2_0` (SD3 / SD3.5's joint attention, and SD3.5's second,
   image-only attention) get `QKNormAttnProcessor`: per-head RMSNorm of q and k (diffusers' `RMSNorm`, with or
   without its weight) and the attention over [image, context] keys through `joint_qk_norm_attention` /
-  `qk_norm_attention`, whose fused backend never writes the normalised or concatenated operands.
-- `AdaLayerNormZero` (SD3's and DiT's adaLN-Zero) and `AdaLayerNormZeroSingle` get a forward whose modulated
-  LayerNorm is `ada_layer_norm` (one pass, fp32 statistics).
-Left alone, and listed in the report with the reason: attention with a mask, a processor of another class,
-a QK norm that is not an RMSNorm without bias (e.g. LayerNorm), a norm that is not a plain LayerNorm without
-affine. A call with arguments the swapped code does not handle (an attention mask, extra kwargs) runs
-diffusers' own processor for that call. diffusers is imported only when `apply` is called.
+  `qk_norm_attention` (backend "auto": the fused kernels up to 512 tokens, which never write the normalised or
+  concatenated operands; beyond, one prep pass writes them for PyTorch's SDPA).
+- `AdaLayerNormZero` (SD3's, DiT's and Flux's double blocks' adaLN-Zero) and `AdaLayerNormZeroSingle` (Flux's
+  single blocks) get a forward whose modulated LayerNorm is `ada_layer_norm` (one pass, fp32 statistics).
+- `FluxAttention` modules running `FluxAttnProcessor` (Flux's double and single blocks) get
+  `FluxQKNormRopeProcessor`: each stream's q and k RMSNorm (torch.nn.RMSNorm) and rotary embedding in one pass
+  (`qk_norm_rope`), then PyTorch's SDPA over [context, image], as Flux's processor dispatches it.
+Left alone, and listed in the report with the reason: a processor of another class, a QK norm that is not an
+RMSNorm without bias (e.g. LayerNorm), a norm that is not a plain LayerNorm without affine. A call with an
+attention mask runs diffusers' own processor for that call. diffusers is imported only when `apply` is called;
+a second `apply` keeps the first one's impl and backend.
 
-Not yet: Flux (its rotary embedding comes after the QK norm: the prep pass needs RoPE) and the blocks' gated
-residuals (`gated_residual_ada_layer_norm` would need the block's forward).
+Not yet: the blocks' gated residuals (`gated_residual_ada_layer_norm` would need the block's forward).
 """
 
 from __future__ import annotations
 
-import types
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -70,7 +73,7 @@ def _attention_unsupported(attn) -> str | None:
     norms = [_qk_norm(getattr(attn, n, None)) for n in ("norm_q", "norm_k", "norm_added_q", "norm_added_k")]
     if any(why for *_, why in norms):
         return next(why for *_, why in norms if why)
-    if norms[0][0] != norms[1][0] or (attn.add_q_proj is not None and norms[2][0] != norms[0][0]):
+    if norms[0][0] != norms[1][0] or (attn.add_q_proj is not None and not norms[0][0] == norms[2][0] == norms[3][0]):
         return "QK norm on some of q, k and the context's q, k only"
     if getattr(attn, "residual_connection", False) or getattr(attn, "rescale_output_factor", 1.0) != 1.0:
         return "residual connection or output rescaling inside the attention"
@@ -96,8 +99,8 @@ class QKNormAttnProcessor:
         _, kw, k_eps, _ = _qk_norm(attn.norm_k)
         eps = (q_eps, k_eps) if qk_norm else 1e-6
         if encoder_hidden_states is None:
-            out = K.qk_norm_attention((q, k, v), qw, kw, eps=eps, scale=attn.scale, qk_norm=qk_norm, impl=self.impl,
-                                      backend=self.backend)
+            out = K.qk_norm_attention((q, k, v), qw, kw, eps=eps, qk_norm=qk_norm, impl=self.impl,
+                                      backend=self.backend)     # SDPA's default scale, as diffusers' processor
             ctx = None
         else:
             cq, ck, cv = (heads_view(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj,
@@ -106,12 +109,67 @@ class QKNormAttnProcessor:
             _, ckw, ck_eps, _ = _qk_norm(attn.norm_added_k)
             if qk_norm and (cq_eps, ck_eps) != (q_eps, k_eps):
                 return self.original(attn, hidden_states, encoder_hidden_states, attention_mask)
-            out, ctx = K.joint_qk_norm_attention((q, k, v), (cq, ck, cv), qw, kw, cqw, ckw, eps=eps, scale=attn.scale,
-                                                 qk_norm=qk_norm, impl=self.impl, backend=self.backend)
+            out, ctx = K.joint_qk_norm_attention((q, k, v), (cq, ck, cv), qw, kw, cqw, ckw, eps=eps, qk_norm=qk_norm,
+                                                 impl=self.impl, backend=self.backend)
             if not attn.context_pre_only:
                 ctx = attn.to_add_out(ctx)
         out = attn.to_out[1](attn.to_out[0](out))
         return out if ctx is None else (out, ctx)
+
+
+def _torch_rms(norm) -> tuple[torch.Tensor | None, float, str | None]:
+    """(weight, eps, why unsupported) of one of Flux's torch.nn.RMSNorm QK norms."""
+    if type(norm) is not nn.RMSNorm:
+        return None, 0.0, f"QK norm {type(norm).__name__} (torch.nn.RMSNorm is supported)"
+    if norm.eps is None:
+        return None, 0.0, "QK RMSNorm without an explicit eps"
+    return norm.weight, float(norm.eps), None
+
+
+def _flux_unsupported(attn) -> str | None:
+    names = ("norm_q", "norm_k") + (("norm_added_q", "norm_added_k") if attn.added_kv_proj_dim is not None else ())
+    for name in names:
+        if why := _torch_rms(getattr(attn, name))[2]:
+            return why
+    return None
+
+
+class FluxQKNormRopeProcessor:
+    """FluxAttnProcessor's computation with each stream's q and k RMSNorm and rotary embedding in one pass
+    (archirf_kernels.qk_norm_rope), then PyTorch's SDPA over [context, image]."""
+
+    def __init__(self, original, impl: str = "auto"):
+        self.original, self.impl = original, impl
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
+                 *args, **kwargs):
+        if attention_mask is not None or image_rotary_emb is None or args or kwargs:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
+                                 *args, **kwargs)
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        q, k, v, cq, ck, cv = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        cos, sin = (t.float() for t in image_rotary_emb)
+        heads = lambda t: t.unflatten(-1, (-1, attn.head_dim))
+        n_ctx = encoder_hidden_states.shape[1] if attn.added_kv_proj_dim is not None else 0
+
+        def prep(t, norm, lo, hi):
+            weight, eps, _ = _torch_rms(norm)
+            return K.qk_norm_rope(heads(t), weight, cos[lo:hi], sin[lo:hi], eps, impl=self.impl)
+
+        total = n_ctx + q.shape[1]
+        q, k, v = prep(q, attn.norm_q, n_ctx, total), prep(k, attn.norm_k, n_ctx, total), heads(v)
+        if n_ctx:
+            q = torch.cat([prep(cq, attn.norm_added_q, 0, n_ctx), q], dim=1)
+            k = torch.cat([prep(ck, attn.norm_added_k, 0, n_ctx), k], dim=1)
+            v = torch.cat([heads(cv), v], dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = out.transpose(1, 2).flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is None:
+            return out
+        ctx, out = out.split_with_sizes([n_ctx, out.shape[1] - n_ctx], dim=1)
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        return out, attn.to_add_out(ctx.contiguous())
 
 
 def _ada_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
@@ -147,8 +205,21 @@ def apply(model: nn.Module, *, impl: str = "auto", backend: str = "auto") -> Rep
     if impl not in K.IMPLS:
         raise ValueError(f"unknown impl '{impl}'; choose one of {', '.join(K.IMPLS)}")
     report = Report()
+    flux = _flux_classes()
     for name, m in model.named_modules():
-        if isinstance(m, Attention):
+        if flux and isinstance(m, flux[0]):
+            proc = m.processor
+            if isinstance(proc, FluxQKNormRopeProcessor):
+                continue
+            if type(proc) is not flux[1]:
+                report.skipped[name] = f"attention processor {type(proc).__name__}"
+            elif why := _flux_unsupported(m):
+                report.skipped[name] = why
+            else:
+                setattr(m, _ORIGINAL, proc)
+                m.set_processor(FluxQKNormRopeProcessor(proc, impl))
+                report.changed.append(f"{name}: QK-norm + RoPE prep (Flux)")
+        elif isinstance(m, Attention):
             proc = m.processor
             if isinstance(proc, QKNormAttnProcessor):
                 continue
@@ -173,9 +244,18 @@ def apply(model: nn.Module, *, impl: str = "auto", backend: str = "auto") -> Rep
             m._archirf_impl = impl
             setattr(m, _FORWARD, True)
             single = type(m) is AdaLayerNormZeroSingle
-            m.forward = types.MethodType(_ada_zero_single_forward if single else _ada_zero_forward, m)
+            # a partial of a module-level function (not a bound method): torch.save(model) stays loadable
+            m.forward = functools.partial(_ada_zero_single_forward if single else _ada_zero_forward, m)
             report.changed.append(f"{name}: adaLN-Zero modulated LayerNorm")
     return report
+
+
+def _flux_classes():
+    try:
+        from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+    except ImportError:             # a diffusers without Flux
+        return None
+    return FluxAttention, FluxAttnProcessor
 
 
 def remove(model: nn.Module) -> int:
@@ -183,9 +263,10 @@ def remove(model: nn.Module) -> int:
     restored = 0
     for m in model.modules():
         if hasattr(m, _ORIGINAL):
-            m.set_processor(getattr(m, _ORIGINAL))
+            if isinstance(m.processor, (QKNormAttnProcessor, FluxQKNormRopeProcessor)):   # not one set since
+                m.set_processor(getattr(m, _ORIGINAL))
+                restored += 1
             delattr(m, _ORIGINAL)
-            restored += 1
         if hasattr(m, _FORWARD):
             del m.forward, m._archirf_impl
             delattr(m, _FORWARD)
