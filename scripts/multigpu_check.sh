@@ -26,9 +26,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
-PHASES=" ${*:-all} "
+source scripts/multigpu_common.sh      # NCCL settings, PHASES, DET, rank_pid, stop_rank1
 OUT=${OUT:-runs/multigpu_check}
 SCRATCH=${SCRATCH:-runs/multigpu_scratch}
 mkdir -p "$OUT" "$SCRATCH"
@@ -37,7 +35,6 @@ GB=128
 # a metrics line per step (the comparisons are per step); CHECK_OVERRIDES: more key=value (a CPU dry run)
 COMMON=(--config configs/dit_xl2_latent.yaml global_batch=$GB micro_batch=64 total_images=$((STEPS * GB))
         log_every=$GB progress=false ${CHECK_OVERRIDES:-})
-DET='import sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); from archirf.train import main; sys.exit(main())'
 
 train() {      # train NPROC LOG ARGS...: the normal entry point
   local n=$1 log=$2; shift 2
@@ -47,11 +44,6 @@ train_det() {  # the same, with deterministic kernels
   local n=$1 log=$2; shift 2
   CUBLAS_WORKSPACE_CONFIG=:4096:8 torchrun --standalone --nproc_per_node="$n" --no-python \
     python -c "$DET" "${COMMON[@]}" "$@" > "$log" 2>&1
-}
-rank_pid() {   # rank_pid LAUNCHER_PID RANK: a torchrun worker's pid
-  for pid in $(pgrep -P "$1"); do
-    if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "RANK=$2"; then echo "$pid"; return; fi
-  done
 }
 note() { echo "$1" | tee -a "$SCRATCH/exits.txt"; }
 phase() {     # phase NAME GROUP: whether this call runs it
@@ -79,16 +71,7 @@ fi
 
 if phase stop stop; then
 echo "== 3: SIGTERM to one rank"
-CUBLAS_WORKSPACE_CONFIG=:4096:8 torchrun --standalone --nproc_per_node=2 --no-python python -c "$DET" \
-  "${COMMON[@]}" run_dir="$SCRATCH/stop" parallel.stop_check_steps=5 > "$OUT/stop.log" 2>&1 &
-LAUNCHER=$!
-until [ -f "$SCRATCH/stop/metrics.jsonl" ] && [ "$(wc -l < "$SCRATCH/stop/metrics.jsonl")" -ge 15 ]; do
-  kill -0 $LAUNCHER 2>/dev/null || break
-  sleep 0.2
-done
-PID1=$(rank_pid $LAUNCHER 1)
-if [ -n "$PID1" ]; then kill -TERM "$PID1"; fi
-wait $LAUNCHER; note "stop (SIGTERM to rank 1, pid ${PID1:-none}): exit $?"
+note "stop (SIGTERM to rank 1): $(stop_rank1 "$OUT/stop.log" "$SCRATCH/stop" 15 "${COMMON[@]}")"
 ls -d "$SCRATCH"/stop/checkpoints/images-* > "$SCRATCH/stop_checkpoints.txt" 2>&1
 cp "$SCRATCH/stop/metrics.jsonl" "$SCRATCH/stop_before_relaunch.jsonl"
 fi
