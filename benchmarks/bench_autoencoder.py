@@ -2,7 +2,10 @@
 (the steady state after disc_start), bf16 autocast, batch 64 -- ours against the reference's step on the same
 networks compiled the same way, in one process.
 
-    python -m benchmarks.bench_autoencoder --out DIR [--cases seed64,kl256] [--batch 64] [--steps 20]
+    python -m benchmarks.bench_autoencoder --out DIR [--cases seed64,kl256] [--batch 64] [--steps 20] [--rounds 3]
+
+--rounds R (R > 1) keeps every implementation alive and times them in R interleaved rounds, reporting each one's
+median: rows a few percent apart are then not an artefact of which one ran first (small cases only: seed64).
 
 Implementations (same weights, same data, AdamW fused for both networks):
 - "ours": `AutoencoderLoss.generator_backward` and the discriminator step on the same reconstruction
@@ -35,6 +38,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -165,6 +169,17 @@ class Reference:
         self.dopt.zero_grad(set_to_none=True)
 
 
+def _record(case: dict, label: str, batch: int, sec: float, first: float, flops: float, device, name: str) -> None:
+    from archirf.metrics import peak_flops
+
+    rate, peak = batch / sec, peak_flops(device)
+    case["impls"].setdefault(label, {}).update({
+        "ms_per_step": sec * 1e3, "img_per_s": rate, "first_step_s": first, "mfu": rate * flops / peak if peak else None,
+        "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None})
+    print(f"{name} {label}: {sec * 1e3:.1f} ms/step, {rate:.0f} img/s, MFU "
+          f"{case['impls'][label]['mfu'] or float('nan'):.3f} (first step {first:.1f} s)", flush=True)
+
+
 def _time(impl, x, steps: int, warmup: int = 3) -> tuple[float, float]:
     """(seconds per step, first-call seconds); CUDA events on a GPU."""
     cuda = x.is_cuda
@@ -228,10 +243,12 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--data-images", type=int, default=20_000, help="JPEGs made for the loader's rate (0: skip)")
     p.add_argument("--smoke", action="store_true", help="on the CPU: batch 2, one step, eager only (checks the code)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="timed rounds per implementation, interleaved across implementations (all of them kept "
+                        "alive: small cases such as seed64), the median reported; 1: one after the other")
     args = p.parse_args(argv)
     if args.smoke:
         args.batch, args.steps, args.layouts, args.data_images = 2, 1, "nchw", 0
-    from archirf.metrics import peak_flops
     from archirf.tasks.autoencoder import step_macs
 
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -258,23 +275,29 @@ def main(argv=None) -> int:
             if args.eager or args.smoke:
                 impls += [(f"ours_eager{tag}", Ours, False, layout, "reference"),
                           (f"reference_eager{tag}", Reference, False, layout, "reference")]
+        kept = {}           # --rounds > 1: label -> (impl, input, [seconds per step of each round])
         for label, cls, compiled, layout, kernels in impls:
-            torch._dynamo.reset()
+            if args.rounds == 1:
+                torch._dynamo.reset()
             nets = [copy.deepcopy(n) for n in (ae, disc, lpips)]
             impl = cls(*nets, reduction, compiled, kernels)
             xin = x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x
             sec, first = _time(impl, xin, args.steps)
-            rate = args.batch / sec
-            peak = peak_flops(device)
-            case["impls"][label] = {"ms_per_step": sec * 1e3, "img_per_s": rate, "first_step_s": first,
-                                    "mfu": rate * flops / peak if peak else None,
-                                    "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if x.is_cuda else None}
-            print(f"{name} {label}: {sec * 1e3:.1f} ms/step, {rate:.0f} img/s, MFU "
-                  f"{case['impls'][label]['mfu'] or float('nan'):.3f} (first step {first:.1f} s)", flush=True)
+            if args.rounds > 1:
+                kept[label] = (impl, xin, [sec], first)
+                continue
+            _record(case, label, args.batch, sec, first, flops, device, name)
             del impl, nets
             if x.is_cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.rounds - 1):           # interleaved: drifts of clock and temperature hit every row alike
+            for label, (impl, xin, secs, _) in kept.items():
+                secs.append(_time(impl, xin, args.steps, warmup=1)[0])
+        for label, (impl, xin, secs, first) in kept.items():
+            case["impls"].setdefault(label, {})["rounds_ms"] = [t * 1e3 for t in secs]
+            _record(case, label, args.batch, statistics.median(secs), first, flops, device, name)
+        kept.clear()
         def best(prefix: str) -> dict:             # at its faster layout
             rows = [v for n, v in case["impls"].items() if n in (prefix, prefix + "_cl")]
             return max(rows, key=lambda v: v["img_per_s"])
