@@ -70,10 +70,9 @@ def check(precision: str, model_name: str, device: torch.device, cfg=None) -> No
 
         with torch.device("meta"):
             blocks = build_model(cfg).blocks
-        chosen = plan(blocks, precision, size_filter=SIZE_FILTER and not emulated())
+        chosen = plan(blocks, precision)
         if not chosen.convert:
-            kinds = sorted({why.split(": ")[-1] for why in chosen.skipped.values()})
-            raise Fp8Error(f"precision={precision} converts no linear layer of this model ({'; '.join(kinds)}): it "
+            raise Fp8Error(f"precision={precision} converts no linear layer of this model ({_reasons(chosen)}): it "
                            f"would train in bf16; use precision=bf16" + (" or fp8-tensorwise" if precision ==
                                                                          "fp8-rowwise" else ""))
 
@@ -102,9 +101,13 @@ def _torchao():
     return float8
 
 
-def plan(blocks: nn.Module, precision: str, size_filter: bool = True) -> Plan:
+def plan(blocks: nn.Module, precision: str, size_filter: Optional[bool] = None, emulate: bool = False) -> Plan:
     """Which of the blocks' linear layers get fp8 GEMMs (see the module doc). size_filter=False keeps every
-    per-token layer whose dims fit the hardware (the numerics checks convert small models whole)."""
+    per-token layer whose dims fit the hardware (the numerics checks convert small models whole); None: SIZE_FILTER,
+    off under emulation (emulate=True or ARCHIRF_FP8_EMULATE=1: the size filter is about speed, which an emulation
+    does not have)."""
+    if size_filter is None:
+        size_filter = SIZE_FILTER and not (emulate or emulated())
     float8 = _torchao()
     auto = float8._auto_filter_for_recipe(recipe(precision), filter_fqns=[])
     convert, skipped = [], {}
@@ -128,12 +131,10 @@ def plan(blocks: nn.Module, precision: str, size_filter: bool = True) -> Plan:
 def convert(blocks: nn.Module, precision: str, *, size_filter: Optional[bool] = None,
             emulate: bool = False) -> Plan:
     """Swaps the planned linear layers of `blocks` for torchao's Float8Linear, in place (on any device,
-    meta included: before FSDP2 and compile); returns the plan. Emulated (emulate=True or ARCHIRF_FP8_EMULATE=1)
-    it converts every aligned per-token layer unless size_filter says otherwise: the size filter is about
-    speed, which an emulation does not have."""
+    meta included: before FSDP2 and compile); returns the plan (size_filter and emulate as plan's)."""
     float8 = _torchao()
     emulate = emulate or emulated()
-    chosen = plan(blocks, precision, size_filter=(SIZE_FILTER and not emulate) if size_filter is None else size_filter)
+    chosen = plan(blocks, precision, size_filter, emulate)
     config = float8.Float8LinearConfig.from_recipe_name(recipe(precision))
     if emulate:
         config = dataclasses.replace(config, emulate=True)
@@ -144,6 +145,10 @@ def convert(blocks: nn.Module, precision: str, *, size_filter: Optional[bool] = 
 
 def describe(chosen: Plan, precision: str) -> str:
     """One line for the run's start: how many GEMMs went fp8, and the kinds that stayed bf16."""
-    kinds = sorted({why.split(": ")[-1] for why in chosen.skipped.values()})
-    kept = f"; bf16: {len(chosen.skipped)} ({'; '.join(kinds)})" if chosen.skipped else ""
+    kept = f"; bf16: {len(chosen.skipped)} ({_reasons(chosen)})" if chosen.skipped else ""
     return f"{precision}: fp8 GEMMs in {len(chosen.convert)} linear layers of the blocks{kept}"
+
+
+def _reasons(chosen: Plan) -> str:
+    """The kinds of reasons layers stayed bf16, without their sizes."""
+    return "; ".join(sorted({why.split(": ")[-1] for why in chosen.skipped.values()}))

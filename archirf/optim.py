@@ -59,8 +59,7 @@ class AdamW(torch.optim.AdamW):
             return False
         group = self.param_groups[0]
         params = [p for p in group["params"] if p.grad is not None]
-        if not params or group["maximize"] or any(_local(p).dtype != torch.float32 or _local(p.grad).dtype !=
-                                                  torch.float32 for p in params):
+        if not params or group["maximize"]:      # dtypes, shapes, devices: the checks below, once per set
             return False
         states = [self.state[p] for p in params]
         steps = [s["step"] for s in states]

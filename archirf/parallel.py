@@ -320,9 +320,13 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
             total = total.sqrt()
     if max_norm > 0:
-        # torch.nn.utils.clip_grads_with_norm_'s scaling (no host sync), on the local tensors
-        torch._foreach_mul_(local, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        torch._foreach_mul_(local, clip_coefficient(total, max_norm))
     return total
+
+
+def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grads_with_norm_'s scaling factor, a device scalar (no host sync)."""
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
 
 
 def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:

@@ -52,8 +52,7 @@ def _train_each(out, precisions, images, config, overrides, curves, converted) -
             f"log_every={log_every}", "resume=none"])
         if fp8.recipe(precision):
             with torch.device("meta"):
-                converted[precision] = fp8.plan(build_model(cfg).blocks, precision,
-                                                size_filter=fp8.SIZE_FILTER and not fp8.emulated()).convert
+                converted[precision] = fp8.plan(build_model(cfg).blocks, precision).convert
         run_dir = train(cfg)
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
         curves[precision] = [(r["images_seen"], r["loss"]) for r in rows if "loss" in r]

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import checks
+from .mp import _check_device
 
 Tensor = torch.Tensor
 ROWS = 16                        # rows (token, head) per tile
@@ -96,12 +97,6 @@ def _bwd_kernel(X, COS, SIN, W, DY, DX, DW, R, S, H, HALF, eps, num_tiles,
 INTERPRETED = type(_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def _check_device(x: Tensor) -> None:
-    if not x.is_cuda and not INTERPRETED:
-        raise ValueError(f"archirf_kernels qk_norm_rope: the Triton kernels need CUDA tensors, got {x.device}; "
-                         "use impl='auto' or 'reference'")
-
-
 def _launch_shape(x: Tensor):
     B, S, H, D = x.shape
     return B * S * H, S, H, D // 2, triton.next_power_of_2(D // 2)
@@ -140,7 +135,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor | None, cos: Tensor, sin: Te
 @torch.library.custom_op("archirf_kernels::qk_norm_rope", mutates_args=())
 def _op(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float) -> Tensor:
     checks.qk_norm_rope(x, weight, cos, sin)
-    _check_device(x)
+    _check_device("qk_norm_rope", x)
     return _forward(x, weight, cos, sin, eps)
 
 

@@ -87,7 +87,7 @@ class GenerativeTask:
             return parallel.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)   # global norm, the same on every rank
         norm = parallel.clip_grad_norm_(self.params, 0.0)      # the norm only: the fused update applies the scale
         max_norm = self.cfg.optim.grad_clip
-        self.clip_scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0) if max_norm > 0 else None
+        self.clip_scale = parallel.clip_coefficient(norm, max_norm) if max_norm > 0 else None
         return norm
 
     def skip(self) -> None:
@@ -125,8 +125,8 @@ class GenerativeTask:
             return False
         self.clip_scale = None
         idle = [p for p in self.params if p.grad is None]      # no gradient this step: unchanged, still averaged
-        for ema_map, rate in zip(self.ema_maps, rates):
-            if idle:
+        if idle:
+            for ema_map, rate in zip(self.ema_maps, rates):
                 torch._foreach_lerp_([parallel.local_tensor(ema_map[p]) for p in idle],
                                      [parallel.local_tensor(p).float() for p in idle], rate)
         return True
