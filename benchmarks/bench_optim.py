@@ -97,7 +97,7 @@ def test_optim(bench, device, preset, emas, impl):
     bench.benchmark.group = f"adamw_ema_step {preset} {emas} EMA"
     bench.run(fn, bytes_moved=numel * (28 + 8 * emas), info={
         "suite": SUITE, "op": "adamw_ema_step", "pass": "step", "case": f"{preset}, {emas} EMA", "impl": impl,
-        "shape": [f"{numel / 1e6:.1f}M params in {len(st['params'])} tensors"], "shape_label": "parameters",
+        "shape": [f"{numel / 1e6:.1f}M params in {len(st['params'])} tensors, {emas} EMA"], "shape_label": "parameters",
         "dtype": "float32", "first_call_s": first_s,
         "targets": [{"metric": "copy_bw_fraction", "min": 1 / 1.2, "label": "within 1.2× of the bytes floor"}]
         if impl == "ours" else [],

@@ -12,6 +12,7 @@ autocast on CUDA, synthetic data already on the device):
   *_ref     the same with model.kernels=reference (no fused Triton ops)
   *_fp8t, *_fp8r   the same with precision=fp8-tensorwise / fp8-rowwise (archirf/fp8.py's layers; "whole"
             converts the same layers before compiling), e.g. plain_fp8t
+  *_fu      the same with optim.fused_update (clip scale + AdamW + EMA in one kernel), e.g. plain_fp8t_fu
 Prints one JSON line per variant (ms per step, img/s, MFU at 6 x forward MACs, peak memory,
 first-step seconds incl. compilation); --profile writes torch.profiler tables per variant.
 """
@@ -51,12 +52,26 @@ def measure(name, cfg, model, device, dtype, batch, steps, profile_dir):
     y = torch.randint(0, max(cfg.data.num_classes, 1), (batch,), device=device, generator=gen)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
+    fused = cfg.optim.fused_update
+    names = {p: parallel.clean_fqn(n) for n, p in model.named_parameters()}
+    ema_map = {p: ema.shadow[names[p]] for p in params}
+    seen = [0]
+
     def step():
+        seen[0] += batch
         objective.loss(model_fn, x, y).mean().backward()
-        parallel.clip_grad_norm_(params, 1.0)
+        if fused:       # what GenerativeTask.clip / apply do under optim.fused_update
+            scale = parallel.clip_coefficient(parallel.clip_grad_norm_(params, 0.0), 1.0)
+            rate = ema.rate(seen[0], batch)
+            if rate is not None and optimizer.fused_update(scale, [ema_map], [rate]):
+                optimizer.zero_grad(set_to_none=True)
+                return
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
+        else:
+            parallel.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.update(model, batch, batch)
+        ema.update(model, seen[0], batch)
 
     t0 = time.perf_counter()
     step()
@@ -124,9 +139,11 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             cfg = copy.deepcopy(base)
             core = name
+            if core.endswith("_fu"):
+                core, cfg.optim.fused_update = core.removesuffix("_fu"), True
             for suffix, precision in FP8_SUFFIXES.items():
-                if name.endswith(suffix):
-                    core, cfg.precision = name.removesuffix(suffix), precision
+                if core.endswith(suffix):
+                    core, cfg.precision = core.removesuffix(suffix), precision
                     fp8.check(precision, cfg.model.name, device)
             kind = core.removesuffix("_ref")
             if core.endswith("_ref"):
@@ -146,7 +163,7 @@ def main(argv=None) -> int:
                     model = torch.compile(model)
             else:
                 raise SystemExit(f"unknown variant {name!r}; choose from fsdp, plain, whole, eager (+ _ref, + _fp8t or "
-                                 f"_fp8r)")
+                                 f"_fp8r, + _fu)")
             results.append(measure(name, cfg, model.train(), device, dtype, args.batch, args.steps, args.profile))
             del model
     print("SUMMARY " + json.dumps(results))

@@ -81,12 +81,12 @@ def _randomise(model):
                 p.add_(3.0)
 
 
-def _run(model, inputs, amp=None):
+def _run(model, inputs, amp=None, cotangent_scale=1.0):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(5)        # the same draws in both runs (DiT's label dropout in training mode)
     with torch.autocast(DEVICE, dtype=amp or torch.float32, enabled=amp is not None):
         out = model(**inputs, return_dict=False)[0]
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE) * cotangent_scale
     (out.float() * w).sum().backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -192,12 +192,24 @@ AMPS = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])   # the 
 @pytest.mark.parametrize("amp", AMPS, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("build", [_sd3, _flux], ids=["sd35", "flux"])
 def test_half_precision_autocast(build, amp):
-    # the way people fine-tune: fp32 weights under fp16 / bf16 autocast; within that precision's rounding
+    """The way people fine-tune: fp32 weights under fp16 / bf16 autocast. Two half-precision runs round at different
+    places, and attention with sharp logits (these random QK-norm gains) amplifies it, so each is measured against
+    the fp32 run: the patched model's error is at most 3x diffusers' own under the same autocast, plus 1e-3 of the
+    tensor's norm (gradients that are rounding noise in both)."""
     model, inputs = build()
     patched = copy.deepcopy(model)
     ak.apply(patched, impl=IMPL)
-    tol = 2e-2 if amp == torch.float16 else 6e-2
-    _compare(_run(model, inputs, amp), _run(patched, inputs, amp), tol=tol, grad_tol=2 * tol)
+    # the cotangent scaled down (what a loss scaler's inverse does): fp16's backward through these random weights
+    # overflows at scale 1 on a GPU, in diffusers' model as in ours
+    runs = [_run(m, inputs, a, cotangent_scale=2.0 ** -10) for m, a in ((model, None), (model, amp), (patched, amp))]
+    (out32, grads32), (out_theirs, grads_theirs), (out_ours, grads_ours) = runs
+    err = lambda a, b: (a.float() - b.float()).norm().item()
+    assert grads_ours.keys() == grads_theirs.keys() == grads32.keys() and grads32
+    for name, t32, theirs, ours in [("output", out32, out_theirs, out_ours)] + [
+            (n, grads32[n], grads_theirs[n], grads_ours[n]) for n in grads32]:
+        assert torch.isfinite(theirs).all() and torch.isfinite(ours).all(), name
+        assert err(ours, t32) <= 3 * err(theirs, t32) + 1e-3 * t32.norm().item(), name
+    assert err(out_theirs, out32) > 0          # autocast did round: the bound above is not fp32 against fp32
 
 
 def test_a_patched_model_saves_and_loads_whole(tmp_path):

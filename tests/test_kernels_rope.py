@@ -60,10 +60,10 @@ def test_spec_is_diffusers_rmsnorm_then_rotary():
     from diffusers.models.normalization import RMSNorm
 
     B, S, H, D = 2, 6, 3, 8
-    x = _randn((B, S, H, D), torch.float64, 7, std=2.0)
+    x = _randn((B, S, H, D), torch.float64, 7, std=2.0).cpu()        # the spec and diffusers' modules, on the CPU
     norm = RMSNorm(D, eps=1e-6).double()
     with torch.no_grad():
-        norm.weight.copy_(_randn((D,), torch.float64, 8, std=0.3, mean=1.0))
+        norm.weight.copy_(_randn((D,), torch.float64, 8, std=0.3, mean=1.0).cpu())
     cos, sin = (t.double().cpu() for t in _trig(S, D, 9))
     want = apply_rotary_emb(norm(x), (cos, sin), sequence_dim=1)
     # (apply_rotary_emb computes in fp32 whatever its input: fp32 rounding apart)
