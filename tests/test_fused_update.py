@@ -16,6 +16,15 @@ COMMON = ["log_every=16", "checkpoint_every=0", "sample_every=0", "optim.grad_cl
           "optim.warmup_images=0", "ema.posthoc_sigma_rels=[0.05,0.1]", "ema.posthoc_every=64"]
 
 
+@pytest.fixture(autouse=True)
+def _interpreter_chunks(monkeypatch):
+    """Chunks of 1024 elements, not the interpreter's default 64: these runs test the trainer's use of the kernel
+    (tests/test_kernels_optim.py covers small chunks and tails), and the interpreter's cost is per program."""
+    from archirf_kernels import optim
+
+    monkeypatch.setattr(optim, "INTERPRETER_BLOCK", 1024)
+
+
 def _run(path, *extra):
     return train(load_config(None, TINY + COMMON + [f"run_dir={path}", *extra]))
 
