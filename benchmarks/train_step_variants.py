@@ -1,7 +1,7 @@
 """Where a training step's time goes: the same recipe's step under different wrappings, one process.
 
     python -m benchmarks.train_step_variants [--config configs/dit_xl2_latent.yaml] \
-        [--variants fsdp,plain,whole,fsdp_ref] [--batch 64] [--steps 15] [--profile DIR] [key=value ...]
+        [--variants fsdp,plain,whole,fsdp_ref] [--batch 64] [--steps 15] [--rounds R] [--profile DIR] [key=value ...]
 
 Variants (each: objective loss -> backward -> clip -> fused AdamW -> EMA, batch `--batch`, bf16
 autocast on CUDA, synthetic data already on the device):
@@ -14,7 +14,8 @@ autocast on CUDA, synthetic data already on the device):
             converts the same layers before compiling), e.g. plain_fp8t
   *_fu      the same with optim.fused_update (clip scale + AdamW + EMA in one kernel), e.g. plain_fp8t_fu
 Prints one JSON line per variant (ms per step, img/s, MFU at 6 x forward MACs, peak memory,
-first-step seconds incl. compilation); --profile writes torch.profiler tables per variant.
+first-step seconds incl. compilation); --profile writes torch.profiler tables per variant. --rounds R keeps
+every variant alive and times them in R interleaved rounds (median; each line lists its rounds' ms).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import copy
 import gc
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -41,73 +43,112 @@ from archirf.sample import autocast_model_fn
 FP8_SUFFIXES = {"_fp8t": "fp8-tensorwise", "_fp8r": "fp8-rowwise"}
 
 
-def measure(name, cfg, model, device, dtype, batch, steps, profile_dir):
-    objective = build_objective(cfg)
-    optimizer = build_optimizer(model, cfg.optim, device)
-    ema = EMA(model, half_life_images=1e6)
-    model_fn = autocast_model_fn(model, device, dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(batch, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, device=device, generator=gen)
-    y = torch.randint(0, max(cfg.data.num_classes, 1), (batch,), device=device, generator=gen)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+class Variant:
+    """One variant's training step, built and warmed up (first step timed, with its compilation, and 3 more)."""
 
-    fused = cfg.optim.fused_update
-    names = {p: parallel.clean_fqn(n) for n, p in model.named_parameters()}
-    ema_map = {p: ema.shadow[names[p]] for p in params}
-    seen = [0]
+    def __init__(self, name, cfg, model, device, dtype, batch):
+        self.name, self.cfg, self.model, self.device, self.batch = name, cfg, model, device, batch
+        objective = build_objective(cfg)
+        optimizer = build_optimizer(model, cfg.optim, device)
+        ema = EMA(model, half_life_images=1e6)
+        model_fn = autocast_model_fn(model, device, dtype)
+        params = [p for p in model.parameters() if p.requires_grad]
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(batch, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, device=device,
+                        generator=gen)
+        y = torch.randint(0, max(cfg.data.num_classes, 1), (batch,), device=device, generator=gen)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        fused = cfg.optim.fused_update
+        names = {p: parallel.clean_fqn(n) for n, p in model.named_parameters()}
+        ema_map = {p: ema.shadow[names[p]] for p in params}
+        seen = [0]
 
-    def step():
-        seen[0] += batch
-        objective.loss(model_fn, x, y).mean().backward()
-        if fused:       # what GenerativeTask.clip / apply do under optim.fused_update
-            scale = parallel.clip_coefficient(parallel.clip_grad_norm_(params, 0.0), 1.0)
-            rate = ema.rate(seen[0], batch)
-            if rate is not None and optimizer.fused_update(scale, [ema_map], [rate]):
-                optimizer.zero_grad(set_to_none=True)
-                return
-            torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
-        else:
-            parallel.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(model, seen[0], batch)
+        def step():
+            seen[0] += batch
+            objective.loss(model_fn, x, y).mean().backward()
+            if fused:       # what GenerativeTask.clip / apply do under optim.fused_update
+                scale = parallel.clip_coefficient(parallel.clip_grad_norm_(params, 0.0), 1.0)
+                rate = ema.rate(seen[0], batch)
+                if rate is not None and optimizer.fused_update(scale, [ema_map], [rate]):
+                    optimizer.zero_grad(set_to_none=True)
+                    return
+                torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
+            else:
+                parallel.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(model, seen[0], batch)
 
-    t0 = time.perf_counter()
-    step()
-    sync()
-    first = time.perf_counter() - t0
-    for _ in range(3):
+        self.step = step
+        t0 = time.perf_counter()
         step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    sec = (time.perf_counter() - t0) / steps
-    flops = 6 * model_flops(cfg)
-    peak = peak_flops(device)
-    out = {"variant": name, "ms": sec * 1e3, "img_per_s": batch / sec,
-           "mfu": flops * batch / sec / peak if peak else None,
-           "first_step_s": first,
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}), flush=True)
-    if profile_dir:
+        self.sync()
+        self.first_s = time.perf_counter() - t0
+        for _ in range(3):
+            step()
+        self.sync()
+
+    def time(self, steps: int) -> float:
+        """Seconds per step over `steps` steps."""
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        self.sync()
+        return (time.perf_counter() - t0) / steps
+
+    def result(self, sec: float, peak_mem_gib) -> dict:
+        peak = peak_flops(self.device)
+        flops = 6 * model_flops(self.cfg)
+        out = {"variant": self.name, "ms": sec * 1e3, "img_per_s": self.batch / sec,
+               "mfu": flops * self.batch / sec / peak if peak else None, "first_step_s": self.first_s,
+               "peak_mem_gib": peak_mem_gib}
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}), flush=True)
+        return out
+
+    def profile(self, profile_dir) -> None:
         from torch.profiler import ProfilerActivity, profile
 
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        cuda = self.device.type == "cuda"
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
             for _ in range(3):
-                step()
-            sync()
+                self.step()
+            self.sync()
         table = prof.key_averages()
         Path(profile_dir).mkdir(parents=True, exist_ok=True)
-        (Path(profile_dir) / f"profile_{name}.txt").write_text(
-            table.table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total", row_limit=40,
+        (Path(profile_dir) / f"profile_{self.name}.txt").write_text(
+            table.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40,
                         max_name_column_width=70)
             + table.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70))
+
+
+def measure(variant: Variant, steps: int, profile_dir) -> dict:
+    """One variant alone: `steps` timed steps after its warm-up, its own peak memory."""
+    cuda = variant.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    sec = variant.time(steps)
+    out = variant.result(sec, torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+    if profile_dir:
+        variant.profile(profile_dir)
+    return out
+
+
+def measure_rounds(variants: list[Variant], steps: int, rounds: int) -> list[dict]:
+    """Every variant kept alive and timed in `rounds` interleaved rounds of `steps` steps (each round starting
+    one variant later, so no variant always runs first), the median per variant: differences of a few percent
+    told apart from drift over the run. Peak memory is the process's, all variants together."""
+    times = {v.name: [] for v in variants}
+    for r in range(rounds):
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+            times[v.name].append(v.time(steps))
+    cuda = variants[0].device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    out = []
+    for v in variants:
+        res = v.result(statistics.median(times[v.name]), peak)
+        res["round_ms"] = [round(t * 1e3, 3) for t in times[v.name]]
+        out.append(res)
     return out
 
 
@@ -124,19 +165,28 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--profile", default=None, help="write torch.profiler tables here")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="R > 1: build every variant first, keep them all alive, and time them in R interleaved "
+                         "rounds of --steps steps (median); needs the memory of all of them at once")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1 (got {args.rounds})")
+    if args.rounds > 1 and args.profile:
+        raise SystemExit("--profile profiles one variant at a time: use it without --rounds")
     torch._dynamo.config.cache_size_limit = 64  # several wrappings of the same block code in one process
     base = load_config(args.config, [f"global_batch={args.batch}", f"micro_batch={args.batch}", *args.overrides])
     results = []
     with parallel.distributed(base) as env:
         device = env.device
         dtype = torch.bfloat16 if device.type == "cuda" and base.precision != "fp32" else None
+        kept = []
         for name in args.variants.split(","):
-            torch._dynamo.reset()
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            if args.rounds == 1:     # (kept variants keep their compiled code: no reset between them)
+                torch._dynamo.reset()
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             cfg = copy.deepcopy(base)
             core = name
             if core.endswith("_fu"):
@@ -164,8 +214,14 @@ def main(argv=None) -> int:
             else:
                 raise SystemExit(f"unknown variant {name!r}; choose from fsdp, plain, whole, eager (+ _ref, + _fp8t or "
                                  f"_fp8r, + _fu)")
-            results.append(measure(name, cfg, model.train(), device, dtype, args.batch, args.steps, args.profile))
-            del model
+            variant = Variant(name, cfg, model.train(), device, dtype, args.batch)
+            if args.rounds == 1:
+                results.append(measure(variant, args.steps, args.profile))
+            else:
+                kept.append(variant)
+            del model, variant
+        if kept:
+            results = measure_rounds(kept, args.steps, args.rounds)
     print("SUMMARY " + json.dumps(results))
     return 0
 
