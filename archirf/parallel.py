@@ -153,6 +153,11 @@ def _selective_policy(ctx, op, *args, **kwargs):
 _COMPILED_UNITS = 0                 # units compiled by this process so far (the dynamo cache entries they may need)
 
 
+# inductor's mode for the per-block compile (None: its default). Not a setting: benchmarks/train_step_variants.py
+# times the other modes (CUDA graphs, max-autotune's GEMM templates) before any becomes one.
+COMPILE_MODE: Optional[str] = None
+
+
 def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], compile: bool,
                 activation_checkpointing: str = "none", reshard_after_forward: bool = True,
                 blocks_per_shard: int = 1, shard: bool = True, precision: str = "auto") -> nn.Module:
@@ -197,7 +202,7 @@ def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], c
         if compile:
             # in place (parameter names stay the same); static shapes: units of one class that differ in shape (a
             # UNet's or an autoencoder's levels) get one specialised graph each, not one dynamic-shape graph
-            block.compile(fullgraph=True, dynamic=False)
+            block.compile(fullgraph=True, dynamic=False, **({"mode": COMPILE_MODE} if COMPILE_MODE else {}))
         blocks[i] = block
     for start in range(0, len(blocks), blocks_per_shard) if shard else ():
         unit = list(blocks[start:start + blocks_per_shard])

@@ -13,6 +13,9 @@ autocast on CUDA, synthetic data already on the device):
   *_fp8t, *_fp8r   the same with precision=fp8-tensorwise / fp8-rowwise (archirf/fp8.py's layers; "whole"
             converts the same layers before compiling), e.g. plain_fp8t
   *_fu      the same with optim.fused_update (clip scale + AdamW + EMA in one kernel), e.g. plain_fp8t_fu
+  *_cg, *_mat   the same compiled in inductor's mode reduce-overhead (CUDA graphs; the step starts with
+            torch.compiler.cudagraph_mark_step_begin) or max-autotune-no-cudagraphs (Triton GEMM templates
+            with fused epilogues), per block (fsdp, plain) or whole; the suffix goes last, e.g. plain_fu_cg
 Prints one JSON line per variant (ms per step, img/s, MFU at 6 x forward MACs, peak memory,
 first-step seconds incl. compilation); --profile writes torch.profiler tables per variant. --rounds R keeps
 every variant alive and times them in R interleaved rounds (median; each line lists its rounds' ms).
@@ -41,12 +44,13 @@ from archirf.sample import autocast_model_fn
 
 
 FP8_SUFFIXES = {"_fp8t": "fp8-tensorwise", "_fp8r": "fp8-rowwise"}
+MODE_SUFFIXES = {"_cg": "reduce-overhead", "_mat": "max-autotune-no-cudagraphs"}
 
 
 class Variant:
     """One variant's training step, built and warmed up (first step timed, with its compilation, and 3 more)."""
 
-    def __init__(self, name, cfg, model, device, dtype, batch):
+    def __init__(self, name, cfg, model, device, dtype, batch, graphs=False):
         self.name, self.cfg, self.model, self.device, self.batch = name, cfg, model, device, batch
         objective = build_objective(cfg)
         optimizer = build_optimizer(model, cfg.optim, device)
@@ -65,6 +69,8 @@ class Variant:
 
         def step():
             seen[0] += batch
+            if graphs:          # a new iteration: the CUDA graphs may reuse the last one's output memory
+                torch.compiler.cudagraph_mark_step_begin()
             objective.loss(model_fn, x, y).mean().backward()
             if fused:       # what GenerativeTask.clip / apply do under optim.fused_update
                 scale = parallel.clip_coefficient(parallel.clip_grad_norm_(params, 0.0), 1.0)
@@ -188,7 +194,10 @@ def main(argv=None) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             cfg = copy.deepcopy(base)
-            core = name
+            core, mode = name, None
+            for suffix, m in MODE_SUFFIXES.items():
+                if core.endswith(suffix):
+                    core, mode = core.removesuffix(suffix), m
             if core.endswith("_fu"):
                 core, cfg.optim.fused_update = core.removesuffix("_fu"), True
             for suffix, precision in FP8_SUFFIXES.items():
@@ -201,20 +210,27 @@ def main(argv=None) -> int:
                     raise SystemExit(f"variant {name}: model.name={cfg.model.name} has no model.kernels to set to "
                                      f"reference; drop the _ref variants")
                 cfg.model.kernels = "reference"
+            if mode and kind == "eager":
+                raise SystemExit(f"variant {name}: eager compiles nothing; a mode suffix needs fsdp, plain or whole")
             if kind in ("fsdp", "plain"):
                 cfg.parallel.shard_single_rank = kind == "fsdp"
-                model, _ = parallel.build_training_model(cfg, env, param_dtype=dtype, compile=True)
+                parallel.COMPILE_MODE = mode
+                try:
+                    model, _ = parallel.build_training_model(cfg, env, param_dtype=dtype, compile=True)
+                finally:
+                    parallel.COMPILE_MODE = None
             elif kind in ("whole", "eager"):
                 torch.manual_seed(cfg.seed)
                 model = build_model(cfg).to(device)
                 if fp8.recipe(cfg.precision):
                     fp8.convert(model.blocks, cfg.precision)
                 if kind == "whole":
-                    model = torch.compile(model)
+                    model = torch.compile(model, **({"mode": mode} if mode else {}))
             else:
                 raise SystemExit(f"unknown variant {name!r}; choose from fsdp, plain, whole, eager (+ _ref, + _fp8t or "
-                                 f"_fp8r, + _fu)")
-            variant = Variant(name, cfg, model.train(), device, dtype, args.batch)
+                                 f"_fp8r, + _fu, + _cg or _mat)")
+            variant = Variant(name, cfg, model.train(), device, dtype, args.batch,
+                              graphs=mode == "reduce-overhead" and device.type == "cuda")
             if args.rounds == 1:
                 results.append(measure(variant, args.steps, args.profile))
             else:
