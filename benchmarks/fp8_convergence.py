@@ -5,7 +5,7 @@ curves compared.
         [--config configs/digits.yaml] [--tolerance 0.02] [key=value ...]
 
 Default: DiT-B/2 (`model.preset=DiT-B/2`) on the embedded digits at 32 px, batch 128, rectified flow: 2,000 steps
-per precision (about two minutes each on an H200). Each run goes through archirf.train in this process (run dirs under
+per precision. Each run goes through archirf.train in this process (run dirs under
 DIR/<precision>). The comparison: each precision's mean loss over the last quarter of the run against bf16's,
 relative; within `--tolerance` passes. Every aligned per-token GEMM is converted (torchao's size rule, a speed
 pick that converts little of DiT-B/2, is off unless --size-filter). Writes DIR/fp8_convergence.json (per-precision
@@ -94,7 +94,8 @@ def plot(curves: dict, path: Path) -> None:
             pairs = [(x, 100 * (y - base[x]) / base[x]) for x, y in zip(xs, ys) if x in base]
             if pairs:
                 rel.plot(*zip(*pairs), label=precision)
-    ax.set_yscale("log")
+    if all(v > 0 for c in curves.values() for _, v in c):      # (a loss that can be negative: a linear axis)
+        ax.set_yscale("log")
     ax.set_xlabel("images seen")
     ax.set_ylabel("training loss (running mean)")
     ax.legend()
@@ -128,11 +129,11 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     curves, converted = run(out, precisions, args.images, args.config, args.overrides, not args.size_filter)
     verdict = compare(curves, args.tolerance)
-    plot(curves, out / "fp8_loss.png")
     (out / "fp8_convergence.json").write_text(json.dumps(
         {"images": args.images, "overrides": args.overrides, "tolerance": args.tolerance, "device":
          torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
          "size_filter": args.size_filter, "converted": converted, "curves": curves, "verdict": verdict}, indent=1))
+    plot(curves, out / "fp8_loss.png")     # after the JSON: a plotting failure loses no run
     for precision, v in verdict.items():
         print(f"{precision:16s} last-quarter mean loss {v['tail_mean_loss']:.5f}  vs bf16 {v['relative_to_bf16']:+.2%}"
               f"  {'within' if v['within'] else 'OUTSIDE'} ±{args.tolerance:.0%}")

@@ -62,13 +62,15 @@ class Variant:
                         generator=gen)
         y = torch.randint(0, max(cfg.data.num_classes, 1), (batch,), device=device, generator=gen)
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        fused = cfg.optim.fused_update
+        fused = self.fused = cfg.optim.fused_update
         names = {p: parallel.clean_fqn(n) for n, p in model.named_parameters()}
         ema_map = {p: ema.shadow[names[p]] for p in params}
         seen = [0]
+        self.fused_steps = self.steps = 0
 
         def step():
             seen[0] += batch
+            self.steps += 1
             if graphs:          # a new iteration: the CUDA graphs may reuse the last one's output memory
                 torch.compiler.cudagraph_mark_step_begin()
             objective.loss(model_fn, x, y).mean().backward()
@@ -77,6 +79,7 @@ class Variant:
                 rate = ema.rate(seen[0], batch)
                 if rate is not None and optimizer.fused_update(scale, [ema_map], [rate]):
                     optimizer.zero_grad(set_to_none=True)
+                    self.fused_steps += 1
                     return
                 torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
             else:
@@ -102,12 +105,16 @@ class Variant:
         self.sync()
         return (time.perf_counter() - t0) / steps
 
-    def result(self, sec: float, peak_mem_gib) -> dict:
+    def result(self, sec: float, **extra) -> dict:
+        if self.fused and self.fused_steps < self.steps - 1:    # (the first step creates the state: unfused)
+            raise SystemExit(f"variant {self.name}: the fused update ran {self.fused_steps} of {self.steps} steps "
+                             f"(AdamW.fused_update declined the rest); the row would time the unfused step")
         peak = peak_flops(self.device)
         flops = 6 * model_flops(self.cfg)
         out = {"variant": self.name, "ms": sec * 1e3, "img_per_s": self.batch / sec,
-               "mfu": flops * self.batch / sec / peak if peak else None, "first_step_s": self.first_s,
-               "peak_mem_gib": peak_mem_gib}
+               "mfu": flops * self.batch / sec / peak if peak else None, "first_step_s": self.first_s, **extra}
+        if self.fused:
+            out["fused_steps"] = f"{self.fused_steps}/{self.steps}"
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}), flush=True)
         return out
 
@@ -134,7 +141,7 @@ def measure(variant: Variant, steps: int, profile_dir) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     sec = variant.time(steps)
-    out = variant.result(sec, torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+    out = variant.result(sec, peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
     if profile_dir:
         variant.profile(profile_dir)
     return out
@@ -143,25 +150,49 @@ def measure(variant: Variant, steps: int, profile_dir) -> dict:
 def measure_rounds(variants: list[Variant], steps: int, rounds: int) -> list[dict]:
     """Every variant kept alive and timed in `rounds` interleaved rounds of `steps` steps (each round starting
     one variant later, so no variant always runs first), the median per variant: differences of a few percent
-    told apart from drift over the run. Peak memory is the process's, all variants together."""
+    told apart from drift over the run. Memory: only the process's peak, all variants together
+    (process_peak_gib); first_step_s of a variant built after another of the same code reuses its compilation."""
     times = {v.name: [] for v in variants}
     for r in range(rounds):
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             times[v.name].append(v.time(steps))
     cuda = variants[0].device.type == "cuda"
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-    out = []
-    for v in variants:
-        res = v.result(statistics.median(times[v.name]), peak)
-        res["round_ms"] = [round(t * 1e3, 3) for t in times[v.name]]
-        out.append(res)
-    return out
+    return [v.result(statistics.median(times[v.name]), process_peak_gib=peak,
+                     round_ms=[round(t * 1e3, 3) for t in times[v.name]]) for v in variants]
 
 
 def model_flops(cfg) -> int:
     """Forward multiply-adds per image (a meta-device model: no memory, no init)."""
     with torch.device("meta"):
         return build_model(cfg).flops_per_image()
+
+
+def parse_variant(name: str, base, device) -> tuple:
+    """name -> (its config, kind, inductor mode or None): kind[_ref][_fp8t|_fp8r][_fu][_cg|_mat]."""
+    cfg = copy.deepcopy(base)
+    core, mode = name, None
+    for suffix, m in MODE_SUFFIXES.items():
+        if core.endswith(suffix):
+            core, mode = core.removesuffix(suffix), m
+    if core.endswith("_fu"):
+        core, cfg.optim.fused_update = core.removesuffix("_fu"), True
+    for suffix, precision in FP8_SUFFIXES.items():
+        if core.endswith(suffix):
+            core, cfg.precision = core.removesuffix(suffix), precision
+            fp8.check(precision, cfg.model.name, device)
+    kind = core.removesuffix("_ref")
+    if kind not in ("fsdp", "plain", "whole", "eager"):
+        raise SystemExit(f"unknown variant {name!r}; choose from fsdp, plain, whole, eager, then in this order "
+                         f"_ref, _fp8t or _fp8r, _fu, _cg or _mat (e.g. plain_ref_fp8t_fu_cg)")
+    if core.endswith("_ref"):
+        if cfg.model.kernels is None:
+            raise SystemExit(f"variant {name}: model.name={cfg.model.name} has no model.kernels to set to "
+                             f"reference; drop the _ref variants")
+        cfg.model.kernels = "reference"
+    if mode and kind == "eager":
+        raise SystemExit(f"variant {name}: eager compiles nothing; a mode suffix needs fsdp, plain or whole")
+    return cfg, kind, mode
 
 
 def main(argv=None) -> int:
@@ -186,32 +217,18 @@ def main(argv=None) -> int:
     with parallel.distributed(base) as env:
         device = env.device
         dtype = torch.bfloat16 if device.type == "cuda" and base.precision != "fp32" else None
+        names = args.variants.split(",")
+        if len(set(names)) != len(names):
+            raise SystemExit(f"--variants names a variant twice: {args.variants}")
+        plans = {name: parse_variant(name, base, device) for name in names}   # every name checked before a build
         kept = []
-        for name in args.variants.split(","):
+        for name in names:
             if args.rounds == 1:     # (kept variants keep their compiled code: no reset between them)
                 torch._dynamo.reset()
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-            cfg = copy.deepcopy(base)
-            core, mode = name, None
-            for suffix, m in MODE_SUFFIXES.items():
-                if core.endswith(suffix):
-                    core, mode = core.removesuffix(suffix), m
-            if core.endswith("_fu"):
-                core, cfg.optim.fused_update = core.removesuffix("_fu"), True
-            for suffix, precision in FP8_SUFFIXES.items():
-                if core.endswith(suffix):
-                    core, cfg.precision = core.removesuffix(suffix), precision
-                    fp8.check(precision, cfg.model.name, device)
-            kind = core.removesuffix("_ref")
-            if core.endswith("_ref"):
-                if cfg.model.kernels is None:
-                    raise SystemExit(f"variant {name}: model.name={cfg.model.name} has no model.kernels to set to "
-                                     f"reference; drop the _ref variants")
-                cfg.model.kernels = "reference"
-            if mode and kind == "eager":
-                raise SystemExit(f"variant {name}: eager compiles nothing; a mode suffix needs fsdp, plain or whole")
+            cfg, kind, mode = plans[name]
             if kind in ("fsdp", "plain"):
                 cfg.parallel.shard_single_rank = kind == "fsdp"
                 parallel.COMPILE_MODE = mode
@@ -226,9 +243,6 @@ def main(argv=None) -> int:
                     fp8.convert(model.blocks, cfg.precision)
                 if kind == "whole":
                     model = torch.compile(model, **({"mode": mode} if mode else {}))
-            else:
-                raise SystemExit(f"unknown variant {name!r}; choose from fsdp, plain, whole, eager (+ _ref, + _fp8t or "
-                                 f"_fp8r, + _fu, + _cg or _mat)")
             variant = Variant(name, cfg, model.train(), device, dtype, args.batch,
                               graphs=mode == "reduce-overhead" and device.type == "cuda")
             if args.rounds == 1:

@@ -184,14 +184,18 @@ if all(p.exists() for p in enc):
     lines += [f"- encode on 1 vs 2 GPUs: same keys {a.keys() == b.keys()}, largest relative difference "
               f"{max(diffs.values(), default=float('nan')):.2e} -> {verdict(a.keys() == b.keys() and max(diffs.values()) < TOL)}"
               f"; img/s {rates[1][-1:] } (1) vs {rates[2][-1:]} (2)"]
-fids = {n: re.findall(r"\bfid ([\d.]+) \(\d+ samples, ([\d.]+) samples/s", text(f"fid{n}.log")) for n in (1, 2)}
+evals = scratch / "digits" / "eval.jsonl"      # archirf.eval's records, full precision, one per FID run
+recs = [json.loads(line) for line in evals.read_text().splitlines()] if evals.exists() else []
+fid_by_world = {r.get("world_size"): r for r in recs if "fid" in r}     # the last record of each world size
 times = dict(line.split() for line in text("times.txt").splitlines() if line.strip())
-if fids[1] and fids[2]:
-    (f1, s1), (f2, s2) = ((float(f), float(r)) for f, r in (fids[1][-1], fids[2][-1]))
+if 1 in fid_by_world and 2 in fid_by_world:
+    (f1, s1), (f2, s2) = ((fid_by_world[n]["fid"], fid_by_world[n]["samples_per_s"]) for n in (1, 2))
     t1, t2 = float(times.get("fid1", "nan")), float(times.get("fid2", "nan"))
-    lines += [f"- FID on 1 vs 2 GPUs: {f1} vs {f2} -> {verdict(rel(f2, f1) < 1e-3)}; sampling {s1:.1f} vs {s2:.1f} "
-              f"samples/s: per-GPU scaling {s2 / (2 * s1):.3f} -> {verdict(s2 / (2 * s1) >= 0.9)} (target 0.9); wall "
-              f"with start-up {t1:.0f} s vs {t2:.0f} s"]
+    lines += [f"- FID on 1 vs 2 GPUs: {f1:.6g} vs {f2:.6g} -> {verdict(rel(f2, f1) < 1e-3)}; sampling {s1:.1f} vs "
+              f"{s2:.1f} samples/s: per-GPU scaling {s2 / (2 * s1):.3f} -> {verdict(s2 / (2 * s1) >= 0.9)} (target "
+              f"0.9); wall with start-up {t1:.0f} s vs {t2:.0f} s"]
+elif "fid1" in times or "fid2" in times:
+    lines += [f"- FID on 1 vs 2 GPUs: not found (records of world sizes {sorted(fid_by_world)} in {evals}) -> CHECK"]
 d1, d2, moved = rows("dali1"), rows("dali2"), rows("dalimove")
 if d1 and d2:
     n, worst = losses(d1, d2)

@@ -198,7 +198,7 @@ def test_half_precision_autocast(build, amp):
     tensor's norm (gradients that are rounding noise in both)."""
     model, inputs = build()
     patched = copy.deepcopy(model)
-    ak.apply(patched, impl=IMPL)
+    assert ak.apply(patched, impl=IMPL).changed
     # the cotangent scaled down (what a loss scaler's inverse does): fp16's backward through these random weights
     # overflows at scale 1 on a GPU, in diffusers' model as in ours
     runs = [_run(m, inputs, a, cotangent_scale=2.0 ** -10) for m, a in ((model, None), (model, amp), (patched, amp))]
@@ -209,7 +209,12 @@ def test_half_precision_autocast(build, amp):
             (n, grads32[n], grads_theirs[n], grads_ours[n]) for n in grads32]:
         assert torch.isfinite(theirs).all() and torch.isfinite(ours).all(), name
         assert err(ours, t32) <= 3 * err(theirs, t32) + 1e-3 * t32.norm().item(), name
-    assert err(out_theirs, out32) > 0          # autocast did round: the bound above is not fp32 against fp32
+    # the bound is not vacuous: autocast rounded (diffusers' own error is not zero) to rounding's size (not an
+    # underflowed or overflowed run), and the patched model ran other ops than diffusers'
+    assert 0 < err(out_theirs, out32) <= 5e-2 * out32.norm().item()
+    rel = sorted(err(grads_theirs[n], grads32[n]) / grads32[n].norm().item() for n in grads32 if grads32[n].norm() > 0)
+    assert rel[len(rel) // 2] <= 0.2, rel
+    assert not torch.equal(out_ours, out_theirs)
 
 
 def test_a_patched_model_saves_and_loads_whole(tmp_path):
