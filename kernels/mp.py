@@ -333,6 +333,10 @@ def _mp_weight_bwd_kernel(
 # The kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 when triton decorated
 # them): then they run on CPU tensors; otherwise they need CUDA tensors.
 INTERPRETED = type(_normalize_fwd_kernel).__name__ == "InterpretedFunction"
+# Triton's interpreter: small tiles and weight blocks, so that the kernels' tests cover several tiles and tails
+# (a model's tests may raise them: the interpreter's cost is per program and per loop step)
+INTERPRETER_TILE = 256
+INTERPRETER_WEIGHT_BLOCK = 64
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,7 +389,7 @@ def _row_grid(op: str, B: int, C: int, S: int, device: torch.device) -> tuple[in
     if block_c > MAX_BLOCK_C:
         raise ValueError(f"archirf_kernels.{op}: C={C} channels exceed the fused row limit {MAX_BLOCK_C}; "
                          "use impl='reference'")
-    tile = TILE_ELEMENTS if device.type == "cuda" else 256     # the interpreter: small tiles, many programs
+    tile = TILE_ELEMENTS if device.type == "cuda" else INTERPRETER_TILE
     block_s = max(1, min(tile // block_c, triton.next_power_of_2(max(S, 1))))
     num_s_blocks = triton.cdiv(S, block_s)
     num_warps = min(max(block_s * block_c // 512, 1), 8)
@@ -532,7 +536,7 @@ def _mp_sum_bwd(dout: Tensor, out: Tensor, t: float, clip: float | None, b_dtype
 
 
 def _weight_block(fan_in: int, device: torch.device) -> int:
-    return min(triton.next_power_of_2(fan_in), WEIGHT_BLOCK if device.type == "cuda" else 64)
+    return min(triton.next_power_of_2(fan_in), WEIGHT_BLOCK if device.type == "cuda" else INTERPRETER_WEIGHT_BLOCK)
 
 
 def _mp_weight_fwd(w: Tensor, gain: Tensor | None, eps: float, scale: float, out: Tensor | None = None) -> Tensor:

@@ -53,6 +53,16 @@ def inputs(batch=4, channels=3, size=8, num_classes=10, seed=0):
 # ---------------------------------------------------------------------------------------------
 # Sizes, cost, shapes
 
+@pytest.fixture(autouse=True)
+def _interpreter_tiles(monkeypatch):
+    """Whole-model tests: larger tiles for the mp kernels in Triton's interpreter, whose cost is per program and
+    loop step (tests/test_kernels_mp.py keeps the small ones that cover several tiles and tails)."""
+    from archirf_kernels import mp
+
+    monkeypatch.setattr(mp, "INTERPRETER_TILE", 4096)
+    monkeypatch.setattr(mp, "INTERPRETER_WEIGHT_BLOCK", 1024)
+
+
 @pytest.mark.parametrize("preset", list(PAPER))
 def test_presets_match_the_papers_parameters_and_cost(preset):
     with torch.device("meta"):
