@@ -169,13 +169,15 @@ class Reference:
         self.dopt.zero_grad(set_to_none=True)
 
 
-def _record(case: dict, label: str, batch: int, sec: float, first: float, flops: float, device, name: str) -> None:
+def _record(case: dict, label: str, batch: int, sec: float, first: float, flops: float, device, name: str,
+            memory_key: str = "max_memory_gib") -> None:
+    """memory_key: max_memory_gib (this implementation alone) or, with --rounds, process_peak_gib (all of them)."""
     from archirf.metrics import peak_flops
 
     rate, peak = batch / sec, peak_flops(device)
     case["impls"].setdefault(label, {}).update({
         "ms_per_step": sec * 1e3, "img_per_s": rate, "first_step_s": first, "mfu": rate * flops / peak if peak else None,
-        "max_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None})
+        memory_key: torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None})
     print(f"{name} {label}: {sec * 1e3:.1f} ms/step, {rate:.0f} img/s, MFU "
           f"{case['impls'][label]['mfu'] or float('nan'):.3f} (first step {first:.1f} s)", flush=True)
 
@@ -296,7 +298,7 @@ def main(argv=None) -> int:
                 secs.append(_time(impl, xin, args.steps, warmup=1)[0])
         for label, (impl, xin, secs, first) in kept.items():
             case["impls"].setdefault(label, {})["rounds_ms"] = [t * 1e3 for t in secs]
-            _record(case, label, args.batch, statistics.median(secs), first, flops, device, name)
+            _record(case, label, args.batch, statistics.median(secs), first, flops, device, name, "process_peak_gib")
         kept.clear()
         def best(prefix: str) -> dict:             # at its faster layout
             rows = [v for n, v in case["impls"].items() if n in (prefix, prefix + "_cl")]

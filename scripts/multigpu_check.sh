@@ -26,7 +26,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-source scripts/multigpu_common.sh      # NCCL settings, PHASES, DET, rank_pid, stop_rank1
+source scripts/multigpu_common.sh      # NCCL settings, PHASES, DET, run_det, rank_pid, stop_rank1
 OUT=${OUT:-runs/multigpu_check}
 SCRATCH=${SCRATCH:-runs/multigpu_scratch}
 mkdir -p "$OUT" "$SCRATCH"
@@ -42,8 +42,7 @@ train() {      # train NPROC LOG ARGS...: the normal entry point
 }
 train_det() {  # the same, with deterministic kernels
   local n=$1 log=$2; shift 2
-  CUBLAS_WORKSPACE_CONFIG=:4096:8 torchrun --standalone --nproc_per_node="$n" --no-python \
-    python -c "$DET" "${COMMON[@]}" "$@" > "$log" 2>&1
+  run_det "$n" "$log" "${COMMON[@]}" "$@"
 }
 note() { echo "$1" | tee -a "$SCRATCH/exits.txt"; }
 phase() {     # phase NAME GROUP: whether this call runs it

@@ -25,7 +25,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-source scripts/multigpu_common.sh      # NCCL settings, PHASES, DET, rank_pid, stop_rank1
+source scripts/multigpu_common.sh      # NCCL settings, PHASES, DET, run_det, rank_pid, stop_rank1
 OUT=${OUT:-runs/multigpu_check_pipeline}
 SCRATCH=${SCRATCH:-runs/multigpu_pipeline_scratch}
 STEPS=${STEPS:-40}
@@ -35,11 +35,6 @@ EXTRA=(progress=false checkpoint_every=0 sample_every=0 eval.every=0 eval.ref=nu
 run() {        # run NPROC LOG MODULE ARGS...
   local n=$1 log=$2 module=$3; shift 3
   torchrun --standalone --nproc_per_node="$n" -m "$module" "$@" > "$log" 2>&1
-}
-run_det() {    # run_det NPROC LOG ARGS...: archirf.train with deterministic kernels
-  local n=$1 log=$2; shift 2
-  CUBLAS_WORKSPACE_CONFIG=:4096:8 torchrun --standalone --nproc_per_node="$n" --no-python python -c "$DET" "$@" \
-    > "$log" 2>&1
 }
 note() { echo "$1" | tee -a "$OUT/exits.txt"; }
 phase() { case "$PHASES" in *" all "*|*" $1 "*) return 0 ;; *) return 1 ;; esac; }

@@ -5,6 +5,12 @@ PHASES=" ${*:-all} "
 # archirf.train with deterministic kernels (bitwise relaunch comparisons)
 DET='import sys, torch; torch.use_deterministic_algorithms(True, warn_only=True); from archirf.train import main; sys.exit(main())'
 
+run_det() {    # run_det NPROC LOG ARGS...: archirf.train with deterministic kernels
+  local n=$1 log=$2; shift 2
+  CUBLAS_WORKSPACE_CONFIG=:4096:8 torchrun --standalone --nproc_per_node="$n" --no-python python -c "$DET" "$@" \
+    > "$log" 2>&1
+}
+
 rank_pid() {   # rank_pid LAUNCHER_PID RANK: a torchrun worker's pid
   for pid in $(pgrep -P "$1"); do
     if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "RANK=$2"; then echo "$pid"; return; fi
