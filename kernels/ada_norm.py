@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from . import checks
+from .registry import define, launch, stand_ins
 
 Tensor = torch.Tensor
 
@@ -704,7 +705,7 @@ def _resident_programs(kernel, args: tuple, meta: dict, device: torch.device) ->
     if key not in _RESIDENT:
         warps = meta["num_warps"]
         try:
-            compiled = kernel.warmup(*args, grid=(1,), **meta)
+            compiled = kernel.warmup(*stand_ins(args), grid=(1,), **meta)
             compiled._init_handles()
             n_regs, shared = compiled.n_regs, compiled.metadata.shared
         except Exception as e:  # noqa: BLE001  (a Triton without these internals: assume one program per SM)
@@ -812,7 +813,7 @@ def _ada_norm_forward(x, y, gate, shift, scale, weight, bias, eps, norm):
              "HAS_BIAS": bias is not None, "IS_RMS": norm == "rms"}
     num_row_blocks, tiles, meta = _plan(_ada_norm_fwd_kernel, "fused_fwd" if residual else "ada_fwd",
                                         B, N, C, x.device, args(2, 2), flags)
-    _ada_norm_fwd_kernel[(B * num_row_blocks,)](*args(num_row_blocks, tiles), **meta)
+    launch(_ada_norm_fwd_kernel, INTERPRETED)[(B * num_row_blocks,)](*args(num_row_blocks, tiles), **meta)
     return x_new, h, mean, rstd
 
 
@@ -830,10 +831,9 @@ def _sum_partials(partials: Tensor, outs: list, groups: int) -> list[Tensor]:
         P = total // groups
         block_c = min(256, triton.next_power_of_2(C))
         block_p = min(16, triton.next_power_of_2(max(P, 1)))
-        _sum_partials_kernel[(groups, triton.cdiv(C, block_c))](
-            partials, *(sums + sums[:1] * (3 - K)), P, C, total * C,
-            K=K, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=4,
-        )
+        launch(_sum_partials_kernel, INTERPRETED)[(groups, triton.cdiv(C, block_c))](
+            partials, *(sums + sums[:1] * (3 - K)), P, C, total * C, K=K, BLOCK_P=block_p, BLOCK_C=block_c,
+            num_warps=4,)
     return [s.view(shape) for s, (_, shape) in zip(sums, outs)]
 
 
@@ -894,7 +894,7 @@ def _ada_norm_backward(dx_new_in, dh, x, y, gate, scale, weight, bias, mean, rst
     dweight = next(slots) if weight is not None else None
     dbias = next(slots) if bias is not None else None
     if num_programs:
-        _ada_norm_bwd_kernel[(num_programs,)](*args(num_row_blocks, tiles), **meta)
+        launch(_ada_norm_bwd_kernel, INTERPRETED)[(num_programs,)](*args(num_row_blocks, tiles), **meta)
     # (with no tokens, no partials: the sums come out zero)
     sums = iter(_sum_partials(part_sample, per_sample, B))
     if residual and not gate_per_token:
@@ -919,7 +919,7 @@ def _gated_residual_forward(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
 
     num_row_blocks, tiles, meta = _plan(_gated_residual_fwd_kernel, "residual_fwd", B, N, C, x.device, args(2, 2),
                                         {"GATE_PER_TOKEN": _per_token(gate, N)})
-    _gated_residual_fwd_kernel[(B * num_row_blocks,)](*args(num_row_blocks, tiles), **meta)
+    launch(_gated_residual_fwd_kernel, INTERPRETED)[(B * num_row_blocks,)](*args(num_row_blocks, tiles), **meta)
     return out
 
 
@@ -946,17 +946,19 @@ def _gated_residual_backward(dout: Tensor, y: Tensor, gate: Tensor) -> tuple[Ten
         partials = _alloc((1, num_programs, C), torch.float32, y.device)
         dgate = partials[0]
     if num_programs:
-        _gated_residual_bwd_kernel[(num_programs,)](*args(num_row_blocks, tiles, dgate), **meta)
+        launch(_gated_residual_bwd_kernel, INTERPRETED)[(num_programs,)](
+            *args(num_row_blocks, tiles, dgate), **meta)
     if not gate_per_token:
         (dgate,) = _sum_partials(partials, [(gate.dtype, gate.shape)], B)
     return dy, dgate
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom ops: forward and backward of each op are opaque to torch.compile, which sees their fake
-# (meta) implementations; autograd connects them. mean/rstd are outputs so that setup_context can
-# save them; absent gradients come back from the backward ops as empty tensors (custom ops return
-# no None), and the autograd functions turn them into None.
+# Ops (kernels/registry.py): forward and backward are separate torch.library ops that autograd
+# connects; on a GPU they are triton_ops that torch.compile traces into, in the interpreter opaque
+# custom ops. mean/rstd are outputs so that setup_context can save them; absent gradients come back
+# from the backward ops as empty tensors (ops return no None), and the autograd functions turn them
+# into None.
 
 _EMPTY = (0,)
 
@@ -965,7 +967,14 @@ def _empty_if_none(t: Tensor | None, like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty(_EMPTY)
 
 
-@torch.library.custom_op("archirf_kernels::ada_layer_norm", mutates_args=())
+def _ada_layer_norm_fake(x, shift, scale, weight, bias, eps, norm):
+    _check_ada_norm(x, shift, scale, weight, bias, norm)
+    mean_shape, rstd_shape = _stats_shapes(x, norm)
+    return (x.new_empty(x.shape), x.new_empty(mean_shape, dtype=torch.float32),
+            x.new_empty(rstd_shape, dtype=torch.float32))
+
+
+@define("ada_layer_norm", INTERPRETED, fake=_ada_layer_norm_fake)
 def _ada_layer_norm_op(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None,
                        bias: Tensor | None, eps: float, norm: str) -> tuple[Tensor, Tensor, Tensor]:
     _check_ada_norm(x, shift, scale, weight, bias, norm)
@@ -973,28 +982,19 @@ def _ada_layer_norm_op(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor |
     return h, mean, rstd
 
 
-@_ada_layer_norm_op.register_fake
-def _(x, shift, scale, weight, bias, eps, norm):
-    _check_ada_norm(x, shift, scale, weight, bias, norm)
-    mean_shape, rstd_shape = _stats_shapes(x, norm)
-    return (x.new_empty(x.shape), x.new_empty(mean_shape, dtype=torch.float32),
-            x.new_empty(rstd_shape, dtype=torch.float32))
+def _ada_layer_norm_backward_fake(dh, x, scale, weight, bias, mean, rstd, norm, shift_dtype):
+    return (x.new_empty(x.shape), scale.new_empty(scale.shape, dtype=shift_dtype), scale.new_empty(scale.shape),
+            weight.new_empty(weight.shape) if weight is not None else x.new_empty(_EMPTY),
+            bias.new_empty(bias.shape) if bias is not None else x.new_empty(_EMPTY))
 
 
-@torch.library.custom_op("archirf_kernels::ada_layer_norm_backward", mutates_args=())
+@define("ada_layer_norm_backward", INTERPRETED, fake=_ada_layer_norm_backward_fake)
 def _ada_layer_norm_backward_op(dh: Tensor, x: Tensor, scale: Tensor, weight: Tensor | None,
                                 bias: Tensor | None, mean: Tensor, rstd: Tensor, norm: str,
                                 shift_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dx, _, _, dshift, dscale, dweight, dbias = _ada_norm_backward(
         None, dh, x, None, None, scale, weight, bias, mean, rstd, norm, shift_dtype)
     return dx, dshift, dscale, _empty_if_none(dweight, x), _empty_if_none(dbias, x)
-
-
-@_ada_layer_norm_backward_op.register_fake
-def _(dh, x, scale, weight, bias, mean, rstd, norm, shift_dtype):
-    return (x.new_empty(x.shape), scale.new_empty(scale.shape, dtype=shift_dtype), scale.new_empty(scale.shape),
-            weight.new_empty(weight.shape) if weight is not None else x.new_empty(_EMPTY),
-            bias.new_empty(bias.shape) if bias is not None else x.new_empty(_EMPTY))
 
 
 def _ada_layer_norm_setup_context(ctx, inputs, output):
@@ -1018,26 +1018,24 @@ def _ada_layer_norm_backward(ctx, dh, _dmean, _drstd):
 _ada_layer_norm_op.register_autograd(_ada_layer_norm_backward, setup_context=_ada_layer_norm_setup_context)
 
 
-@torch.library.custom_op("archirf_kernels::gated_residual", mutates_args=())
+def _gated_residual_fake(x, y, gate):
+    checks.gated_residual(x, y, gate)
+    return x.new_empty(x.shape)
+
+
+@define("gated_residual", INTERPRETED, fake=_gated_residual_fake)
 def _gated_residual_op(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     checks.gated_residual(x, y, gate)
     return _gated_residual_forward(x, y, gate)
 
 
-@_gated_residual_op.register_fake
-def _(x, y, gate):
-    checks.gated_residual(x, y, gate)
-    return x.new_empty(x.shape)
+def _gated_residual_backward_fake(dout, y, gate):
+    return y.new_empty(y.shape), gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("archirf_kernels::gated_residual_backward", mutates_args=())
+@define("gated_residual_backward", INTERPRETED, fake=_gated_residual_backward_fake)
 def _gated_residual_backward_op(dout: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
     return _gated_residual_backward(dout, y, gate)
-
-
-@_gated_residual_backward_op.register_fake
-def _(dout, y, gate):
-    return y.new_empty(y.shape), gate.new_empty(gate.shape)
 
 
 def _gated_residual_setup_context(ctx, inputs, output):
@@ -1054,7 +1052,15 @@ def _gated_residual_backward_fn(ctx, dout):
 _gated_residual_op.register_autograd(_gated_residual_backward_fn, setup_context=_gated_residual_setup_context)
 
 
-@torch.library.custom_op("archirf_kernels::gated_residual_ada_layer_norm", mutates_args=())
+def _gated_residual_ada_layer_norm_fake(x, y, gate, shift, scale, weight, bias, eps, norm):
+    checks.gated_residual(x, y, gate)
+    _check_ada_norm(x, shift, scale, weight, bias, norm)
+    mean_shape, rstd_shape = _stats_shapes(x, norm)
+    return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(mean_shape, dtype=torch.float32),
+            x.new_empty(rstd_shape, dtype=torch.float32))
+
+
+@define("gated_residual_ada_layer_norm", INTERPRETED, fake=_gated_residual_ada_layer_norm_fake)
 def _gated_residual_ada_layer_norm_op(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
                                       weight: Tensor | None, bias: Tensor | None, eps: float,
                                       norm: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -1064,16 +1070,15 @@ def _gated_residual_ada_layer_norm_op(x: Tensor, y: Tensor, gate: Tensor, shift:
     return x_new, h, mean, rstd
 
 
-@_gated_residual_ada_layer_norm_op.register_fake
-def _(x, y, gate, shift, scale, weight, bias, eps, norm):
-    checks.gated_residual(x, y, gate)
-    _check_ada_norm(x, shift, scale, weight, bias, norm)
-    mean_shape, rstd_shape = _stats_shapes(x, norm)
-    return (x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(mean_shape, dtype=torch.float32),
-            x.new_empty(rstd_shape, dtype=torch.float32))
+def _gated_residual_ada_layer_norm_backward_fake(dx_new, dh, x_new, y, gate, scale, weight, bias, mean, rstd, norm,
+                                                 shift_dtype):
+    return (x_new.new_empty(x_new.shape), y.new_empty(y.shape), gate.new_empty(gate.shape),
+            scale.new_empty(scale.shape, dtype=shift_dtype), scale.new_empty(scale.shape),
+            weight.new_empty(weight.shape) if weight is not None else x_new.new_empty(_EMPTY),
+            bias.new_empty(bias.shape) if bias is not None else x_new.new_empty(_EMPTY))
 
 
-@torch.library.custom_op("archirf_kernels::gated_residual_ada_layer_norm_backward", mutates_args=())
+@define("gated_residual_ada_layer_norm_backward", INTERPRETED, fake=_gated_residual_ada_layer_norm_backward_fake)
 def _gated_residual_ada_layer_norm_backward_op(
         dx_new: Tensor | None, dh: Tensor, x_new: Tensor, y: Tensor, gate: Tensor, scale: Tensor,
         weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor, norm: str,
@@ -1081,14 +1086,6 @@ def _gated_residual_ada_layer_norm_backward_op(
     dx, dy, dgate, dshift, dscale, dweight, dbias = _ada_norm_backward(
         dx_new, dh, x_new, y, gate, scale, weight, bias, mean, rstd, norm, shift_dtype)
     return dx, dy, dgate, dshift, dscale, _empty_if_none(dweight, x_new), _empty_if_none(dbias, x_new)
-
-
-@_gated_residual_ada_layer_norm_backward_op.register_fake
-def _(dx_new, dh, x_new, y, gate, scale, weight, bias, mean, rstd, norm, shift_dtype):
-    return (x_new.new_empty(x_new.shape), y.new_empty(y.shape), gate.new_empty(gate.shape),
-            scale.new_empty(scale.shape, dtype=shift_dtype), scale.new_empty(scale.shape),
-            weight.new_empty(weight.shape) if weight is not None else x_new.new_empty(_EMPTY),
-            bias.new_empty(bias.shape) if bias is not None else x_new.new_empty(_EMPTY))
 
 
 def _gated_residual_ada_layer_norm_setup_context(ctx, inputs, output):

@@ -40,6 +40,7 @@ import triton.language as tl
 
 from . import checks
 from .reference import MP_EPS, mp_cat_weights
+from .registry import define, launch
 
 Tensor = torch.Tensor
 
@@ -411,9 +412,9 @@ def _normalize_fwd(x: Tensor, eps: float, with_silu: bool) -> tuple[Tensor, Tens
     B, C, S = _bcs(x)
     block_s, block_c, nsb, warps = _row_grid("normalize", B, C, S, x.device)
     if x.numel():
-        _normalize_fwd_kernel[(B * nsb,)](x, n, s, C, S, nsb, eps, WITH_SILU=with_silu,
-                                          CHANNELS_LAST=_channels_last(x), BLOCK_S=block_s, BLOCK_C=block_c,
-                                          num_warps=warps)
+        launch(_normalize_fwd_kernel, INTERPRETED)[(B * nsb,)](
+            x, n, s, C, S, nsb, eps, WITH_SILU=with_silu, CHANNELS_LAST=_channels_last(x), BLOCK_S=block_s,
+            BLOCK_C=block_c, num_warps=warps)
     return n, s
 
 
@@ -425,9 +426,9 @@ def _normalize_bwd(dn: Tensor | None, ds: Tensor | None, x: Tensor, eps: float) 
     B, C, S = _bcs(x)
     block_s, block_c, nsb, warps = _row_grid("normalize", B, C, S, x.device)
     if x.numel():
-        _normalize_bwd_kernel[(B * nsb,)](x, dn if dn is not None else x, ds if ds is not None else x, dx,
-                                          C, S, nsb, eps, HAS_DN=dn is not None, HAS_DS=ds is not None,
-                                          CHANNELS_LAST=cl, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+        launch(_normalize_bwd_kernel, INTERPRETED)[(B * nsb,)](
+            x, dn if dn is not None else x, ds if ds is not None else x, dx, C, S, nsb, eps, HAS_DN=dn is not None,
+            HAS_DS=ds is not None, CHANNELS_LAST=cl, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
     return dx
 
 
@@ -437,8 +438,8 @@ def _modulated_silu_fwd(y: Tensor, c: Tensor) -> Tensor:
     B, C, S = _bcs(y)
     block_s, block_c, nsb, warps = _row_grid("modulated_silu", B, C, S, y.device)
     if y.numel():
-        _modulated_silu_fwd_kernel[(B * nsb,)](y, c, out, C, S, nsb, CHANNELS_LAST=_channels_last(y),
-                                               BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+        launch(_modulated_silu_fwd_kernel, INTERPRETED)[(B * nsb,)](
+            y, c, out, C, S, nsb, CHANNELS_LAST=_channels_last(y), BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
     return out
 
 
@@ -450,8 +451,8 @@ def _modulated_silu_bwd(dout: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Ten
     dy = _alloc_like(y)
     part = torch.zeros((B, nsb, C), dtype=torch.float32, device=y.device)
     if y.numel():
-        _modulated_silu_bwd_kernel[(B * nsb,)](dout, y, c, dy, part, C, S, nsb, CHANNELS_LAST=cl,
-                                               BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+        launch(_modulated_silu_bwd_kernel, INTERPRETED)[(B * nsb,)](
+            dout, y, c, dy, part, C, S, nsb, CHANNELS_LAST=cl, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
     return dy, part.sum(1).to(c.dtype)
 
 
@@ -470,8 +471,9 @@ def _mp_cat_fwd(a: Tensor, b: Tensor, t: float, with_silu: bool) -> tuple[Tensor
     wa, wb = mp_cat_weights(CA, CB, t)
     block_s, block_c, nsb, warps = _row_grid("mp_cat", B, CA + CB, S, a.device)
     if x.numel():
-        _mp_cat_fwd_kernel[(B * nsb,)](a, b, x, s, CA, CB, S, nsb, wa, wb, WITH_SILU=with_silu, CHANNELS_LAST=cl,
-                                       BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+        launch(_mp_cat_fwd_kernel, INTERPRETED)[(B * nsb,)](
+            a, b, x, s, CA, CB, S, nsb, wa, wb, WITH_SILU=with_silu, CHANNELS_LAST=cl, BLOCK_S=block_s, BLOCK_C=block_c,
+            num_warps=warps)
     return x, s
 
 
@@ -487,9 +489,9 @@ def _mp_cat_bwd(dx: Tensor | None, ds: Tensor | None, x: Tensor, ca: int, t: flo
     wa, wb = mp_cat_weights(ca, cb, t)
     block_s, block_c, nsb, warps = _row_grid("mp_cat", B, C, S, x.device)
     if x.numel():
-        _mp_cat_bwd_kernel[(B * nsb,)](dx if dx is not None else x, ds if ds is not None else x, x, da, db,
-                                       ca, cb, S, nsb, wa, wb, HAS_DX=dx is not None, HAS_DS=ds is not None,
-                                       CHANNELS_LAST=cl, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+        launch(_mp_cat_bwd_kernel, INTERPRETED)[(B * nsb,)](
+            dx if dx is not None else x, ds if ds is not None else x, x, da, db, ca, cb, S, nsb, wa, wb, HAS_DX=dx is
+            not None, HAS_DS=ds is not None, CHANNELS_LAST=cl, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
     return da, db
 
 
@@ -497,7 +499,7 @@ def _mp_silu_fwd(x: Tensor) -> Tensor:
     x = _dense(x)
     out = _alloc_like(x)
     if x.numel():
-        _mp_silu_fwd_kernel[_flat_grid(x.numel())](x, out, x.numel(), BLOCK=FLAT_BLOCK)
+        launch(_mp_silu_fwd_kernel, INTERPRETED)[_flat_grid(x.numel())](x, out, x.numel(), BLOCK=FLAT_BLOCK)
     return out
 
 
@@ -505,7 +507,8 @@ def _mp_silu_bwd(dout: Tensor, x: Tensor) -> Tensor:
     dout = _dense(dout, _channels_last(x))
     dx = _alloc_like(x)
     if x.numel():
-        _mp_silu_bwd_kernel[_flat_grid(x.numel())](dout, x, dx, x.numel(), BLOCK=FLAT_BLOCK)
+        launch(_mp_silu_bwd_kernel, INTERPRETED)[_flat_grid(x.numel())](
+            dout, x, dx, x.numel(), BLOCK=FLAT_BLOCK)
     return dx
 
 
@@ -520,8 +523,8 @@ def _mp_sum_fwd(a: Tensor, b: Tensor, t: float, clip: float | None) -> Tensor:
     out = _alloc_like(a)
     wa, wb = _sum_weights(t)
     if a.numel():
-        _mp_sum_fwd_kernel[_flat_grid(a.numel())](a, b, out, a.numel(), wa, wb, clip or 0.0,
-                                                 HAS_CLIP=clip is not None, BLOCK=FLAT_BLOCK)
+        launch(_mp_sum_fwd_kernel, INTERPRETED)[_flat_grid(a.numel())](
+            a, b, out, a.numel(), wa, wb, clip or 0.0, HAS_CLIP=clip is not None, BLOCK=FLAT_BLOCK)
     return out
 
 
@@ -530,8 +533,8 @@ def _mp_sum_bwd(dout: Tensor, out: Tensor, t: float, clip: float | None, b_dtype
     da, db = _alloc_like(out), _alloc_like(out, dtype=b_dtype)
     wa, wb = _sum_weights(t)
     if out.numel():
-        _mp_sum_bwd_kernel[_flat_grid(out.numel())](dout, out, da, db, out.numel(), wa, wb, clip or 0.0,
-                                                   HAS_CLIP=clip is not None, BLOCK=FLAT_BLOCK)
+        launch(_mp_sum_bwd_kernel, INTERPRETED)[_flat_grid(out.numel())](
+            dout, out, da, db, out.numel(), wa, wb, clip or 0.0, HAS_CLIP=clip is not None, BLOCK=FLAT_BLOCK)
     return da, db
 
 
@@ -544,9 +547,9 @@ def _mp_weight_fwd(w: Tensor, gain: Tensor | None, eps: float, scale: float, out
     out = torch.empty_like(w) if out is None else out
     fan_in = math.prod(w.shape[1:])         # (not w[0]: an FSDP2 shard may hold no rows)
     if w.numel():
-        _mp_weight_fwd_kernel[(w.shape[0],)](w, gain if gain is not None else w, out, fan_in, scale, eps,
-                                             HAS_GAIN=gain is not None,
-                                             BLOCK_F=_weight_block(fan_in, w.device), num_warps=4)
+        launch(_mp_weight_fwd_kernel, INTERPRETED)[(w.shape[0],)](
+            w, gain if gain is not None else w, out, fan_in, scale, eps, HAS_GAIN=gain is not None,
+            BLOCK_F=_weight_block(fan_in, w.device), num_warps=4)
     return out
 
 
@@ -556,9 +559,9 @@ def _mp_weight_bwd(dout: Tensor, w: Tensor, gain: Tensor | None, eps: float) -> 
     dw = torch.empty_like(w)
     part = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
     if w.numel():
-        _mp_weight_bwd_kernel[(w.shape[0],)](dout, w, gain if gain is not None else w, dw, part, fan_in,
-                                             fan_in ** -0.5, eps, HAS_GAIN=gain is not None,
-                                             BLOCK_F=_weight_block(fan_in, w.device), num_warps=4)
+        launch(_mp_weight_bwd_kernel, INTERPRETED)[(w.shape[0],)](
+            dout, w, gain if gain is not None else w, dw, part, fan_in, fan_in ** -0.5, eps, HAS_GAIN=gain is not None,
+            BLOCK_F=_weight_block(fan_in, w.device), num_warps=4)
     dgain = part.sum().reshape(gain.shape).to(gain.dtype) if gain is not None else None
     return dw, dgain
 
@@ -577,38 +580,35 @@ def _fake_like(t: Tensor, shape=None, dtype=None) -> Tensor:
 
 # -- normalize / normalize_silu
 
-@torch.library.custom_op("archirf_kernels::mp_normalize", mutates_args=())
+def _mp_normalize_fake(x, eps):
+    _check("normalize", x)
+    return _fake_like(x)
+
+
+@define("mp_normalize", INTERPRETED, fake=_mp_normalize_fake)
 def _normalize_op(x: Tensor, eps: float) -> Tensor:
     _check("normalize", x)
     return _normalize_fwd(x, eps, with_silu=False)[0]
 
 
-@_normalize_op.register_fake
-def _(x, eps):
-    _check("normalize", x)
-    return _fake_like(x)
+def _mp_normalize_silu_fake(x, eps):
+    _check("normalize_silu", x)
+    return _fake_like(x), _fake_like(x)
 
 
-@torch.library.custom_op("archirf_kernels::mp_normalize_silu", mutates_args=())
+@define("mp_normalize_silu", INTERPRETED, fake=_mp_normalize_silu_fake)
 def _normalize_silu_op(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     _check("normalize_silu", x)
     return _normalize_fwd(x, eps, with_silu=True)
 
 
-@_normalize_silu_op.register_fake
-def _(x, eps):
-    _check("normalize_silu", x)
-    return _fake_like(x), _fake_like(x)
+def _mp_normalize_backward_fake(dn, ds, x, eps):
+    return _fake_like(x)
 
 
-@torch.library.custom_op("archirf_kernels::mp_normalize_backward", mutates_args=())
+@define("mp_normalize_backward", INTERPRETED, fake=_mp_normalize_backward_fake)
 def _normalize_backward_op(dn: Tensor | None, ds: Tensor | None, x: Tensor, eps: float) -> Tensor:
     return _normalize_bwd(dn, ds, _dense(x), eps)
-
-
-@_normalize_backward_op.register_fake
-def _(dn, ds, x, eps):
-    return _fake_like(x)
 
 
 def _normalize_setup_context(ctx, inputs, output):
@@ -633,25 +633,23 @@ _normalize_silu_op.register_autograd(_normalize_silu_backward, setup_context=_no
 
 # -- mp_silu
 
-@torch.library.custom_op("archirf_kernels::mp_silu", mutates_args=())
+def _mp_silu_fake(x):
+    return _fake_like(x)
+
+
+@define("mp_silu", INTERPRETED, fake=_mp_silu_fake)
 def _mp_silu_op(x: Tensor) -> Tensor:
     _check("mp_silu", x, dims=range(0, 9))
     return _mp_silu_fwd(x)
 
 
-@_mp_silu_op.register_fake
-def _(x):
+def _mp_silu_backward_fake(dout, x):
     return _fake_like(x)
 
 
-@torch.library.custom_op("archirf_kernels::mp_silu_backward", mutates_args=())
+@define("mp_silu_backward", INTERPRETED, fake=_mp_silu_backward_fake)
 def _mp_silu_backward_op(dout: Tensor, x: Tensor) -> Tensor:
     return _mp_silu_bwd(dout, _dense(x))
-
-
-@_mp_silu_backward_op.register_fake
-def _(dout, x):
-    return _fake_like(x)
 
 
 def _mp_silu_setup_context(ctx, inputs, output):
@@ -668,28 +666,26 @@ _mp_silu_op.register_autograd(_mp_silu_backward, setup_context=_mp_silu_setup_co
 
 # -- mp_sum (+ clip)
 
-@torch.library.custom_op("archirf_kernels::mp_sum", mutates_args=())
+def _mp_sum_fake(a, b, t, clip):
+    checks.mp_sum(a, b, clip)
+    return _fake_like(a)
+
+
+@define("mp_sum", INTERPRETED, fake=_mp_sum_fake)
 def _mp_sum_op(a: Tensor, b: Tensor, t: float, clip: float | None) -> Tensor:
     _check_device("mp_sum", a)
     checks.mp_sum(a, b, clip)
     return _mp_sum_fwd(a, b, t, clip)
 
 
-@_mp_sum_op.register_fake
-def _(a, b, t, clip):
-    checks.mp_sum(a, b, clip)
-    return _fake_like(a)
+def _mp_sum_backward_fake(dout, out, t, clip, b_dtype):
+    return _fake_like(out), _fake_like(out, dtype=b_dtype)
 
 
-@torch.library.custom_op("archirf_kernels::mp_sum_backward", mutates_args=())
+@define("mp_sum_backward", INTERPRETED, fake=_mp_sum_backward_fake)
 def _mp_sum_backward_op(dout: Tensor, out: Tensor, t: float, clip: float | None,
                         b_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return _mp_sum_bwd(dout, out, t, clip, b_dtype)
-
-
-@_mp_sum_backward_op.register_fake
-def _(dout, out, t, clip, b_dtype):
-    return _fake_like(out), _fake_like(out, dtype=b_dtype)
 
 
 def _mp_sum_setup_context(ctx, inputs, output):
@@ -712,27 +708,25 @@ _mp_sum_op.register_autograd(_mp_sum_backward, setup_context=_mp_sum_setup_conte
 
 # -- modulated_silu
 
-@torch.library.custom_op("archirf_kernels::mp_modulated_silu", mutates_args=())
+def _mp_modulated_silu_fake(y, c):
+    checks.modulated_silu(y, c)
+    return _fake_like(y)
+
+
+@define("mp_modulated_silu", INTERPRETED, fake=_mp_modulated_silu_fake)
 def _modulated_silu_op(y: Tensor, c: Tensor) -> Tensor:
     checks.modulated_silu(y, c)
     _check_device("modulated_silu", y)
     return _modulated_silu_fwd(y, c)
 
 
-@_modulated_silu_op.register_fake
-def _(y, c):
-    checks.modulated_silu(y, c)
-    return _fake_like(y)
+def _mp_modulated_silu_backward_fake(dout, y, c):
+    return _fake_like(y), c.new_empty(c.shape)
 
 
-@torch.library.custom_op("archirf_kernels::mp_modulated_silu_backward", mutates_args=())
+@define("mp_modulated_silu_backward", INTERPRETED, fake=_mp_modulated_silu_backward_fake)
 def _modulated_silu_backward_op(dout: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return _modulated_silu_bwd(dout, _dense(y), c.contiguous())
-
-
-@_modulated_silu_backward_op.register_fake
-def _(dout, y, c):
-    return _fake_like(y), c.new_empty(c.shape)
 
 
 def _modulated_silu_setup_context(ctx, inputs, output):
@@ -749,42 +743,39 @@ _modulated_silu_op.register_autograd(_modulated_silu_backward, setup_context=_mo
 
 # -- mp_cat / mp_cat_silu
 
-@torch.library.custom_op("archirf_kernels::mp_cat", mutates_args=())
+def _mp_cat_fake(a, b, t):
+    checks.mp_cat("mp_cat", a, b)
+    return _fake_like(a, _cat_shape(a, b))
+
+
+@define("mp_cat", INTERPRETED, fake=_mp_cat_fake)
 def _mp_cat_op(a: Tensor, b: Tensor, t: float) -> Tensor:
     checks.mp_cat("mp_cat", a, b)
     _check_device("mp_cat", a)
     return _mp_cat_fwd(a, b, t, with_silu=False)[0]
 
 
-@_mp_cat_op.register_fake
-def _(a, b, t):
-    checks.mp_cat("mp_cat", a, b)
-    return _fake_like(a, _cat_shape(a, b))
+def _mp_cat_silu_fake(a, b, t):
+    checks.mp_cat("mp_cat_silu", a, b)
+    return _fake_like(a, _cat_shape(a, b)), _fake_like(a, _cat_shape(a, b))
 
 
-@torch.library.custom_op("archirf_kernels::mp_cat_silu", mutates_args=())
+@define("mp_cat_silu", INTERPRETED, fake=_mp_cat_silu_fake)
 def _mp_cat_silu_op(a: Tensor, b: Tensor, t: float) -> tuple[Tensor, Tensor]:
     checks.mp_cat("mp_cat_silu", a, b)
     _check_device("mp_cat_silu", a)
     return _mp_cat_fwd(a, b, t, with_silu=True)
 
 
-@_mp_cat_silu_op.register_fake
-def _(a, b, t):
-    checks.mp_cat("mp_cat_silu", a, b)
-    return _fake_like(a, _cat_shape(a, b)), _fake_like(a, _cat_shape(a, b))
+def _mp_cat_backward_fake(dx, ds, x, ca, t, a_dtype, b_dtype):
+    return (_fake_like(x, (x.shape[0], ca, *x.shape[2:]), a_dtype),
+            _fake_like(x, (x.shape[0], x.shape[1] - ca, *x.shape[2:]), b_dtype))
 
 
-@torch.library.custom_op("archirf_kernels::mp_cat_backward", mutates_args=())
+@define("mp_cat_backward", INTERPRETED, fake=_mp_cat_backward_fake)
 def _mp_cat_backward_op(dx: Tensor | None, ds: Tensor | None, x: Tensor, ca: int, t: float,
                         a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return _mp_cat_bwd(dx, ds, x, ca, t, a_dtype, b_dtype)
-
-
-@_mp_cat_backward_op.register_fake
-def _(dx, ds, x, ca, t, a_dtype, b_dtype):
-    return (_fake_like(x, (x.shape[0], ca, *x.shape[2:]), a_dtype),
-            _fake_like(x, (x.shape[0], x.shape[1] - ca, *x.shape[2:]), b_dtype))
 
 
 def _mp_cat_setup_context(ctx, inputs, output):
@@ -812,28 +803,26 @@ _mp_cat_silu_op.register_autograd(_mp_cat_silu_backward, setup_context=_mp_cat_s
 
 # -- mp_weight
 
-@torch.library.custom_op("archirf_kernels::mp_weight", mutates_args=())
+def _mp_weight_fake(w, gain, eps):
+    checks.mp_weight("mp_weight", w, gain)
+    return torch.empty_like(w.contiguous())
+
+
+@define("mp_weight", INTERPRETED, fake=_mp_weight_fake)
 def _mp_weight_op(w: Tensor, gain: Tensor | None, eps: float) -> Tensor:
     checks.mp_weight("mp_weight", w, gain)
     _check_device("mp_weight", w)
     return _mp_weight_fwd(w, gain, eps, w[0].numel() ** -0.5)
 
 
-@_mp_weight_op.register_fake
-def _(w, gain, eps):
-    checks.mp_weight("mp_weight", w, gain)
-    return torch.empty_like(w.contiguous())
+def _mp_weight_backward_fake(dout, w, gain, eps):
+    return torch.empty_like(w.contiguous()), gain.new_empty(gain.shape) if gain is not None else w.new_empty(_EMPTY)
 
 
-@torch.library.custom_op("archirf_kernels::mp_weight_backward", mutates_args=())
+@define("mp_weight_backward", INTERPRETED, fake=_mp_weight_backward_fake)
 def _mp_weight_backward_op(dout: Tensor, w: Tensor, gain: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
     dw, dgain = _mp_weight_bwd(dout, w, gain, eps)
     return dw, dgain if dgain is not None else w.new_empty(_EMPTY)
-
-
-@_mp_weight_backward_op.register_fake
-def _(dout, w, gain, eps):
-    return torch.empty_like(w.contiguous()), gain.new_empty(gain.shape) if gain is not None else w.new_empty(_EMPTY)
 
 
 def _mp_weight_setup_context(ctx, inputs, output):

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from . import checks
 from .mp import _check_device
+from .registry import define, launch
 
 Tensor = torch.Tensor
 ROWS = 16                        # rows (token, head) per tile
@@ -107,9 +108,9 @@ def _forward(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: fl
     y = torch.empty_like(x)
     R, S, H, half, block_h = _launch_shape(x)
     if R:
-        _fwd_kernel[(triton.cdiv(R, ROWS),)](x, cos.contiguous(), sin.contiguous(), weight if weight is not None
-                                            else x, y, R, S, H, half, eps, HAS_W=weight is not None, ROWS=ROWS,
-                                            BLOCK_H=block_h, num_warps=4)
+        launch(_fwd_kernel, INTERPRETED)[(triton.cdiv(R, ROWS),)](
+            x, cos.contiguous(), sin.contiguous(), weight if weight is not None else x, y, R, S, H, half, eps,
+            HAS_W=weight is not None, ROWS=ROWS, BLOCK_H=block_h, num_warps=4)
     return y
 
 
@@ -126,36 +127,34 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor | None, cos: Tensor, sin: Te
     part = torch.zeros((max(programs, 1) if weight is not None else 0, 2 * half), dtype=torch.float32,
                        device=x.device)
     if R:
-        _bwd_kernel[(programs,)](x, cos.contiguous(), sin.contiguous(), weight if weight is not None else x, dy, dx,
-                                 part, R, S, H, half, eps, tiles, HAS_W=weight is not None, ROWS=ROWS,
-                                 BLOCK_H=block_h, num_warps=4)
+        launch(_bwd_kernel, INTERPRETED)[(programs,)](
+            x, cos.contiguous(), sin.contiguous(), weight if weight is not None else x, dy, dx, part, R, S, H, half,
+            eps, tiles, HAS_W=weight is not None, ROWS=ROWS, BLOCK_H=block_h, num_warps=4)
     return dx, part.sum(0).to(weight.dtype) if weight is not None else None
 
 
-@torch.library.custom_op("archirf_kernels::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_fake(x, weight, cos, sin, eps):
+    checks.qk_norm_rope(x, weight, cos, sin)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@define("qk_norm_rope", INTERPRETED, fake=_qk_norm_rope_fake)
 def _op(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float) -> Tensor:
     checks.qk_norm_rope(x, weight, cos, sin)
     _check_device("qk_norm_rope", x)
     return _forward(x, weight, cos, sin, eps)
 
 
-@_op.register_fake
-def _(x, weight, cos, sin, eps):
-    checks.qk_norm_rope(x, weight, cos, sin)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+def _qk_norm_rope_backward_fake(dy, x, weight, cos, sin, eps):
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,)))
 
 
-@torch.library.custom_op("archirf_kernels::qk_norm_rope_backward", mutates_args=())
+@define("qk_norm_rope_backward", INTERPRETED, fake=_qk_norm_rope_backward_fake)
 def _backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor,
                  eps: float) -> tuple[Tensor, Tensor]:
     dx, dw = _backward(dy, x, weight, cos, sin, eps)
     return dx, dw if dw is not None else x.new_empty((0,))
-
-
-@_backward_op.register_fake
-def _(dy, x, weight, cos, sin, eps):
-    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
-            weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,)))
 
 
 def _setup_context(ctx, inputs, output):

@@ -174,3 +174,34 @@ def test_dit_compiles_fullgraph_with_kernels_on_cuda():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         eager, comp = m.eval()(x, t, y), compiled(x, t, y)
     torch.testing.assert_close(comp.float(), eager.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("shape", [(4, 77, 1111), (8, 256, 384)], ids=lambda s: "x".join(map(str, s)))
+def test_ops_are_traced_into_compiled_code(shape):
+    # On a GPU the ops are triton_ops (kernels/registry.py): torch.compile must launch our kernels from its own
+    # code, not call the ops through the dispatcher, and give what the eager ops give (forward and backward).
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    B, N, C = shape
+    act, mod = torch.bfloat16, torch.float32
+
+    def block(x, y, gate, shift, scale, y2, gate2, shift2, scale2):
+        x, h = K.gated_residual_ada_layer_norm(x, y, gate, shift, scale, impl="triton")
+        x = K.gated_residual(x, h * y2, gate2, impl="triton")
+        return K.ada_layer_norm(x, shift2, scale2, norm="rms", impl="triton"), x
+
+    inputs = [_randn((B, N, C), act, 0, std=2.0, mean=0.5), _randn((B, N, C), act, 1),
+              *(_conditioning(False, B, N, C, mod, s) for s in (2, 3, 4)), _randn((B, N, C), act, 5),
+              *(_conditioning(per_token, B, N, C, mod, s) for per_token, s in ((True, 6), (False, 7), (False, 8)))]
+    cots = {0: _randn((B, N, C), torch.float64, 9), 1: _randn((B, N, C), torch.float64, 10)}
+    compiled = torch.compile(block, fullgraph=True)
+    (got, code) = run_and_get_code(lambda: _run(compiled, inputs, cots, (0, 1)))
+    code = "\n".join(code)
+    assert "archirf_kernels." not in code, "an op was called through the dispatcher instead of traced"
+    for kernel in ("_ada_norm_fwd_kernel", "_ada_norm_bwd_kernel", "_gated_residual_fwd_kernel",
+                   "_gated_residual_bwd_kernel", "_sum_partials_kernel"):
+        assert kernel in code, f"{kernel} is not launched by the compiled code"
+    want = _run(block, inputs, cots, (0, 1))
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)

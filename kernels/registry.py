@@ -1,0 +1,57 @@
+"""How an archirf_kernels op is registered with torch.library.
+
+On a real Triton backend an op is a `torch.library.triton_op`. Called eagerly it runs its Python
+launcher, as a custom op would. Under torch.compile, AOTAutograd decomposes it into the PyTorch ops
+and the Triton kernels its launcher calls (traced with fake tensors), so inductor launches those
+kernels straight from the compiled code: the launch plan is made once, at compile time, and no call
+goes through the dispatcher or the Python launcher again. Inductor does not fuse other ops into a
+user kernel, but it plans the buffers and the glue ops around it.
+
+In Triton's CPU interpreter the kernels cannot be traced, so there each op is an opaque
+`torch.library.custom_op` with the same name and schema, and the fake (meta) function given here.
+
+A launcher written for both calls its kernels as `launch(kernel, interpreted)[grid](...)` and must
+be traceable with fake tensors: shapes, strides and dtypes only, never data or pointers.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+NAMESPACE = "archirf_kernels"
+
+
+def define(name: str, interpreted: bool, fake: Callable | None = None):
+    """Decorator: the function becomes archirf_kernels::<name> (see the module docstring). `fake`
+    is the meta function; as a triton_op the launcher itself traced with fake tensors is the
+    fallback, and `fake` (cheaper: no launch planning) replaces it for torch.compile's shape
+    propagation."""
+    def wrap(fn: Callable):
+        qualname = f"{NAMESPACE}::{name}"
+        if interpreted:
+            op = torch.library.custom_op(qualname, fn, mutates_args=())
+        else:
+            op = torch.library.triton_op(qualname, fn, mutates_args=())
+        if fake is not None:
+            op.register_fake(fake)
+        return op
+    return wrap
+
+
+def launch(kernel, interpreted: bool):
+    """The kernel, made traceable for triton_op (its `[grid](...)` call becomes a graph node under
+    torch.compile; eagerly it launches as usual)."""
+    return kernel if interpreted else torch.library.wrap_triton(kernel)
+
+
+def stand_ins(args: tuple) -> tuple:
+    """Real 16-element tensors of each tensor argument's dtype and device, other arguments as they
+    are: what `kernel.warmup` needs to compile a kernel and read its resources while the launcher is
+    traced with fake tensors (which have no storage). Made outside any fake, proxy or functional mode."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return tuple(torch.empty(16, dtype=a.dtype, device=a.device) if isinstance(a, torch.Tensor) else a
+                     for a in args)
