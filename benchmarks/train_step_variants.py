@@ -10,6 +10,8 @@ autocast on CUDA, synthetic data already on the device):
   whole     torch.compile of the whole plain model (what a user's own compiled script does)
   eager     no compile
   *_ref     the same with model.kernels=reference (no fused Triton ops)
+  *_tri     the same with model.kernels=triton (every fused op, inside compiled code too, where auto leaves
+            the adaLN and EDM2 ops to inductor)
   *_fp8t, *_fp8r   the same with precision=fp8-tensorwise / fp8-rowwise (archirf/fp8.py's layers; "whole"
             converts the same layers before compiling), e.g. plain_fp8t
   *_fu      the same with optim.fused_update (clip scale + AdamW + EMA in one kernel), e.g. plain_fp8t_fu
@@ -169,7 +171,7 @@ def model_flops(cfg) -> int:
 
 
 def parse_variant(name: str, base, device) -> tuple:
-    """name -> (its config, kind, inductor mode or None): kind[_ref][_fp8t|_fp8r][_fu][_cg|_mat]."""
+    """name -> (its config, kind, inductor mode or None): kind[_ref|_tri][_fp8t|_fp8r][_fu][_cg|_mat]."""
     cfg = copy.deepcopy(base)
     core, mode = name, None
     for suffix, m in MODE_SUFFIXES.items():
@@ -181,15 +183,18 @@ def parse_variant(name: str, base, device) -> tuple:
         if core.endswith(suffix):
             core, cfg.precision = core.removesuffix(suffix), precision
             fp8.check(precision, cfg.model.name, device)
-    kind = core.removesuffix("_ref")
+    kind, kernels = core, None
+    for suffix, choice in (("_ref", "reference"), ("_tri", "triton")):
+        if core.endswith(suffix):
+            kind, kernels = core.removesuffix(suffix), choice
     if kind not in ("fsdp", "plain", "whole", "eager"):
         raise SystemExit(f"unknown variant {name!r}; choose from fsdp, plain, whole, eager, then in this order "
-                         f"_ref, _fp8t or _fp8r, _fu, _cg or _mat (e.g. plain_ref_fp8t_fu_cg)")
-    if core.endswith("_ref"):
+                         f"_ref or _tri, _fp8t or _fp8r, _fu, _cg or _mat (e.g. plain_ref_fp8t_fu_cg)")
+    if kernels:
         if cfg.model.kernels is None:
             raise SystemExit(f"variant {name}: model.name={cfg.model.name} has no model.kernels to set to "
-                             f"reference; drop the _ref variants")
-        cfg.model.kernels = "reference"
+                             f"{kernels}; drop the {name.removeprefix(kind)[:4]} variants")
+        cfg.model.kernels = kernels
     if mode and kind == "eager":
         raise SystemExit(f"variant {name}: eager compiles nothing; a mode suffix needs fsdp, plain or whole")
     return cfg, kind, mode
