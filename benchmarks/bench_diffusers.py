@@ -1,6 +1,7 @@
 """A diffusers fine-tuning step with and without archirf_kernels.integrations.diffusers, same process.
 
     python -m benchmarks.bench_diffusers [--models sd35m] [--layers 12] [--batch 2] [--steps 10] [--res 1024]
+        [--sdpa default|flash|efficient|cudnn]
 
 Models (random weights, fp32 parameters under bf16 autocast, shapes of the released configs with `--layers` blocks):
   sd35m   SD3.5-medium: 24 heads x 64, QK RMSNorm, dual attention in the first 13 blocks, 1024 px -> 128 x 128
@@ -11,11 +12,15 @@ Models (random weights, fp32 parameters under bf16 autocast, shapes of the relea
 One step: forward, the flow-matching MSE against random targets, backward, AdamW (fused). Rows, each compiled
 whole with torch.compile (default mode): "diffusers" (the model as loaded), "patched" (after ak.apply). Prints
 one JSON line per row and the ratio; each row's first output is checked against the other's (bf16 tolerance).
+--sdpa restricts both rows' PyTorch attention to one SDPA backend (default: PyTorch's own choice). On torch 2.11
+and an H100, compiled diffusers' Flux stops in cuDNN attention's backward at 1024 px (4,608 tokens, head dim
+128; "mha_graph.execute ... is_good()"): pass --sdpa flash there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -64,6 +69,17 @@ def make_inputs(name: str, batch: int, lat: int, device):
     return inputs, randn(batch, 16, lat, lat)
 
 
+def _sdpa(backend: str):
+    def context():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel(getattr(SDPBackend, backend))
+    return context
+
+
+SDPA = {"default": contextlib.nullcontext, "flash": _sdpa("FLASH_ATTENTION"),
+        "efficient": _sdpa("EFFICIENT_ATTENTION"), "cudnn": _sdpa("CUDNN_ATTENTION")}
+
+
 def measure(model, inputs, target, steps):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     step_fn = torch.compile(model)
@@ -100,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--res", type=int, default=1024, help="image pixels (latents are res / 8)")
+    ap.add_argument("--sdpa", choices=sorted(SDPA), default="default",
+                    help="SDPA backend for both rows' attention (default: PyTorch's dispatch)")
     args = ap.parse_args(argv)
     from archirf_kernels.integrations import diffusers as ak
 
@@ -112,9 +130,10 @@ def main(argv=None) -> int:
             torch._dynamo.reset()
             model = build(name, args.layers, device)
             report = ak.apply(model) if row == "patched" else None
-            first, ms, first_s = measure(model, inputs, target, args.steps)
-            rows[row] = dict(model=name, row=row, layers=args.layers, batch=args.batch, res=args.res, ms=ms,
-                             img_per_s=args.batch / ms * 1e3, first_step_s=first_s,
+            with SDPA[args.sdpa]():
+                first, ms, first_s = measure(model, inputs, target, args.steps)
+            rows[row] = dict(model=name, row=row, layers=args.layers, batch=args.batch, res=args.res, sdpa=args.sdpa,
+                             ms=ms, img_per_s=args.batch / ms * 1e3, first_step_s=first_s,
                              peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                              changed=len(report.changed) if report else 0, first=first)
             del model
