@@ -8,7 +8,9 @@ goes through the dispatcher or the Python launcher again. Inductor does not fuse
 user kernel, but it plans the buffers and the glue ops around it.
 
 In Triton's CPU interpreter the kernels cannot be traced, so there each op is an opaque
-`torch.library.custom_op` with the same name and schema, and the fake (meta) function given here.
+`torch.library.custom_op` with the same name and schema, and the fake (meta) function given here. So is
+it on a machine without a CUDA device, where the kernels cannot run at all: registering a triton_op scans
+the launcher for kernels, which imports inductor (about 1.5 s of every `import archirf_kernels` there).
 
 A launcher written for both calls its kernels as `launch(kernel, interpreted)[grid](...)` and must
 be traceable with fake tensors: shapes, strides and dtypes only, never data or pointers.
@@ -16,11 +18,22 @@ be traceable with fake tensors: shapes, strides and dtypes only, never data or p
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
 
 NAMESPACE = "archirf_kernels"
+
+
+@functools.cache
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def traceable(interpreted: bool) -> bool:
+    """Whether ops are triton_ops here: real Triton kernels (not the interpreter) and a CUDA device."""
+    return not interpreted and _cuda()
 
 
 def define(name: str, interpreted: bool, fake: Callable | None = None):
@@ -30,10 +43,10 @@ def define(name: str, interpreted: bool, fake: Callable | None = None):
     propagation."""
     def wrap(fn: Callable):
         qualname = f"{NAMESPACE}::{name}"
-        if interpreted:
-            op = torch.library.custom_op(qualname, fn, mutates_args=())
-        else:
+        if traceable(interpreted):
             op = torch.library.triton_op(qualname, fn, mutates_args=())
+        else:
+            op = torch.library.custom_op(qualname, fn, mutates_args=())
         if fake is not None:
             op.register_fake(fake)
         return op
@@ -43,7 +56,7 @@ def define(name: str, interpreted: bool, fake: Callable | None = None):
 def launch(kernel, interpreted: bool):
     """The kernel, made traceable for triton_op (its `[grid](...)` call becomes a graph node under
     torch.compile; eagerly it launches as usual)."""
-    return kernel if interpreted else torch.library.wrap_triton(kernel)
+    return torch.library.wrap_triton(kernel) if traceable(interpreted) else kernel
 
 
 def stand_ins(args: tuple) -> tuple:

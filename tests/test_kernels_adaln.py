@@ -369,3 +369,25 @@ def test_interpreted_launch_rejects_undeclared_constexprs():
     assert torch.equal(x, y)
     with pytest.raises(TypeError, match=r"does not declare: \['NORM'\]"):
         copy[(1,)](x, y, BLOCK=16, NORM=True)
+
+
+def test_ops_are_custom_ops_where_they_cannot_be_traced():
+    # kernels/registry.py: triton_ops only with real Triton kernels and a CUDA device. In the interpreter (this
+    # suite) and on a machine without CUDA the ops are custom ops, and importing the library never imports
+    # inductor (torch.library.triton_op's scan for kernels would: about 1.5 s per import).
+    import os
+    import subprocess
+    import sys
+
+    from archirf_kernels import mp, registry, rope
+
+    assert not registry.traceable(ada_norm.INTERPRETED) and not registry.traceable(mp.INTERPRETED)
+    assert registry.launch(rope._fwd_kernel, rope.INTERPRETED) is rope._fwd_kernel
+    if torch.cuda.is_available():
+        return
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe = ("import sys, archirf_kernels.ada_norm as a, archirf_kernels.registry as r; "
+             "assert not a.INTERPRETED, 'interpreted'; assert not r.traceable(False); "
+             "assert 'torch._inductor' not in sys.modules, 'inductor imported'")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
