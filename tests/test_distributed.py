@@ -8,6 +8,7 @@ all of them with one complete checkpoint; compile + FSDP2 + activation checkpoin
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +31,9 @@ TINY = ["data.resolution=8", "model.hidden_size=32", "model.depth=2", "model.num
 STEPS = 6
 # CPU / gloo on any machine: GPUs hidden (a 2-rank run on a 1-GPU host would otherwise ask for a second
 # device), and Triton kernels, where a recipe asks for them, in the interpreter.
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
+# PYTHONFAULTHANDLER: a rank that dies of a signal (SIGABRT, SIGSEGV) prints every thread's Python stack.
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1",
+       "PYTHONFAULTHANDLER": "1"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,8 +42,17 @@ def torchrun(nproc: int, *args: str, timeout: int = 240, module: str = "archirf.
     target = ["-m", module] if not module.endswith(".py") else [module]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *target, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})}, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, failure_report(proc)
     return proc
+
+
+def failure_report(proc: subprocess.CompletedProcess) -> str:
+    """What a failed multi-rank run printed that says why: every rank's traceback or fault-handler stack (the
+    ranks' stderr interleave, and torchrun's own summary alone can fill the tail), then the tails."""
+    err = proc.stderr
+    starts = [m.start() for m in re.finditer(r"Traceback \(most recent call last\)|Fatal Python error", err)]
+    stacks = [err[i:i + 3000] for i in starts[:4]]
+    return "\n----\n".join([*stacks, "stdout tail:\n" + proc.stdout[-2000:], "stderr tail:\n" + err[-3000:]])
 
 
 def train(nproc: int, run_dir: Path, *extra: str, steps: int = STEPS, env: dict | None = None):
