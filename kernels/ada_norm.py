@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from . import checks
-from .registry import define, launch, stand_ins
+from .registry import define, ints, kernels_of, launch, stand_ins, tracing
 
 Tensor = torch.Tensor
 
@@ -705,7 +705,7 @@ def _resident_programs(kernel, args: tuple, meta: dict, device: torch.device) ->
     if key not in _RESIDENT:
         warps = meta["num_warps"]
         try:
-            compiled = kernel.warmup(*stand_ins(args), grid=(1,), **meta)
+            compiled = kernel.warmup(*(stand_ins(args) if tracing() else args), grid=(1,), **meta)
             compiled._init_handles()
             n_regs, shared = compiled.n_regs, compiled.metadata.shared
         except Exception as e:  # noqa: BLE001  (a Triton without these internals: assume one program per SM)
@@ -765,8 +765,8 @@ def _strides(t: Tensor | None, N: int) -> tuple[int, int]:
     if t is None:
         return 0, 0
     if t.dim() == 2:
-        return t.stride(0), 0
-    return t.stride(0), (t.stride(1) if t.shape[1] == N and N > 1 else 0)
+        return int(t.stride(0)), 0
+    return int(t.stride(0)), (int(t.stride(1)) if t.shape[1] == N and N > 1 else 0)
 
 
 def _per_token(t: Tensor, N: int) -> bool:
@@ -786,7 +786,7 @@ def _stats_shapes(x: Tensor, norm: str) -> tuple[tuple[int, ...], tuple[int, ...
 
 def _ada_norm_forward(x, y, gate, shift, scale, weight, bias, eps, norm):
     """Forward of ada_layer_norm (y = gate = None) or of the fusion -> (x_new or None, h, mean, rstd)."""
-    B, N, C = x.shape
+    B, N, C = ints(*x.shape)
     _check_device(x)
     x, shift, scale = _rows(x), _rows(shift), _rows(scale)
     weight, bias = (_rows(t) if t is not None else None for t in (weight, bias))
@@ -825,7 +825,7 @@ def _or(*candidates):
 def _sum_partials(partials: Tensor, outs: list, groups: int) -> list[Tensor]:
     """(K, groups * P, C) fp32 partial rows -> K sums over the P partials of each group, the k-th
     written as outs[k] = (dtype, shape) (a view of (groups, C)). One launch, fixed order."""
-    K, total, C = partials.shape
+    K, total, C = ints(*partials.shape)
     sums = [_alloc((groups, C), dtype, partials.device) for dtype, _ in outs]
     if K and groups * C:
         P = total // groups
@@ -840,7 +840,7 @@ def _sum_partials(partials: Tensor, outs: list, groups: int) -> list[Tensor]:
 def _ada_norm_backward(dx_new_in, dh, x, y, gate, scale, weight, bias, mean, rstd, norm, shift_dtype):
     """Backward of ada_layer_norm (y = gate = None; x is its input) or of the fusion (x is x_new)
     -> (dx, dy, dgate, dshift, dscale, dweight, dbias); absent inputs get None."""
-    B, N, C = x.shape
+    B, N, C = ints(*x.shape)
     _check_device(x)
     residual = y is not None
     dh = dh.contiguous()
@@ -908,7 +908,7 @@ def _ada_norm_backward(dx_new_in, dh, x, y, gate, scale, weight, bias, mean, rst
 
 
 def _gated_residual_forward(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
-    B, N, C = x.shape
+    B, N, C = ints(*x.shape)
     _check_device(x)
     x, y, gate = _rows(x), _rows(y), _rows(gate)
     out = _alloc((B, N, C), x.dtype, x.device)
@@ -925,7 +925,7 @@ def _gated_residual_forward(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
 
 def _gated_residual_backward(dout: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
     """-> (dy, dgate); dx is dout itself."""
-    B, N, C = y.shape
+    B, N, C = ints(*y.shape)
     _check_device(y)
     dout, y, gate = dout.contiguous(), _rows(y), _rows(gate)
     gate_per_token = _per_token(gate, N)
@@ -960,6 +960,7 @@ def _gated_residual_backward(dout: Tensor, y: Tensor, gate: Tensor) -> tuple[Ten
 # from the backward ops as empty tensors (ops return no None), and the autograd functions turn them
 # into None.
 
+_KERNELS = kernels_of(globals())      # every launcher's possible kernels (registry.define)
 _EMPTY = (0,)
 
 
@@ -974,7 +975,7 @@ def _ada_layer_norm_fake(x, shift, scale, weight, bias, eps, norm):
             x.new_empty(rstd_shape, dtype=torch.float32))
 
 
-@define("ada_layer_norm", INTERPRETED, fake=_ada_layer_norm_fake)
+@define("ada_layer_norm", INTERPRETED, fake=_ada_layer_norm_fake, kernels=_KERNELS)
 def _ada_layer_norm_op(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None,
                        bias: Tensor | None, eps: float, norm: str) -> tuple[Tensor, Tensor, Tensor]:
     _check_ada_norm(x, shift, scale, weight, bias, norm)
@@ -988,7 +989,7 @@ def _ada_layer_norm_backward_fake(dh, x, scale, weight, bias, mean, rstd, norm, 
             bias.new_empty(bias.shape) if bias is not None else x.new_empty(_EMPTY))
 
 
-@define("ada_layer_norm_backward", INTERPRETED, fake=_ada_layer_norm_backward_fake)
+@define("ada_layer_norm_backward", INTERPRETED, fake=_ada_layer_norm_backward_fake, kernels=_KERNELS)
 def _ada_layer_norm_backward_op(dh: Tensor, x: Tensor, scale: Tensor, weight: Tensor | None,
                                 bias: Tensor | None, mean: Tensor, rstd: Tensor, norm: str,
                                 shift_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -1023,7 +1024,7 @@ def _gated_residual_fake(x, y, gate):
     return x.new_empty(x.shape)
 
 
-@define("gated_residual", INTERPRETED, fake=_gated_residual_fake)
+@define("gated_residual", INTERPRETED, fake=_gated_residual_fake, kernels=_KERNELS)
 def _gated_residual_op(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     checks.gated_residual(x, y, gate)
     return _gated_residual_forward(x, y, gate)
@@ -1033,7 +1034,7 @@ def _gated_residual_backward_fake(dout, y, gate):
     return y.new_empty(y.shape), gate.new_empty(gate.shape)
 
 
-@define("gated_residual_backward", INTERPRETED, fake=_gated_residual_backward_fake)
+@define("gated_residual_backward", INTERPRETED, fake=_gated_residual_backward_fake, kernels=_KERNELS)
 def _gated_residual_backward_op(dout: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
     return _gated_residual_backward(dout, y, gate)
 
@@ -1060,7 +1061,7 @@ def _gated_residual_ada_layer_norm_fake(x, y, gate, shift, scale, weight, bias, 
             x.new_empty(rstd_shape, dtype=torch.float32))
 
 
-@define("gated_residual_ada_layer_norm", INTERPRETED, fake=_gated_residual_ada_layer_norm_fake)
+@define("gated_residual_ada_layer_norm", INTERPRETED, fake=_gated_residual_ada_layer_norm_fake, kernels=_KERNELS)
 def _gated_residual_ada_layer_norm_op(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
                                       weight: Tensor | None, bias: Tensor | None, eps: float,
                                       norm: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -1078,7 +1079,8 @@ def _gated_residual_ada_layer_norm_backward_fake(dx_new, dh, x_new, y, gate, sca
             bias.new_empty(bias.shape) if bias is not None else x_new.new_empty(_EMPTY))
 
 
-@define("gated_residual_ada_layer_norm_backward", INTERPRETED, fake=_gated_residual_ada_layer_norm_backward_fake)
+@define("gated_residual_ada_layer_norm_backward", INTERPRETED,
+        fake=_gated_residual_ada_layer_norm_backward_fake, kernels=_KERNELS)
 def _gated_residual_ada_layer_norm_backward_op(
         dx_new: Tensor | None, dh: Tensor, x_new: Tensor, y: Tensor, gate: Tensor, scale: Tensor,
         weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor, norm: str,

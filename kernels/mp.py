@@ -40,7 +40,7 @@ import triton.language as tl
 
 from . import checks
 from .reference import MP_EPS, mp_cat_weights
-from .registry import define, launch
+from .registry import define, ints, kernels_of, launch
 
 Tensor = torch.Tensor
 
@@ -380,8 +380,8 @@ def _check_device(op: str, t: Tensor) -> None:
 def _bcs(t: Tensor) -> tuple[int, int, int]:
     """(B, C, S) of the kernels' view: (B, C, H*W), or (1, C, M) for (M, C) rows."""
     if t.dim() == 2:
-        return 1, t.shape[1], t.shape[0]
-    return t.shape[0], t.shape[1], t.shape[2] * t.shape[3]
+        return ints(1, t.shape[1], t.shape[0])
+    return ints(t.shape[0], t.shape[1], t.shape[2] * t.shape[3])
 
 
 def _row_grid(op: str, B: int, C: int, S: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -467,7 +467,7 @@ def _mp_cat_fwd(a: Tensor, b: Tensor, t: float, with_silu: bool) -> tuple[Tensor
     x = _alloc_like(a, _cat_shape(a, b))
     s = _alloc_like(a, _cat_shape(a, b)) if with_silu else x
     B, CA, S = _bcs(a)
-    CB = b.shape[1]
+    CB = int(b.shape[1])
     wa, wb = mp_cat_weights(CA, CB, t)
     block_s, block_c, nsb, warps = _row_grid("mp_cat", B, CA + CB, S, a.device)
     if x.numel():
@@ -499,7 +499,7 @@ def _mp_silu_fwd(x: Tensor) -> Tensor:
     x = _dense(x)
     out = _alloc_like(x)
     if x.numel():
-        launch(_mp_silu_fwd_kernel, INTERPRETED)[_flat_grid(x.numel())](x, out, x.numel(), BLOCK=FLAT_BLOCK)
+        launch(_mp_silu_fwd_kernel, INTERPRETED)[_flat_grid(int(x.numel()))](x, out, int(x.numel()), BLOCK=FLAT_BLOCK)
     return out
 
 
@@ -507,8 +507,8 @@ def _mp_silu_bwd(dout: Tensor, x: Tensor) -> Tensor:
     dout = _dense(dout, _channels_last(x))
     dx = _alloc_like(x)
     if x.numel():
-        launch(_mp_silu_bwd_kernel, INTERPRETED)[_flat_grid(x.numel())](
-            dout, x, dx, x.numel(), BLOCK=FLAT_BLOCK)
+        launch(_mp_silu_bwd_kernel, INTERPRETED)[_flat_grid(int(x.numel()))](
+            dout, x, dx, int(x.numel()), BLOCK=FLAT_BLOCK)
     return dx
 
 
@@ -523,8 +523,8 @@ def _mp_sum_fwd(a: Tensor, b: Tensor, t: float, clip: float | None) -> Tensor:
     out = _alloc_like(a)
     wa, wb = _sum_weights(t)
     if a.numel():
-        launch(_mp_sum_fwd_kernel, INTERPRETED)[_flat_grid(a.numel())](
-            a, b, out, a.numel(), wa, wb, clip or 0.0, HAS_CLIP=clip is not None, BLOCK=FLAT_BLOCK)
+        launch(_mp_sum_fwd_kernel, INTERPRETED)[_flat_grid(int(a.numel()))](
+            a, b, out, int(a.numel()), wa, wb, clip or 0.0, HAS_CLIP=clip is not None, BLOCK=FLAT_BLOCK)
     return out
 
 
@@ -533,8 +533,8 @@ def _mp_sum_bwd(dout: Tensor, out: Tensor, t: float, clip: float | None, b_dtype
     da, db = _alloc_like(out), _alloc_like(out, dtype=b_dtype)
     wa, wb = _sum_weights(t)
     if out.numel():
-        launch(_mp_sum_bwd_kernel, INTERPRETED)[_flat_grid(out.numel())](
-            dout, out, da, db, out.numel(), wa, wb, clip or 0.0, HAS_CLIP=clip is not None, BLOCK=FLAT_BLOCK)
+        launch(_mp_sum_bwd_kernel, INTERPRETED)[_flat_grid(int(out.numel()))](
+            dout, out, da, db, int(out.numel()), wa, wb, clip or 0.0, HAS_CLIP=clip is not None, BLOCK=FLAT_BLOCK)
     return da, db
 
 
@@ -545,9 +545,9 @@ def _weight_block(fan_in: int, device: torch.device) -> int:
 def _mp_weight_fwd(w: Tensor, gain: Tensor | None, eps: float, scale: float, out: Tensor | None = None) -> Tensor:
     w = w.contiguous()
     out = torch.empty_like(w) if out is None else out
-    fan_in = math.prod(w.shape[1:])         # (not w[0]: an FSDP2 shard may hold no rows)
+    fan_in = int(math.prod(w.shape[1:]))    # (not w[0]: an FSDP2 shard may hold no rows)
     if w.numel():
-        launch(_mp_weight_fwd_kernel, INTERPRETED)[(w.shape[0],)](
+        launch(_mp_weight_fwd_kernel, INTERPRETED)[(int(w.shape[0]),)](
             w, gain if gain is not None else w, out, fan_in, scale, eps, HAS_GAIN=gain is not None,
             BLOCK_F=_weight_block(fan_in, w.device), num_warps=4)
     return out
@@ -555,11 +555,11 @@ def _mp_weight_fwd(w: Tensor, gain: Tensor | None, eps: float, scale: float, out
 
 def _mp_weight_bwd(dout: Tensor, w: Tensor, gain: Tensor | None, eps: float) -> tuple[Tensor, Tensor | None]:
     dout, w = dout.contiguous(), w.contiguous()
-    fan_in = math.prod(w.shape[1:])         # (not w[0]: an FSDP2 shard may hold no rows)
+    fan_in = int(math.prod(w.shape[1:]))    # (not w[0]: an FSDP2 shard may hold no rows)
     dw = torch.empty_like(w)
     part = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
     if w.numel():
-        launch(_mp_weight_bwd_kernel, INTERPRETED)[(w.shape[0],)](
+        launch(_mp_weight_bwd_kernel, INTERPRETED)[(int(w.shape[0]),)](
             dout, w, gain if gain is not None else w, dw, part, fan_in, fan_in ** -0.5, eps, HAS_GAIN=gain is not None,
             BLOCK_F=_weight_block(fan_in, w.device), num_warps=4)
     dgain = part.sum().reshape(gain.shape).to(gain.dtype) if gain is not None else None
@@ -580,12 +580,15 @@ def _fake_like(t: Tensor, shape=None, dtype=None) -> Tensor:
 
 # -- normalize / normalize_silu
 
+_KERNELS = kernels_of(globals())      # every launcher's possible kernels (registry.define)
+
+
 def _mp_normalize_fake(x, eps):
     _check("normalize", x)
     return _fake_like(x)
 
 
-@define("mp_normalize", INTERPRETED, fake=_mp_normalize_fake)
+@define("mp_normalize", INTERPRETED, fake=_mp_normalize_fake, kernels=_KERNELS)
 def _normalize_op(x: Tensor, eps: float) -> Tensor:
     _check("normalize", x)
     return _normalize_fwd(x, eps, with_silu=False)[0]
@@ -596,7 +599,7 @@ def _mp_normalize_silu_fake(x, eps):
     return _fake_like(x), _fake_like(x)
 
 
-@define("mp_normalize_silu", INTERPRETED, fake=_mp_normalize_silu_fake)
+@define("mp_normalize_silu", INTERPRETED, fake=_mp_normalize_silu_fake, kernels=_KERNELS)
 def _normalize_silu_op(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     _check("normalize_silu", x)
     return _normalize_fwd(x, eps, with_silu=True)
@@ -606,7 +609,7 @@ def _mp_normalize_backward_fake(dn, ds, x, eps):
     return _fake_like(x)
 
 
-@define("mp_normalize_backward", INTERPRETED, fake=_mp_normalize_backward_fake)
+@define("mp_normalize_backward", INTERPRETED, fake=_mp_normalize_backward_fake, kernels=_KERNELS)
 def _normalize_backward_op(dn: Tensor | None, ds: Tensor | None, x: Tensor, eps: float) -> Tensor:
     return _normalize_bwd(dn, ds, _dense(x), eps)
 
@@ -637,7 +640,7 @@ def _mp_silu_fake(x):
     return _fake_like(x)
 
 
-@define("mp_silu", INTERPRETED, fake=_mp_silu_fake)
+@define("mp_silu", INTERPRETED, fake=_mp_silu_fake, kernels=_KERNELS)
 def _mp_silu_op(x: Tensor) -> Tensor:
     _check("mp_silu", x, dims=range(0, 9))
     return _mp_silu_fwd(x)
@@ -647,7 +650,7 @@ def _mp_silu_backward_fake(dout, x):
     return _fake_like(x)
 
 
-@define("mp_silu_backward", INTERPRETED, fake=_mp_silu_backward_fake)
+@define("mp_silu_backward", INTERPRETED, fake=_mp_silu_backward_fake, kernels=_KERNELS)
 def _mp_silu_backward_op(dout: Tensor, x: Tensor) -> Tensor:
     return _mp_silu_bwd(dout, _dense(x))
 
@@ -671,7 +674,7 @@ def _mp_sum_fake(a, b, t, clip):
     return _fake_like(a)
 
 
-@define("mp_sum", INTERPRETED, fake=_mp_sum_fake)
+@define("mp_sum", INTERPRETED, fake=_mp_sum_fake, kernels=_KERNELS)
 def _mp_sum_op(a: Tensor, b: Tensor, t: float, clip: float | None) -> Tensor:
     _check_device("mp_sum", a)
     checks.mp_sum(a, b, clip)
@@ -682,7 +685,7 @@ def _mp_sum_backward_fake(dout, out, t, clip, b_dtype):
     return _fake_like(out), _fake_like(out, dtype=b_dtype)
 
 
-@define("mp_sum_backward", INTERPRETED, fake=_mp_sum_backward_fake)
+@define("mp_sum_backward", INTERPRETED, fake=_mp_sum_backward_fake, kernels=_KERNELS)
 def _mp_sum_backward_op(dout: Tensor, out: Tensor, t: float, clip: float | None,
                         b_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return _mp_sum_bwd(dout, out, t, clip, b_dtype)
@@ -713,7 +716,7 @@ def _mp_modulated_silu_fake(y, c):
     return _fake_like(y)
 
 
-@define("mp_modulated_silu", INTERPRETED, fake=_mp_modulated_silu_fake)
+@define("mp_modulated_silu", INTERPRETED, fake=_mp_modulated_silu_fake, kernels=_KERNELS)
 def _modulated_silu_op(y: Tensor, c: Tensor) -> Tensor:
     checks.modulated_silu(y, c)
     _check_device("modulated_silu", y)
@@ -724,7 +727,7 @@ def _mp_modulated_silu_backward_fake(dout, y, c):
     return _fake_like(y), c.new_empty(c.shape)
 
 
-@define("mp_modulated_silu_backward", INTERPRETED, fake=_mp_modulated_silu_backward_fake)
+@define("mp_modulated_silu_backward", INTERPRETED, fake=_mp_modulated_silu_backward_fake, kernels=_KERNELS)
 def _modulated_silu_backward_op(dout: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return _modulated_silu_bwd(dout, _dense(y), c.contiguous())
 
@@ -748,7 +751,7 @@ def _mp_cat_fake(a, b, t):
     return _fake_like(a, _cat_shape(a, b))
 
 
-@define("mp_cat", INTERPRETED, fake=_mp_cat_fake)
+@define("mp_cat", INTERPRETED, fake=_mp_cat_fake, kernels=_KERNELS)
 def _mp_cat_op(a: Tensor, b: Tensor, t: float) -> Tensor:
     checks.mp_cat("mp_cat", a, b)
     _check_device("mp_cat", a)
@@ -760,7 +763,7 @@ def _mp_cat_silu_fake(a, b, t):
     return _fake_like(a, _cat_shape(a, b)), _fake_like(a, _cat_shape(a, b))
 
 
-@define("mp_cat_silu", INTERPRETED, fake=_mp_cat_silu_fake)
+@define("mp_cat_silu", INTERPRETED, fake=_mp_cat_silu_fake, kernels=_KERNELS)
 def _mp_cat_silu_op(a: Tensor, b: Tensor, t: float) -> tuple[Tensor, Tensor]:
     checks.mp_cat("mp_cat_silu", a, b)
     _check_device("mp_cat_silu", a)
@@ -772,7 +775,7 @@ def _mp_cat_backward_fake(dx, ds, x, ca, t, a_dtype, b_dtype):
             _fake_like(x, (x.shape[0], x.shape[1] - ca, *x.shape[2:]), b_dtype))
 
 
-@define("mp_cat_backward", INTERPRETED, fake=_mp_cat_backward_fake)
+@define("mp_cat_backward", INTERPRETED, fake=_mp_cat_backward_fake, kernels=_KERNELS)
 def _mp_cat_backward_op(dx: Tensor | None, ds: Tensor | None, x: Tensor, ca: int, t: float,
                         a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return _mp_cat_bwd(dx, ds, x, ca, t, a_dtype, b_dtype)
@@ -808,7 +811,7 @@ def _mp_weight_fake(w, gain, eps):
     return torch.empty_like(w.contiguous())
 
 
-@define("mp_weight", INTERPRETED, fake=_mp_weight_fake)
+@define("mp_weight", INTERPRETED, fake=_mp_weight_fake, kernels=_KERNELS)
 def _mp_weight_op(w: Tensor, gain: Tensor | None, eps: float) -> Tensor:
     checks.mp_weight("mp_weight", w, gain)
     _check_device("mp_weight", w)
@@ -819,7 +822,7 @@ def _mp_weight_backward_fake(dout, w, gain, eps):
     return torch.empty_like(w.contiguous()), gain.new_empty(gain.shape) if gain is not None else w.new_empty(_EMPTY)
 
 
-@define("mp_weight_backward", INTERPRETED, fake=_mp_weight_backward_fake)
+@define("mp_weight_backward", INTERPRETED, fake=_mp_weight_backward_fake, kernels=_KERNELS)
 def _mp_weight_backward_op(dout: Tensor, w: Tensor, gain: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
     dw, dgain = _mp_weight_bwd(dout, w, gain, eps)
     return dw, dgain if dgain is not None else w.new_empty(_EMPTY)

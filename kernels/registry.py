@@ -36,15 +36,29 @@ def traceable(interpreted: bool) -> bool:
     return not interpreted and _cuda()
 
 
-def define(name: str, interpreted: bool, fake: Callable | None = None):
+def kernels_of(namespace: dict) -> list:
+    """The Triton kernels (jit functions) defined in a module's namespace (pass `globals()`)."""
+    from triton.runtime.jit import JITFunction
+
+    return [v for v in namespace.values() if isinstance(v, JITFunction)]
+
+
+def define(name: str, interpreted: bool, fake: Callable | None = None, kernels: list = ()):
     """Decorator: the function becomes archirf_kernels::<name> (see the module docstring). `fake`
     is the meta function; as a triton_op the launcher itself traced with fake tensors is the
     fallback, and `fake` (cheaper: no launch planning) replaces it for torch.compile's shape
-    propagation."""
+    propagation. `kernels`: the Triton kernels the launcher may call (e.g. `kernels_of(globals())`).
+    torch.compile's on-disk caches key a triton_op's compiled code on its kernels' source, which
+    torch finds by scanning the launcher for literal `wrap_triton(name)` calls; `launch` hides them
+    from that scan, so they are declared here: an edited kernel then misses the cache instead of
+    running stale code. (An edited launch plan still hits it: plans change speed, never results.)"""
     def wrap(fn: Callable):
         qualname = f"{NAMESPACE}::{name}"
         if traceable(interpreted):
             op = torch.library.triton_op(qualname, fn, mutates_args=())
+            table = getattr(torch._library.triton, "triton_ops_to_kernels", None)
+            if table is not None:
+                table[qualname] = list(kernels)
         else:
             op = torch.library.custom_op(qualname, fn, mutates_args=())
         if fake is not None:
@@ -53,10 +67,25 @@ def define(name: str, interpreted: bool, fake: Callable | None = None):
     return wrap
 
 
+def tracing() -> bool:
+    """Whether a launcher is being traced (a dispatch mode is active: fake, functional or proxy tensors),
+    as torch.compile traces a triton_op."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
+
+
 def launch(kernel, interpreted: bool):
-    """The kernel, made traceable for triton_op (its `[grid](...)` call becomes a graph node under
-    torch.compile; eagerly it launches as usual)."""
-    return torch.library.wrap_triton(kernel) if traceable(interpreted) else kernel
+    """The kernel, wrapped for tracing while a triton_op is traced (its `[grid](...)` call becomes a
+    graph node under torch.compile); otherwise the kernel itself, which launches as usual (a launcher
+    called outside any op, such as mp.normalize_weight_, skips the traced path's dispatch)."""
+    return torch.library.wrap_triton(kernel) if traceable(interpreted) and tracing() else kernel
+
+
+def ints(*dims) -> tuple[int, ...]:
+    """Concrete sizes: launch planning (powers of two, table lookups, cache keys) needs Python ints, and
+    a launcher traced with dynamic shapes sees symbolic ones; int() specialises the graph to them."""
+    return tuple(int(d) for d in dims)
 
 
 def stand_ins(args: tuple) -> tuple:
@@ -66,5 +95,5 @@ def stand_ins(args: tuple) -> tuple:
     from torch.utils._python_dispatch import _disable_current_modes
 
     with _disable_current_modes():
-        return tuple(torch.empty(16, dtype=a.dtype, device=a.device) if isinstance(a, torch.Tensor) else a
-                     for a in args)
+        return tuple(torch.empty(16, dtype=a.dtype, device=a.device) if isinstance(a, torch.Tensor)
+                     else int(a) if isinstance(a, torch.SymInt) else a for a in args)

@@ -381,10 +381,17 @@ def test_ops_are_custom_ops_where_they_cannot_be_traced():
 
     from archirf_kernels import mp, registry, rope
 
-    assert not registry.traceable(ada_norm.INTERPRETED) and not registry.traceable(mp.INTERPRETED)
+    # outside any trace a launcher gets the kernel itself, on every machine (no traced-path dispatch per launch)
     assert registry.launch(rope._fwd_kernel, rope.INTERPRETED) is rope._fwd_kernel
-    if torch.cuda.is_available():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert not registry.tracing()
+    with FakeTensorMode():
+        assert registry.tracing()       # what torch.compile's trace of a triton_op looks like to a launcher
+    if torch.cuda.is_available():       # a GPU machine: the real kernels, traceable
+        assert registry.traceable(ada_norm.INTERPRETED) and registry.traceable(mp.INTERPRETED)
         return
+    assert not registry.traceable(ada_norm.INTERPRETED) and not registry.traceable(mp.INTERPRETED)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     probe = ("import sys, archirf_kernels.ada_norm as a, archirf_kernels.registry as r; "
              "assert not a.INTERPRETED, 'interpreted'; assert not r.traceable(False); "

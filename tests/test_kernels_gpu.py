@@ -176,13 +176,31 @@ def test_dit_compiles_fullgraph_with_kernels_on_cuda():
     torch.testing.assert_close(comp.float(), eager.float(), atol=2e-2, rtol=2e-2)
 
 
+def _compiled_code(fn):
+    """(fn's result, the code torch.compile generated for it): caches off, so that the code is made now."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        result, code = run_and_get_code(fn)
+    return result, "\n".join(code)
+
+
+def assert_traced(code: str, kernels):
+    """The compiled code calls no archirf_kernels op through the dispatcher and defines or launches each kernel
+    (a name, not a comment that mentions it)."""
+    import re
+
+    assert "archirf_kernels." not in code, "an op was called through the dispatcher instead of traced"
+    for kernel in kernels:
+        assert re.search(rf"['\"]{kernel}\w*['\"]|\b{kernel}\w*\.run\(|\b{kernel}\w*\s*=", code), \
+            f"{kernel} is not launched by the compiled code"
+
+
 @pytest.mark.parametrize("shape", [(4, 77, 1111), (8, 256, 384)], ids=lambda s: "x".join(map(str, s)))
 def test_ops_are_traced_into_compiled_code(shape):
     # On a GPU the ops are triton_ops (kernels/registry.py): torch.compile must launch our kernels from its own
     # code, not call the ops through the dispatcher, and give what the eager ops give (forward and backward).
-    from torch._inductor.utils import run_and_get_code
-
-    torch._dynamo.reset()
     B, N, C = shape
     act, mod = torch.bfloat16, torch.float32
 
@@ -196,12 +214,59 @@ def test_ops_are_traced_into_compiled_code(shape):
               *(_conditioning(per_token, B, N, C, mod, s) for per_token, s in ((True, 6), (False, 7), (False, 8)))]
     cots = {0: _randn((B, N, C), torch.float64, 9), 1: _randn((B, N, C), torch.float64, 10)}
     compiled = torch.compile(block, fullgraph=True)
-    (got, code) = run_and_get_code(lambda: _run(compiled, inputs, cots, (0, 1)))
-    code = "\n".join(code)
-    assert "archirf_kernels." not in code, "an op was called through the dispatcher instead of traced"
-    for kernel in ("_ada_norm_fwd_kernel", "_ada_norm_bwd_kernel", "_gated_residual_fwd_kernel",
-                   "_gated_residual_bwd_kernel", "_sum_partials_kernel"):
-        assert kernel in code, f"{kernel} is not launched by the compiled code"
+    got, code = _compiled_code(lambda: _run(compiled, inputs, cots, (0, 1)))
+    assert_traced(code, ("_ada_norm_fwd_kernel", "_ada_norm_bwd_kernel", "_gated_residual_fwd_kernel",
+                         "_gated_residual_bwd_kernel", "_sum_partials_kernel"))
     want = _run(block, inputs, cots, (0, 1))
     for a, b in zip(got[0] + got[1], want[0] + want[1]):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_traced_ops_with_dynamic_shapes():
+    # torch.compile(dynamic=True) hands the launchers symbolic sizes; planning needs ints (registry.ints), so the
+    # graph specialises to them. Two token counts, each against the eager op.
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, y, g, s, c: K.gated_residual_ada_layer_norm(x, y, g, s, c, impl="triton"),
+                             dynamic=True, fullgraph=True)
+    for N in (3, 77):
+        B, C = 2, 40
+        inputs = [_randn((B, N, C), torch.bfloat16, 0), _randn((B, N, C), torch.bfloat16, 1),
+                  *(_conditioning(False, B, N, C, torch.float32, s) for s in (2, 3, 4))]
+        cots = {0: _randn((B, N, C), torch.float64, 9), 1: _randn((B, N, C), torch.float64, 10)}
+        got = _run(compiled, inputs, cots, (0, 1))
+        want = _run(lambda *a: K.gated_residual_ada_layer_norm(*a, impl="triton"), inputs, cots, (0, 1))
+        for a, b in zip(got[0] + got[1], want[0] + want[1]):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_mp_and_rope_ops_are_traced():
+    # the EDM2 and RoPE ops go the same way as the adaLN ones (kernels/registry.py)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 64, 8, 8, device="cuda", generator=g).to(memory_format=torch.channels_last)
+    b = torch.randn(4, 32, 8, 8, device="cuda", generator=g)
+    q = torch.randn(2, 37, 3, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.randn(64, device="cuda", generator=g) * 0.1 + 1
+    ang = torch.randn(37, 64, device="cuda", generator=g)
+    cos, sin = ang.cos(), ang.sin()
+
+    def f(x, b, q, w):
+        n, s = K.normalize_silu(x, impl="triton")
+        y = K.mp_cat(s, b, t=0.5, impl="triton")
+        return y, K.qk_norm_rope(q, w, cos, sin, impl="triton")
+
+    leaves = [t.detach().clone().requires_grad_() for t in (x, b, q, w)]
+
+    def run(fn, ts):
+        ts = [t.detach().clone().requires_grad_() for t in ts]
+        outs = fn(*ts)
+        sum((o.float() * (i + 1)).sin().sum() for i, o in enumerate(outs)).backward()
+        return [o.detach() for o in outs] + [t.grad for t in ts]
+
+    got, code = _compiled_code(lambda: run(torch.compile(f, fullgraph=True), leaves))
+    assert_traced(code, ("_normalize_fwd_kernel", "_normalize_bwd_kernel", "_mp_cat_fwd_kernel",
+                         "_mp_cat_bwd_kernel", "_fwd_kernel", "_bwd_kernel"))
+    want = run(f, leaves)
+    for a, e in zip(got[:2], want[:2]):         # the outputs: the same kernels on the same inputs
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+    for a, e in zip(got[2:], want[2:]):         # the gradients: the loss's sin is inductor's or eager's
+        torch.testing.assert_close(a, e)
