@@ -153,14 +153,13 @@ def _selective_policy(ctx, op, *args, **kwargs):
 _COMPILED_UNITS = 0                 # units compiled by this process so far (the dynamo cache entries they may need)
 
 
-# inductor's mode for the per-block compile (None: its default). Not a setting: benchmarks/train_step_variants.py
-# times the other modes (CUDA graphs, max-autotune's GEMM templates) before any becomes one.
-COMPILE_MODE: Optional[str] = None
+CUDAGRAPH_MODES = ("reduce-overhead",)     # compile_mode values whose blocks replay as CUDA graphs
 
 
 def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], compile: bool,
                 activation_checkpointing: str = "none", reshard_after_forward: bool = True,
-                blocks_per_shard: int = 1, shard: bool = True, precision: str = "auto") -> nn.Module:
+                blocks_per_shard: int = 1, shard: bool = True, precision: str = "auto",
+                compile_mode: str = "default") -> nn.Module:
     """fp8 GEMMs (precision=fp8-*) -> activation checkpointing -> per-block compile -> per-block fully_shard ->
     root fully_shard, in place.
 
@@ -172,6 +171,7 @@ def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], c
     reduce-scatter for all of them): fewer, larger collectives and less host time per step, for
     the memory of that many blocks' gathered weights.
     shard=False stops after the compile (one rank: a plain module, `mesh` and `param_dtype` unused).
+    `compile_mode`: inductor's mode for the blocks (cfg.compile_mode; CUDA graphs only on one rank, unsharded).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -202,7 +202,8 @@ def parallelize(model: nn.Module, mesh, *, param_dtype: Optional[torch.dtype], c
         if compile:
             # in place (parameter names stay the same); static shapes: units of one class that differ in shape (a
             # UNet's or an autoencoder's levels) get one specialised graph each, not one dynamic-shape graph
-            block.compile(fullgraph=True, dynamic=False, **({"mode": COMPILE_MODE} if COMPILE_MODE else {}))
+            block.compile(fullgraph=True, dynamic=False,
+                          **({"mode": compile_mode} if compile_mode != "default" else {}))
         blocks[i] = block
     for start in range(0, len(blocks), blocks_per_shard) if shard else ():
         unit = list(blocks[start:start + blocks_per_shard])
@@ -236,7 +237,7 @@ def build_training_model(cfg: Config, env: Env, *, param_dtype: Optional[torch.d
         reference = build_model(cfg)
         model = copy.deepcopy(reference)
         parallelize(model, None, param_dtype=None, compile=compile, shard=False, precision=cfg.precision,
-                    activation_checkpointing=cfg.parallel.activation_checkpointing)
+                    activation_checkpointing=cfg.parallel.activation_checkpointing, compile_mode=cfg.compile_mode)
         _freeze_empty(model.to(env.device))
         return model, reference
     with torch.device("meta"):
@@ -245,8 +246,11 @@ def build_training_model(cfg: Config, env: Env, *, param_dtype: Optional[torch.d
     if unsaved:
         raise ValueError(f"non-persistent buffers {sorted(unsaved)} would stay uninitialised after the broadcast "
                          f"of rank 0's weights; register them with persistent=True")
+    if compile and cfg.compile_mode in CUDAGRAPH_MODES:
+        raise ConfigError(f"compile_mode={cfg.compile_mode} (CUDA graphs) runs on one rank without FSDP2; this run "
+                         f"shards the model: use compile_mode=default")
     parallelize(model, env.mesh, param_dtype=param_dtype, compile=compile, precision=cfg.precision,
-                activation_checkpointing=cfg.parallel.activation_checkpointing,
+                compile_mode=cfg.compile_mode, activation_checkpointing=cfg.parallel.activation_checkpointing,
                 reshard_after_forward=cfg.parallel.reshard_after_forward,
                 blocks_per_shard=cfg.parallel.blocks_per_shard)
     model.to_empty(device=env.device)

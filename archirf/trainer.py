@@ -150,12 +150,32 @@ def train(cfg: Config) -> Path:
             raise ckpt.disk_full(cfg.run_dir, getattr(err, "filename", None) or f"under {cfg.run_dir}") from None
 
 
+def _check_compile_mode(cfg: Config, env: Env, use_compile: bool) -> bool:
+    """-> whether the compiled blocks replay as CUDA graphs; a compile_mode this run cannot use is an error."""
+    mode = cfg.compile_mode
+    if mode == "default":
+        return False
+    if not use_compile:
+        raise ConfigError(f"compile_mode={mode} sets how blocks compile, and this run compiles nothing (compile="
+                          f"{cfg.compile} on {env.device.type}): set compile=on, or remove compile_mode")
+    if mode not in parallel.CUDAGRAPH_MODES:
+        return False
+    if parallel.uses_fsdp(cfg, env):
+        raise ConfigError(f"compile_mode={mode} (CUDA graphs) runs on one rank without FSDP2; this run shards the "
+                          f"model over {env.world_size} ranks: use compile_mode=default")
+    if cfg.model.name == "autoencoder":
+        raise ConfigError(f"compile_mode={mode} (CUDA graphs) is for generative runs; an autoencoder's step "
+                          f"runs its networks in several passes: use compile_mode=default")
+    return env.device.type == "cuda"
+
+
 def _train(cfg: Config, env: Env) -> Path:
     device = env.device
     micro, accum = batch_split(cfg, env.world_size)
     dtype = parallel.autocast_dtype(cfg.precision, device)
     fp8.check(cfg.precision, cfg.model.name, device, cfg)    # before anything is written: no fp8 GPU is a config error
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    graphs = _check_compile_mode(cfg, env, use_compile)
     run_dir = _prepare_run_dir(cfg, env)
     config_yaml = to_yaml(cfg)
 
@@ -183,7 +203,8 @@ def _train(cfg: Config, env: Env) -> Path:
             return run_dir
 
     if env.is_main:
-        print(f"archirf: {task.describe()} | device={device} dtype={dtype or torch.float32} compile={use_compile} "
+        print(f"archirf: {task.describe()} | device={device} dtype={dtype or torch.float32} compile={use_compile}"
+              + (f" ({cfg.compile_mode})" if use_compile and cfg.compile_mode != "default" else "") + " "
               f"checkpointing={cfg.parallel.activation_checkpointing} | "
               + (f"FSDP2 mesh {dict(zip(env.mesh.mesh_dim_names, env.mesh.shape))}" if parallel.uses_fsdp(cfg, env)
                  else "one rank, no FSDP2") + f" | global batch {cfg.global_batch} = "
@@ -223,6 +244,8 @@ def _train(cfg: Config, env: Env) -> Path:
                 t0 = time.perf_counter()
                 x, y = next(loader)
                 data_wait += time.perf_counter() - t0
+                if graphs:      # a new iteration: the blocks' CUDA graphs may reuse the last one's memory
+                    torch.compiler.cudagraph_mark_step_begin()
                 loss_sum += task.forward_backward(x, y, accum) / accum
             grad_norm = task.clip()
             if cfg.nan_policy == "skip" and not torch.isfinite(grad_norm):  # note: a CPU-GPU sync point

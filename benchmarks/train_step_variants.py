@@ -197,6 +197,11 @@ def parse_variant(name: str, base, device) -> tuple:
         cfg.model.kernels = kernels
     if mode and kind == "eager":
         raise SystemExit(f"variant {name}: eager compiles nothing; a mode suffix needs fsdp, plain or whole")
+    if mode in parallel.CUDAGRAPH_MODES and kind == "fsdp":
+        raise SystemExit(f"variant {name}: CUDA graphs run on one rank without FSDP2 (the trainer's rule); use "
+                         f"plain_cg or whole_cg")
+    if mode and kind in ("fsdp", "plain"):
+        cfg.compile_mode = mode          # the trainer's per-block compile takes it from the config
     return cfg, kind, mode
 
 
@@ -236,11 +241,7 @@ def main(argv=None) -> int:
             cfg, kind, mode = plans[name]
             if kind in ("fsdp", "plain"):
                 cfg.parallel.shard_single_rank = kind == "fsdp"
-                parallel.COMPILE_MODE = mode
-                try:
-                    model, _ = parallel.build_training_model(cfg, env, param_dtype=dtype, compile=True)
-                finally:
-                    parallel.COMPILE_MODE = None
+                model, _ = parallel.build_training_model(cfg, env, param_dtype=dtype, compile=True)
             elif kind in ("whole", "eager"):
                 torch.manual_seed(cfg.seed)
                 model = build_model(cfg).to(device)
