@@ -160,13 +160,21 @@ def _check_compile_mode(cfg: Config, env: Env, use_compile: bool) -> bool:
                           f"{cfg.compile} on {env.device.type}): set compile=on, or remove compile_mode")
     if mode not in parallel.CUDAGRAPH_MODES:
         return False
+    if env.device.type != "cuda":
+        raise ConfigError(f"compile_mode={mode} replays CUDA graphs, and this run is on {env.device.type}: use "
+                          f"compile_mode=default")
     if parallel.uses_fsdp(cfg, env):
         raise ConfigError(f"compile_mode={mode} (CUDA graphs) runs on one rank without FSDP2; this run shards the "
                           f"model over {env.world_size} ranks: use compile_mode=default")
     if cfg.model.name == "autoencoder":
         raise ConfigError(f"compile_mode={mode} (CUDA graphs) is for generative runs; an autoencoder's step "
                           f"runs its networks in several passes: use compile_mode=default")
-    return env.device.type == "cuda"
+    _, accum = batch_split(cfg, env.world_size)
+    if accum > 1:   # the first micro-batch's gradients would live in graph memory that the next one overwrites
+        raise ConfigError(f"compile_mode={mode} (CUDA graphs) needs one micro-batch per step; this run accumulates "
+                          f"{accum} (micro_batch={cfg.micro_batch}, global_batch={cfg.global_batch}): set "
+                          f"micro_batch={cfg.global_batch}, or use compile_mode=default")
+    return True
 
 
 def _train(cfg: Config, env: Env) -> Path:
@@ -244,7 +252,7 @@ def _train(cfg: Config, env: Env) -> Path:
                 t0 = time.perf_counter()
                 x, y = next(loader)
                 data_wait += time.perf_counter() - t0
-                if graphs:      # a new iteration: the blocks' CUDA graphs may reuse the last one's memory
+                if graphs:      # a new iteration (one micro-batch per step): the graphs may reuse the last one's memory
                     torch.compiler.cudagraph_mark_step_begin()
                 loss_sum += task.forward_backward(x, y, accum) / accum
             grad_norm = task.clip()

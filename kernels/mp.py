@@ -483,6 +483,7 @@ def _mp_cat_bwd(dx: Tensor | None, ds: Tensor | None, x: Tensor, ca: int, t: flo
     dx = _dense(dx, cl) if dx is not None else None
     ds = _dense(ds, cl) if ds is not None else None
     B, C, S = _bcs(x)
+    ca = int(ca)
     cb = C - ca
     da = _alloc_like(x, (x.shape[0], ca, *x.shape[2:]), a_dtype)
     db = _alloc_like(x, (x.shape[0], cb, *x.shape[2:]), b_dtype)

@@ -19,6 +19,7 @@ be traceable with fake tensors: shapes, strides and dtypes only, never data or p
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable
 
 import torch
@@ -59,6 +60,10 @@ def define(name: str, interpreted: bool, fake: Callable | None = None, kernels: 
             table = getattr(torch._library.triton, "triton_ops_to_kernels", None)
             if table is not None:
                 table[qualname] = list(kernels)
+            else:
+                warnings.warn(f"archirf_kernels: this torch has no torch._library.triton.triton_ops_to_kernels; "
+                              f"its compile caches do not see {qualname}'s kernels (after a kernel edit, clear "
+                              f"them: TORCHINDUCTOR_FORCE_DISABLE_CACHES=1)", stacklevel=2)
         else:
             op = torch.library.custom_op(qualname, fn, mutates_args=())
         if fake is not None:
@@ -68,11 +73,10 @@ def define(name: str, interpreted: bool, fake: Callable | None = None, kernels: 
 
 
 def tracing() -> bool:
-    """Whether a launcher is being traced (a dispatch mode is active: fake, functional or proxy tensors),
-    as torch.compile traces a triton_op."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode() is not None
+    """Whether a launcher runs inside a triton_op's decomposition, which torch.compile traces under a
+    FunctionalTensorMode. Any other dispatch mode (a FlopCounterMode, a user's own mode) sees eager
+    launches: a wrapped kernel there would be counted or rejected as a higher-order op, not run."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FUNCTIONAL) is not None
 
 
 def launch(kernel, interpreted: bool):

@@ -134,9 +134,13 @@ def test_compile_mode_is_refused_where_the_run_cannot_use_it():
         return trainer._check_compile_mode(cfg, Env(torch.device(device), world_size=world_size), use_compile)
 
     assert check(["compile_mode=reduce-overhead"]) is True                        # one rank on CUDA: graphs
-    assert check(["compile_mode=reduce-overhead"], device="cpu") is False        # compile=on on a CPU: no graphs
     assert check(["compile_mode=max-autotune-no-cudagraphs"]) is False
+    assert check(["compile_mode=max-autotune-no-cudagraphs"], device="cpu") is False
     assert check([]) is False
+    with pytest.raises(ConfigError, match="replays CUDA graphs, and this run is on cpu"):
+        check(["compile_mode=reduce-overhead"], device="cpu")
+    with pytest.raises(ConfigError, match="one micro-batch per step; this run accumulates 4"):
+        check(["compile_mode=reduce-overhead", "micro_batch=32"])
     with pytest.raises(ConfigError, match="compiles nothing"):
         check(["compile_mode=reduce-overhead"], device="cpu", use_compile=False)
     with pytest.raises(ConfigError, match="one rank without FSDP2"):

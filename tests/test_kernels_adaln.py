@@ -384,10 +384,14 @@ def test_ops_are_custom_ops_where_they_cannot_be_traced():
     # outside any trace a launcher gets the kernel itself, on every machine (no traced-path dispatch per launch)
     assert registry.launch(rope._fwd_kernel, rope.INTERPRETED) is rope._fwd_kernel
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
 
     assert not registry.tracing()
-    with FakeTensorMode():
+    with FunctionalTensorMode():
         assert registry.tracing()       # what torch.compile's trace of a triton_op looks like to a launcher
+    with FakeTensorMode(), FlopCounterMode(display=False):
+        assert not registry.tracing()   # other modes see eager launches (a FlopCounterMode would skip a wrapped one)
     if torch.cuda.is_available():       # a GPU machine: the real kernels, traceable
         assert registry.traceable(ada_norm.INTERPRETED) and registry.traceable(mp.INTERPRETED)
         return
