@@ -246,9 +246,6 @@ def build_training_model(cfg: Config, env: Env, *, param_dtype: Optional[torch.d
     if unsaved:
         raise ValueError(f"non-persistent buffers {sorted(unsaved)} would stay uninitialised after the broadcast "
                          f"of rank 0's weights; register them with persistent=True")
-    if compile and cfg.compile_mode in CUDAGRAPH_MODES:
-        raise ConfigError(f"compile_mode={cfg.compile_mode} (CUDA graphs) runs on one rank without FSDP2; this run "
-                         f"shards the model: use compile_mode=default")
     parallelize(model, env.mesh, param_dtype=param_dtype, compile=compile, precision=cfg.precision,
                 compile_mode=cfg.compile_mode, activation_checkpointing=cfg.parallel.activation_checkpointing,
                 reshard_after_forward=cfg.parallel.reshard_after_forward,

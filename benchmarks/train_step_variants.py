@@ -250,7 +250,7 @@ def main(argv=None) -> int:
                 if kind == "whole":
                     model = torch.compile(model, **({"mode": mode} if mode else {}))
             variant = Variant(name, cfg, model.train(), device, dtype, args.batch,
-                              graphs=mode == "reduce-overhead" and device.type == "cuda")
+                              graphs=mode in parallel.CUDAGRAPH_MODES and device.type == "cuda")
             if args.rounds == 1:
                 results.append(measure(variant, args.steps, args.profile))
             else:

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from . import checks
-from .registry import define, ints, kernels_of, launch, stand_ins, tracing
+from .registry import definer, ints, launch, stand_ins, tracing
 
 Tensor = torch.Tensor
 
@@ -833,7 +833,7 @@ def _sum_partials(partials: Tensor, outs: list, groups: int) -> list[Tensor]:
         block_p = min(16, triton.next_power_of_2(max(P, 1)))
         launch(_sum_partials_kernel, INTERPRETED)[(groups, triton.cdiv(C, block_c))](
             partials, *(sums + sums[:1] * (3 - K)), P, C, total * C, K=K, BLOCK_P=block_p, BLOCK_C=block_c,
-            num_warps=4,)
+            num_warps=4)
     return [s.view(shape) for s, (_, shape) in zip(sums, outs)]
 
 
@@ -960,7 +960,7 @@ def _gated_residual_backward(dout: Tensor, y: Tensor, gate: Tensor) -> tuple[Ten
 # from the backward ops as empty tensors (ops return no None), and the autograd functions turn them
 # into None.
 
-_KERNELS = kernels_of(globals())      # every launcher's possible kernels (registry.define)
+_define = definer(INTERPRETED, globals())      # registry.define with this module's flag and kernels
 _EMPTY = (0,)
 
 
@@ -975,7 +975,7 @@ def _ada_layer_norm_fake(x, shift, scale, weight, bias, eps, norm):
             x.new_empty(rstd_shape, dtype=torch.float32))
 
 
-@define("ada_layer_norm", INTERPRETED, fake=_ada_layer_norm_fake, kernels=_KERNELS)
+@_define("ada_layer_norm", fake=_ada_layer_norm_fake)
 def _ada_layer_norm_op(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None,
                        bias: Tensor | None, eps: float, norm: str) -> tuple[Tensor, Tensor, Tensor]:
     _check_ada_norm(x, shift, scale, weight, bias, norm)
@@ -989,7 +989,7 @@ def _ada_layer_norm_backward_fake(dh, x, scale, weight, bias, mean, rstd, norm, 
             bias.new_empty(bias.shape) if bias is not None else x.new_empty(_EMPTY))
 
 
-@define("ada_layer_norm_backward", INTERPRETED, fake=_ada_layer_norm_backward_fake, kernels=_KERNELS)
+@_define("ada_layer_norm_backward", fake=_ada_layer_norm_backward_fake)
 def _ada_layer_norm_backward_op(dh: Tensor, x: Tensor, scale: Tensor, weight: Tensor | None,
                                 bias: Tensor | None, mean: Tensor, rstd: Tensor, norm: str,
                                 shift_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -1024,7 +1024,7 @@ def _gated_residual_fake(x, y, gate):
     return x.new_empty(x.shape)
 
 
-@define("gated_residual", INTERPRETED, fake=_gated_residual_fake, kernels=_KERNELS)
+@_define("gated_residual", fake=_gated_residual_fake)
 def _gated_residual_op(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     checks.gated_residual(x, y, gate)
     return _gated_residual_forward(x, y, gate)
@@ -1034,7 +1034,7 @@ def _gated_residual_backward_fake(dout, y, gate):
     return y.new_empty(y.shape), gate.new_empty(gate.shape)
 
 
-@define("gated_residual_backward", INTERPRETED, fake=_gated_residual_backward_fake, kernels=_KERNELS)
+@_define("gated_residual_backward", fake=_gated_residual_backward_fake)
 def _gated_residual_backward_op(dout: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
     return _gated_residual_backward(dout, y, gate)
 
@@ -1061,7 +1061,7 @@ def _gated_residual_ada_layer_norm_fake(x, y, gate, shift, scale, weight, bias, 
             x.new_empty(rstd_shape, dtype=torch.float32))
 
 
-@define("gated_residual_ada_layer_norm", INTERPRETED, fake=_gated_residual_ada_layer_norm_fake, kernels=_KERNELS)
+@_define("gated_residual_ada_layer_norm", fake=_gated_residual_ada_layer_norm_fake)
 def _gated_residual_ada_layer_norm_op(x: Tensor, y: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
                                       weight: Tensor | None, bias: Tensor | None, eps: float,
                                       norm: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -1079,8 +1079,7 @@ def _gated_residual_ada_layer_norm_backward_fake(dx_new, dh, x_new, y, gate, sca
             bias.new_empty(bias.shape) if bias is not None else x_new.new_empty(_EMPTY))
 
 
-@define("gated_residual_ada_layer_norm_backward", INTERPRETED,
-        fake=_gated_residual_ada_layer_norm_backward_fake, kernels=_KERNELS)
+@_define("gated_residual_ada_layer_norm_backward", fake=_gated_residual_ada_layer_norm_backward_fake)
 def _gated_residual_ada_layer_norm_backward_op(
         dx_new: Tensor | None, dh: Tensor, x_new: Tensor, y: Tensor, gate: Tensor, scale: Tensor,
         weight: Tensor | None, bias: Tensor | None, mean: Tensor, rstd: Tensor, norm: str,

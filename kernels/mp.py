@@ -40,7 +40,7 @@ import triton.language as tl
 
 from . import checks
 from .reference import MP_EPS, mp_cat_weights
-from .registry import define, ints, kernels_of, launch
+from .registry import definer, ints, launch
 
 Tensor = torch.Tensor
 
@@ -581,7 +581,7 @@ def _fake_like(t: Tensor, shape=None, dtype=None) -> Tensor:
 
 # -- normalize / normalize_silu
 
-_KERNELS = kernels_of(globals())      # every launcher's possible kernels (registry.define)
+_define = definer(INTERPRETED, globals())      # registry.define with this module's flag and kernels
 
 
 def _mp_normalize_fake(x, eps):
@@ -589,7 +589,7 @@ def _mp_normalize_fake(x, eps):
     return _fake_like(x)
 
 
-@define("mp_normalize", INTERPRETED, fake=_mp_normalize_fake, kernels=_KERNELS)
+@_define("mp_normalize", fake=_mp_normalize_fake)
 def _normalize_op(x: Tensor, eps: float) -> Tensor:
     _check("normalize", x)
     return _normalize_fwd(x, eps, with_silu=False)[0]
@@ -600,7 +600,7 @@ def _mp_normalize_silu_fake(x, eps):
     return _fake_like(x), _fake_like(x)
 
 
-@define("mp_normalize_silu", INTERPRETED, fake=_mp_normalize_silu_fake, kernels=_KERNELS)
+@_define("mp_normalize_silu", fake=_mp_normalize_silu_fake)
 def _normalize_silu_op(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     _check("normalize_silu", x)
     return _normalize_fwd(x, eps, with_silu=True)
@@ -610,7 +610,7 @@ def _mp_normalize_backward_fake(dn, ds, x, eps):
     return _fake_like(x)
 
 
-@define("mp_normalize_backward", INTERPRETED, fake=_mp_normalize_backward_fake, kernels=_KERNELS)
+@_define("mp_normalize_backward", fake=_mp_normalize_backward_fake)
 def _normalize_backward_op(dn: Tensor | None, ds: Tensor | None, x: Tensor, eps: float) -> Tensor:
     return _normalize_bwd(dn, ds, _dense(x), eps)
 
@@ -641,7 +641,7 @@ def _mp_silu_fake(x):
     return _fake_like(x)
 
 
-@define("mp_silu", INTERPRETED, fake=_mp_silu_fake, kernels=_KERNELS)
+@_define("mp_silu", fake=_mp_silu_fake)
 def _mp_silu_op(x: Tensor) -> Tensor:
     _check("mp_silu", x, dims=range(0, 9))
     return _mp_silu_fwd(x)
@@ -651,7 +651,7 @@ def _mp_silu_backward_fake(dout, x):
     return _fake_like(x)
 
 
-@define("mp_silu_backward", INTERPRETED, fake=_mp_silu_backward_fake, kernels=_KERNELS)
+@_define("mp_silu_backward", fake=_mp_silu_backward_fake)
 def _mp_silu_backward_op(dout: Tensor, x: Tensor) -> Tensor:
     return _mp_silu_bwd(dout, _dense(x))
 
@@ -675,7 +675,7 @@ def _mp_sum_fake(a, b, t, clip):
     return _fake_like(a)
 
 
-@define("mp_sum", INTERPRETED, fake=_mp_sum_fake, kernels=_KERNELS)
+@_define("mp_sum", fake=_mp_sum_fake)
 def _mp_sum_op(a: Tensor, b: Tensor, t: float, clip: float | None) -> Tensor:
     _check_device("mp_sum", a)
     checks.mp_sum(a, b, clip)
@@ -686,7 +686,7 @@ def _mp_sum_backward_fake(dout, out, t, clip, b_dtype):
     return _fake_like(out), _fake_like(out, dtype=b_dtype)
 
 
-@define("mp_sum_backward", INTERPRETED, fake=_mp_sum_backward_fake, kernels=_KERNELS)
+@_define("mp_sum_backward", fake=_mp_sum_backward_fake)
 def _mp_sum_backward_op(dout: Tensor, out: Tensor, t: float, clip: float | None,
                         b_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return _mp_sum_bwd(dout, out, t, clip, b_dtype)
@@ -717,7 +717,7 @@ def _mp_modulated_silu_fake(y, c):
     return _fake_like(y)
 
 
-@define("mp_modulated_silu", INTERPRETED, fake=_mp_modulated_silu_fake, kernels=_KERNELS)
+@_define("mp_modulated_silu", fake=_mp_modulated_silu_fake)
 def _modulated_silu_op(y: Tensor, c: Tensor) -> Tensor:
     checks.modulated_silu(y, c)
     _check_device("modulated_silu", y)
@@ -728,7 +728,7 @@ def _mp_modulated_silu_backward_fake(dout, y, c):
     return _fake_like(y), c.new_empty(c.shape)
 
 
-@define("mp_modulated_silu_backward", INTERPRETED, fake=_mp_modulated_silu_backward_fake, kernels=_KERNELS)
+@_define("mp_modulated_silu_backward", fake=_mp_modulated_silu_backward_fake)
 def _modulated_silu_backward_op(dout: Tensor, y: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     return _modulated_silu_bwd(dout, _dense(y), c.contiguous())
 
@@ -752,7 +752,7 @@ def _mp_cat_fake(a, b, t):
     return _fake_like(a, _cat_shape(a, b))
 
 
-@define("mp_cat", INTERPRETED, fake=_mp_cat_fake, kernels=_KERNELS)
+@_define("mp_cat", fake=_mp_cat_fake)
 def _mp_cat_op(a: Tensor, b: Tensor, t: float) -> Tensor:
     checks.mp_cat("mp_cat", a, b)
     _check_device("mp_cat", a)
@@ -764,7 +764,7 @@ def _mp_cat_silu_fake(a, b, t):
     return _fake_like(a, _cat_shape(a, b)), _fake_like(a, _cat_shape(a, b))
 
 
-@define("mp_cat_silu", INTERPRETED, fake=_mp_cat_silu_fake, kernels=_KERNELS)
+@_define("mp_cat_silu", fake=_mp_cat_silu_fake)
 def _mp_cat_silu_op(a: Tensor, b: Tensor, t: float) -> tuple[Tensor, Tensor]:
     checks.mp_cat("mp_cat_silu", a, b)
     _check_device("mp_cat_silu", a)
@@ -776,7 +776,7 @@ def _mp_cat_backward_fake(dx, ds, x, ca, t, a_dtype, b_dtype):
             _fake_like(x, (x.shape[0], x.shape[1] - ca, *x.shape[2:]), b_dtype))
 
 
-@define("mp_cat_backward", INTERPRETED, fake=_mp_cat_backward_fake, kernels=_KERNELS)
+@_define("mp_cat_backward", fake=_mp_cat_backward_fake)
 def _mp_cat_backward_op(dx: Tensor | None, ds: Tensor | None, x: Tensor, ca: int, t: float,
                         a_dtype: torch.dtype, b_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return _mp_cat_bwd(dx, ds, x, ca, t, a_dtype, b_dtype)
@@ -812,7 +812,7 @@ def _mp_weight_fake(w, gain, eps):
     return torch.empty_like(w.contiguous())
 
 
-@define("mp_weight", INTERPRETED, fake=_mp_weight_fake, kernels=_KERNELS)
+@_define("mp_weight", fake=_mp_weight_fake)
 def _mp_weight_op(w: Tensor, gain: Tensor | None, eps: float) -> Tensor:
     checks.mp_weight("mp_weight", w, gain)
     _check_device("mp_weight", w)
@@ -823,7 +823,7 @@ def _mp_weight_backward_fake(dout, w, gain, eps):
     return torch.empty_like(w.contiguous()), gain.new_empty(gain.shape) if gain is not None else w.new_empty(_EMPTY)
 
 
-@define("mp_weight_backward", INTERPRETED, fake=_mp_weight_backward_fake, kernels=_KERNELS)
+@_define("mp_weight_backward", fake=_mp_weight_backward_fake)
 def _mp_weight_backward_op(dout: Tensor, w: Tensor, gain: Tensor | None, eps: float) -> tuple[Tensor, Tensor]:
     dw, dgain = _mp_weight_bwd(dout, w, gain, eps)
     return dw, dgain if dgain is not None else w.new_empty(_EMPTY)

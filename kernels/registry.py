@@ -48,7 +48,7 @@ def define(name: str, interpreted: bool, fake: Callable | None = None, kernels: 
     """Decorator: the function becomes archirf_kernels::<name> (see the module docstring). `fake`
     is the meta function; as a triton_op the launcher itself traced with fake tensors is the
     fallback, and `fake` (cheaper: no launch planning) replaces it for torch.compile's shape
-    propagation. `kernels`: the Triton kernels the launcher may call (e.g. `kernels_of(globals())`).
+    propagation. `kernels`: the Triton kernels the launcher may call (`definer` passes its module's).
     torch.compile's on-disk caches key a triton_op's compiled code on its kernels' source, which
     torch finds by scanning the launcher for literal `wrap_triton(name)` calls; `launch` hides them
     from that scan, so they are declared here: an edited kernel then misses the cache instead of
@@ -70,6 +70,12 @@ def define(name: str, interpreted: bool, fake: Callable | None = None, kernels: 
             op.register_fake(fake)
         return op
     return wrap
+
+
+def definer(interpreted: bool, namespace: dict) -> Callable:
+    """A module's `define`, bound to its INTERPRETED flag and its kernels (pass `globals()` after the kernels):
+    `op = definer(INTERPRETED, globals())`, then `@op("name", fake=...)` on each launcher."""
+    return functools.partial(define, interpreted=interpreted, kernels=kernels_of(namespace))
 
 
 def tracing() -> bool:
@@ -99,5 +105,5 @@ def stand_ins(args: tuple) -> tuple:
     from torch.utils._python_dispatch import _disable_current_modes
 
     with _disable_current_modes():
-        return tuple(torch.empty(16, dtype=a.dtype, device=a.device) if isinstance(a, torch.Tensor)
-                     else int(a) if isinstance(a, torch.SymInt) else a for a in args)
+        return tuple(torch.empty(16, dtype=a.dtype, device=a.device) if isinstance(a, torch.Tensor) else a
+                     for a in args)

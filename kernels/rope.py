@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import checks
 from .mp import _check_device
-from .registry import define, ints, kernels_of, launch
+from .registry import definer, ints, launch
 
 Tensor = torch.Tensor
 ROWS = 16                        # rows (token, head) per tile
@@ -133,7 +133,7 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor | None, cos: Tensor, sin: Te
     return dx, part.sum(0).to(weight.dtype) if weight is not None else None
 
 
-_KERNELS = kernels_of(globals())      # every launcher's possible kernels (registry.define)
+_define = definer(INTERPRETED, globals())      # registry.define with this module's flag and kernels
 
 
 def _qk_norm_rope_fake(x, weight, cos, sin, eps):
@@ -141,7 +141,7 @@ def _qk_norm_rope_fake(x, weight, cos, sin, eps):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@define("qk_norm_rope", INTERPRETED, fake=_qk_norm_rope_fake, kernels=_KERNELS)
+@_define("qk_norm_rope", fake=_qk_norm_rope_fake)
 def _op(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float) -> Tensor:
     checks.qk_norm_rope(x, weight, cos, sin)
     _check_device("qk_norm_rope", x)
@@ -153,7 +153,7 @@ def _qk_norm_rope_backward_fake(dy, x, weight, cos, sin, eps):
             weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,)))
 
 
-@define("qk_norm_rope_backward", INTERPRETED, fake=_qk_norm_rope_backward_fake, kernels=_KERNELS)
+@_define("qk_norm_rope_backward", fake=_qk_norm_rope_backward_fake)
 def _backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor,
                  eps: float) -> tuple[Tensor, Tensor]:
     dx, dw = _backward(dy, x, weight, cos, sin, eps)

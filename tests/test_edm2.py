@@ -229,7 +229,9 @@ def test_forced_weight_normalisation_sharded_equals_unsharded(tmp_path, kernels)
            str(ROOT / "scripts" / "edm2_sharded_check.py"), "--preset", "none", "--out", str(out), *shape]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    from test_distributed import failure_report
+
+    assert proc.returncode == 0, failure_report(proc)
     assert "-> PASS" in proc.stdout
     weights = torch.load(out)
     assert "out_conv.weight" in weights and weights["logvar_linear.weight"].shape == (1, 128)
