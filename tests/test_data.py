@@ -167,6 +167,27 @@ def test_digits_shapes_range_and_labels(resolution, channels):
     assert abs(x.mean() + 0.39) < 0.01, "resizing must keep the mean brightness"
 
 
+def test_digits_are_scikit_learns_digits_read_without_importing_it():
+    """The digits come from the file load_digits reads, parsed as it parses it, in a process that never imports
+    scikit-learn (its import cost every run 0.9 s)."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from archirf.data.digits import _digits_arrays
+
+    pixels, labels = _digits_arrays()
+    ref = load_digits()
+    assert pixels.shape == (1797, 8, 8) and np.array_equal(pixels, ref.images)
+    assert np.array_equal(labels, ref.target) and set(labels.tolist()) == set(range(10))
+    code = ("import sys; from archirf.data.digits import digits_tensors; x, y = digits_tensors(16, 1); "
+            "assert x.shape == (1797, 1, 16, 16); print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('sklearn', 'scipy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_digits_resume_exact_across_epochs():
     assert_resumes_exactly(lambda: build_loader(make_cfg(seed=5, random_flip=True), 256, CPU), k=5, m=4)
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.distributed as dist
 
@@ -144,6 +143,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
         raise ValueError(f"shapes differ: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
     import warnings
+
+    import scipy.linalg             # here: its import costs every training run's start 0.2 s
 
     with warnings.catch_warnings():  # singular (fewer samples than dimensions): the finite check below decides
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
