@@ -52,6 +52,18 @@ def test_resize_is_nvlabs_tf_bilinear(side):
     assert y[0, 0, 0].tolist() == [0, 0.5, 1, 1.5, 2, 2.5, 3, 3]
 
 
+def test_grey_images_are_resized_once_and_give_the_rgb_features(tiny_net):
+    """A one-channel image is resized once and expanded to three channels after: the network sees what the
+    three-channel copy would have given it, bitwise."""
+    detector = load_inception(tiny_net)
+    grey = torch.randint(0, 256, (3, 1, 37, 37), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rgb = grey.repeat(1, 3, 1, 1)           # the same pixels, stored three times (no stride-0 channel)
+    x = detector.preprocess(grey.expand(-1, 3, -1, -1))
+    assert x.shape == (3, 3, 299, 299) and x.stride(1) == 0
+    torch.testing.assert_close(x, detector.preprocess(rgb), rtol=0, atol=0)
+    torch.testing.assert_close(detector(grey), detector(rgb), rtol=0, atol=0)
+
+
 def test_uint8_conversion_rounds_and_clamps():
     x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 3.0, 1 / 255 - 1])
     assert to_uint8(x).tolist() == [0, 0, 64, 128, 191, 255, 255, 1]

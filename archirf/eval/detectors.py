@@ -131,8 +131,10 @@ class InceptionDetector(Detector):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         if self.whole_pipeline:
             return images.contiguous()
-        x = tf_bilinear_resize(images.float(), INCEPTION_SIZE)
-        return (x - 128) / 128
+        grey = images.stride(1) == 0            # one channel expanded to three (_rgb): resize it once, not thrice
+        x = tf_bilinear_resize((images[:, :1] if grey else images).float(), INCEPTION_SIZE)
+        x = (x - 128) / 128
+        return x.expand(-1, 3, -1, -1) if grey else x
 
     def forward(self, x: torch.Tensor):
         return self.network(x, return_features=True) if self.whole_pipeline else self.network(x)
