@@ -202,8 +202,9 @@ class OptimConfig:
     warmup_images: int = 5_000                   # linear warm-up from 0
     decay_start_images: int = 0                  # inv_sqrt: lr * min(1, sqrt(decay_start / images)) (EDM2)
     min_lr_ratio: float = 0.0                    # cosine: floor as a fraction of lr
-    # one pass for clipping's scale + AdamW + the EMAs (archirf_kernels.adamw_ema_step; CUDA, DiT / MMDiT / ADM)
-    fused_update: bool = False
+    # one pass for clipping's scale + AdamW + the EMAs (archirf_kernels.adamw_ema_step; CUDA, DiT / MMDiT / ADM);
+    # null: on where it applies (those models on CUDA, at most 3 post-hoc widths), false: torch's AdamW + lerps
+    fused_update: Optional[bool] = None
 
 
 @dataclass
@@ -539,6 +540,9 @@ def validate(cfg: Config) -> None:
         p.grad_clip = 0.0 if ae else 1.0
     need(len(p.betas) == 2 and all(0 <= b < 1 for b in p.betas), "optim.betas must be two numbers in [0, 1)")
     need(p.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables)")
+    if p.fused_update is None and (cfg.model.name not in ("dit", "mmdit", "adm_unet")
+                                   or len(cfg.ema.posthoc_sigma_rels) > 3):
+        p.fused_update = False                 # null elsewhere: on CUDA (the task decides, knowing the device)
     need(not p.fused_update or cfg.model.name in ("dit", "mmdit", "adm_unet"),
          f"optim.fused_update: one pass for AdamW and the EMAs, for model.name=dit|mmdit|adm_unet; "
          f"model.name={cfg.model.name} "

@@ -14,7 +14,8 @@ autocast on CUDA, synthetic data already on the device):
             the adaLN and EDM2 ops to inductor)
   *_fp8t, *_fp8r   the same with precision=fp8-tensorwise / fp8-rowwise (archirf/fp8.py's layers; "whole"
             converts the same layers before compiling), e.g. plain_fp8t
-  *_fu      the same with optim.fused_update (clip scale + AdamW + EMA in one kernel), e.g. plain_fp8t_fu
+  *_fu      the same with optim.fused_update (clip scale + AdamW + EMA in one kernel: the trainer's default on
+            CUDA for these models), e.g. plain_fp8t_fu; without it, torch's fused AdamW and one lerp per EMA
   *_cg, *_mat   the same compiled in inductor's mode reduce-overhead (CUDA graphs; the step starts with
             torch.compiler.cudagraph_mark_step_begin) or max-autotune-no-cudagraphs (Triton GEMM templates
             with fused epilogues), per block (fsdp, plain) or whole; the suffix goes last, e.g. plain_fu_cg
@@ -177,8 +178,8 @@ def parse_variant(name: str, base, device) -> tuple:
     for suffix, m in MODE_SUFFIXES.items():
         if core.endswith(suffix):
             core, mode = core.removesuffix(suffix), m
-    if core.endswith("_fu"):
-        core, cfg.optim.fused_update = core.removesuffix("_fu"), True
+    cfg.optim.fused_update = core.endswith("_fu")     # without _fu: torch's fused AdamW + lerps (the baseline)
+    core = core.removesuffix("_fu")
     for suffix, precision in FP8_SUFFIXES.items():
         if core.endswith(suffix):
             core, cfg.precision = core.removesuffix(suffix), precision

@@ -34,7 +34,7 @@ def _snapshot(run):
 
 
 def test_fused_update_matches_the_unfused_step(tmp_path):
-    unfused = _run(tmp_path / "a", "total_images=96")
+    unfused = _run(tmp_path / "a", "total_images=96", "optim.fused_update=false")
     fused = _run(tmp_path / "b", "total_images=96", "optim.fused_update=true")
     la, lb = losses(unfused), losses(fused)
     assert [i for i, _ in la] == [i for i, _ in lb]
@@ -73,6 +73,38 @@ def test_fused_update_resumes_exactly(tmp_path):
 def test_fused_update_refusals(extra, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, ["optim.fused_update=true", *extra])
+
+
+@pytest.mark.parametrize("extra,resolved", [
+    ([], None),                                 # null stays: the task turns it on where the run is on CUDA
+    (["model.name=mmdit"], None), (["model.name=adm_unet"], None),
+    (["model.name=edm2_unet"], False), (["model.name=autoencoder", "data.resolution=64"], False),
+    (["ema.posthoc_sigma_rels=[0.01,0.02,0.05,0.1]", "ema.posthoc_every=64"], False),
+    (["optim.fused_update=false"], False),
+])
+def test_fused_update_defaults_to_on_where_it_applies(extra, resolved):
+    assert load_config(None, extra).optim.fused_update is resolved
+
+
+def test_the_default_run_fuses_the_update_on_cuda_only(tmp_path, monkeypatch):
+    """optim.fused_update unset: the one-pass update on CUDA (every step after the first), torch's AdamW and the
+    lerps on a CPU, where the kernel would run in Triton's interpreter."""
+    from archirf.optim import AdamW
+
+    taken = []
+    real = AdamW.fused_update
+    monkeypatch.setattr(AdamW, "fused_update", lambda self, *a: taken.append(real(self, *a)) or taken[-1])
+    from archirf.tasks.generative import GenerativeTask
+
+    lines = []
+    describe = GenerativeTask.describe
+    monkeypatch.setattr(GenerativeTask, "describe", lambda self: lines.append(describe(self)) or lines[-1])
+    _run(tmp_path, "total_images=48")       # 3 steps; the first creates the optimizer state (unfused)
+    assert ("AdamW + EMAs in one pass" in lines[0]) == torch.cuda.is_available()     # the run's first line says so
+    if torch.cuda.is_available():
+        assert taken[-2:] == [True, True] and len(taken) <= 3, taken
+    else:
+        assert taken == []
 
 
 def test_fused_update_needs_cuda_outside_the_interpreter(tmp_path, monkeypatch):

@@ -60,6 +60,9 @@ class GenerativeTask:
         self.post_step = getattr(self.model, "post_optimizer_step", None)  # e.g. EDM2's forced weight normalisation
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.clip_scale = self.ema_maps = None     # optim.fused_update: this step's clipping scale; EMA shadows
+        # optim.fused_update: true (checked: CUDA, or Triton's interpreter in tests), null (on where it applies)
+        self.fused_update = bool(cfg.optim.fused_update) if cfg.optim.fused_update is not None \
+            else device.type == "cuda"
         if cfg.optim.fused_update:
             _check_fused_update(device)
         self.flops_per_image = self.eval_model.flops_per_image() if env.is_main else None   # MFU: rank 0
@@ -69,7 +72,8 @@ class GenerativeTask:
         m = self.eval_model
         plan = getattr(self.model, "fp8_plan", None)     # set by parallelize under precision=fp8-*
         return (f"{type(m).__name__} {m.num_params() / 1e6:.2f}M params, {self.flops_per_image / 1e9:.3f} G MACs/img"
-                f" | {self.cfg.objective.name}" + (f" | {fp8.describe(plan, self.cfg.precision)}" if plan else ""))
+                f" | {self.cfg.objective.name}" + (f" | {fp8.describe(plan, self.cfg.precision)}" if plan else "")
+                + (" | AdamW + EMAs in one pass" if self.fused_update else ""))
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -83,7 +87,7 @@ class GenerativeTask:
         return loss.detach()
 
     def clip(self) -> torch.Tensor:
-        if not self.cfg.optim.fused_update:
+        if not self.fused_update:
             return parallel.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)   # global norm, the same on every rank
         norm = parallel.clip_grad_norm_(self.params, 0.0)      # the norm only: the fused update applies the scale
         max_norm = self.cfg.optim.grad_clip
@@ -96,7 +100,7 @@ class GenerativeTask:
     def apply(self, images_seen: int) -> None:
         """The optimizer step, then the EMAs at `images_seen` (the count after this step): in one pass under
         optim.fused_update where it applies (_fused_apply), else torch's AdamW and one lerp per EMA."""
-        if self.cfg.optim.fused_update and self._fused_apply(images_seen):
+        if self.fused_update and self._fused_apply(images_seen):
             self.optimizer.zero_grad(set_to_none=True)
             return
         if self.clip_scale is not None:        # the fused update declined: scale as clip_grad_norm_ would have
