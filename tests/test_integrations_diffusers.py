@@ -205,10 +205,13 @@ def test_half_precision_autocast(build, amp):
     (out32, grads32), (out_theirs, grads_theirs), (out_ours, grads_ours) = runs
     err = lambda a, b: (a.float() - b.float()).norm().item()
     assert grads_ours.keys() == grads_theirs.keys() == grads32.keys() and grads32
-    for name, t32, theirs, ours in [("output", out32, out_theirs, out_ours)] + [
-            (n, grads32[n], grads_theirs[n], grads_ours[n]) for n in grads32]:
-        assert torch.isfinite(theirs).all(), f"{name}: diffusers' own model overflowed under {amp} autocast"
-        assert torch.isfinite(ours).all(), f"{name}: the patched model overflowed (diffusers' own did not)"
+    tensors = [("output", out32, out_theirs, out_ours)] + [(n, grads32[n], grads_theirs[n], grads_ours[n])
+                                                           for n in grads32]
+    bad = {who: [n for n, *ts in tensors if not torch.isfinite(ts[i]).all()]
+           for i, who in ((1, "diffusers"), (2, "ours"))}
+    assert not bad["diffusers"] and not bad["ours"], f"non-finite under {amp} autocast (first 5 of each): " + \
+        "; ".join(f"{who}: {len(names)} {names[:5]}" for who, names in bad.items())
+    for name, t32, theirs, ours in tensors:
         assert err(ours, t32) <= 3 * err(theirs, t32) + 1e-3 * t32.norm().item(), name
     # the bound is not vacuous: autocast rounded (diffusers' own error is not zero) to rounding's size (not an
     # underflowed or overflowed run), and the patched model ran other ops than diffusers'
