@@ -13,8 +13,9 @@ One step: forward, the flow-matching MSE against random targets, backward, AdamW
 whole with torch.compile (default mode): "diffusers" (the model as loaded), "patched" (after ak.apply). Prints
 one JSON line per row and the ratio; each row's first output is checked against the other's (bf16 tolerance).
 --sdpa restricts both rows' PyTorch attention to one SDPA backend (default: PyTorch's own choice). On torch 2.11
-and an H100, compiled diffusers' Flux stops in cuDNN attention's backward at 1024 px (4,608 tokens, head dim
-128; "mha_graph.execute ... is_good()"): pass --sdpa flash there.
+and an H100, compiled diffusers' own Flux (the baseline row) stopped at 1024 px in cuDNN attention's backward
+(4,608 tokens, head dim 128; "mha_graph.execute ... is_good()") and, with --sdpa flash, with an illegal memory
+access during inductor's autotuning (docs/diffusers.md).
 """
 
 from __future__ import annotations
