@@ -33,9 +33,16 @@ def _snapshot(run):
     return ckpt.load_snapshot(ckpt.latest_snapshot(run))[0]
 
 
-def test_fused_update_matches_the_unfused_step(tmp_path):
-    unfused = _run(tmp_path / "a", "total_images=96", "optim.fused_update=false")
-    fused = _run(tmp_path / "b", "total_images=96", "optim.fused_update=true")
+MODELS = {"dit": [], "mmdit": ["model.name=mmdit"],          # the families the default turns it on for (CUDA)
+          "adm_unet": ["model.name=adm_unet", "model.channels=32", "model.channel_mult=[1]", "model.num_res_blocks=1",
+                       "model.hidden_size=null", "model.depth=null", "model.num_heads=null",
+                       "model.num_register_tokens=null"]}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fused_update_matches_the_unfused_step(tmp_path, model):
+    unfused = _run(tmp_path / "a", "total_images=96", "optim.fused_update=false", *MODELS[model])
+    fused = _run(tmp_path / "b", "total_images=96", "optim.fused_update=true", *MODELS[model])
     la, lb = losses(unfused), losses(fused)
     assert [i for i, _ in la] == [i for i, _ in lb]
     for (_, a), (_, b) in zip(la, lb):
@@ -105,6 +112,25 @@ def test_the_default_run_fuses_the_update_on_cuda_only(tmp_path, monkeypatch):
         assert taken[-2:] == [True, True] and len(taken) <= 3, taken
     else:
         assert taken == []
+
+
+def test_the_default_leaves_rocm_machines_without_triton_and_the_interpreter_unfused(monkeypatch):
+    import archirf_kernels
+    from archirf.tasks.generative import _fused_update_applies
+    from archirf_kernels import optim
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(optim, "INTERPRETED", False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert _fused_update_applies(cuda) and not _fused_update_applies(torch.device("cpu"))
+    monkeypatch.setattr(optim, "INTERPRETED", True)
+    assert not _fused_update_applies(cuda)
+    monkeypatch.setattr(optim, "INTERPRETED", False)
+    monkeypatch.setattr(archirf_kernels, "HAS_TRITON", False)
+    assert not _fused_update_applies(cuda)
+    monkeypatch.setattr(archirf_kernels, "HAS_TRITON", True)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not _fused_update_applies(cuda)
 
 
 def test_fused_update_needs_cuda_outside_the_interpreter(tmp_path, monkeypatch):

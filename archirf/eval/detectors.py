@@ -105,7 +105,8 @@ class Detector:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.forward(self.preprocess(_rgb(images).to(self.device)))
+        features = self.forward(self.preprocess(_rgb(images.to(self.device))))   # moved first: an expanded grey
+        # channel stays one channel in memory (a copy to another device would write all three)
         if isinstance(features, (tuple, list)):
             features = features[0]
         if features.dim() != 2:

@@ -60,9 +60,10 @@ class GenerativeTask:
         self.post_step = getattr(self.model, "post_optimizer_step", None)  # e.g. EDM2's forced weight normalisation
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.clip_scale = self.ema_maps = None     # optim.fused_update: this step's clipping scale; EMA shadows
-        # optim.fused_update: true (checked: CUDA, or Triton's interpreter in tests), null (on where it applies)
+        # optim.fused_update: true (checked: CUDA, or Triton's interpreter in tests), null (on where it applies:
+        # NVIDIA CUDA with Triton compiling, not its interpreter)
         self.fused_update = bool(cfg.optim.fused_update) if cfg.optim.fused_update is not None \
-            else device.type == "cuda"
+            else _fused_update_applies(device)
         if cfg.optim.fused_update:
             _check_fused_update(device)
         self.flops_per_image = self.eval_model.flops_per_image() if env.is_main else None   # MFU: rank 0
@@ -224,6 +225,18 @@ def _same_latents(old: dict, new: dict) -> None:
         raise ConfigError(f"data.root={new['latents']} is not the latents this run trained on (its "
                           f"{', '.join(changed)} differ from RUN_DIR/latents.json: re-encoded?); resume with the "
                           f"file it trained on, or start a new run (another run_dir, or resume=none)")
+
+
+def _fused_update_applies(device: torch.device) -> bool:
+    """optim.fused_update=null: the one-pass update where it was measured and checked (NVIDIA GPUs, compiled
+    Triton); elsewhere, ROCm or a machine without Triton, torch's fused AdamW and the lerps."""
+    import archirf_kernels
+
+    if device.type != "cuda" or torch.version.hip is not None or not archirf_kernels.HAS_TRITON:
+        return False
+    from archirf_kernels import optim as fused
+
+    return not fused.INTERPRETED
 
 
 def _check_fused_update(device: torch.device) -> None:
