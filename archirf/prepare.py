@@ -260,4 +260,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from . import exit_now
+
+    exit_now(main())

@@ -35,6 +35,26 @@ def run_cli(module, *args, timeout=120):
                           timeout=timeout, env=ENV)
 
 
+def test_commands_exit_after_their_threads_atexit_handlers_and_output(tmp_path):
+    """exit_now (the end of archirf.train / eval / encode / prepare) skips only the interpreter's teardown: an
+    executor's queued work finishes, atexit handlers run, buffered output reaches the pipe, the code is kept."""
+    code = f"""
+import atexit, time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from archirf import exit_now
+pool = ThreadPoolExecutor(1)
+pool.submit(lambda: (time.sleep(0.3), Path({str(tmp_path / "late")!r}).write_text("done")))
+atexit.register(lambda: print("atexit ran"))
+print("buffered", end="")
+exit_now(3)
+print("never")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "bufferedatexit ran\n" and (tmp_path / "late").read_text() == "done"
+
+
 def test_entry_point_end_to_end(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "archirf.train",
