@@ -540,15 +540,16 @@ def validate(cfg: Config) -> None:
         p.grad_clip = 0.0 if ae else 1.0
     need(len(p.betas) == 2 and all(0 <= b < 1 for b in p.betas), "optim.betas must be two numbers in [0, 1)")
     need(p.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables)")
-    if p.fused_update is None and (cfg.model.name not in ("dit", "mmdit", "adm_unet")
-                                   or len(cfg.ema.posthoc_sigma_rels) > 3):
+    fused_family = cfg.model.name in ("dit", "mmdit", "adm_unet")
+    fused_emas = len(cfg.ema.posthoc_sigma_rels) <= 3          # the pass updates ema and up to 3 post-hoc widths
+    if p.fused_update is None and not (fused_family and fused_emas):
         p.fused_update = False                 # null elsewhere: on CUDA (the task decides, knowing the device)
-    need(not p.fused_update or cfg.model.name in ("dit", "mmdit", "adm_unet"),
+    need(not p.fused_update or fused_family,
          f"optim.fused_update: one pass for AdamW and the EMAs, for model.name=dit|mmdit|adm_unet; "
          f"model.name={cfg.model.name} "
          + ("normalises its weights between the step and the EMA" if cfg.model.name == "edm2_unet"
             else "trains two networks with their own optimizers") + "; remove it")
-    need(not p.fused_update or len(cfg.ema.posthoc_sigma_rels) <= 3,
+    need(not p.fused_update or fused_emas,
          f"optim.fused_update updates at most 4 EMAs in its pass (ema and 3 post-hoc widths); ema.posthoc_sigma_rels "
          f"has {len(cfg.ema.posthoc_sigma_rels)}: remove optim.fused_update or keep 3 widths")
     need(p.lr_schedule != "inv_sqrt" or p.decay_start_images > 0,

@@ -6,10 +6,11 @@
 The step is the trainer's under optim.fused_update=false (the unfused update, whatever the setting: the
 one-pass update is timed by benchmarks/bench_optim.py and train_step_variants' *_fu): lr, gradient sync,
 micro-batch seeding, the loader (synthetic data), the objective loss and backward, parallel.clip_grad_norm_,
-the optimizer of optim.build_optimizer, zero_grad, EMA.update and Metrics.step, on the model of parallel.build_training_model (FSDP2 on
-several ranks, the plain module on one unless parallel.shard_single_rank=true). Each phase's host
-time is read with time.perf_counter and no device sync, so on a GPU it is the time the host needs
-to issue the work: when it exceeds the GPU's busy time the step is host-bound.
+the optimizer of optim.build_optimizer, zero_grad, EMA.update and Metrics.step, on the model of
+parallel.build_training_model (FSDP2 on several ranks, the plain module on one unless
+parallel.shard_single_rank=true). Each phase's host time is read with time.perf_counter and no device sync,
+so on a GPU it is the time the host needs to issue the work: when it exceeds the GPU's busy time the step
+is host-bound.
 
 --tiny keeps the recipe's depth (DiT-XL/2: 28 blocks, so the same number of hooks, parameters and
 kernel launches per step) at a negligible width (hidden 64, 2 heads, 8x8 latents, batch 2): time per

@@ -62,7 +62,7 @@ class GenerativeTask:
         self.clip_scale = self.ema_maps = None     # optim.fused_update: this step's clipping scale; EMA shadows
         # optim.fused_update: true (checked: CUDA, or Triton's interpreter in tests), null (on where it applies:
         # NVIDIA CUDA with Triton compiling, not its interpreter)
-        self.fused_update = bool(cfg.optim.fused_update) if cfg.optim.fused_update is not None \
+        self.fused_update = cfg.optim.fused_update if cfg.optim.fused_update is not None \
             else _fused_update_applies(device)
         if cfg.optim.fused_update:
             _check_fused_update(device)
