@@ -30,8 +30,8 @@ check_torch()
 def exit_now(code: int):
     """End a command that has finished its work: what the interpreter does at exit (thread-exit callbacks such
     as executors' shutdown, non-daemon threads joined, atexit handlers, the standard streams flushed), without
-    its last part, tearing down every module and object, which took 1.5 s on a CPU and 3-4 s with CUDA after
-    a compiled run. Every file the commands write is closed or renamed into place before this is called."""
+    its last part, tearing down every module and object, which takes seconds after a compiled CUDA run.
+    Every file the commands write is closed or renamed into place before this is called."""
     import atexit
     import os
     import sys

@@ -169,7 +169,7 @@ def test_digits_shapes_range_and_labels(resolution, channels):
 
 def test_digits_are_scikit_learns_digits_read_without_importing_it():
     """The digits come from the file load_digits reads, parsed as it parses it, in a process that never imports
-    scikit-learn (its import cost every run 0.9 s)."""
+    scikit-learn (whose import would lengthen every run's start)."""
     import subprocess
     import sys
 

@@ -36,7 +36,7 @@ def digits_tensors(resolution: int, channels: int) -> tuple[torch.Tensor, torch.
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """(pixels (1797, 8, 8), labels (1797,)) as sklearn.datasets.load_digits returns them, read from the file it
     reads (sklearn/datasets/data/digits.csv.gz: 64 pixels and the label per row) without importing scikit-learn,
-    whose import (scipy's statistics) took 0.9 s of every run's start."""
+    whose import (scipy's statistics with it) would lengthen every run's start."""
     spec = importlib.util.find_spec("sklearn")            # locates the package; imports nothing
     if spec is None or not spec.submodule_search_locations:
         raise DataError("data.source=digits reads scikit-learn's bundled digits, and scikit-learn is not installed: "

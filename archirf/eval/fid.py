@@ -144,7 +144,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         raise ValueError(f"shapes differ: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs {sigma2.shape}")
     import warnings
 
-    import scipy.linalg             # here: its import costs every training run's start 0.2 s
+    import scipy.linalg             # here, not at the top: training runs import this module and never need it
 
     with warnings.catch_warnings():  # singular (fewer samples than dimensions): the finite check below decides
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
