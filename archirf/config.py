@@ -270,10 +270,14 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: bf16 autocast on CUDA, fp32 on CPU; fp8-*: bf16 with fp8 GEMMs in the transformer blocks (archirf/fp8.py)
     precision: Literal["auto", "bf16", "fp32", "fp8-tensorwise", "fp8-rowwise"] = "auto"
-    compile: Literal["auto", "on", "off"] = "auto"        # per-block torch.compile; auto: on on CUDA, off on CPU
+    compile: Literal["auto", "on", "off"] = "auto"        # per-block torch.compile; auto: on on CUDA (but a small
+    # step that cuda_graph=auto captures), off on CPU
     # inductor's mode for those blocks: reduce-overhead replays each block as a CUDA graph (one rank, generative
     # runs: docs/training.md#cuda-graphs-for-small-models); max-autotune-no-cudagraphs tunes GEMM templates
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
+    # the step's forward and backward (draws, network, loss, gradients) replayed as one CUDA graph: auto: on for a
+    # small step on one NVIDIA GPU, which then also compiles nothing under compile=auto (archirf/step_graph.py)
+    cuda_graph: Literal["auto", "on", "off"] = "off"
     global_batch: int = 128                      # images per optimizer step, all ranks together
     micro_batch: Optional[int] = None            # per rank per forward; None: global_batch / world size
     total_images: int = 128_000

@@ -26,11 +26,14 @@ class SampleError(ValueError):
     """A sampling request that cannot be met; the message names the path or option and the remedy."""
 
 
-def autocast_model_fn(model: nn.Module, device: torch.device, dtype: Optional[torch.dtype], **kwargs) -> Callable:
+def autocast_model_fn(model: nn.Module, device: torch.device, dtype: Optional[torch.dtype], cache: bool = True,
+                      **kwargs) -> Callable:
     """model_fn for the objectives: network in `dtype` autocast (None = fp32), output(s) in fp32; kwargs go
-    to the model (return_logvar=True: (pred, logvar), for the loss)."""
+    to the model (return_logvar=True: (pred, logvar), for the loss). cache=False: autocast keeps no cast weights
+    (as a CUDA graph capture needs)."""
     def model_fn(x, t, y):
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
+                            cache_enabled=cache):
             out = model(x, t, y, **kwargs)
         return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
     return model_fn

@@ -150,31 +150,86 @@ def train(cfg: Config) -> Path:
             raise ckpt.disk_full(cfg.run_dir, getattr(err, "filename", None) or f"under {cfg.run_dir}") from None
 
 
-def _check_compile_mode(cfg: Config, env: Env, use_compile: bool) -> bool:
-    """-> whether the compiled blocks replay as CUDA graphs; a compile_mode this run cannot use is an error."""
-    mode = cfg.compile_mode
+# cuda_graph=auto captures a step whose forward is at most this many multiply-adds (the network's per image times
+# the micro-batch): under a millisecond of an H100's bf16 arithmetic for forward and backward, where a step's time is
+# its kernel launches, not its work (docs/training.md#cuda-graphs-for-small-models)
+SMALL_STEP_MACS = 5e10
+
+
+def _plan_compile(cfg: Config, env: Env) -> tuple[bool, bool, bool]:
+    """-> (compile the blocks, the compiled blocks replay as CUDA graphs (compile_mode=reduce-overhead), the whole
+    step's forward and backward replay as one CUDA graph (cuda_graph)); a setting this run cannot use is an error.
+
+    compile=auto: on on CUDA, except for a small step captured as one graph (compiling would save less than it
+    costs). cuda_graph=auto: on for a small step on one NVIDIA GPU where nothing stands in the way."""
+    device, mode = env.device, cfg.compile_mode
+    obstacle = _graph_obstacle(cfg, env)
+    step_obstacle = obstacle or _step_graph_obstacle(cfg)
+    if cfg.cuda_graph == "on" and mode in parallel.CUDAGRAPH_MODES:
+        raise ConfigError(f"cuda_graph=on and compile_mode={mode} both replay CUDA graphs (the whole step, or each "
+                          f"block): choose one (cuda_graph=off, or compile_mode=default)")
+    if cfg.cuda_graph == "on" and step_obstacle is not None:
+        raise ConfigError(f"cuda_graph=on replays the step as a CUDA graph, and {_fix(step_obstacle, 'set cuda_graph=off')}")
+    small = (step_obstacle is None and cfg.cuda_graph != "off" and cfg.model.name != "autoencoder"
+             and _step_macs(cfg, env) <= SMALL_STEP_MACS)
+    step_graph = cfg.cuda_graph == "on" or (
+        cfg.cuda_graph == "auto" and small and mode == "default" and torch.version.hip is None
+        and not fp8.recipe(cfg.precision) and cfg.model.name != "autoencoder")
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"
+                                          and not (step_graph and small and mode == "default"))
     if mode == "default":
-        return False
+        return use_compile, False, step_graph
     if not use_compile:
         raise ConfigError(f"compile_mode={mode} sets how blocks compile, and this run compiles nothing (compile="
-                          f"{cfg.compile} on {env.device.type}): set compile=on, or remove compile_mode")
+                          f"{cfg.compile} on {device.type}): set compile=on, or remove compile_mode")
     if mode not in parallel.CUDAGRAPH_MODES:
-        return False
+        return use_compile, False, step_graph
+    if obstacle is None and cfg.model.name == "autoencoder":
+        raise ConfigError(f"compile_mode={mode} replays each compiled block as a CUDA graph, which is for "
+                          f"generative runs; an autoencoder's step runs its networks in several passes: use "
+                          f"compile_mode=default (with cuda_graph=on to capture the whole step)")
+    if obstacle is not None:
+        raise ConfigError(f"compile_mode={mode} replays CUDA graphs, and {_fix(obstacle, 'use compile_mode=default')}")
+    return use_compile, True, step_graph
+
+
+def _fix(obstacle: tuple[str, Optional[str]], off: str) -> str:
+    why, fix = obstacle
+    return f"{why}: {fix}, or {off}" if fix else f"{why}: {off}"
+
+
+def _graph_obstacle(cfg: Config, env: Env) -> Optional[tuple[str, Optional[str]]]:
+    """(why, fix or None) where this run cannot replay its step in CUDA graphs, else None."""
     if env.device.type != "cuda":
-        raise ConfigError(f"compile_mode={mode} replays CUDA graphs, and this run is on {env.device.type}: use "
-                          f"compile_mode=default")
+        return f"this run is on {env.device.type}", "run on a GPU"
     if parallel.uses_fsdp(cfg, env):
-        raise ConfigError(f"compile_mode={mode} (CUDA graphs) runs on one rank without FSDP2; this run shards the "
-                          f"model over {env.world_size} ranks: use compile_mode=default")
-    if cfg.model.name == "autoencoder":
-        raise ConfigError(f"compile_mode={mode} (CUDA graphs) is for generative runs; an autoencoder's step "
-                          f"runs its networks in several passes: use compile_mode=default")
+        if env.world_size == 1:
+            return ("those run on one rank without FSDP2, and parallel.shard_single_rank=true shards the model "
+                    "on this one", "set parallel.shard_single_rank=false")
+        return (f"those run on one rank without FSDP2; this run shards the model over {env.world_size} ranks",
+                None)
     _, accum = batch_split(cfg, env.world_size)
     if accum > 1:   # the first micro-batch's gradients would live in graph memory that the next one overwrites
-        raise ConfigError(f"compile_mode={mode} (CUDA graphs) needs one micro-batch per step; this run accumulates "
-                          f"{accum} (micro_batch={cfg.micro_batch}, global_batch={cfg.global_batch}): set "
-                          f"micro_batch={cfg.global_batch}, or use compile_mode=default")
-    return True
+        return (f"those need one micro-batch per step; this run accumulates {accum} (micro_batch={cfg.micro_batch}, "
+                f"global_batch={cfg.global_batch})", f"set micro_batch={cfg.global_batch}")
+    return None
+
+
+def _step_graph_obstacle(cfg: Config) -> Optional[tuple[str, str]]:
+    """(why, fix) where the whole step cannot be one captured graph though per-block graphs could."""
+    if cfg.parallel.activation_checkpointing != "none":
+        return (f"parallel.activation_checkpointing={cfg.parallel.activation_checkpointing} saves and restores the "
+                f"random state in the forward, which a capture cannot", "set parallel.activation_checkpointing=none")
+    return None
+
+
+def _step_macs(cfg: Config, env: Env) -> float:
+    """Forward multiply-adds of one micro-batch (the network built on the meta device: no memory, no init)."""
+    from .models import build_model
+
+    micro, _ = batch_split(cfg, env.world_size)
+    with torch.device("meta"):
+        return build_model(cfg).flops_per_image() * micro
 
 
 def _train(cfg: Config, env: Env) -> Path:
@@ -182,13 +237,13 @@ def _train(cfg: Config, env: Env) -> Path:
     micro, accum = batch_split(cfg, env.world_size)
     dtype = parallel.autocast_dtype(cfg.precision, device)
     fp8.check(cfg.precision, cfg.model.name, device, cfg)    # before anything is written: no fp8 GPU is a config error
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    graphs = _check_compile_mode(cfg, env, use_compile)
+    use_compile, graphs, step_graph = _plan_compile(cfg, env)
     run_dir = _prepare_run_dir(cfg, env)
     config_yaml = to_yaml(cfg)
 
     loader = build_loader(cfg, micro, device, env.rank, env.world_size)  # first: a missing dataset fails fast
-    task = build_task(cfg, env, run_dir, dtype=dtype, compile=use_compile)
+    task = build_task(cfg, env, run_dir, dtype=dtype, compile=use_compile, cuda_graph=step_graph,
+                      compile_eval=cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"))
 
     images_seen = 0
     resume, damaged = _resume_path(cfg, run_dir)

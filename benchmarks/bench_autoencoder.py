@@ -20,6 +20,9 @@ Implementations (same weights, same data, AdamW fused for both networks):
   a second autoencoder forward (no graph: Lightning freezes the autoencoder for the discriminator's index)
   for the discriminator step. The same networks in plain PyTorch (kernels=reference; the bilinear autoencoder
   resampling with F.interpolate, as the seed wrote it), compiled the same way.
+- "ours_graph" / "ours_plain_graph" with --graph: "ours" / "ours_plain" with the passes (both networks' forward and
+  backward, everything but the optimizer steps) replayed as one CUDA graph, as the trainer's cuda_graph=on runs
+  them.
 - "ours_eager" / "reference_eager" with --eager: nothing compiled.
 Each in NCHW and with channels_last input images ("_cl"; the weights as they are, cuDNN then runs the
 convolutions channels-last); the speed-up compares each side at its faster layout.
@@ -97,19 +100,40 @@ class Ours:
         self.opt = torch.optim.AdamW(ae.parameters(), lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0, fused=True)
         self.dopt = torch.optim.AdamW(disc.parameters(), lr=1e-4, betas=(0.5, 0.9), weight_decay=0.0, fused=True)
 
-    def step(self, x):
+    def passes(self, x, cache: bool = True):
         torch._functorch.config.donated_buffer = True          # (the default)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=cache):
             self.disc.requires_grad_(False)
             out = self.ae(x)
-            self.loss.generator_backward(x, out, self.ae.decoder.conv_out, 1)
+            loss, _ = self.loss.generator_backward(x, out, self.ae.decoder.conv_out, 1)
             self.disc.requires_grad_(True)
             d, _ = self.loss.discriminator_step(x, out["reconstruction"], 1)
             d.backward()
+        return loss
+
+    def step(self, x):
+        self.passes(x)
         self.opt.step()
         self.dopt.step()
         self.opt.zero_grad(set_to_none=True)
         self.dopt.zero_grad(set_to_none=True)
+
+
+class OursGraph(Ours):
+    """ours with its passes (everything but the two optimizer steps) replayed as one CUDA graph, as the trainer's
+    cuda_graph=on runs them (archirf/step_graph.py): the gradients stay the graph's tensors."""
+
+    def __init__(self, *args, **kwargs):
+        from archirf.step_graph import StepGraph
+
+        super().__init__(*args, **kwargs)
+        self.graph = StepGraph(lambda x: self.passes(x, cache=False),
+                               list(self.ae.parameters()) + list(self.disc.parameters()))
+
+    def step(self, x):
+        self.graph(x)
+        self.opt.step()
+        self.dopt.step()
 
 
 class Reference:
@@ -245,6 +269,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--data-images", type=int, default=20_000, help="JPEGs made for the loader's rate (0: skip)")
     p.add_argument("--smoke", action="store_true", help="on the CPU: batch 2, one step, eager only (checks the code)")
+    p.add_argument("--graph", action="store_true", help="also ours with its passes as one CUDA graph (cuda_graph=on)")
     p.add_argument("--rounds", type=int, default=1,
                    help="timed rounds per implementation, interleaved across implementations (all of them kept "
                         "alive: small cases such as seed64), the median reported; 1: one after the other")
@@ -272,8 +297,11 @@ def main(argv=None) -> int:
         for layout in args.layouts.split(","):
             tag = "" if layout == "nchw" else "_cl"
             if not args.smoke:
-                    impls += [(f"ours{tag}", Ours, True, layout, "auto"), (f"ours_plain{tag}", Ours, True, layout, "reference"),
+                impls += [(f"ours{tag}", Ours, True, layout, "auto"), (f"ours_plain{tag}", Ours, True, layout, "reference"),
                           (f"reference{tag}", Reference, True, layout, "reference")]
+                if args.graph:
+                    impls += [(f"ours_graph{tag}", OursGraph, True, layout, "auto"),
+                              (f"ours_plain_graph{tag}", OursGraph, True, layout, "reference")]
             if args.eager or args.smoke:
                 impls += [(f"ours_eager{tag}", Ours, False, layout, "reference"),
                           (f"reference_eager{tag}", Reference, False, layout, "reference")]
@@ -308,6 +336,9 @@ def main(argv=None) -> int:
         case["speedup_vs_reference"] = o["img_per_s"] / r["img_per_s"]
         if not args.smoke:
             case["speedup_of_kernels"] = o["img_per_s"] / best("ours_plain")["img_per_s"]
+        if args.graph:
+            case["speedup_graph_vs_reference"] = max(best(n)["img_per_s"] for n in ("ours_graph", "ours_plain_graph")) \
+                / r["img_per_s"]
         if args.data_images:
             case["loader_img_per_s"] = _loader_rate(res, args.batch, args.workers, args.data_images,
                                                     tmp / f"jpegs_{res}")
@@ -317,7 +348,8 @@ def main(argv=None) -> int:
         results["cases"][name] = case
         del ae, disc, lpips
     (out / "autoencoder_step.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps({k: {"speedup": v["speedup_vs_reference"]} for k, v in results["cases"].items()}))
+    print(json.dumps({k: {"speedup": v["speedup_vs_reference"], "graph": v.get("speedup_graph_vs_reference")}
+                      for k, v in results["cases"].items()}))
     return 0
 
 

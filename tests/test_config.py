@@ -125,35 +125,6 @@ def test_objective_keys_that_are_read_pass():
     assert load_config(None, ["objective.time_shift=3", "objective.logit_normal_mean=-0.4"]).objective.time_shift == 3
 
 
-def test_compile_mode_is_refused_where_the_run_cannot_use_it():
-    from archirf import trainer
-    from archirf.parallel import Env
-
-    def check(overrides, device="cuda", world_size=1, use_compile=True):
-        cfg = load_config(None, overrides)
-        return trainer._check_compile_mode(cfg, Env(torch.device(device), world_size=world_size), use_compile)
-
-    assert check(["compile_mode=reduce-overhead"]) is True                        # one rank on CUDA: graphs
-    assert check(["compile_mode=max-autotune-no-cudagraphs"]) is False
-    assert check(["compile_mode=max-autotune-no-cudagraphs"], device="cpu") is False
-    assert check([]) is False
-    with pytest.raises(ConfigError, match="replays CUDA graphs, and this run is on cpu"):
-        check(["compile_mode=reduce-overhead"], device="cpu")
-    with pytest.raises(ConfigError, match="one micro-batch per step; this run accumulates 4"):
-        check(["compile_mode=reduce-overhead", "micro_batch=32"])
-    with pytest.raises(ConfigError, match="compiles nothing"):
-        check(["compile_mode=reduce-overhead"], device="cpu", use_compile=False)
-    with pytest.raises(ConfigError, match="one rank without FSDP2"):
-        check(["compile_mode=reduce-overhead"], world_size=2)
-    with pytest.raises(ConfigError, match="one rank without FSDP2"):
-        check(["compile_mode=reduce-overhead", "parallel.shard_single_rank=true"])
-    with pytest.raises(ConfigError, match="for generative runs"):
-        check(["compile_mode=reduce-overhead", "model.name=autoencoder", "model.preset=Seed-f8c16",
-               "data.resolution=64", "data.channels=3"])
-    with pytest.raises(ConfigError):
-        load_config(None, ["compile_mode=fast"])
-
-
 def test_compile_mode_reaches_every_block(monkeypatch):
     from archirf import parallel
     from archirf.models import build_model

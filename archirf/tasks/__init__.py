@@ -19,12 +19,16 @@ import torch
 TASK_OUTPUTS = ("posthoc", "eval.jsonl", "fid.png", "reconstructions.png")
 
 
-def build_task(cfg, env, run_dir: Path, *, dtype: Optional[torch.dtype], compile: bool):
-    """The autoencoder task for model.name=autoencoder (tasks/autoencoder.py), else the generative one."""
+def build_task(cfg, env, run_dir: Path, *, dtype: Optional[torch.dtype], compile: bool, cuda_graph: bool = False,
+               compile_eval: Optional[bool] = None):
+    """The autoencoder task for model.name=autoencoder (tasks/autoencoder.py), else the generative one (cuda_graph:
+    each micro batch's passes replay as one CUDA graph; compile_eval: whether the generative task's evaluation
+    copy and latent decoder compile, by default as `compile`)."""
     if cfg.model.name == "autoencoder":
         from .autoencoder import AutoencoderTask
 
-        return AutoencoderTask(cfg, env, run_dir, dtype=dtype, compile=compile)
+        return AutoencoderTask(cfg, env, run_dir, dtype=dtype, compile=compile, cuda_graph=cuda_graph)
     from .generative import GenerativeTask
 
-    return GenerativeTask(cfg, env, run_dir, dtype=dtype, compile=compile)
+    return GenerativeTask(cfg, env, run_dir, dtype=dtype, compile=compile, cuda_graph=cuda_graph,
+                          compile_eval=compile_eval)

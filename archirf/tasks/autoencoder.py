@@ -40,7 +40,8 @@ _PICTURES = 8          # originals and reconstructions in each grid
 
 
 class AutoencoderTask:
-    def __init__(self, cfg: Config, env: Env, run_dir: Path, *, dtype: Optional[torch.dtype], compile: bool):
+    def __init__(self, cfg: Config, env: Env, run_dir: Path, *, dtype: Optional[torch.dtype], compile: bool,
+                 cuda_graph: bool = False):
         self.cfg, self.env, self.run_dir, self.dtype = cfg, env, run_dir, dtype
         device, loss = env.device, cfg.loss
         if loss.disc_norm == "batch" and env.world_size > 1:
@@ -90,6 +91,9 @@ class AutoencoderTask:
         self._step_sums: dict[str, torch.Tensor] = {}      # this optimizer step's metrics (dropped if skipped)
         self._sums: dict[str, tuple[torch.Tensor, int]] = {}  # since the last log line: (sum, steps that had it)
         self.pictures_x = _first_images(cfg, device) if env.is_main else None
+        # cuda_graph: the micro batch's passes (everything forward_backward runs) as one CUDA graph per phase, before
+        # and after disc_start (archirf/step_graph.py); the gradients stay the graphs' tensors, never unset
+        self.step_graphs: Optional[dict[bool, object]] = {} if cuda_graph else None
 
     def describe(self) -> str:
         """Rank 0: the three networks, for the run's first line."""
@@ -108,26 +112,45 @@ class AutoencoderTask:
             group["lr"] = lr * self.disc_lr_ratio
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, accum: int) -> torch.Tensor:
+        gan = self.loss.gan_factor(self.images_seen) > 0
+        if self.step_graphs is None:
+            loss, metrics = self._passes(x, self.images_seen, accum)
+        else:           # one micro batch per step (the trainer's rule): accum is 1
+            if gan not in self.step_graphs:
+                from ..step_graph import StepGraph
+
+                self.step_graphs.clear()        # the phase before disc_start never comes back: free its graph
+                self.step_graphs[gan] = StepGraph(
+                    lambda x_, n=self.images_seen: self._passes(x_, n, 1),
+                    self.params + list(self.discriminator.parameters()),
+                    list(self.model.buffers()) + list(self.discriminator.buffers()))
+            loss, metrics = self.step_graphs[gan](x)
+        self.disc_stepped = self.disc_stepped or gan
+        for key, value in metrics.items():                                        # this step's, until apply()
+            value = value.detach().float() / accum
+            self._step_sums[key] = self._step_sums[key] + value if key in self._step_sums else value
+        return loss.detach().float()
+
+    def _passes(self, x: torch.Tensor, images_seen: int, accum: int) -> tuple[torch.Tensor, dict]:
+        """The autoencoder's forward, the generator loss's backward (the discriminator frozen), the discriminator's
+        loss and backward once the GAN is on: (L_G, metrics), the gradients accumulated (scaled by 1 / accum)."""
         device = x.device
-        with torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+        with torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None,
+                            cache_enabled=self.step_graphs is None):
             self.discriminator.requires_grad_(False)
             out = self.model(x)
-            loss, metrics = self.loss.generator_backward(x, out, self.last_layer, self.images_seen, 1.0 / accum)
+            loss, metrics = self.loss.generator_backward(x, out, self.last_layer, images_seen, 1.0 / accum)
             self.discriminator.requires_grad_(True)
-            d = self.loss.discriminator_step(x, out["reconstruction"], self.images_seen)
+            d = self.loss.discriminator_step(x, out["reconstruction"], images_seen)
             if d is not None:
                 (d[0] / accum).backward()
                 metrics.update(d[1])
-                self.disc_stepped = True
         z = out["z"].detach().float()
         metrics.update(psnr=_psnr(x, out["reconstruction"]), latent_mean=z.mean(dim=(0, 2, 3)),
                        latent_std=z.std(dim=(0, 2, 3)))                           # per latent channel
         if "clip_fraction" in out:
             metrics.update(clip_fraction=out["clip_fraction"].detach(), gain=out["gain"])
-        for key, value in metrics.items():                                        # this step's, until apply()
-            value = value.detach().float() / accum
-            self._step_sums[key] = self._step_sums[key] + value if key in self._step_sums else value
-        return loss.detach().float()
+        return loss.detach(), metrics
 
     @property
     def last_layer(self) -> torch.nn.Conv2d:
@@ -142,8 +165,9 @@ class AutoencoderTask:
         return norm
 
     def skip(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.disc_optimizer.zero_grad(set_to_none=True)
+        if self.step_graphs is None:     # (under cuda_graph the gradients are the graph's: the next replay rewrites them)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.disc_optimizer.zero_grad(set_to_none=True)
         self.disc_stepped = False
         self._step_sums = {}
 

@@ -26,9 +26,13 @@ from ..sample import autocast_model_fn, generate, sample_classes, trajectory_fra
 
 
 class GenerativeTask:
-    def __init__(self, cfg: Config, env: Env, run_dir: Path, *, dtype: Optional[torch.dtype], compile: bool):
+    def __init__(self, cfg: Config, env: Env, run_dir: Path, *, dtype: Optional[torch.dtype], compile: bool,
+                 cuda_graph: bool = False, compile_eval: Optional[bool] = None):
         self.cfg, self.env, self.run_dir, self.dtype = cfg, env, run_dir, dtype
         device = env.device
+        # the training model's blocks compile under `compile`; the evaluation copy and the latent decoder, which no
+        # graph captures, under `compile_eval` (compile=auto: on on CUDA, even where a captured step is not compiled)
+        compile_eval = compile if compile_eval is None else compile_eval
         self.objective = build_objective(cfg)
         # Sharded training model; rank 0 also gets the full initial copy, which becomes the eval model
         # that samples with the EMA weights.
@@ -47,18 +51,25 @@ class GenerativeTask:
         self.latents = json.dumps(record) if record is not None else None
         self.decoder = None             # a latent model's grids and GIF (rank 0) and FID (every rank) decode
         if cfg.model.autoencoder and (env.is_main or cfg.eval.every):
-            self.decoder = LatentDecoder(cfg, device, dtype, compile=compile, record=record)
+            self.decoder = LatentDecoder(cfg, device, dtype, compile=compile_eval, record=record)
         if cfg.eval.every:  # FID while training: loads the feature networks now, so a missing one fails first
             from ..eval.training import TrainingEval
 
-            self.evaluation = TrainingEval(cfg, env, run_dir, self.objective, dtype=dtype, compile=compile,
+            self.evaluation = TrainingEval(cfg, env, run_dir, self.objective, dtype=dtype, compile=compile_eval,
                                            eval_model=self.eval_model, decoder=self.decoder)
         self.labels = sample_classes(cfg, cfg.sample.classes, cfg.sample.per_class)
         # A model that weights its loss per time (EDM2's uncertainty / EDM preconditioning) also returns logvar.
         logvar = {"return_logvar": True} if getattr(self.model, "loss_logvar", False) else {}
-        self.model_fn = autocast_model_fn(self.model, device, dtype, **logvar)
+        # cuda_graph: the forward and backward replay as one CUDA graph (archirf/step_graph.py); autocast's weight
+        # cache off, as CUDA graphs need (each weight is cast once per forward either way)
+        self.model_fn = autocast_model_fn(self.model, device, dtype, cache=not cuda_graph, **logvar)
         self.post_step = getattr(self.model, "post_optimizer_step", None)  # e.g. EDM2's forced weight normalisation
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.step_graph = None
+        if cuda_graph:
+            from ..step_graph import StepGraph
+
+            self.step_graph = StepGraph(self._loss_and_backward, self.params, list(self.model.buffers()))
         self.clip_scale = self.ema_maps = None     # optim.fused_update: this step's clipping scale; EMA shadows
         # optim.fused_update: true (checked: CUDA, or Triton's interpreter in tests), null (on where it applies:
         # NVIDIA CUDA with Triton compiling, not its interpreter)
@@ -74,7 +85,8 @@ class GenerativeTask:
         plan = getattr(self.model, "fp8_plan", None)     # set by parallelize under precision=fp8-*
         return (f"{type(m).__name__} {m.num_params() / 1e6:.2f}M params, {self.flops_per_image / 1e9:.3f} G MACs/img"
                 f" | {self.cfg.objective.name}" + (f" | {fp8.describe(plan, self.cfg.precision)}" if plan else "")
-                + (" | AdamW + EMAs in one pass" if self.fused_update else ""))
+                + (" | AdamW + EMAs in one pass" if self.fused_update else "")
+                + (" | step as one CUDA graph" if self.step_graph is not None else ""))
 
     # -- one optimizer step -------------------------------------------------------------------------------
     def set_lr(self, lr: float) -> None:
@@ -82,7 +94,10 @@ class GenerativeTask:
             group["lr"] = lr
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, accum: int) -> torch.Tensor:
-        """Loss of one micro batch, its gradient accumulated (scaled by 1 / accum); the detached loss."""
+        """Loss of one micro batch, its gradient accumulated (scaled by 1 / accum); the detached loss (under
+        cuda_graph the graph's output: one micro batch per step, its gradients written afresh by each replay)."""
+        if self.step_graph is not None:
+            return self.step_graph(x, y)
         loss = self.objective.loss(self.model_fn, x, y).mean()
         (loss / accum).backward()
         return loss.detach()
@@ -95,14 +110,25 @@ class GenerativeTask:
         self.clip_scale = parallel.clip_coefficient(norm, max_norm) if max_norm > 0 else None
         return norm
 
+    def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = self.objective.loss(self.model_fn, x, y).mean()
+        loss.backward()
+        return loss
+
     def skip(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
+
+    def _zero_grad(self) -> None:
+        """Unsets the gradients, except under cuda_graph: there they are the graph's tensors, which the next replay
+        overwrites."""
+        if self.step_graph is None:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def apply(self, images_seen: int) -> None:
         """The optimizer step, then the EMAs at `images_seen` (the count after this step): in one pass under
         optim.fused_update where it applies (_fused_apply), else torch's AdamW and one lerp per EMA."""
         if self.fused_update and self._fused_apply(images_seen):
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
             return
         if self.clip_scale is not None:        # the fused update declined: scale as clip_grad_norm_ would have
             torch._foreach_mul_([parallel.local_tensor(p.grad) for p in self.params if p.grad is not None],
@@ -111,7 +137,7 @@ class GenerativeTask:
         self.optimizer.step()
         if self.post_step is not None:
             self.post_step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         self.ema.update(self.model, images_seen, self.cfg.global_batch)
         if self.posthoc is not None:
             self.posthoc.update(self.model, images_seen, self.cfg.global_batch)
