@@ -277,7 +277,7 @@ class Config:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     # the step's forward and backward (draws, network, loss, gradients) replayed as one CUDA graph: auto: on for a
     # small step on one NVIDIA GPU, which then also compiles nothing under compile=auto (archirf/step_graph.py)
-    cuda_graph: Literal["auto", "on", "off"] = "off"
+    cuda_graph: Literal["auto", "on", "off"] = "auto"
     global_batch: int = 128                      # images per optimizer step, all ranks together
     micro_batch: Optional[int] = None            # per rank per forward; None: global_batch / world size
     total_images: int = 128_000

@@ -170,11 +170,10 @@ def _plan_compile(cfg: Config, env: Env) -> tuple[bool, bool, bool]:
                           f"block): choose one (cuda_graph=off, or compile_mode=default)")
     if cfg.cuda_graph == "on" and step_obstacle is not None:
         raise ConfigError(f"cuda_graph=on replays the step as a CUDA graph, and {_fix(step_obstacle, 'set cuda_graph=off')}")
-    small = (step_obstacle is None and cfg.cuda_graph != "off" and cfg.model.name != "autoencoder"
-             and _step_macs(cfg, env) <= SMALL_STEP_MACS)
+    small = step_obstacle is None and cfg.cuda_graph != "off" and _step_macs(cfg, env) <= SMALL_STEP_MACS
     step_graph = cfg.cuda_graph == "on" or (
         cfg.cuda_graph == "auto" and small and mode == "default" and torch.version.hip is None
-        and not fp8.recipe(cfg.precision) and cfg.model.name != "autoencoder")
+        and not fp8.recipe(cfg.precision))
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"
                                           and not (step_graph and small and mode == "default"))
     if mode == "default":
@@ -187,7 +186,7 @@ def _plan_compile(cfg: Config, env: Env) -> tuple[bool, bool, bool]:
     if obstacle is None and cfg.model.name == "autoencoder":
         raise ConfigError(f"compile_mode={mode} replays each compiled block as a CUDA graph, which is for "
                           f"generative runs; an autoencoder's step runs its networks in several passes: use "
-                          f"compile_mode=default (with cuda_graph=on to capture the whole step)")
+                          f"compile_mode=default")
     if obstacle is not None:
         raise ConfigError(f"compile_mode={mode} replays CUDA graphs, and {_fix(obstacle, 'use compile_mode=default')}")
     return use_compile, True, step_graph
@@ -215,8 +214,11 @@ def _graph_obstacle(cfg: Config, env: Env) -> Optional[tuple[str, Optional[str]]
     return None
 
 
-def _step_graph_obstacle(cfg: Config) -> Optional[tuple[str, str]]:
+def _step_graph_obstacle(cfg: Config) -> Optional[tuple[str, Optional[str]]]:
     """(why, fix) where the whole step cannot be one captured graph though per-block graphs could."""
+    if cfg.model.name == "autoencoder":     # tasks/autoencoder.py has the graphs; tests/test_step_graph.py checks them
+        return ("an autoencoder's captured step has not matched its eager step on a GPU yet (its GPU test differed "
+                "by more than 2% after a few steps)", None)
     if cfg.parallel.activation_checkpointing != "none":
         return (f"parallel.activation_checkpointing={cfg.parallel.activation_checkpointing} saves and restores the "
                 f"random state in the forward, which a capture cannot", "set parallel.activation_checkpointing=none")

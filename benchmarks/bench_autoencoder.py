@@ -21,8 +21,8 @@ Implementations (same weights, same data, AdamW fused for both networks):
   for the discriminator step. The same networks in plain PyTorch (kernels=reference; the bilinear autoencoder
   resampling with F.interpolate, as the seed wrote it), compiled the same way.
 - "ours_graph" / "ours_plain_graph" with --graph: "ours" / "ours_plain" with the passes (both networks' forward and
-  backward, everything but the optimizer steps) replayed as one CUDA graph, as the trainer's cuda_graph=on runs
-  them.
+  backward, everything but the optimizer steps) replayed as one CUDA graph, as tasks/autoencoder.py's graphs
+  run them (the trainer refuses cuda_graph=on for an autoencoder until they match its eager step on a GPU).
 - "ours_eager" / "reference_eager" with --eager: nothing compiled.
 Each in NCHW and with channels_last input images ("_cl"; the weights as they are, cuDNN then runs the
 convolutions channels-last); the speed-up compares each side at its faster layout.
@@ -120,8 +120,8 @@ class Ours:
 
 
 class OursGraph(Ours):
-    """ours with its passes (everything but the two optimizer steps) replayed as one CUDA graph, as the trainer's
-    cuda_graph=on runs them (archirf/step_graph.py): the gradients stay the graph's tensors."""
+    """ours with its passes (everything but the two optimizer steps) replayed as one CUDA graph
+    (archirf/step_graph.py): the gradients stay the graph's tensors."""
 
     def __init__(self, *args, **kwargs):
         from archirf.step_graph import StepGraph

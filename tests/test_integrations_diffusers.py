@@ -201,7 +201,9 @@ def test_half_precision_autocast(build, amp):
     assert ak.apply(patched, impl=IMPL).changed
     # the cotangent scaled down (what a loss scaler's inverse does): fp16's backward through these random weights
     # overflows at scale 1 on a GPU, in diffusers' model as in ours
-    runs = [_run(m, inputs, a, cotangent_scale=2.0 ** -10) for m, a in ((model, None), (model, amp), (patched, amp))]
+    with _without_cudnn_attention():
+        runs = [_run(m, inputs, a, cotangent_scale=2.0 ** -10)
+                for m, a in ((model, None), (model, amp), (patched, amp))]
     (out32, grads32), (out_theirs, grads_theirs), (out_ours, grads_ours) = runs
     err = lambda a, b: (a.float() - b.float()).norm().item()
     assert grads_ours.keys() == grads_theirs.keys() == grads32.keys() and grads32
@@ -219,6 +221,19 @@ def test_half_precision_autocast(build, amp):
     rel = sorted(err(grads_theirs[n], grads32[n]) / grads32[n].norm().item() for n in grads32 if grads32[n].norm() > 0)
     assert rel[len(rel) // 2] <= 0.2, rel
     assert not torch.equal(out_ours, out_theirs)
+
+
+def _without_cudnn_attention():
+    """On a GPU, SDPA without cuDNN's backend: its backward gives non-finite gradients for the Flux test model
+    (head dim 8) under bf16 and fp16 autocast on an H100 with torch 2.11, in diffusers' own model, where the math,
+    memory-efficient and flash backends give the fp32 run's finite ones (docs/diffusers.md)."""
+    import contextlib
+
+    if DEVICE != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def test_a_patched_model_saves_and_loads_whole(tmp_path):

@@ -45,7 +45,6 @@ def test_auto_captures_a_small_step_on_one_gpu_and_compiles_a_large_one():
     assert plan(["precision=fp8-rowwise"]) == (True, False, False)
     assert plan(["model.name=autoencoder", "model.preset=Seed-f8c16", "data.resolution=64",
                  "data.channels=3"]) == (True, False, False)
-    assert plan(AE + ["cuda_graph=on"]) == (True, False, True)      # an autoencoder: on request
 
 
 def test_the_rule_counts_the_micro_batch_multiply_adds(monkeypatch):
@@ -73,6 +72,8 @@ def test_auto_leaves_rocm_alone(monkeypatch):
                                     "cuda_graph=off"),
     (["parallel.activation_checkpointing=selective"], "cuda", 1, "saves and restores the random state"),
     (["compile_mode=reduce-overhead"], "cuda", 1, "both replay CUDA graphs"),
+    (AE, "cuda", 1, "an autoencoder's captured step has not matched its eager step on a GPU yet .*: set "
+                    "cuda_graph=off"),
 ])
 def test_cuda_graph_on_is_refused_where_it_cannot_run(extra, device, world_size, match):
     with pytest.raises(ConfigError, match=match):
@@ -98,8 +99,7 @@ def test_compile_mode_is_refused_where_the_run_cannot_use_it():
     with pytest.raises(ConfigError, match="shard_single_rank=true shards the model on this one: set "
                                           "parallel.shard_single_rank=false, or use compile_mode=default"):
         plan(["compile_mode=reduce-overhead", "parallel.shard_single_rank=true"])
-    with pytest.raises(ConfigError, match=r"for generative runs; .*: use compile_mode=default \(with cuda_graph=on "
-                                          r"to capture the whole step\)"):
+    with pytest.raises(ConfigError, match=r"for generative runs; .*several passes: use compile_mode=default$"):
         plan(["compile_mode=reduce-overhead"] + AE)
     with pytest.raises(ConfigError):
         load_config(None, ["compile_mode=fast"])
@@ -137,7 +137,7 @@ def eager_graphs(monkeypatch):
 def _tiny(path, *extra):
     from test_trainer import TINY
 
-    return trainer.train(load_config(None, TINY + [f"run_dir={path}", "log_every=16", "checkpoint_every=0",
+    return trainer.train(load_config(None, TINY + [f"run_dir={path}", "device=cpu", "log_every=16", "checkpoint_every=0",
                                                    "sample_every=0", *extra]))
 
 
@@ -155,7 +155,7 @@ def test_the_autoencoder_gets_one_graph_per_phase(tmp_path, eager_graphs):
     from test_autoencoder import AE_TINY
 
     ae = AE_TINY + ["data.channels=1", "loss.perceptual_weight=0", "loss.disc_start=48", "total_images=96",
-                    "log_every=16", "checkpoint_every=0"]
+                    "log_every=16", "checkpoint_every=0", "device=cpu"]
     runs = [trainer.train(load_config(None, ae + [f"run_dir={tmp_path / n}", *x]))
             for n, x in (("a", []), ("b", ["cuda_graph=on"]))]
     a, b = (metric_lines(r) for r in runs)
@@ -212,8 +212,8 @@ def test_the_captured_step_resumes_exactly(tmp_path):
     assert losses(straight) == losses(tmp_path / "b")
 
 
-def test_the_default_is_off():
-    assert load_config(None, []).cuda_graph == "off"
+def test_the_default_is_auto():
+    assert load_config(None, []).cuda_graph == "auto"
 
 
 @gpu
@@ -227,19 +227,24 @@ def test_auto_captures_the_digits_step_on_a_gpu(tmp_path, capsys):
 
 
 @gpu
-def test_the_captured_autoencoder_step_trains_as_the_eager_one_across_disc_start(tmp_path):
+def test_the_captured_autoencoder_step_trains_as_the_eager_one_across_disc_start(tmp_path, monkeypatch):
     """Two graphs, before and after disc_start (the GAN's passes join there), against the eager step; LPIPS off (its
-    weights are not here), the discriminator's hinge and the adaptive weight on."""
+    weights are not here), the discriminator's hinge and the adaptive weight on. The trainer refuses cuda_graph=on
+    for an autoencoder until this passes: the plan is forced here. Two eager runs first, for the spread that the
+    GPU's own non-determinism gives (atomics in the convolutions' and norms' weight gradients), which the GAN
+    amplifies: the graph must stay within a few times it."""
+    monkeypatch.setattr(trainer, "_plan_compile", lambda cfg, env: (False, False, cfg.cuda_graph == "on"))
     extra = ["--config", "configs/ae_digits.yaml", "global_batch=32", "log_every=64", "loss.disc_start=640",
              "loss.perceptual_weight=0", "total_images=1280"]
-    eager = _train(tmp_path / "eager", extra + ["cuda_graph=off"], base=RUN)
+    eager, again = (_train(tmp_path / n, extra + ["cuda_graph=off"], base=RUN) for n in ("eager", "again"))
     graph = _train(tmp_path / "graph", extra + ["cuda_graph=on"], base=RUN)
-    me, mg = (metric_lines(r) for r in (eager, graph))
+    me, ma, mg = (metric_lines(r) for r in (eager, again, graph))
     assert len(me) == len(mg) == 20
-    for a, b in zip(me, mg):
-        for key in ("loss", "l1", "d_loss", "adaptive_weight", "grad_norm"):
-            if key in a or key in b:
-                assert abs(a[key] - b[key]) <= 1e-3 * max(abs(a[key]), 1e-3), (key, a, b)
+    for key in ("loss", "l1", "d_loss", "adaptive_weight", "grad_norm"):
+        rows = [(a[key], b[key], c[key]) for a, b, c in zip(me, ma, mg) if key in a]
+        spread = max(abs(a - b) / max(abs(a), 1e-3) for a, b, _ in rows)
+        error = max(abs(a - c) / max(abs(a), 1e-3) for a, _, c in rows)
+        assert error <= 3 * spread + 1e-4, (key, error, spread)
     assert "d_loss" in mg[-1] and "d_loss" not in mg[0]      # both phases ran
 
 
