@@ -45,7 +45,7 @@ class StepGraph:
         if self.graph is None:
             self._capture(inputs)
         elif [t.shape for t in inputs] != [t.shape for t in self.inputs]:
-            raise ValueError(f"cuda_graph=on replays the step captured for a batch of {tuple(self.inputs[0].shape)},"
+            raise ValueError(f"cuda_graph replays the step captured for a batch of {tuple(self.inputs[0].shape)},"
                              f" and this batch is {tuple(inputs[0].shape)}: the loader must give equal batches "
                              f"(set cuda_graph=off)")
         for static, new in zip(self.inputs, inputs):

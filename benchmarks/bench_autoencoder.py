@@ -269,7 +269,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     p.add_argument("--data-images", type=int, default=20_000, help="JPEGs made for the loader's rate (0: skip)")
     p.add_argument("--smoke", action="store_true", help="on the CPU: batch 2, one step, eager only (checks the code)")
-    p.add_argument("--graph", action="store_true", help="also ours with its passes as one CUDA graph (cuda_graph=on)")
+    p.add_argument("--graph", action="store_true", help="also ours with its passes as one CUDA graph (archirf/step_graph.py)")
     p.add_argument("--rounds", type=int, default=1,
                    help="timed rounds per implementation, interleaved across implementations (all of them kept "
                         "alive: small cases such as seed64), the median reported; 1: one after the other")

@@ -72,6 +72,7 @@ def test_auto_leaves_rocm_alone(monkeypatch):
                                     "cuda_graph=off"),
     (["parallel.activation_checkpointing=selective"], "cuda", 1, "saves and restores the random state"),
     (["compile_mode=reduce-overhead"], "cuda", 1, "both replay CUDA graphs"),
+    (AE + ["compile_mode=reduce-overhead"], "cuda", 1, "an autoencoder's captured step .*: set cuda_graph=off"),
     (AE, "cuda", 1, "an autoencoder's captured step has not matched its eager step on a GPU yet .*: set "
                     "cuda_graph=off"),
 ])
@@ -239,12 +240,12 @@ def test_the_captured_autoencoder_step_trains_as_the_eager_one_across_disc_start
     eager, again = (_train(tmp_path / n, extra + ["cuda_graph=off"], base=RUN) for n in ("eager", "again"))
     graph = _train(tmp_path / "graph", extra + ["cuda_graph=on"], base=RUN)
     me, ma, mg = (metric_lines(r) for r in (eager, again, graph))
-    assert len(me) == len(mg) == 20
-    for key in ("loss", "l1", "d_loss", "adaptive_weight", "grad_norm"):
-        rows = [(a[key], b[key], c[key]) for a, b, c in zip(me, ma, mg) if key in a]
-        spread = max(abs(a - b) / max(abs(a), 1e-3) for a, b, _ in rows)
-        error = max(abs(a - c) / max(abs(a), 1e-3) for a, _, c in rows)
-        assert error <= 3 * spread + 1e-4, (key, error, spread)
+    assert len(me) == len(ma) == len(mg) == 20
+    for a, b, c in zip(me, ma, mg):         # row by row: the GAN's rows must not set the bound for the early ones
+        for key in ("loss", "l1", "d_loss", "adaptive_weight", "grad_norm"):
+            if key in a:
+                rel = lambda u, v: abs(u - v) / max(abs(u), 1e-3)
+                assert rel(a[key], c[key]) <= 3 * rel(a[key], b[key]) + 1e-4, (a["images_seen"], key, a, b, c)
     assert "d_loss" in mg[-1] and "d_loss" not in mg[0]      # both phases ran
 
 
