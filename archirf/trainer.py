@@ -176,8 +176,8 @@ def _plan_compile(cfg: Config, env: Env) -> tuple[bool, bool, bool]:
     step_graph = cfg.cuda_graph == "on" or (
         cfg.cuda_graph == "auto" and small and mode == "default" and torch.version.hip is None
         and not fp8.recipe(cfg.precision))
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"
-                                          and not (step_graph and small and mode == "default"))
+    use_compile = _compile_default(cfg, device) and not (
+        cfg.compile == "auto" and step_graph and small and mode == "default")
     if mode == "default":
         return use_compile, False, step_graph
     if not use_compile:
@@ -192,6 +192,11 @@ def _plan_compile(cfg: Config, env: Env) -> tuple[bool, bool, bool]:
     if obstacle is not None:
         raise ConfigError(f"compile_mode={mode} replays CUDA graphs, and {_fix(obstacle, 'use compile_mode=default')}")
     return use_compile, True, step_graph
+
+
+def _compile_default(cfg: Config, device: torch.device) -> bool:
+    """compile=on, or auto on CUDA: what the evaluation copy follows, and the training blocks unless captured small."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
 
 def _fix(obstacle: tuple[str, Optional[str]], off: str) -> str:
@@ -247,7 +252,7 @@ def _train(cfg: Config, env: Env) -> Path:
 
     loader = build_loader(cfg, micro, device, env.rank, env.world_size)  # first: a missing dataset fails fast
     task = build_task(cfg, env, run_dir, dtype=dtype, compile=use_compile, cuda_graph=step_graph,
-                      compile_eval=cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"))
+                      compile_eval=_compile_default(cfg, device))
 
     images_seen = 0
     resume, damaged = _resume_path(cfg, run_dir)

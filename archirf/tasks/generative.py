@@ -98,9 +98,7 @@ class GenerativeTask:
         cuda_graph the graph's output: one micro batch per step, its gradients written afresh by each replay)."""
         if self.step_graph is not None:
             return self.step_graph(x, y)
-        loss = self.objective.loss(self.model_fn, x, y).mean()
-        (loss / accum).backward()
-        return loss.detach()
+        return self._loss_and_backward(x, y, accum).detach()
 
     def clip(self) -> torch.Tensor:
         if not self.fused_update:
@@ -110,9 +108,10 @@ class GenerativeTask:
         self.clip_scale = parallel.clip_coefficient(norm, max_norm) if max_norm > 0 else None
         return norm
 
-    def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _loss_and_backward(self, x: torch.Tensor, y: torch.Tensor, accum: int = 1) -> torch.Tensor:
+        """The micro batch's loss (with its graph); its gradient, scaled by 1 / accum, accumulated."""
         loss = self.objective.loss(self.model_fn, x, y).mean()
-        loss.backward()
+        (loss / accum).backward()
         return loss
 
     def skip(self) -> None:
