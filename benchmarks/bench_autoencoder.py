@@ -85,6 +85,12 @@ def set_resampling(ae, impl: str) -> None:
             m.impl = "interpolate" if impl == "interpolate" else "lerp"
 
 
+
+def _bf16(x: torch.Tensor, cache: bool = True):
+    """bf16 autocast on the GPU; fp32 for --smoke on the CPU, whose bf16 convolutions can take minutes a step
+    without native bf16 instructions (the smoke run checks the code, not the numbers)."""
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda, cache_enabled=cache)
+
 class Ours:
     def __init__(self, ae, disc, lpips, reduction: str, compile: bool, kernels: str = "auto"):
         from archirf import parallel
@@ -102,7 +108,7 @@ class Ours:
 
     def passes(self, x, cache: bool = True):
         torch._functorch.config.donated_buffer = True          # (the default)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=cache):
+        with _bf16(x, cache):
             self.disc.requires_grad_(False)
             out = self.ae(x)
             loss, _ = self.loss.generator_backward(x, out, self.ae.decoder.conv_out, 1)
@@ -164,7 +170,7 @@ class Reference:
         # its autograd.grad calls keep the graph (retain_graph), which compiled backward graphs that donate
         # their buffers refuse: compile these without buffer donation (read when a graph is compiled)
         torch._functorch.config.donated_buffer = False
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        with _bf16(x):
             # optimizer_idx 0: the generator (Lightning freezes the other optimizer's parameters)
             self.disc.requires_grad_(False)
             out = self.ae(x)
@@ -180,7 +186,7 @@ class Reference:
             loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        with _bf16(x):
             # optimizer_idx 1: the discriminator, on a second forward of the autoencoder (whose parameters
             # Lightning's toggle_optimizer has frozen: no graph)
             self.disc.requires_grad_(True)
