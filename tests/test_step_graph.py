@@ -217,6 +217,28 @@ def test_the_default_is_auto():
     assert load_config(None, []).cuda_graph == "auto"
 
 
+def test_an_eager_captured_step_builds_its_networks_with_plain_pytorch_ops():
+    """auto's fused ops cost their Triton compilation and save nothing inside one graph: the captured eager step
+    builds its networks with kernels=reference, attn_impl=sdpa and the unfused update; the recorded config keeps
+    auto, and what the user chose stays."""
+    from archirf.models import build_model
+
+    cfg = load_config(None, ["model.name=mmdit"])
+    built = trainer._plain_ops(cfg, step_graph=True, use_compile=False)
+    assert (built.model.kernels, built.model.attn_impl, built.optim.fused_update) == ("reference", "sdpa", False)
+    assert (cfg.model.kernels, cfg.model.attn_impl, cfg.optim.fused_update) == ("auto", "auto", None)
+    assert {b.kernels for b in build_model(built).modules() if hasattr(b, "kernels")} == {"reference"}
+    assert {a.attn_impl for a in build_model(built).modules() if hasattr(a, "attn_impl")} == {"sdpa"}
+    assert trainer._plain_ops(cfg, step_graph=True, use_compile=True) is cfg      # inductor's kernels in the graph
+    assert trainer._plain_ops(cfg, step_graph=False, use_compile=False) is cfg
+    chosen = load_config(None, ["model.name=mmdit", "model.kernels=triton", "model.attn_impl=triton",
+                                "optim.fused_update=true"])
+    assert trainer._plain_ops(chosen, step_graph=True, use_compile=False) is chosen
+    backend = trainer._plain_ops(load_config(None, ["model.name=mmdit", "model.attn_backend=sdpa"]), True, False)
+    assert (backend.model.kernels, backend.model.attn_impl) == ("reference", "auto")
+    assert trainer._plain_ops(load_config(None, ["model.name=edm2_unet"]), True, False).model.kernels == "reference"
+
+
 @gpu
 def test_auto_captures_the_digits_step_on_a_gpu(tmp_path, capsys):
     run = trainer.train(load_config(None, ["total_images=1280", "log_every=640", "checkpoint_every=0",
@@ -224,6 +246,8 @@ def test_auto_captures_the_digits_step_on_a_gpu(tmp_path, capsys):
                                            f"run_dir={tmp_path}"]))
     out = capsys.readouterr().out
     assert "step as one CUDA graph" in out and "compile=False" in out
+    assert "resolve to plain PyTorch" in out and "AdamW + EMAs in one pass" not in out
+    assert "kernels: auto" in (run / "config.yaml").read_text()       # what was asked for, as asked
     assert len(losses(run)) == 2
 
 
