@@ -232,27 +232,35 @@ def _step_graph_obstacle(cfg: Config) -> Optional[tuple[str, Optional[str]]]:
     return None
 
 
-def _plain_ops(cfg: Config, step_graph: bool, use_compile: bool) -> Config:
-    """The config the networks are built from: `cfg`, except that an eager captured step (cuda_graph, nothing
-    compiled) resolves the fused ops' auto choices to plain PyTorch (model.kernels=auto -> reference,
-    model.attn_impl=auto -> sdpa, optim.fused_update=null -> false). Inside one CUDA graph the launches that the
-    fused ops save cost nothing, and their Triton compilation costs seconds at the start of a short run
-    (docs/training.md#cuda-graphs-for-small-models). model.kernels=triton, model.attn_impl=triton and
-    optim.fused_update=true keep the fused ops; attn_impl=auto stays where model.attn_backend names the QK-norm
-    attention op's backend."""
-    if not step_graph or use_compile:
-        return cfg
+def _plain_ops(cfg: Config, env: Env, step_graph: bool, use_compile: bool) -> tuple[Config, list[str]]:
+    """(the config the networks are built from, the keys it resolved differently). An eager captured small step
+    (cuda_graph, nothing compiled, at most SMALL_STEP_MACS) resolves the fused ops' auto choices to plain PyTorch:
+    model.kernels=auto -> reference and model.attn_impl=auto -> sdpa, whose launch savings are moot inside the
+    graph, and optim.fused_update=null -> false, which runs after the replay and at this size saves less than its
+    compilation costs. Each Triton kernel compiles at the run's start; on an empty cache that cost the digits job
+    seconds (docs/training.md#cuda-graphs-for-small-models). model.kernels=triton, model.attn_impl=triton and
+    optim.fused_update=true keep a fused op; attn_impl=auto stays where model.attn_backend is sdpa or fused. A
+    larger step captured with compile=off keeps the fused ops: there they save memory traffic too."""
+    if (not step_graph or use_compile or cfg.model.name == "autoencoder"     # (its step counts three networks)
+            or _step_macs(cfg, env) > SMALL_STEP_MACS):
+        return cfg, []
     model, optim = cfg.model, cfg.optim
     model_changes = {}
     if model.kernels == "auto":
         model_changes["kernels"] = "reference"
     if model.attn_impl == "auto" and model.attn_backend in (None, "auto"):
         model_changes.update(attn_impl="sdpa", attn_backend=None)    # (the backend is the Triton op's)
-    if not model_changes and optim.fused_update is not None:
-        return cfg
-    return dataclasses.replace(
-        cfg, model=dataclasses.replace(model, **model_changes),
-        optim=dataclasses.replace(optim, fused_update=False) if optim.fused_update is None else optim)
+    keys = [f"model.{k}" for k in model_changes if k != "attn_backend"]
+    if optim.fused_update is None:
+        keys.append("optim.fused_update")
+        optim = dataclasses.replace(optim, fused_update=False)
+    if not keys:
+        return cfg, []
+    return dataclasses.replace(cfg, model=dataclasses.replace(model, **model_changes), optim=optim), keys
+
+
+_KEEP_FUSED = {"model.kernels": "model.kernels=triton", "model.attn_impl": "model.attn_impl=triton",
+               "optim.fused_update": "optim.fused_update=true"}
 
 
 def _step_macs(cfg: Config, env: Env) -> float:
@@ -274,7 +282,7 @@ def _train(cfg: Config, env: Env) -> Path:
     config_yaml = to_yaml(cfg)
 
     loader = build_loader(cfg, micro, device, env.rank, env.world_size)  # first: a missing dataset fails fast
-    built = _plain_ops(cfg, step_graph, use_compile)
+    built, plain = _plain_ops(cfg, env, step_graph, use_compile)
     task = build_task(built, env, run_dir, dtype=dtype, compile=use_compile, cuda_graph=step_graph,
                       compile_eval=_compile_default(cfg, device))
 
@@ -307,10 +315,10 @@ def _train(cfg: Config, env: Env) -> Path:
               f"{micro} x {accum} accum x {env.world_size} ranks | run dir {run_dir}")
         if departures := preset_departures(cfg.model):  # explicit keys win over the preset: say which
             print(f"archirf: model.preset={cfg.model.preset} with {', '.join(departures)}")
-        if built is not cfg:
-            print("archirf: the step is one CUDA graph, so model.kernels, model.attn_impl and optim.fused_update "
-                  "resolve to plain PyTorch (no Triton compilation at the start); set them to triton / true to "
-                  "keep the fused ops")
+        if plain:
+            print(f"archirf: the step is one small CUDA graph, so {', '.join(plain)} resolve"
+                  f"{'s' if len(plain) == 1 else ''} to plain PyTorch, not Triton kernels that would compile at the "
+                  f"start (set {' / '.join(_KEEP_FUSED[k] for k in plain)} to keep a fused op)")
 
     metrics = Metrics(run_dir, total_images=cfg.total_images, start_images=images_seen,
                       flops_per_image=task.flops_per_image, device=device, is_main=env.is_main,
