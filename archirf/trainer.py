@@ -170,9 +170,7 @@ def _plan_compile(cfg: Config, env: Env) -> tuple[bool, bool, bool]:
     if cfg.cuda_graph == "on" and mode in parallel.CUDAGRAPH_MODES:
         raise ConfigError(f"cuda_graph=on and compile_mode={mode} both replay CUDA graphs (the whole step, or each "
                           f"block): choose one (cuda_graph=off, or compile_mode=default)")
-    # (an autoencoder's step counts its three networks otherwise: tasks/autoencoder.py's step_macs)
-    small = (step_obstacle is None and cfg.cuda_graph != "off" and cfg.model.name != "autoencoder"
-             and _step_macs(cfg, env) <= SMALL_STEP_MACS)
+    small = step_obstacle is None and cfg.cuda_graph != "off" and _small_step(cfg, env)
     step_graph = cfg.cuda_graph == "on" or (
         cfg.cuda_graph == "auto" and small and mode == "default" and torch.version.hip is None
         and not fp8.recipe(cfg.precision))
@@ -241,8 +239,7 @@ def _plain_ops(cfg: Config, env: Env, step_graph: bool, use_compile: bool) -> tu
     seconds (docs/training.md#cuda-graphs-for-small-models). model.kernels=triton, model.attn_impl=triton and
     optim.fused_update=true keep a fused op; attn_impl=auto stays where model.attn_backend is sdpa or fused. A
     larger step captured with compile=off keeps the fused ops: there they save memory traffic too."""
-    if (not step_graph or use_compile or cfg.model.name == "autoencoder"     # (its step counts three networks)
-            or _step_macs(cfg, env) > SMALL_STEP_MACS):
+    if not step_graph or use_compile or not _small_step(cfg, env):
         return cfg, []
     model, optim = cfg.model, cfg.optim
     model_changes = {}
@@ -261,6 +258,13 @@ def _plain_ops(cfg: Config, env: Env, step_graph: bool, use_compile: bool) -> tu
 
 _KEEP_FUSED = {"model.kernels": "model.kernels=triton", "model.attn_impl": "model.attn_impl=triton",
                "optim.fused_update": "optim.fused_update=true"}
+
+
+def _small_step(cfg: Config, env: Env) -> bool:
+    """A generative step of at most SMALL_STEP_MACS forward multiply-adds: what cuda_graph=auto captures and
+    _plain_ops builds plain (an autoencoder's step counts its three networks otherwise: tasks/autoencoder.py's
+    step_macs)."""
+    return cfg.model.name != "autoencoder" and _step_macs(cfg, env) <= SMALL_STEP_MACS
 
 
 def _step_macs(cfg: Config, env: Env) -> float:

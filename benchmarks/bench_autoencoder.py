@@ -85,11 +85,11 @@ def set_resampling(ae, impl: str) -> None:
             m.impl = "interpolate" if impl == "interpolate" else "lerp"
 
 
-
 def _bf16(x: torch.Tensor, cache: bool = True):
     """bf16 autocast on the GPU; fp32 for --smoke on the CPU, whose bf16 convolutions can take minutes a step
     without native bf16 instructions (the smoke run checks the code, not the numbers)."""
     return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda, cache_enabled=cache)
+
 
 class Ours:
     def __init__(self, ae, disc, lpips, reduction: str, compile: bool, kernels: str = "auto"):
