@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         # the tests run the fp8 conversion in torchao's CPU emulation and patch small diffusers models
-        "test": ["pytest>=8", "pytest-benchmark>=4", "torchao==0.17.0", "diffusers==0.42.1"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "torchao==0.17.0", "diffusers==0.42.1"],
         # archirf_kernels.integrations.diffusers (the kernels in diffusers' transformers)
         "diffusers": ["diffusers==0.42.1"],
         # precision=fp8-tensorwise | fp8-rowwise (archirf/fp8.py): torchao's float8 training; 0.17 imports

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def torchrun(nproc: int, *args: str, timeout: int = 240, module: str = "archirf.train",
              env: dict | None = None) -> subprocess.CompletedProcess:
     target = ["-m", module] if not module.endswith(".py") else [module]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *target, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})}, cwd=ROOT)
     assert proc.returncode == 0, failure_report(proc)
     return proc
@@ -339,7 +339,7 @@ def test_sigterm_to_one_rank_stops_every_rank_with_one_complete_checkpoint(tmp_p
     """Also a model with an empty parameter (no register tokens, as DiT-XL/2): it resumes on 1 rank."""
     run = tmp_path / "run"
     args = [f"run_dir={run}", *TINY, "model.num_register_tokens=0", "parallel.stop_check_steps=4"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "archirf.train", *args,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "archirf.train", *args,
            "total_images=100000000"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     try:

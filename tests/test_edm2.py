@@ -225,7 +225,7 @@ def test_forced_weight_normalisation_sharded_equals_unsharded(tmp_path, kernels)
     shape = ["model.channels=16", "model.channel_mult=[1,2]", "model.num_res_blocks=1", "model.attn_resolutions=[4]",
              "model.channels_per_head=16", f"model.kernels={kernels}", "data.resolution=8", "data.channels=3",
              "data.num_classes=10"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "scripts" / "edm2_sharded_check.py"), "--preset", "none", "--out", str(out), *shape]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"})

@@ -317,7 +317,7 @@ def test_the_readmes_latent_pipeline_runs_end_to_end(tmp_path, tiny_net):
     (tmp_path / "configs").symlink_to(ROOT / "configs")
     for i, command in enumerate(commands):
         if command[0] == "torchrun":
-            command = [sys.executable, "-m", "torch.distributed.run", *command[1:]]
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", *command[1:]]  # a free port
         elif command[0] == "python":
             command = [sys.executable, *command[1:]]
         proc = subprocess.run(command + tiny[i], capture_output=True, text=True, timeout=600, env=ENV, cwd=tmp_path)

@@ -319,7 +319,7 @@ def test_fid_on_two_gloo_ranks_equals_one(tmp_path, digits_run, tiny_net):
     args = ["--samples", 30, "--inception", tiny_net, "--steps", 2, "--batch", 8, "--no-progress", "--precision-recall"]
     one = _cli("archirf.eval", "fid", runs["one"], *args)
     assert one.returncode == 0, one.stderr[-3000:]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "archirf.eval",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "archirf.eval",
                            "fid", str(runs["two"]), *map(str, args)], capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (ref_one,), (ref_two,) = (list((runs[n] / "eval").glob("ref-*.npz")) for n in ("one", "two"))
@@ -452,7 +452,7 @@ def test_fid_while_training_on_two_gloo_ranks(tmp_path, tiny_net):
     run = tmp_path / "run"
     args = [f"run_dir={run}", *TINY, "total_images=32", "log_every=32", "sample_every=0", "checkpoint_every=0",
             "eval.every=32", "eval.num=10", "eval.batch=4", "eval.steps=2", f"eval.inception={tiny_net}"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "archirf.train",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "archirf.train",
                            *args], capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (record,) = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]

@@ -57,7 +57,7 @@ print("never")
 
 def test_entry_point_end_to_end(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "archirf.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "archirf.train",
            f"run_dir={run}", *TINY, "total_images=64", "log_every=32", "checkpoint_every=32", "sample_every=32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
