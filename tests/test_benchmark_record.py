@@ -1,6 +1,7 @@
 """benchmarks/record.py turns pytest-benchmark JSON into the committed results: ratios, GB/s,
 fraction of copy bandwidth and target verdicts computed right (CPU only, synthetic JSON)."""
 
+import os
 import importlib.util
 import json
 import subprocess
@@ -148,7 +149,9 @@ def test_a_named_suite_is_collected_once(tmp_path):
     # `python -m benchmarks.record --suite models` names the file; pytest collected it itself and through
     # the suites' collection hook, so every benchmark ran twice.
     cmd = record.pytest_command(["models"], tmp_path / "out.json", ["--collect-only", "-q", "-p", "no:cacheprovider"])
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # not as an xdist worker: pytest-benchmark reads PYTEST_XDIST_WORKER and then refuses --benchmark-only
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     ids = [line for line in out.stdout.splitlines() if "::" in line]
     assert out.returncode == 0 and ids, out.stdout + out.stderr
     assert len(ids) == len(set(ids)), f"{len(ids)} items collected for {len(set(ids))} benchmarks"
