@@ -10,8 +10,10 @@ math in fp32. Backward, with c, s the rotation's entries and xhat = x rstd:
 
     dn_{2i}   = dy_{2i} c_{2i} + dy_{2i+1} s_{2i+1}      dn_{2i+1} = dy_{2i+1} c_{2i+1} - dy_{2i} s_{2i}
     dweight   = sum_rows dn xhat          dx = rstd (dn w - xhat mean_D(dn w xhat))
+    dcos_s    = sum_{b,h} dy n            dsin_s = sum_{b,h} dy rot(n),  rot(n)_{2i} = -n_{2i+1}, rot(n)_{2i+1} = n_{2i}
 
-cos and sin are constants (no gradient). dweight: fp32 partial sums per program, added by torch (no atomics).
+dweight: fp32 partial sums per program, added by torch (no atomics). dcos and dsin, only when cos or sin requires
+grad: each row's fp32 terms, summed over (b, h) by torch.
 Each program loops over row tiles (program p takes tiles p, p + P, ...).
 """
 
@@ -69,8 +71,8 @@ def _fwd_kernel(X, COS, SIN, W, Y, R, S, H, HALF, eps,
 
 
 @triton.jit
-def _bwd_kernel(X, COS, SIN, W, DY, DX, DW, R, S, H, HALF, eps, num_tiles,
-                HAS_W: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
+def _bwd_kernel(X, COS, SIN, W, DY, DX, DW, DC, DS, R, S, H, HALF, eps, num_tiles,
+                HAS_W: tl.constexpr, HAS_DTRIG: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr):
     pid = tl.program_id(0)
     acc_e = tl.zeros([ROWS, BLOCK_H], dtype=tl.float32)
     acc_o = tl.zeros([ROWS, BLOCK_H], dtype=tl.float32)
@@ -84,6 +86,12 @@ def _bwd_kernel(X, COS, SIN, W, DY, DX, DW, R, S, H, HALF, eps, num_tiles,
         if HAS_W:
             acc_e += dne * he
             acc_o += dno * ho
+        if HAS_DTRIG:                                   # each row's terms of dcos = dy n, dsin = dy rot(n)
+            ne, no = he * we[None, :], ho * wo[None, :]
+            tl.store(DC + even, dye * ne, mask=mask)
+            tl.store(DC + even + 1, dyo * no, mask=mask)
+            tl.store(DS + even, -dye * no, mask=mask)
+            tl.store(DS + even + 1, dyo * ne, mask=mask)
         ge, go = dne * we[None, :], dno * wo[None, :]   # d(xhat)
         coef = (tl.sum(ge * he, axis=1) + tl.sum(go * ho, axis=1)) / (2 * HALF)
         tl.store(DX + even, (rstd[:, None] * (ge - he * coef[:, None])).to(DX.dtype.element_ty), mask=mask)
@@ -114,8 +122,8 @@ def _forward(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: fl
     return y
 
 
-def _backward(dy: Tensor, x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor,
-              eps: float) -> tuple[Tensor, Tensor | None]:
+def _backward(dy: Tensor, x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float,
+              trig_grads: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     x, dy = x.contiguous(), dy.contiguous()
     dx = torch.empty_like(x)
     R, S, H, half, block_h = _launch_shape(x)
@@ -126,11 +134,14 @@ def _backward(dy: Tensor, x: Tensor, weight: Tensor | None, cos: Tensor, sin: Te
         programs = min(tiles, INTERPRETER_PROGRAMS)
     part = torch.zeros((max(programs, 1) if weight is not None else 0, 2 * half), dtype=torch.float32,
                        device=x.device)
+    dc, ds = (torch.empty(x.shape if trig_grads else (0,), dtype=torch.float32, device=x.device) for _ in range(2))
     if R:
         launch(_bwd_kernel, INTERPRETED)[(programs,)](
-            x, cos.contiguous(), sin.contiguous(), weight if weight is not None else x, dy, dx, part, R, S, H, half,
-            eps, tiles, HAS_W=weight is not None, ROWS=ROWS, BLOCK_H=block_h, num_warps=4)
-    return dx, part.sum(0).to(weight.dtype) if weight is not None else None
+            x, cos.contiguous(), sin.contiguous(), weight if weight is not None else x, dy, dx, part, dc, ds, R, S, H,
+            half, eps, tiles, HAS_W=weight is not None, HAS_DTRIG=trig_grads, ROWS=ROWS, BLOCK_H=block_h,
+            num_warps=4)
+    dcos, dsin = (t.sum((0, 2)) for t in (dc, ds)) if trig_grads else (None, None)     # (B, S, H, D) -> (S, D)
+    return dx, part.sum(0).to(weight.dtype) if weight is not None else None, dcos, dsin
 
 
 _define = definer(INTERPRETED, globals())      # registry.define with this module's flag and kernels
@@ -148,16 +159,17 @@ def _op(x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float) 
     return _forward(x, weight, cos, sin, eps)
 
 
-def _qk_norm_rope_backward_fake(dy, x, weight, cos, sin, eps):
+def _qk_norm_rope_backward_fake(dy, x, weight, cos, sin, eps, trig_grads):
+    trig = (cos.new_empty(cos.shape) if trig_grads else x.new_empty((0,)) for _ in range(2))
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
-            weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,)))
+            weight.new_empty(weight.shape) if weight is not None else x.new_empty((0,)), *trig)
 
 
 @_define("qk_norm_rope_backward", fake=_qk_norm_rope_backward_fake)
-def _backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor,
-                 eps: float) -> tuple[Tensor, Tensor]:
-    dx, dw = _backward(dy, x, weight, cos, sin, eps)
-    return dx, dw if dw is not None else x.new_empty((0,))
+def _backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, cos: Tensor, sin: Tensor, eps: float,
+                 trig_grads: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, *grads = _backward(dy, x, weight, cos, sin, eps, trig_grads)
+    return dx, *(g if g is not None else x.new_empty((0,)) for g in grads)      # (0,): no gradient
 
 
 def _setup_context(ctx, inputs, output):
@@ -168,8 +180,10 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, dy):
     x, weight, cos, sin = ctx.saved_tensors
-    dx, dw = torch.ops.archirf_kernels.qk_norm_rope_backward(dy, x, weight, cos, sin, ctx.eps)
-    return dx, dw if weight is not None else None, None, None, None
+    trig_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+    dx, dw, dcos, dsin = torch.ops.archirf_kernels.qk_norm_rope_backward(dy, x, weight, cos, sin, ctx.eps, trig_grads)
+    return (dx, dw if weight is not None else None, dcos if ctx.needs_input_grad[2] else None,
+            dsin if ctx.needs_input_grad[3] else None, None)
 
 
 _op.register_autograd(_autograd_backward, setup_context=_setup_context)

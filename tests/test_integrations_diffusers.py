@@ -5,6 +5,8 @@ attention mask); no diffusers class touched. fp32 in Triton's interpreter on a C
 same tests run the kernels for real, in bf16 autocast too."""
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -113,10 +115,12 @@ def test_sd3_patched_matches_diffusers(qk_norm, dual):
     kinds = [c.split(": ", 1)[1] for c in report.changed]
     assert kinds.count("joint QK-norm attention") == 2                  # both blocks' joint attention
     assert kinds.count("QK-norm attention") == len(dual)                 # SD3.5's second attention
-    # norm1 of the non-dual block and norm1_context of the first block (the last block's is continuous)
+    # norm1 of the non-dual block and norm1_context of the first block; SD3.5's dual block's norm1; the last block's
+    # norm1_context and norm_out (continuous)
     assert kinds.count("adaLN-Zero modulated LayerNorm") == 2 - len(dual) + 1
-    if dual:
-        assert report.skipped["transformer_blocks.0.norm1"].startswith("class SD35AdaLayerNormZeroX")
+    assert kinds.count("adaLN-Zero LayerNorm, two modulations (SD3.5)") == len(dual)
+    assert kinds.count("continuous adaLN modulated LayerNorm") == 2
+    assert not report.skipped, report.skipped
     assert patched.state_dict().keys() == model.state_dict().keys()
     _compare(_run(model, inputs), _run(patched, inputs))
     assert "modules use the fused ops" in str(report)
@@ -137,7 +141,8 @@ def test_flux_patched_matches_diffusers():
     patched = copy.deepcopy(model)
     report = ak.apply(patched, impl=IMPL)
     kinds = sorted(c.split(": ", 1)[1] for c in report.changed)
-    assert kinds == ["QK-norm + RoPE prep (Flux)"] * 2 + ["adaLN-Zero modulated LayerNorm"] * 3
+    assert kinds == ["QK-norm + RoPE prep (Flux)"] * 2 + ["adaLN-Zero modulated LayerNorm"] * 3 + [
+        "continuous adaLN modulated LayerNorm"]
     assert patched.state_dict().keys() == model.state_dict().keys()
     _compare(_run(model, inputs), _run(patched, inputs))
     assert ak.remove(patched) == len(report.changed)
@@ -184,6 +189,128 @@ def test_unsupported_qk_norm_is_left_alone():
     report = ak.apply(model, impl=IMPL)
     attn_skips = {n: why for n, why in report.skipped.items() if n.endswith(".attn")}
     assert attn_skips and all("QK norm LayerNorm" in why for why in attn_skips.values())
+
+
+@pytest.mark.parametrize("build,why", [
+    (lambda: _norms().AdaLayerNormContinuous(8, 6, elementwise_affine=False, eps=1e-6, norm_type="rms_norm"),
+     "norm RMSNorm (a plain LayerNorm is supported)"),
+    (lambda: _norms().AdaLayerNormContinuous(8, 6, elementwise_affine=True, eps=1e-6), "LayerNorm with an affine"),
+    (lambda: _norms().AdaLayerNormZero(8, norm_type="fp32_layer_norm"), "norm FP32LayerNorm (a plain LayerNorm is "
+                                                                           "supported)"),
+], ids=["continuous-rms", "continuous-affine", "zero-fp32-layer-norm"])
+def test_unsupported_ada_norm_is_left_alone(build, why):
+    norm = build()
+    report = ak.apply(norm, impl=IMPL)
+    assert not report.changed and report.skipped == {"": why}
+    assert "forward" not in vars(norm)
+
+
+def _norms():
+    from diffusers.models import normalization
+
+    return normalization
+
+
+@pytest.fixture
+def restore_attention_backend():
+    """set_attention_backend also sets diffusers' process-wide active backend: put back after the test."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(before)
+
+
+def _flux_processors(model):
+    return [m.processor for m in model.modules() if hasattr(m, "processor")]
+
+
+@pytest.mark.parametrize("setting", ["backend", "context-parallel"])
+def test_flux_attention_with_a_diffusers_setting_is_left_alone(setting, restore_attention_backend):
+    """Our processor computes native SDPA on one device: an attention set to another diffusers backend, or given a
+    context-parallel config, stays diffusers' and is reported."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    model, inputs = _flux()
+    if setting == "backend":
+        model.set_attention_backend("_native_math")
+    else:       # what enable_parallelism gives each processor (a real config needs several ranks)
+        for proc in _flux_processors(model):
+            proc._parallel_config = object()
+    report = ak.apply(model, impl=IMPL)
+    expected = "diffusers attention backend '_native_math'" if setting == "backend" else "context parallelism"
+    assert sorted(report.skipped) == ["single_transformer_blocks.0.attn", "transformer_blocks.0.attn"]
+    assert all(why.startswith(expected) for why in report.skipped.values()), report.skipped
+    assert not [c for c in report.changed if "RoPE" in c]
+    assert all(type(proc) is FluxAttnProcessor for proc in _flux_processors(model))
+
+
+@pytest.mark.parametrize("how", ["set_attention_backend", "attention_backend-context"])
+def test_flux_backend_chosen_after_apply_is_honoured(how, monkeypatch, restore_attention_backend):
+    """A backend chosen after `apply` (on the model, or for a block of code): each call runs diffusers' processor,
+    which dispatches to that backend, as in the unpatched model; `remove` hands the setting back."""
+    import contextlib
+
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, attention_backend
+
+    model, inputs = _flux()
+    patched = copy.deepcopy(model)
+    assert ak.apply(patched, impl=IMPL).changed
+    name = AttentionBackendName._NATIVE_MATH
+    math, calls = _AttentionBackendRegistry._backends[name], []
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, name, lambda **kw: calls.append(1) or math(**kw))
+    if how == "set_attention_backend":
+        for m in (model, patched):
+            m.set_attention_backend(name.value)
+        scope = contextlib.nullcontext
+    else:
+        scope = lambda: attention_backend(name.value)       # noqa: E731
+    with scope():
+        ref = _run(model, inputs)
+        assert len(calls) == 2                                  # the double and the single block
+        ours = _run(patched, inputs)
+    assert len(calls) == 4
+    _compare(ref, ours)
+    if how == "set_attention_backend":
+        ak.remove(patched)
+        assert [proc._attention_backend for proc in _flux_processors(patched)] == [name, name]
+
+
+def test_flux_context_parallel_config_after_apply_runs_diffusers_processor():
+    model, _ = _flux()
+    ak.apply(model, impl=IMPL)
+    config = object()
+    for proc in _flux_processors(model):        # enable_parallelism's rule: each processor with the attribute
+        if hasattr(proc, "_parallel_config"):
+            proc._parallel_config = config
+    attn = model.transformer_blocks[0].attn
+    seen = []
+
+    class Diffusers:        # stands in for diffusers' processor: a real parallel config needs several ranks
+        _attention_backend = _parallel_config = None
+
+        def __call__(self, *args):
+            seen.append(self._parallel_config)
+            return "diffusers' processor"
+
+    attn.processor.original = Diffusers()
+    x, c = torch.randn(B, 12, 16, device=DEVICE), torch.randn(B, 5, 16, device=DEVICE)
+    rope = (torch.ones(17, 8, device=DEVICE), torch.zeros(17, 8, device=DEVICE))
+    assert attn(hidden_states=x, encoder_hidden_states=c, image_rotary_emb=rope) == "diffusers' processor"
+    assert seen == [config]
+
+
+def test_importing_the_kernels_does_not_import_diffusers():
+    """diffusers stays an optional extra: only `apply` imports it (the last line shows the check can see it)."""
+    code = ("import sys, torch\n"
+            "import archirf_kernels\n"
+            "from archirf_kernels.integrations import diffusers as ak\n"
+            "ak.Report(), ak.remove(torch.nn.Linear(2, 2))\n"
+            "assert 'diffusers' not in sys.modules, sorted(m for m in sys.modules if m.startswith('diffusers'))\n"
+            "ak.apply(torch.nn.Linear(2, 2))\n"
+            "assert 'diffusers' in sys.modules\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 AMPS = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])   # the interpreter computes bf16 wrongly

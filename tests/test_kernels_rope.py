@@ -1,7 +1,7 @@
 """archirf_kernels.qk_norm_rope (kernels/rope.py): per-head RMSNorm then the interleaved rotary embedding (Flux's q
-and k prep) against its float64 spec, output and the gradients of x and the weight; odd shapes (D = 6, odd B, S
-and H, rows not a multiple of the tile), weight absent, fp32 and fp16 storage, several backward programs looping
-over tiles; the spec against diffusers' own RMSNorm + apply_rotary_emb; torch.compile; the argument checks."""
+and k prep) against its float64 spec, output and every gradient (x, the weight, cos and sin); odd shapes (D = 6,
+odd B, S and H, rows not a multiple of the tile), weight absent, fp32 and fp16 storage, several backward programs
+looping over tiles, cos and sin constant or requiring grad; the spec against diffusers' own RMSNorm + apply_rotary_emb; torch.compile; the argument checks."""
 
 import pytest
 import torch
@@ -19,23 +19,25 @@ def _trig(S, D, seed, paired=True):
     return theta.cos().to(DEVICE), theta.sin().to(DEVICE)
 
 
-def _check(shape, dtype, with_weight, seed=0, paired=True):
+def _check(shape, dtype, with_weight, seed=0, paired=True, trig=("cos", "sin")):
+    """trig: which of cos and sin require grad (learned or scaled rotary frequencies)."""
     B, S, H, D = shape
     x = _randn(shape, dtype, seed, std=2.0, mean=0.3).to(DEVICE).requires_grad_()
     w = _randn((D,), dtype, seed + 1, std=0.3, mean=1.0).to(DEVICE).requires_grad_() if with_weight else None
-    cos, sin = _trig(S, D, seed + 2, paired)
-    x64 = x.detach().double().requires_grad_()
-    w64 = w.detach().double().requires_grad_() if with_weight else None
+    cos, sin = (t.requires_grad_(name in trig) for name, t in zip(("cos", "sin"), _trig(S, D, seed + 2, paired)))
+    x64, w64, cos64, sin64 = (t.detach().double().requires_grad_(t.requires_grad) if t is not None else None
+                              for t in (x, w, cos, sin))
     out = K.qk_norm_rope(x, w, cos, sin, impl="triton")
-    ref = reference.qk_norm_rope(x64, w64, cos.double(), sin.double())
+    ref = reference.qk_norm_rope(x64, w64, cos64, sin64)
     cot = _randn(shape, torch.float64, seed + 3).to(DEVICE)
-    leaves, leaves64 = [x] + ([w] if with_weight else []), [x64] + ([w64] if with_weight else [])
-    grads = torch.autograd.grad((out.double() * cot).sum(), leaves)
-    grads64 = torch.autograd.grad((ref * cot).sum(), leaves64)
+    named = [(n, t, t64) for n, t, t64 in (("x", x, x64), ("weight", w, w64), ("cos", cos, cos64), ("sin", sin, sin64))
+             if t is not None and t.requires_grad]
+    grads = torch.autograd.grad((out.double() * cot).sum(), [t for _, t, _ in named])
+    grads64 = torch.autograd.grad((ref * cot).sum(), [t64 for *_, t64 in named])
     assert out.shape == shape and out.dtype == dtype and out.is_contiguous()
     assert_close_to_fp64("output", out, ref, dtype, TOL[dtype])
-    for name, g, g64 in zip(("x", "weight"), grads, grads64):
-        assert_close_to_fp64(f"grad of {name}", g, g64, g.dtype, TOL[dtype])
+    for (name, t, _), g, g64 in zip(named, grads, grads64):
+        assert_close_to_fp64(f"grad of {name}", g, g64, t.dtype, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -46,12 +48,21 @@ def test_matches_float64_spec(shape, dtype, with_weight, paired):
     _check(shape, dtype, with_weight, paired=paired)
 
 
-def test_many_tiles_and_programs(monkeypatch):
+@pytest.mark.parametrize("trig", [(), ("sin",), ("cos", "sin")], ids=["constant-trig", "sin-grad", "trig-grads"])
+def test_many_tiles_and_programs(monkeypatch, trig):
     # more tiles than backward programs: each program loops, its dweight partial sums several tiles
     monkeypatch.setattr(rope, "ROWS", 4)
     monkeypatch.setattr(rope, "INTERPRETER_PROGRAMS", 2)
     monkeypatch.setattr(rope, "PROGRAMS_PER_SM", 0.02)
-    _check((2, 9, 3, 8), torch.float32, True, seed=5)
+    _check((2, 9, 3, 8), torch.float32, True, seed=5, trig=trig)
+
+
+def test_constant_cos_and_sin_get_no_gradient():
+    x = _randn((2, 5, 3, 6), torch.float32, 21).to(DEVICE).requires_grad_()
+    cos, sin = _trig(5, 6, 22)
+    sin.requires_grad_()
+    K.qk_norm_rope(x, None, cos, sin, impl="triton").sum().backward()
+    assert cos.grad is None and sin.grad is not None and sin.grad.shape == (5, 6)
 
 
 def test_spec_is_diffusers_rmsnorm_then_rotary():

@@ -12,17 +12,23 @@ and state dicts do not change):
   without its weight) and the attention over [image, context] keys through `joint_qk_norm_attention` /
   `qk_norm_attention` (backend "auto": the fused kernels up to 512 tokens, which never write the normalised or
   concatenated operands; beyond, one prep pass writes them for PyTorch's SDPA).
-- `AdaLayerNormZero` (SD3's, DiT's and Flux's double blocks' adaLN-Zero) and `AdaLayerNormZeroSingle` (Flux's
-  single blocks) get a forward whose modulated LayerNorm is `ada_layer_norm` (one pass, fp32 statistics).
+- `AdaLayerNormZero` (SD3's, DiT's and Flux's double blocks' adaLN-Zero), `AdaLayerNormZeroSingle` (Flux's
+  single blocks), `SD35AdaLayerNormZeroX` (SD3.5's dual-attention blocks: one LayerNorm, two modulations) and
+  `AdaLayerNormContinuous` (SD3's and Flux's norm_out) get a forward whose modulated LayerNorm is `ada_layer_norm`
+  (one pass, fp32 statistics).
 - `FluxAttention` modules running `FluxAttnProcessor` (Flux's double and single blocks) get
   `FluxQKNormRopeProcessor`: each stream's q and k RMSNorm (torch.nn.RMSNorm) and rotary embedding in one pass
   (`qk_norm_rope`), then PyTorch's SDPA over [context, image], as Flux's processor dispatches it.
 Left alone, and listed in the report with the reason: a processor of another class, a QK norm that is not an
-RMSNorm without bias (e.g. LayerNorm), a norm that is not a plain LayerNorm without affine. A call with an
-attention mask runs diffusers' own processor for that call. diffusers is imported only when `apply` is called;
-a second `apply` keeps the first one's impl and backend.
+RMSNorm without bias (e.g. LayerNorm), a norm that is not a plain LayerNorm without affine, and an attention whose
+processor has a diffusers attention backend other than the native one or a context-parallel config (ours compute
+native SDPA on one device). A call with an attention mask, or a Flux attention call made while such a setting is in
+force (set after `apply`, or the attention_backend context), runs diffusers' own processor, with the setting.
+diffusers is imported only when `apply` is called; a second `apply` keeps the first one's impl and backend.
 
-Not yet: the blocks' gated residuals (`gated_residual_ada_layer_norm` would need the block's forward).
+Not yet: the blocks' second modulated LayerNorm (`norm2(x) * (1 + scale_mlp) + shift_mlp`), DiT's final modulated
+norm_out and the gated residuals, all written inline in diffusers' forwards (`gated_residual_ada_layer_norm` would
+need the block's forward).
 """
 
 from __future__ import annotations
@@ -117,6 +123,23 @@ class QKNormAttnProcessor:
         return out if ctx is None else (out, ctx)
 
 
+def _attention_setting(proc) -> str | None:
+    """Why `proc` does not compute diffusers' default attention (native SDPA on one device), or None: a context-parallel
+    config (enable_parallelism), or, for a processor that dispatches through diffusers' attention backends (it has
+    `_attention_backend`), a backend other than the native one (set_attention_backend, the attention_backend context,
+    DIFFUSERS_ATTN_BACKEND). Our processors compute the native attention only."""
+    if getattr(proc, "_parallel_config", None) is not None:
+        return "context parallelism (diffusers' parallel_config; its ring / Ulysses attention is not fused)"
+    if not hasattr(proc, "_attention_backend"):
+        return None
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    backend = proc._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
+    if backend != AttentionBackendName.NATIVE:          # a str Enum: equal to its value too
+        return f"diffusers attention backend '{AttentionBackendName(backend).value}' (the native one is supported)"
+    return None
+
+
 def _torch_rms(norm) -> tuple[torch.Tensor | None, float, str | None]:
     """(weight, eps, why unsupported) of one of Flux's torch.nn.RMSNorm QK norms."""
     if type(norm) is not nn.RMSNorm:
@@ -136,14 +159,20 @@ def _flux_unsupported(attn) -> str | None:
 
 class FluxQKNormRopeProcessor:
     """FluxAttnProcessor's computation with each stream's q and k RMSNorm and rotary embedding in one pass
-    (archirf_kernels.qk_norm_rope), then PyTorch's SDPA over [context, image]."""
+    (archirf_kernels.qk_norm_rope), then PyTorch's SDPA over [context, image]. diffusers' set_attention_backend and
+    enable_parallelism reach it through the two attributes below; while either (or the active backend) asks for other
+    than native SDPA on one device, each call runs diffusers' processor with them."""
+
+    _attention_backend = None
+    _parallel_config = None
 
     def __init__(self, original, impl: str = "auto"):
         self.original, self.impl = original, impl
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  *args, **kwargs):
-        if attention_mask is not None or image_rotary_emb is None or args or kwargs:
+        if attention_mask is not None or image_rotary_emb is None or args or kwargs or _attention_setting(self):
+            _carry_attention_settings(self, self.original)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb,
                                  *args, **kwargs)
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
@@ -172,6 +201,11 @@ class FluxQKNormRopeProcessor:
         return out, attn.to_add_out(ctx.contiguous())
 
 
+def _carry_attention_settings(source, target) -> None:
+    """diffusers' backend and context-parallel settings, given to our processor after `apply`, onto its own."""
+    target._attention_backend, target._parallel_config = source._attention_backend, source._parallel_config
+
+
 def _ada_zero_forward(self, x, timestep=None, class_labels=None, hidden_dtype=None, emb=None):
     """AdaLayerNormZero.forward with the modulated LayerNorm fused (archirf_kernels.ada_layer_norm)."""
     if self.emb is not None:
@@ -188,6 +222,24 @@ def _ada_zero_single_forward(self, x, emb=None):
     return K.ada_layer_norm(x, shift_msa, scale_msa, eps=self.norm.eps, impl=self._archirf_impl), gate_msa
 
 
+def _ada_zero_x_forward(self, hidden_states, emb=None):
+    """SD35AdaLayerNormZeroX.forward: one LayerNorm under two modulations (the joint and the second attention's), each
+    fused."""
+    emb = self.linear(self.silu(emb))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_msa2, scale_msa2, gate_msa2 = emb.chunk(
+        9, dim=1)
+    x, x2 = (K.ada_layer_norm(hidden_states, shift, scale, eps=self.norm.eps, impl=self._archirf_impl)
+             for shift, scale in ((shift_msa, scale_msa), (shift_msa2, scale_msa2)))
+    return x, gate_msa, shift_mlp, scale_mlp, gate_mlp, x2, gate_msa2
+
+
+def _ada_continuous_forward(self, x, conditioning_embedding):
+    """AdaLayerNormContinuous.forward (SD3's and Flux's norm_out, SD3's last norm1_context): (scale, shift) order."""
+    emb = self.linear(self.silu(conditioning_embedding).to(x.dtype))
+    scale, shift = emb.chunk(2, dim=1)
+    return K.ada_layer_norm(x, shift, scale, eps=self.norm.eps, impl=self._archirf_impl)
+
+
 def _plain_layer_norm(norm) -> str | None:
     if type(norm) is not nn.LayerNorm:
         return f"norm {type(norm).__name__} (a plain LayerNorm is supported)"
@@ -197,11 +249,16 @@ def _plain_layer_norm(norm) -> str | None:
 
 
 def apply(model: nn.Module, *, impl: str = "auto", backend: str = "auto") -> Report:
-    """Swaps the supported attention processors and adaLN-Zero norms of `model` for archirf_kernels' ops, in place;
+    """Swaps the supported attention processors and adaLN norms of `model` for archirf_kernels' ops, in place;
     returns what changed and what was left alone. Calling it twice changes nothing more."""
     from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
-    from diffusers.models.normalization import AdaLayerNormZero, AdaLayerNormZeroSingle
+    from diffusers.models.normalization import (AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle,
+                                                SD35AdaLayerNormZeroX)
 
+    ada_forwards = {AdaLayerNormZero: (_ada_zero_forward, "adaLN-Zero modulated LayerNorm"),
+                    AdaLayerNormZeroSingle: (_ada_zero_single_forward, "adaLN-Zero modulated LayerNorm"),
+                    SD35AdaLayerNormZeroX: (_ada_zero_x_forward, "adaLN-Zero LayerNorm, two modulations (SD3.5)"),
+                    AdaLayerNormContinuous: (_ada_continuous_forward, "continuous adaLN modulated LayerNorm")}
     if impl not in K.IMPLS:
         raise ValueError(f"unknown impl '{impl}'; choose one of {', '.join(K.IMPLS)}")
     report = Report()
@@ -213,7 +270,7 @@ def apply(model: nn.Module, *, impl: str = "auto", backend: str = "auto") -> Rep
                 continue
             if type(proc) is not flux[1]:
                 report.skipped[name] = f"attention processor {type(proc).__name__}"
-            elif why := _flux_unsupported(m):
+            elif why := _attention_setting(proc) or _flux_unsupported(m):
                 report.skipped[name] = why
             else:
                 setattr(m, _ORIGINAL, proc)
@@ -225,17 +282,17 @@ def apply(model: nn.Module, *, impl: str = "auto", backend: str = "auto") -> Rep
                 continue
             if type(proc) is not JointAttnProcessor2_0:
                 report.skipped[name] = f"attention processor {type(proc).__name__}"
-            elif why := _attention_unsupported(m):
+            elif why := _attention_setting(proc) or _attention_unsupported(m):
                 report.skipped[name] = why
             else:
                 setattr(m, _ORIGINAL, proc)
                 m.set_processor(QKNormAttnProcessor(proc, impl, backend))
                 report.changed.append(f"{name}: joint QK-norm attention" if m.add_q_proj is not None
                                       else f"{name}: QK-norm attention")
-        elif type(m).__name__.startswith(("AdaLayerNorm", "SD35AdaLayerNorm")) and type(m) not in (
-                AdaLayerNormZero, AdaLayerNormZeroSingle):
-            report.skipped[name] = f"class {type(m).__name__} (adaLN-Zero and its single form are supported)"
-        elif type(m) in (AdaLayerNormZero, AdaLayerNormZeroSingle):
+        elif type(m).__name__.startswith(("AdaLayerNorm", "SD35AdaLayerNorm")) and type(m) not in ada_forwards:
+            report.skipped[name] = (f"class {type(m).__name__} (adaLN-Zero, its single and SD3.5 forms and the "
+                                    "continuous adaLN are supported)")
+        elif type(m) in ada_forwards:
             if hasattr(m, _FORWARD):
                 continue
             if why := _plain_layer_norm(m.norm):
@@ -243,10 +300,10 @@ def apply(model: nn.Module, *, impl: str = "auto", backend: str = "auto") -> Rep
                 continue
             m._archirf_impl = impl
             setattr(m, _FORWARD, True)
-            single = type(m) is AdaLayerNormZeroSingle
+            forward, what = ada_forwards[type(m)]
             # a partial of a module-level function (not a bound method): torch.save(model) stays loadable
-            m.forward = functools.partial(_ada_zero_single_forward if single else _ada_zero_forward, m)
-            report.changed.append(f"{name}: adaLN-Zero modulated LayerNorm")
+            m.forward = functools.partial(forward, m)
+            report.changed.append(f"{name}: {what}")
     return report
 
 
@@ -264,6 +321,8 @@ def remove(model: nn.Module) -> int:
     for m in model.modules():
         if hasattr(m, _ORIGINAL):
             if isinstance(m.processor, (QKNormAttnProcessor, FluxQKNormRopeProcessor)):   # not one set since
+                if isinstance(m.processor, FluxQKNormRopeProcessor):
+                    _carry_attention_settings(m.processor, getattr(m, _ORIGINAL))
                 m.set_processor(getattr(m, _ORIGINAL))
                 restored += 1
             delattr(m, _ORIGINAL)
