@@ -3,7 +3,7 @@ DiT-XL/2-comparable size (MMDiT-XL/2: width 1152, 9 double- + 19 single-stream b
 and of DiT-XL/2, on 32×32×4 latents (256² images), batch 64, bf16 autocast, 1000 classes.
 
 Implementations, same process, same initial weights, same inputs:
-  ours         the trainer's defaults on CUDA: attn_impl=auto (our QK-norm / joint attention op) and
+  ours         the trainer's model defaults on CUDA: attn_impl=auto (our QK-norm / joint attention op) and
                kernels=auto (the adaLN steps left to inductor inside the compiled blocks), every block
                compiled (fullgraph) as the trainer compiles it (parallel.py);
   ours-triton  every fused Triton kernel forced: kernels=triton (adaLN) and attn_impl=triton;
@@ -12,6 +12,8 @@ Implementations, same process, same initial weights, same inputs:
                way: the baseline of the targets;
   eager        plain PyTorch, not compiled.
 The model is not wrapped in FSDP (one GPU; the trainer's 1-rank FSDP adds the parameters' bf16 cast).
+Every implementation steps with torch's fused AdamW alone: no gradient clipping, no EMA, no optim.fused_update,
+which the trainer's default step on CUDA runs (benchmarks/train_step_variants.py times that step: plain_fu).
 
 One round = one optimizer step on a fixed batch: the rectified-flow loss (x_t = (1-t) x + t ε, target
 ε - x, MSE; label dropout 0.1), backward, AdamW(fused=True), zero_grad. MFU = 6 × model.flops_per_image() × batch /

@@ -9,6 +9,12 @@ autocast on CUDA, synthetic data already on the device):
   plain     the trainer's one-rank path: per-block compile, plain module (fp32 weights, autocast)
   whole     torch.compile of the whole plain model (what a user's own compiled script does)
   eager     no compile
+  graph     the trainer's cuda_graph=on with compile=off: the plain one-rank module, uncompiled, its forward and
+            backward captured as one CUDA graph at the first step and replayed (archirf/step_graph.py's StepGraph;
+            clip, AdamW and the EMAs after each replay, as the trainer runs them); graph_compiled captures the
+            per-block compiled module (cuda_graph=on compile=on), graph_mat the same compiled in max-autotune-
+            no-cudagraphs; CUDA only. Unlike the trainer's small captured step, kernels stays as given (auto:
+            the fused ops run eagerly inside the graph; graph_ref for plain PyTorch)
   *_ref     the same with model.kernels=reference (no fused Triton ops)
   *_tri     the same with model.kernels=triton (every fused op, inside compiled code too, where auto leaves
             the adaLN and EDM2 ops to inductor)
@@ -18,7 +24,8 @@ autocast on CUDA, synthetic data already on the device):
             CUDA for these models), e.g. plain_fp8t_fu; without it, torch's fused AdamW and one lerp per EMA
   *_cg, *_mat   the same compiled in inductor's mode reduce-overhead (CUDA graphs; the step starts with
             torch.compiler.cudagraph_mark_step_begin) or max-autotune-no-cudagraphs (Triton GEMM templates
-            with fused epilogues), per block (fsdp, plain) or whole; the suffix goes last, e.g. plain_fu_cg
+            with fused epilogues), per block (fsdp, plain, graph) or whole; the suffix goes last, e.g. plain_fu_cg
+  *_compiled  graph only: its blocks compiled in the default mode, e.g. graph_ref_compiled
 Prints one JSON line per variant (ms per step, img/s, MFU at 6 x forward MACs, peak memory,
 first-step seconds incl. compilation); --profile writes torch.profiler tables per variant. --rounds R keeps
 every variant alive and times them in R interleaved rounds (median; each line lists its rounds' ms).
@@ -44,21 +51,23 @@ from archirf.models import build_model
 from archirf.objectives import build_objective
 from archirf.optim import build_optimizer
 from archirf.sample import autocast_model_fn
+from archirf.step_graph import StepGraph
 
 
 FP8_SUFFIXES = {"_fp8t": "fp8-tensorwise", "_fp8r": "fp8-rowwise"}
-MODE_SUFFIXES = {"_cg": "reduce-overhead", "_mat": "max-autotune-no-cudagraphs"}
+MODE_SUFFIXES = {"_cg": "reduce-overhead", "_mat": "max-autotune-no-cudagraphs", "_compiled": "default"}
+KINDS = ("fsdp", "plain", "whole", "eager", "graph")
 
 
 class Variant:
     """One variant's training step, built and warmed up (first step timed, with its compilation, and 3 more)."""
 
-    def __init__(self, name, cfg, model, device, dtype, batch, graphs=False):
+    def __init__(self, name, cfg, model, device, dtype, batch, graphs=False, capture=False):
         self.name, self.cfg, self.model, self.device, self.batch = name, cfg, model, device, batch
         objective = build_objective(cfg)
         optimizer = build_optimizer(model, cfg.optim, device)
         ema = EMA(model, half_life_images=1e6)
-        model_fn = autocast_model_fn(model, device, dtype)
+        model_fn = autocast_model_fn(model, device, dtype, cache=not capture)     # (a capture keeps no cast weights)
         params = [p for p in model.parameters() if p.requires_grad]
         gen = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(batch, cfg.data.channels, cfg.data.resolution, cfg.data.resolution, device=device,
@@ -71,24 +80,34 @@ class Variant:
         seen = [0]
         self.fused_steps = self.steps = 0
 
+        def loss_and_backward(x, y):
+            loss = objective.loss(model_fn, x, y).mean()
+            loss.backward()
+            return loss
+
+        # capture: GenerativeTask's cuda_graph path; the gradients are the graph's tensors, never unset
+        forward_backward = StepGraph(loss_and_backward, params, list(model.buffers())) if capture else \
+            loss_and_backward
+        zero_grad = (lambda: None) if capture else (lambda: optimizer.zero_grad(set_to_none=True))
+
         def step():
             seen[0] += batch
             self.steps += 1
             if graphs:          # a new iteration: the CUDA graphs may reuse the last one's output memory
                 torch.compiler.cudagraph_mark_step_begin()
-            objective.loss(model_fn, x, y).mean().backward()
+            forward_backward(x, y)
             if fused:       # what GenerativeTask.clip / apply do under optim.fused_update
                 scale = parallel.clip_coefficient(parallel.clip_grad_norm_(params, 0.0), 1.0)
                 rate = ema.rate(seen[0], batch)
                 if rate is not None and optimizer.fused_update(scale, [ema_map], [rate]):
-                    optimizer.zero_grad(set_to_none=True)
+                    zero_grad()
                     self.fused_steps += 1
                     return
                 torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
             else:
                 parallel.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            zero_grad()
             ema.update(model, seen[0], batch)
 
         self.step = step
@@ -172,12 +191,13 @@ def model_flops(cfg) -> int:
 
 
 def parse_variant(name: str, base, device) -> tuple:
-    """name -> (its config, kind, inductor mode or None): kind[_ref|_tri][_fp8t|_fp8r][_fu][_cg|_mat]."""
+    """name -> (its config, kind, inductor mode or None): kind[_ref|_tri][_fp8t|_fp8r][_fu][_cg|_mat|_compiled]."""
     cfg = copy.deepcopy(base)
     core, mode = name, None
     for suffix, m in MODE_SUFFIXES.items():
         if core.endswith(suffix):
             core, mode = core.removesuffix(suffix), m
+            break
     cfg.optim.fused_update = core.endswith("_fu")     # without _fu: torch's fused AdamW + lerps (the baseline)
     core = core.removesuffix("_fu")
     for suffix, precision in FP8_SUFFIXES.items():
@@ -188,20 +208,28 @@ def parse_variant(name: str, base, device) -> tuple:
     for suffix, choice in (("_ref", "reference"), ("_tri", "triton")):
         if core.endswith(suffix):
             kind, kernels = core.removesuffix(suffix), choice
-    if kind not in ("fsdp", "plain", "whole", "eager"):
-        raise SystemExit(f"unknown variant {name!r}; choose from fsdp, plain, whole, eager, then in this order "
-                         f"_ref or _tri, _fp8t or _fp8r, _fu, _cg or _mat (e.g. plain_ref_fp8t_fu_cg)")
+    if kind not in KINDS:
+        raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(KINDS)}, then in this order _ref or "
+                         f"_tri, _fp8t or _fp8r, _fu, _cg or _mat (_compiled: graph only) (e.g. plain_ref_fp8t_fu_cg)")
     if kernels:
         if cfg.model.kernels is None:
             raise SystemExit(f"variant {name}: model.name={cfg.model.name} has no model.kernels to set to "
                              f"{kernels}; drop the {name.removeprefix(kind)[:4]} variants")
         cfg.model.kernels = kernels
     if mode and kind == "eager":
-        raise SystemExit(f"variant {name}: eager compiles nothing; a mode suffix needs fsdp, plain or whole")
-    if mode in parallel.CUDAGRAPH_MODES and kind == "fsdp":
-        raise SystemExit(f"variant {name}: CUDA graphs run on one rank without FSDP2 (the trainer's rule); use "
-                         f"plain_cg or whole_cg")
-    if mode and kind in ("fsdp", "plain"):
+        raise SystemExit(f"variant {name}: eager compiles nothing; a mode suffix needs fsdp, plain, whole or graph")
+    if name.endswith("_compiled") and kind != "graph":
+        raise SystemExit(f"variant {name}: _compiled picks a compiled graph variant; {kind} sets its compilation "
+                         f"by its kind (a mode suffix: _cg or _mat)")
+    if mode in parallel.CUDAGRAPH_MODES and kind in ("fsdp", "graph"):
+        raise SystemExit(f"variant {name}: " + ("CUDA graphs run on one rank without FSDP2 (the trainer's rule); use "
+                                                "plain_cg or whole_cg" if kind == "fsdp" else
+                                                "the captured step and compile_mode=reduce-overhead both replay CUDA "
+                                                "graphs (the trainer refuses both at once); use graph_compiled"))
+    if kind == "graph" and device.type != "cuda":
+        raise SystemExit(f"variant {name}: the step's capture (cuda_graph) replays a CUDA graph, and this run is on "
+                         f"{device.type}: run it on a GPU, or drop the graph variants")
+    if mode and kind in ("fsdp", "plain", "graph"):
         cfg.compile_mode = mode          # the trainer's per-block compile takes it from the config
     return cfg, kind, mode
 
@@ -240,9 +268,10 @@ def main(argv=None) -> int:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             cfg, kind, mode = plans[name]
-            if kind in ("fsdp", "plain"):
+            if kind in ("fsdp", "plain", "graph"):
                 cfg.parallel.shard_single_rank = kind == "fsdp"
-                model, _ = parallel.build_training_model(cfg, env, param_dtype=dtype, compile=True)
+                model, _ = parallel.build_training_model(cfg, env, param_dtype=dtype,
+                                                         compile=kind != "graph" or mode is not None)
             elif kind in ("whole", "eager"):
                 torch.manual_seed(cfg.seed)
                 model = build_model(cfg).to(device)
@@ -251,7 +280,8 @@ def main(argv=None) -> int:
                 if kind == "whole":
                     model = torch.compile(model, **({"mode": mode} if mode else {}))
             variant = Variant(name, cfg, model.train(), device, dtype, args.batch,
-                              graphs=mode in parallel.CUDAGRAPH_MODES and device.type == "cuda")
+                              graphs=mode in parallel.CUDAGRAPH_MODES and device.type == "cuda",
+                              capture=kind == "graph")
             if args.rounds == 1:
                 results.append(measure(variant, args.steps, args.profile))
             else:
