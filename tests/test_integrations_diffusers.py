@@ -276,6 +276,28 @@ def test_flux_backend_chosen_after_apply_is_honoured(how, monkeypatch, restore_a
         assert [proc._attention_backend for proc in _flux_processors(patched)] == [name, name]
 
 
+def test_flux_keeps_the_native_backend_set_before_apply_and_remove_hands_it_back(monkeypatch):
+    """A module set to the native backend before apply stays native when the process-wide backend changes (as the
+    unpatched model does), and remove, with no forward between, gives the setting back to diffusers' processor."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, attention_backend
+
+    model, inputs = _flux()
+    model.set_attention_backend("native")
+    patched = copy.deepcopy(model)
+    assert ak.apply(patched, impl=IMPL).changed
+    name = AttentionBackendName._NATIVE_MATH
+    math, calls = _AttentionBackendRegistry._backends[name], []
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, name, lambda **kw: calls.append(1) or math(**kw))
+    with attention_backend(name.value):
+        ref, ours = _run(model, inputs), _run(patched, inputs)
+    assert calls == []                                          # neither model left its own native backend
+    _compare(ref, ours)
+    fresh = copy.deepcopy(model)
+    ak.apply(fresh, impl=IMPL)
+    ak.remove(fresh)
+    assert [proc._attention_backend for proc in _flux_processors(fresh)] == [AttentionBackendName.NATIVE] * 2
+
+
 def test_flux_context_parallel_config_after_apply_runs_diffusers_processor():
     model, _ = _flux()
     ak.apply(model, impl=IMPL)

@@ -168,6 +168,7 @@ class FluxQKNormRopeProcessor:
 
     def __init__(self, original, impl: str = "auto"):
         self.original, self.impl = original, impl
+        _carry_attention_settings(original, self)   # a backend set on the module before apply stays the module's own
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  *args, **kwargs):
