@@ -79,6 +79,8 @@ class ModelConfig:
     norm: Optional[Literal["group", "rms"]] = None  # GroupNorm(32) (LDM) or channel RMSNorm (the seed)
     resample: Optional[Literal["conv", "bilinear"]] = None  # LDM's strided / nearest+conv, or bilinear only
     mid_heads: Optional[int] = None              # heads of the mid attention (LDM: 1)
+    attn_style: Optional[Literal["ldm", "seed"]] = None  # ldm: q, k, v convs, 1/sqrt(head dim); seed: the seed's
+    encoder_out_kernel: Optional[int] = None     # the encoder's output conv: 3 (LDM) or 1 (the seed)
 
 
 # A model.* key's value where neither the config nor the preset sets it: the small digits-sized network
@@ -90,6 +92,7 @@ MODEL_DEFAULTS: dict[str, Any] = dict(
     channels=64, channel_mult=[1, 2], num_res_blocks=2, attn_resolutions=[8], dropout=0.0, channels_per_head=64,
     label_balance=0.5, concat_balance=0.5, preconditioning="none", sigma_data=0.5, uncertainty_weighting=False,
     logvar_channels=128, latent="kl", z_channels=4, norm="group", resample="conv", mid_heads=1,
+    attn_style="ldm", encoder_out_kernel=3,
 )
 
 
@@ -457,6 +460,8 @@ def validate(cfg: Config) -> None:
     if m.name == "autoencoder":
         need(m.channels >= 1 and m.num_res_blocks >= 1 and m.z_channels >= 1 and m.mid_heads >= 1,
              "model.channels, num_res_blocks, z_channels and mid_heads must be >= 1")
+        need(m.encoder_out_kernel in (1, 3), f"model.encoder_out_kernel={m.encoder_out_kernel}: the encoder's output "
+             f"conv is 1x1 or 3x3; use 1 or 3")
         need(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
              f"model.channel_mult must be a non-empty list of positive integers (got {m.channel_mult})")
         need(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
@@ -654,6 +659,12 @@ def _refuse_unread_autoencoder(cfg: Config, need) -> None:
          f"loss.disc_channels={loss.disc_channels}: GroupNorm(32) needs a multiple of 32")
     need(loss.disc_start >= 0, "loss.disc_start must be >= 0 (images)")
     need(loss.perceptual_weight >= 0, "loss.perceptual_weight must be >= 0")
+    for key in ("kl_weight", "var_weight", "disc_weight", "disc_factor"):
+        need(getattr(loss, key) >= 0, f"loss.{key}={getattr(loss, key)}: a negative weight rewards the term it "
+                                      f"weighs; set loss.{key} >= 0 (0 turns the term off)")
+    need(loss.disc_lr is None or loss.disc_lr > 0,
+         f"loss.disc_lr={loss.disc_lr}: the discriminator would {'stand still' if loss.disc_lr == 0 else 'ascend'}; "
+         f"set loss.disc_lr > 0, null for optim.lr, or loss.disc_factor=0 to train without the GAN")
 
 
 def _lpips_fits(net: str, side: int) -> bool:

@@ -55,9 +55,11 @@ AUTOENCODER_PRESETS = {
     "KL-f8c16": dict(latent="kl", channels=128, channel_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[],
                      z_channels=16, norm="group", resample="conv", mid_heads=1, qk_norm=False),
     # The seed's clipped autoencoder: 64 px -> 16 x 8 x 8, channel RMSNorm, bilinear resampling, a 4-head
-    # mid attention with QK-RMSNorm.
+    # mid attention with the seed's q / k norm, one bias-free qkv conv and softmax scale 1 / sqrt(C), and a
+    # 1x1 output conv in the encoder.
     "Seed-f8c16": dict(latent="clipped", channels=128, channel_mult=[1, 2, 2, 2], num_res_blocks=2,
-                       attn_resolutions=[], z_channels=16, norm="rms", resample="bilinear", mid_heads=4, qk_norm=True),
+                       attn_resolutions=[], z_channels=16, norm="rms", resample="bilinear", mid_heads=4, qk_norm=True,
+                       attn_style="seed", encoder_out_kernel=1),
 }
 
 PRESETS = {"dit": DIT_PRESETS, "mmdit": MMDIT_PRESETS, "adm_unet": ADM_PRESETS, "edm2_unet": EDM2_PRESETS,
@@ -75,7 +77,7 @@ FAMILY_KEYS = {
     "edm2_unet": _UNET + ("label_balance", "concat_balance", "preconditioning", "sigma_data", "uncertainty_weighting",
                           "logvar_channels", "kernels"),
     "autoencoder": ("channels", "channel_mult", "num_res_blocks", "attn_resolutions", "dropout", "latent", "z_channels",
-                    "norm", "resample", "mid_heads", "qk_norm", "kernels"),
+                    "norm", "resample", "mid_heads", "qk_norm", "attn_style", "encoder_out_kernel", "kernels"),
 }
 # said when a key a family does not read is set
 FAMILY_NOTES = {"mmdit": "MMDiT always normalises q and k", "edm2_unet": "its cosine attention has no attn_impl"}

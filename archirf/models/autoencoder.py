@@ -13,8 +13,9 @@ Two latents:
 
 `norm`: "group" (GroupNorm 32, eps 1e-6, LDM) or "rms" (channel RMSNorm: x / ||x||_channels * sqrt(C) * g,
 the seed's); `resample`: "conv" (LDM: strided 3x3 conv down, nearest + 3x3 conv up) or "bilinear" (the
-seed's: interpolation only, no weights). Attention is single-head over H*W tokens (LDM), with per-head
-RMSNorm of q and k when `qk_norm` (the seed's mid block). `kernels` (auto | reference | triton, as the
+seed's: interpolation only, no weights). Attention is over H*W tokens with `mid_heads` heads in the mid block
+(LDM: 1), in LDM's form or the seed's (`attn_style`, see AttnBlock), with q and k normalised when `qk_norm`;
+`encoder_out_kernel`: the encoder's output conv, 3x3 (LDM) or 1x1 (the seed's). `kernels` (auto | reference | triton, as the
 other families' key): the norm + SiLU of every ResnetBlock and of both output heads through
 archirf_kernels' fused group_norm_silu / channel_rms_norm_silu (auto: on CUDA; the channel RMSNorm's only
 outside torch.compile, where the measurement put inductor ahead).
@@ -95,20 +96,43 @@ class ResnetBlock(nn.Module):
         return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
 
 
-class AttnBlock(nn.Module):
-    """Self-attention over the H*W positions with 1x1-conv projections (LDM's AttnBlock); `heads` of
-    C / heads channels, q and k RMS-normalised per head when `qk_norm`."""
+class SeedQKNorm(nn.Module):
+    """The seed's q / k norm: F.normalize over dim 1 of (B, heads, HW, C/heads), which is the heads axis, times
+    sqrt(C/heads) and a per-channel gain over the last axis."""
 
-    def __init__(self, channels: int, norm: str, heads: int = 1, qk_norm: bool = False):
+    def __init__(self, head_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim))
+        self.eps, self.scale = eps, math.sqrt(head_dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return F.normalize(t, dim=1, eps=self.eps) * (self.weight * self.scale).to(t.dtype)
+
+
+class AttnBlock(nn.Module):
+    """Self-attention over the H*W positions with 1x1-conv projections; `heads` of C / heads channels.
+    style "ldm" (LDM's AttnBlock): q, k and v convs with biases, softmax scale 1 / sqrt(C / heads), and with
+    `qk_norm` an RMSNorm of q and k per head. style "seed" (the seed's): one bias-free qkv conv, softmax scale
+    1 / sqrt(C), and with `qk_norm` SeedQKNorm."""
+
+    def __init__(self, channels: int, norm: str, heads: int = 1, qk_norm: bool = False, style: str = "ldm"):
         super().__init__()
         if channels % heads:
             raise ValueError(f"attention of {channels} channels cannot split into {heads} heads")
+        if style not in ("ldm", "seed"):
+            raise ValueError(f"attention style must be ldm or seed (got {style!r})")
         self.norm = make_norm(norm, channels)
-        self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
+        if style == "seed":
+            self.qkv = nn.Conv2d(channels, 3 * channels, 1, bias=False)
+        else:
+            self.q, self.k, self.v = (nn.Conv2d(channels, channels, 1) for _ in range(3))
         self.proj_out = nn.Conv2d(channels, channels, 1)
-        self.heads = heads
-        self.q_norm = nn.RMSNorm(channels // heads, eps=1e-6) if qk_norm else None
-        self.k_norm = nn.RMSNorm(channels // heads, eps=1e-6) if qk_norm else None
+        self.heads, self.style = heads, style
+        self.scale = channels ** -0.5 if style == "seed" else None          # None: SDPA's 1 / sqrt(head dim)
+        qk = (lambda: SeedQKNorm(channels // heads)) if style == "seed" else (
+            lambda: nn.RMSNorm(channels // heads, eps=1e-6))
+        self.q_norm = qk() if qk_norm else None
+        self.k_norm = qk() if qk_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -117,10 +141,11 @@ class AttnBlock(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:                       # (B, C, H, W) -> (B, heads, HW, C/heads)
             return t.reshape(b, self.heads, c // self.heads, h * w).transpose(-1, -2)
 
-        q, k, v = heads(self.q(y)), heads(self.k(y)), heads(self.v(y))
+        q, k, v = self.qkv(y).chunk(3, dim=1) if self.style == "seed" else (self.q(y), self.k(y), self.v(y))
+        q, k, v = heads(q), heads(k), heads(v)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        out = F.scaled_dot_product_attention(q, k, v)                     # (B, heads, HW, C/heads)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)   # (B, heads, HW, C/heads)
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
@@ -193,10 +218,10 @@ class _Level(nn.Module):
 class _Mid(nn.Module):
     """The middle: ResnetBlock, attention, ResnetBlock (LDM's mid.block_1, mid.attn_1, mid.block_2)."""
 
-    def __init__(self, channels: int, norm: str, dropout: float, heads: int, qk_norm: bool):
+    def __init__(self, channels: int, norm: str, dropout: float, heads: int, qk_norm: bool, attn_style: str):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, norm, dropout)
-        self.attn_1 = AttnBlock(channels, norm, heads, qk_norm)
+        self.attn_1 = AttnBlock(channels, norm, heads, qk_norm, attn_style)
         self.block_2 = ResnetBlock(channels, channels, norm, dropout)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -231,7 +256,8 @@ class BlockSlots:
 class Encoder(nn.Module):
     def __init__(self, *, in_channels: int, channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
                  attn_resolutions: tuple[int, ...], resolution: int, out_channels: int, norm: str, resample: str,
-                 dropout: float = 0.0, heads: int = 1, qk_norm: bool = False):
+                 dropout: float = 0.0, heads: int = 1, qk_norm: bool = False, attn_style: str = "ldm",
+                 out_kernel: int = 3):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
         self.down = nn.ModuleList()
@@ -242,14 +268,14 @@ class Encoder(nn.Module):
                 level.block.append(ResnetBlock(width, channels * mult, norm, dropout))
                 width = channels * mult
                 if side in attn_resolutions:
-                    level.attn.append(AttnBlock(width, norm, heads, qk_norm))
+                    level.attn.append(AttnBlock(width, norm, heads, qk_norm, attn_style))
             if i < len(channel_mult) - 1:
                 level.downsample = Downsample(width, resample)
                 side //= 2
             self.down.append(level)
-        self.mid = _Mid(width, norm, dropout, heads, qk_norm)
+        self.mid = _Mid(width, norm, dropout, heads, qk_norm, attn_style)
         self.norm_out = make_norm(norm, width)
-        self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(width, out_channels, out_kernel, padding=out_kernel // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -261,12 +287,12 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, *, out_channels: int, channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
                  attn_resolutions: tuple[int, ...], resolution: int, z_channels: int, norm: str, resample: str,
-                 dropout: float = 0.0, heads: int = 1, qk_norm: bool = False):
+                 dropout: float = 0.0, heads: int = 1, qk_norm: bool = False, attn_style: str = "ldm"):
         super().__init__()
         width = channels * channel_mult[-1]
         side = resolution // 2 ** (len(channel_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, width, 3, padding=1)
-        self.mid = _Mid(width, norm, dropout, heads, qk_norm)
+        self.mid = _Mid(width, norm, dropout, heads, qk_norm, attn_style)
         self.up = nn.ModuleList()
         for i in reversed(range(len(channel_mult))):                      # LDM stores up[i] for level i
             level = _Level()
@@ -274,7 +300,7 @@ class Decoder(nn.Module):
                 level.block.append(ResnetBlock(width, channels * channel_mult[i], norm, dropout))
                 width = channels * channel_mult[i]
                 if side in attn_resolutions:
-                    level.attn.append(AttnBlock(width, norm, heads, qk_norm))
+                    level.attn.append(AttnBlock(width, norm, heads, qk_norm, attn_style))
             if i > 0:
                 level.upsample = Upsample(width, resample)
                 side *= 2
@@ -300,12 +326,15 @@ class _Autoencoder(nn.Module):
                  channel_mult: tuple[int, ...] = (1, 2, 4, 4), num_res_blocks: int = 2,
                  attn_resolutions: tuple[int, ...] = (), z_channels: int = 4, norm: str = "group",
                  resample: str = "conv", dropout: float = 0.0, mid_heads: int = 1, qk_norm: bool = False,
-                 kernels: str = "auto", encoder_out: Optional[int] = None):
+                 attn_style: str = "ldm", encoder_out_kernel: int = 3, kernels: str = "auto",
+                 encoder_out: Optional[int] = None):
         super().__init__()
         from .layers import resolve_kernels
 
         if norm not in ("group", "rms") or resample not in ("conv", "bilinear"):
             raise ValueError(f"norm must be group or rms and resample conv or bilinear (got {norm}, {resample})")
+        if encoder_out_kernel not in (1, 3):
+            raise ValueError(f"the encoder's output conv is 1x1 or 3x3 (got encoder_out_kernel={encoder_out_kernel})")
         factor = 2 ** (len(channel_mult) - 1)
         if input_size % factor:
             raise ValueError(f"input size {input_size} is not divisible by the downsampling factor {factor}")
@@ -314,12 +343,14 @@ class _Autoencoder(nn.Module):
                              f"channel_mult={list(channel_mult)})")
         shape = dict(channels=channels, channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
                      attn_resolutions=tuple(attn_resolutions), resolution=input_size, norm=norm, resample=resample,
-                     dropout=dropout, heads=mid_heads, qk_norm=qk_norm)
-        self.encoder = Encoder(in_channels=in_channels, out_channels=encoder_out or z_channels, **shape)
+                     dropout=dropout, heads=mid_heads, qk_norm=qk_norm, attn_style=attn_style)
+        self.encoder = Encoder(in_channels=in_channels, out_channels=encoder_out or z_channels,
+                               out_kernel=encoder_out_kernel, **shape)
         self.decoder = Decoder(out_channels=in_channels, z_channels=z_channels, **shape)
         self.input_size, self.in_channels, self.z_channels, self.factor = input_size, in_channels, z_channels, factor
         self._shape = dict(input_size=input_size, in_channels=in_channels, z_channels=z_channels, **{
-            k: v for k, v in shape.items() if k not in ("resolution", "heads")}, mid_heads=mid_heads)
+            k: v for k, v in shape.items() if k not in ("resolution", "heads")}, mid_heads=mid_heads,
+            encoder_out_kernel=encoder_out_kernel)
         kernels = resolve_kernels(kernels)         # norm + SiLU of every ResnetBlock and both outputs' norms
         for m in self.modules():
             if isinstance(m, (GroupNorm, ChannelRMSNorm)):

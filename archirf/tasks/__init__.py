@@ -16,7 +16,7 @@ import torch
 
 
 # run-dir entries tasks write besides checkpoints/, snapshots/ and metrics.jsonl: resume=none moves them aside too
-TASK_OUTPUTS = ("posthoc", "eval.jsonl", "fid.png", "reconstructions.png")
+TASK_OUTPUTS = ("posthoc", "eval.jsonl", "fid.png", "reconstructions.png", "losses.png")
 
 
 def build_task(cfg, env, run_dir: Path, *, dtype: Optional[torch.dtype], compile: bool, cuda_graph: bool = False,

@@ -1,7 +1,7 @@
 """The autoencoder task: an autoencoder (models/autoencoder.py) trained with LDM's loss (losses/autoencoder.py):
 L1 + LPIPS, the KL or the clipped latent's variance term, and a PatchGAN with the adaptive weight once
 `loss.disc_start` images are seen. Two optimizers (the autoencoder's AdamW with optim.*, the discriminator's
-with loss.disc_lr), an EMA of the autoencoder, reconstruction grids.
+with loss.disc_lr), an EMA of the autoencoder, reconstruction grids and the loss terms' curves.
 
 Per micro batch: the autoencoder's forward and the generator loss with the discriminator frozen (so the GAN
 term's gradient reaches the autoencoder only, as Lightning's optimizer toggling does in LDM), its backward;
@@ -37,6 +37,11 @@ from ..optim import build_optimizer
 from ..parallel import Env
 
 _PICTURES = 8          # originals and reconstructions in each grid
+_CURVES = [            # losses.png's panels: (title, keys on the left axis, keys on the right axis)
+    ("reconstruction", ("l1", "lpips"), ("psnr",)),
+    ("GAN", ("g_loss", "d_loss", "logits_real", "logits_fake"), ("adaptive_weight",)),
+    ("latent", ("kl", "var_loss"), ("clip_fraction", "gain")),
+]
 
 
 class AutoencoderTask:
@@ -274,8 +279,9 @@ class AutoencoderTask:
         return self.evaluation(self.ema, images_seen)
 
     def pictures(self, images: int, final: bool) -> None:
-        """Originals (top row) above the EMA autoencoder's reconstructions; every rank calls it."""
-        from ..visualize import save_grid
+        """Originals (top row) above the EMA autoencoder's reconstructions, and the loss terms' curves so far
+        (losses.png); every rank calls it."""
+        from ..visualize import plot_metric_panels, save_grid
 
         weights = self.ema.full_state_dict(keep=self.env.is_main)  # every rank joins the gather; rank 0 draws
         if not self.env.is_main:
@@ -291,9 +297,12 @@ class AutoencoderTask:
                   upscale=upscale)
         if final:
             save_grid(grid, self.run_dir / "reconstructions.png", nrow=len(self.pictures_x), upscale=upscale)
+        if (self.run_dir / "metrics.jsonl").exists():       # (none before the first log line)
+            plot_metric_panels(self.run_dir / "metrics.jsonl", self.run_dir / "losses.png", _CURVES)
 
     def done_message(self) -> str:
-        return f"reconstructions in {self.run_dir / 'reconstructions.png'} (originals above)"
+        return (f"reconstructions in {self.run_dir / 'reconstructions.png'} (originals above), loss terms in "
+                f"{self.run_dir / 'losses.png'}")
 
 
 def step_macs(model, lpips, discriminator, resolution: int, channels: int) -> dict[str, int]:
