@@ -462,6 +462,9 @@ def validate(cfg: Config) -> None:
              "model.channels, num_res_blocks, z_channels and mid_heads must be >= 1")
         need(m.encoder_out_kernel in (1, 3), f"model.encoder_out_kernel={m.encoder_out_kernel}: the encoder's output "
              f"conv is 1x1 or 3x3; use 1 or 3")
+        need(not (m.attn_style == "seed" and m.qk_norm and m.mid_heads == 1),
+             "model.attn_style=seed with model.qk_norm=true normalises q and k over the heads axis, which with "
+             "model.mid_heads=1 leaves only their signs; set model.mid_heads >= 2 or model.qk_norm=false")
         need(len(m.channel_mult) >= 1 and all(c >= 1 for c in m.channel_mult),
              f"model.channel_mult must be a non-empty list of positive integers (got {m.channel_mult})")
         need(0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)")
@@ -747,7 +750,8 @@ def to_yaml(cfg: Config) -> str:
 def _migrate(mapping, saved: bool = False) -> None:
     """Keys renamed since a config was written, moved to their new name in place, so a run dir's config.yaml, a
     snapshot's config and a recipe keep working. Both names with different values: ConfigError. A saved
-    config's data.latent_storage is dropped where its source never read it (it was a dump of every key)."""
+    config's data.latent_storage is dropped where its source never read it (it was a dump of every key), and a saved
+    autoencoder config from before model.attn_style / encoder_out_kernel gets the network it was trained with."""
     for old, new in _RENAMED.items():
         section, _, key = old.rpartition(".")
         new_key = new.rpartition(".")[2]
@@ -761,6 +765,12 @@ def _migrate(mapping, saved: bool = False) -> None:
         if saved and old == "data.latent_storage" and node.get("source") not in ("latents", "array"):
             continue
         node[new_key] = value
+    model = mapping.get("model") if isinstance(mapping, DictConfig) else None
+    if saved and isinstance(model, DictConfig) and model.get("name") == "autoencoder" and not (
+            {"attn_style", "encoder_out_kernel"} & set(model)):
+        # saved before the two keys existed, when every autoencoder (Seed-f8c16 too) had LDM's attention and a 3x3
+        # encoder output: that network, not what its preset now names
+        model.attn_style, model.encoder_out_kernel = "ldm", 3
 
 
 def from_yaml_text(text: str) -> Config:

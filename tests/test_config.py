@@ -138,3 +138,23 @@ def test_compile_mode_reaches_every_block(monkeypatch):
     seen.clear()
     parallel.parallelize(build_model(cfg), None, param_dtype=None, compile=True, shard=False)
     assert seen and all("mode" not in k for k in seen)
+
+
+def test_a_saved_autoencoder_config_from_before_the_attention_style_keeps_its_network():
+    """A run dir's config.yaml written before model.attn_style / encoder_out_kernel existed (every autoencoder then
+    had LDM's attention and a 3x3 encoder output) reads back as that network, not as what Seed-f8c16 now names; a
+    config written now round-trips with the seed's."""
+    cfg = load_config("configs/ae_seed_64px.yaml")
+    assert (cfg.model.attn_style, cfg.model.encoder_out_kernel) == ("seed", 1)
+    assert from_yaml_text(to_yaml(cfg)) == cfg
+    old = "\n".join(line for line in to_yaml(cfg).splitlines()
+                    if not line.strip().startswith(("attn_style:", "encoder_out_kernel:")))
+    back = from_yaml_text(old)
+    assert (back.model.attn_style, back.model.encoder_out_kernel) == ("ldm", 3)
+    assert back.model.preset == "Seed-f8c16" and back.model.mid_heads == 4
+
+
+def test_the_seeds_qk_norm_needs_two_heads():
+    with pytest.raises(ConfigError, match="only their signs; set model.mid_heads >= 2") as err:
+        load_config("configs/ae_seed_64px.yaml", ["model.mid_heads=1"])
+    assert "\n" not in str(err.value)
