@@ -159,14 +159,15 @@ def test_docs_table_of_autoencoder_presets_is_the_code():
     from archirf.models.autoencoder import build_autoencoder
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
-    rows = re.findall(r"^\| `([\w-]+)` \| (\w+) \| (\d+) × \d+ × 3 → [^|]+\| ([\d.]+)M \+ ([\d.]+)M[^|]*\| ([\d.]+) / ([\d.]+) \|$",
-                      text, re.M)
+    rows = re.findall(r"^\| `([\w-]+)` \| (\w+) \| (\d+) × \d+ × 3 → [^|]+\| ([\d.]+)M \+ ([\d.]+)M \(([\d.]+)M[^|]*\| "
+                      r"([\d.]+) / ([\d.]+) \|$", text, re.M)
     assert [r[0] for r in rows] == list(AUTOENCODER_PRESETS)
-    for name, latent, side, enc, dec, macs_e, macs_d in rows:
+    for name, latent, side, enc, dec, total, macs_e, macs_d in rows:
         with torch.device("meta"):
             ae = build_autoencoder(name, input_size=int(side))
         assert ae.kind == latent == AUTOENCODER_PRESETS[name]["latent"]
         assert (f"{_params(ae.encoder) / 1e6:.2f}", f"{_params(ae.decoder) / 1e6:.2f}") == (enc, dec), name
+        assert f"{ae.num_params() / 1e6:.2f}" == total, name                # the whole network, quant convs too
         macs = ae.flops_per_image()
         assert f"{macs['encoder'] / 1e9:.{len(macs_e.split('.')[1])}f}" == macs_e, name
         assert f"{macs['decoder'] / 1e9:.{len(macs_d.split('.')[1])}f}" == macs_d, name
@@ -252,6 +253,7 @@ def test_lpips_with_random_weights_is_a_distance_in_fp32():
 def test_discriminator_size_and_patches():
     d = PatchDiscriminator()
     assert _params(d) == 2_765_633
+    assert f"{_params(d):,} parameters" in (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
     assert d(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 6, 6)
     assert d.to("meta")(torch.zeros(1, 3, 256, 256, device="meta")).shape == (1, 1, 30, 30)
 
