@@ -4,7 +4,7 @@ TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR, one after the other.
 
     python -m benchmarks.digits_wall --out DIR/digits_wall.jsonl \
         --run "default" --run "plain model.kernels=reference model.attn_impl=sdpa optim.fused_update=false" \
-        [--command N] [--logs] [--work DIR] [--standalone] [key=value ...]
+        [--command N] [--logs] [--work DIR] [--standalone] [--timeout S] [key=value ...]
 
 --run "LABEL [key=value ...]": a run's label, then its own overrides (default: one run, "default", none); the
 trailing key=value overrides go to every run (the default digits job when there are none). The run's stdout and
@@ -20,7 +20,9 @@ line's time is when it was printed). From them:
   steady rate     the progress bar's last img_s (metrics.jsonl's last img_per_s: the last log window's rate)
   final loss      the progress bar's last loss (the last log window's mean)
 Writes one jsonl row per run (appended to --out, with the GPU, the torch and triton versions and the commit) and
-prints the table; --logs keeps each run's stamped lines beside --out as <stem>_<label>.log.
+prints the table; --logs keeps each run's stamped lines beside --out as <stem>_<label>.log. Each run is its own
+process group: --timeout S kills it after S seconds (the row's timed_out), and an interrupt, SIGTERM or error kills
+it before its folder is removed, so no job outlives the tool on the GPU.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, Optional
@@ -71,35 +75,64 @@ def derive(lines: list[tuple[float, str]], exit_s: float, wall_s: float) -> dict
     rates = [IMG_S.search(line) for _, line in bars if IMG_S.search(line)]
     losses = [LOSS.search(line) for _, line in bars if LOSS.search(line)]
     loss = losses[-1].group(1) if losses else None
-    return {"wall_s": round(wall_s, 1), "first_line_s": round(lines[0][0], 2) if lines else None,
+    return {"wall_s": round(wall_s, 2), "first_line_s": round(lines[0][0], 2) if lines else None,
             "progress_bar_s": round(moving[0], 2) if moving else None,
             "done_s": round(done[0], 2) if done else None, "exit_s": round(exit_s, 2),
             "steady_img_per_s": int(rates[-1].group(1).replace(",", "")) if rates else None,
             "final_loss": None if loss in (None, "nan") else float(loss)}
 
 
-def run_one(label: str, overrides: list[str], work: Path, standalone: bool) -> tuple[dict, list[tuple[float, str]]]:
-    """One cold run: fresh run_dir and empty compile caches; -> (its derived fields and rc, its stamped lines)."""
+def run_env(work: Path, label: str) -> dict:
+    """The run's environment: its own compile caches (the folders `run_one` makes empty) and unbuffered output."""
+    return {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor_{label}"),
+            "TRITON_CACHE_DIR": str(work / f"triton_{label}"), "PYTHONUNBUFFERED": "1"}
+
+
+def run_one(label: str, overrides: list[str], work: Path, standalone: bool,
+            timeout: Optional[float] = None) -> tuple[dict, list[tuple[float, str]]]:
+    """One cold run: fresh run_dir and empty compile caches; -> (its derived fields, rc and timed_out, its stamped
+    lines). The job is a new session: after `timeout` seconds, or on any exception here (SIGTERM included, see
+    main), its whole process group (torchrun and its workers) is killed."""
     run_dir, inductor, triton = (work / f"{kind}_{label}" for kind in ("run", "inductor", "triton"))
     for d in (run_dir, inductor, triton):
         shutil.rmtree(d, ignore_errors=True)
     inductor.mkdir(parents=True)
     triton.mkdir(parents=True)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor), "TRITON_CACHE_DIR": str(triton),
-           "PYTHONUNBUFFERED": "1"}
+    env = run_env(work, label)
     cmd = [sys.executable, "-m", "torch.distributed.run", *(["--standalone"] if standalone else []),
            "--nproc_per_node=1", "-m", "archirf.train", f"run_dir={run_dir}", *overrides]
     chunks = []
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    fd = proc.stdout.fileno()
-    while chunk := os.read(fd, 65536):
-        chunks.append((time.perf_counter() - t0, chunk))
-    exit_s = time.perf_counter() - t0     # the stream's end: the last process holding it has exited
-    rc = proc.wait()
-    wall_s = time.perf_counter() - t0
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                            start_new_session=True)
+    timed_out = threading.Event()
+
+    def kill():
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    timer = threading.Timer(timeout, lambda: (timed_out.set(), kill())) if timeout else None
+    try:
+        if timer:
+            timer.start()
+        fd = proc.stdout.fileno()
+        while chunk := os.read(fd, 65536):
+            chunks.append((time.perf_counter() - t0, chunk))
+        exit_s = time.perf_counter() - t0     # the stream's end: the last process holding it has exited
+        rc = proc.wait()
+        wall_s = time.perf_counter() - t0
+    except BaseException:
+        kill()
+        proc.wait()
+        raise
+    finally:
+        if timer:
+            timer.cancel()
+        proc.stdout.close()
     lines = stamped_lines(chunks)
-    return {**derive(lines, exit_s, wall_s), "rc": rc}, lines
+    return {**derive(lines, exit_s, wall_s), "rc": rc, "timed_out": timed_out.is_set()}, lines
 
 
 def environment() -> dict:
@@ -165,6 +198,8 @@ def main(argv=None) -> int:
     ap.add_argument("--logs", action="store_true", help="keep each run's stamped lines as <out stem>_<label>.log")
     ap.add_argument("--standalone", action="store_true", help="torchrun --standalone: a free rendezvous port "
                                                               "(several jobs on one host)")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds a run may take; then its process group "
+                                                                   "is killed (timed_out in its row)")
     ap.add_argument("overrides", nargs="*", help="key=value for every run")
     args = ap.parse_args(argv)
     runs = [parse_run(spec) for spec in args.run or ["default"]]
@@ -176,17 +211,22 @@ def main(argv=None) -> int:
     job = " ".join(["torchrun", *(["--standalone"] if args.standalone else []), "--nproc_per_node=1 -m archirf.train",
                     *(args.overrides or ["(defaults)"])])
     rows = []
+    # SIGTERM (e.g. from `timeout`) raises here, so run_one kills the job and the folder goes after it
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         for label, overrides in runs:
-            fields, lines = run_one(label, [*args.overrides, *overrides], work, args.standalone)
+            fields, lines = run_one(label, [*args.overrides, *overrides], work, args.standalone, args.timeout)
             if args.logs:
                 (out.parent / f"{out.stem}_{label}.log").write_text("".join(f"{t:7.2f} {line}\n" for t, line in lines))
             if fields["rc"] != 0:
                 tail = "\n".join(line for _, line in lines[-15:])
-                print(f"digits_wall: run {label} exited with {fields['rc']}; its last lines:\n{tail}", file=sys.stderr)
+                why = " (killed at --timeout)" if fields["timed_out"] else ""
+                print(f"digits_wall: run {label} exited with {fields['rc']}{why}; its last lines:\n{tail}",
+                      file=sys.stderr)
             rows.append({"run": label, "command": args.command, "overrides": " ".join(overrides) or "default",
                          **fields, "inductor_cache": "empty", "triton_cache": "empty", "job": job})
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     env = environment()

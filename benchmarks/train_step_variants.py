@@ -13,9 +13,15 @@ autocast on CUDA, synthetic data already on the device):
             backward captured as one CUDA graph at the first step and replayed (archirf/step_graph.py's StepGraph;
             clip, AdamW and the EMAs after each replay, as the trainer runs them); graph_compiled captures the
             per-block compiled module (cuda_graph=on compile=on), graph_mat the same compiled in max-autotune-
-            no-cudagraphs; CUDA only. Unlike the trainer's small captured step, kernels stays as given (auto:
-            the fused ops run eagerly inside the graph; graph_ref for plain PyTorch)
-  *_ref     the same with model.kernels=reference (no fused Triton ops)
+            no-cudagraphs; CUDA only. Unlike the trainer's small captured step, model.kernels and
+            model.attn_impl stay as given (auto: the fused ops run eagerly inside the graph; graph_ref still
+            runs the Triton QK-norm and joint attention ops where the model has them; graph_plain is the
+            trainer's small captured step)
+  *_ref     the same with model.kernels=reference (no fused adaLN, norm or EDM2 ops; attention as given)
+  graph_plain   graph with the config the trainer builds its eager captured step from (archirf/trainer.py's
+            _plain_ops, for this one-rank step of --batch images): within SMALL_STEP_MACS, model.kernels=auto ->
+            reference, model.attn_impl=auto -> sdpa where model.attn_backend allows, optim.fused_update ->
+            false unless _fu; refused where it resolves nothing (a larger step: the trainer keeps the fused ops)
   *_tri     the same with model.kernels=triton (every fused op, inside compiled code too, where auto leaves
             the adaLN and EDM2 ops to inductor)
   *_fp8t, *_fp8r   the same with precision=fp8-tensorwise / fp8-rowwise (archirf/fp8.py's layers; "whole"
@@ -27,8 +33,10 @@ autocast on CUDA, synthetic data already on the device):
             with fused epilogues), per block (fsdp, plain, graph) or whole; the suffix goes last, e.g. plain_fu_cg
   *_compiled  graph only: its blocks compiled in the default mode, e.g. graph_ref_compiled
 Prints one JSON line per variant (ms per step, img/s, MFU at 6 x forward MACs, peak memory,
-first-step seconds incl. compilation); --profile writes torch.profiler tables per variant. --rounds R keeps
-every variant alive and times them in R interleaved rounds (median; each line lists its rounds' ms).
+first-step seconds incl. compilation); peak_mem_gib is the peak of allocated memory over the timed steps, for
+graph rows from the build on, the capture included (a replay allocates nothing: the activations are allocated
+during the capture, in the graph's pool, which keeps them); --profile writes torch.profiler tables per variant.
+--rounds R keeps every variant alive and times them in R interleaved rounds (median; each line lists its rounds' ms).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from archirf.objectives import build_objective
 from archirf.optim import build_optimizer
 from archirf.sample import autocast_model_fn
 from archirf.step_graph import StepGraph
+from archirf.trainer import _plain_ops
 
 
 FP8_SUFFIXES = {"_fp8t": "fp8-tensorwise", "_fp8r": "fp8-rowwise"}
@@ -64,6 +73,7 @@ class Variant:
 
     def __init__(self, name, cfg, model, device, dtype, batch, graphs=False, capture=False):
         self.name, self.cfg, self.model, self.device, self.batch = name, cfg, model, device, batch
+        self.capture = capture
         objective = build_objective(cfg)
         optimizer = build_optimizer(model, cfg.optim, device)
         ema = EMA(model, half_life_images=1e6)
@@ -110,7 +120,7 @@ class Variant:
             zero_grad()
             ema.update(model, seen[0], batch)
 
-        self.step = step
+        self.step, self.ema = step, ema
         t0 = time.perf_counter()
         step()
         self.sync()
@@ -158,9 +168,10 @@ class Variant:
 
 
 def measure(variant: Variant, steps: int, profile_dir) -> dict:
-    """One variant alone: `steps` timed steps after its warm-up, its own peak memory."""
+    """One variant alone: `steps` timed steps after its warm-up, its own peak memory (a captured variant's from
+    before its capture: its replays allocate nothing)."""
     cuda = variant.device.type == "cuda"
-    if cuda:
+    if cuda and not variant.capture:
         torch.cuda.reset_peak_memory_stats()
     sec = variant.time(steps)
     out = variant.result(sec, peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
@@ -191,7 +202,8 @@ def model_flops(cfg) -> int:
 
 
 def parse_variant(name: str, base, device) -> tuple:
-    """name -> (its config, kind, inductor mode or None): kind[_ref|_tri][_fp8t|_fp8r][_fu][_cg|_mat|_compiled]."""
+    """name -> (its config, kind, inductor mode or None):
+    kind[_ref|_tri|_plain][_fp8t|_fp8r][_fu][_cg|_mat|_compiled]."""
     cfg = copy.deepcopy(base)
     core, mode = name, None
     for suffix, m in MODE_SUFFIXES.items():
@@ -205,13 +217,23 @@ def parse_variant(name: str, base, device) -> tuple:
             core, cfg.precision = core.removesuffix(suffix), precision
             fp8.check(precision, cfg.model.name, device)
     kind, kernels = core, None
-    for suffix, choice in (("_ref", "reference"), ("_tri", "triton")):
+    for suffix, choice in (("_ref", "reference"), ("_tri", "triton"), ("_plain", "plain")):
         if core.endswith(suffix):
             kind, kernels = core.removesuffix(suffix), choice
     if kind not in KINDS:
-        raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(KINDS)}, then in this order _ref or "
-                         f"_tri, _fp8t or _fp8r, _fu, _cg or _mat (_compiled: graph only) (e.g. plain_ref_fp8t_fu_cg)")
-    if kernels:
+        raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(KINDS)}, then in this order _ref, "
+                         f"_tri or _plain (graph only), _fp8t or _fp8r, _fu, _cg or _mat (_compiled: graph only) "
+                         f"(e.g. plain_ref_fp8t_fu_cg)")
+    if kernels == "plain":
+        if kind != "graph" or mode:
+            raise SystemExit(f"variant {name}: _plain is the trainer's eager captured step: graph_plain[_fu], "
+                             f"uncompiled")
+        cfg, resolved = _plain_ops(cfg, parallel.Env(device=device), step_graph=True, use_compile=False)
+        if not resolved:
+            raise SystemExit(f"variant {name}: the trainer resolves nothing here (a step above SMALL_STEP_MACS "
+                             f"keeps the fused ops, and explicit choices stay): it would time {kind}"
+                             f"{name.removeprefix(kind).removeprefix('_plain')}")
+    elif kernels:
         if cfg.model.kernels is None:
             raise SystemExit(f"variant {name}: model.name={cfg.model.name} has no model.kernels to set to "
                              f"{kernels}; drop the {name.removeprefix(kind)[:4]} variants")
@@ -267,6 +289,7 @@ def main(argv=None) -> int:
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()    # a graph row's peak counts its capture (measure)
             cfg, kind, mode = plans[name]
             if kind in ("fsdp", "plain", "graph"):
                 cfg.parallel.shard_single_rank = kind == "fsdp"

@@ -4,6 +4,13 @@ run's SUMMARY, the captured step's side with an eager stand-in for the graph).""
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
 from pathlib import Path
 
 import pytest
@@ -49,7 +56,7 @@ def test_the_spans_come_from_the_first_moving_bar_the_done_line_and_the_last_bar
              (21.0, "archirf: done; samples in x"),
              (21.0, "100%|██████████| 128k/128k [00:18<00:00, 7kimg/s]")]
     row = wall.derive(lines, exit_s=22.46, wall_s=22.51)
-    assert row == {"wall_s": 22.5, "first_line_s": 3.0, "progress_bar_s": 9.0, "done_s": 21.0, "exit_s": 22.46,
+    assert row == {"wall_s": 22.51, "first_line_s": 3.0, "progress_bar_s": 9.0, "done_s": 21.0, "exit_s": 22.46,
                    "steady_img_per_s": 43663, "final_loss": 0.1389}
     # a stdout line printed after a bar redraw, without its own line end, is still the done line
     glued = lines[:3] + [(20.5, "100%|█| 128k/128k [00:18, img_s=43,663, loss=nan]archirf: done; samples")]
@@ -69,34 +76,111 @@ def test_a_run_is_a_label_then_its_overrides(spec, why):
         wall.parse_run(spec)
 
 
-def test_digits_wall_times_each_run_cold_and_reads_its_output(tmp_path, monkeypatch, capsys):
+def _record_popen(monkeypatch, cmd=None):
+    """digits_wall's Popen of a job (the one given an environment), recorded (its command and environment) and run,
+    with `cmd` in place of the job's. (The module is subprocess itself: the tool's `git` calls pass through.)"""
+    calls, real = [], subprocess.Popen
+
+    def popen(args, **kwargs):
+        if "env" not in kwargs:
+            return real(args, **kwargs)
+        calls.append((list(args), kwargs["env"]))
+        return real(cmd or args, **kwargs)
+
+    monkeypatch.setattr(wall.subprocess, "Popen", popen)
+    return calls
+
+
+def test_digits_wall_times_a_run_cold_and_reads_its_output(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)
+    calls = _record_popen(monkeypatch)
     out, work = tmp_path / "wall.jsonl", tmp_path / "work"
     job = [*TINY, "global_batch=32", "total_images=320", "log_every=64", "sample_every=0", "checkpoint_every=0",
            "sample.steps=2", "sample.per_class=1", "sample.gif_frames=2"]
     rc = wall.main(["--out", str(out), "--work", str(work), "--standalone", "--logs", "--command", "2",
-                    "--run", "default", "--run", "fast optim.lr=3e-3", *job])
+                    "--run", "fast optim.lr=3e-3", *job])
     assert rc == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["run"], r["command"], r["overrides"], r["rc"]) for r in rows] == [
-        ("default", 2, "default", 0), ("fast", 2, "optim.lr=3e-3", 0)]
-    for r in rows:
-        metrics = [json.loads(line) for line in (work / f"run_{r['run']}" / "metrics.jsonl").read_text().splitlines()]
-        # the bar's last postfix is the last log window's rate and loss
-        assert r["steady_img_per_s"] == round(metrics[-1]["img_per_s"])
-        assert r["final_loss"] == round(metrics[-1]["loss"], 4)
-        assert 0 < r["first_line_s"] <= r["progress_bar_s"] <= r["done_s"] <= r["exit_s"] <= r["wall_s"] + 0.05
-        assert (work / f"inductor_{r['run']}").is_dir() and (work / f"triton_{r['run']}").is_dir()
-        assert (r["gpu"], r["torch"], r["inductor_cache"]) == (None, torch.__version__, "empty")
-        assert r["job"].endswith(" ".join(job)) and r["commit"]
-        log = (tmp_path / f"wall_{r['run']}.log").read_text().splitlines()
-        assert log[0].split(None, 1) == [f"{r['first_line_s']:.2f}", log[0].split(None, 1)[1]]
-        assert log[0].split(None, 1)[1].startswith("archirf: ")
-    assert rows[0]["final_loss"] != rows[1]["final_loss"]     # each run got its own overrides
+    # the job's own empty caches and unbuffered output reach the child, and its overrides follow every run's
+    [(cmd, env)] = calls
+    assert (env["TORCHINDUCTOR_CACHE_DIR"], env["TRITON_CACHE_DIR"], env["PYTHONUNBUFFERED"]) == (
+        str(work / "inductor_fast"), str(work / "triton_fast"), "1")
+    assert cmd[-len(job) - 2:] == [f"run_dir={work / 'run_fast'}", *job, "optim.lr=3e-3"]
+    [r] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (r["run"], r["command"], r["overrides"], r["rc"], r["timed_out"]) == (
+        "fast", 2, "optim.lr=3e-3", 0, False)
+    metrics = [json.loads(line) for line in (work / "run_fast" / "metrics.jsonl").read_text().splitlines()]
+    # the bar's last postfix is the last log window's rate and loss
+    assert r["steady_img_per_s"] == round(metrics[-1]["img_per_s"])
+    assert r["final_loss"] == round(metrics[-1]["loss"], 4)
+    assert 0 < r["first_line_s"] <= r["progress_bar_s"] <= r["done_s"] <= r["exit_s"] <= r["wall_s"]
+    assert (r["gpu"], r["torch"], r["inductor_cache"]) == (None, torch.__version__, "empty")
+    assert r["job"].endswith(" ".join(job)) and r["commit"]
+    log = (tmp_path / "wall_fast.log").read_text().splitlines()
+    assert log[0].split(None, 1) == [f"{r['first_line_s']:.2f}", log[0].split(None, 1)[1]]
+    assert log[0].split(None, 1)[1].startswith("archirf: ")
     table = capsys.readouterr().out.splitlines()
-    assert len(table) == 4 and table[2].startswith("| 2 | default (`default`) |")
-    assert "fast (`optim.lr=3e-3`)" in table[3]
+    assert len(table) == 3 and table[2].startswith("| 2 | fast (`optim.lr=3e-3`) |")
+
+
+def _hang(pid_file):
+    """A stand-in job: it starts a child, writes the child's pid, and both sleep; only a kill of the whole process
+    group ends the child before its sleep does."""
+    code = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+            " open(sys.argv[1], 'w').write(str(c.pid)); time.sleep(60)")
+    return [sys.executable, "-c", code, str(pid_file)]
+
+
+def _gone(pid, within=10.0):
+    """The process has exited (or is a zombie waiting to be reaped) within `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def test_a_run_past_its_timeout_is_killed_with_its_children(tmp_path, monkeypatch):
+    _record_popen(monkeypatch, _hang(tmp_path / "pid"))
+    t0 = time.monotonic()
+    fields, _ = wall.run_one("hang", [], tmp_path, standalone=False, timeout=3)
+    assert time.monotonic() - t0 < 30 and (fields["timed_out"], fields["rc"]) == (True, -signal.SIGKILL)
+    assert _gone(int((tmp_path / "pid").read_text()))
+
+
+def test_a_sigterm_kills_the_job_before_its_folder_goes(tmp_path, monkeypatch):
+    pid_file, out = tmp_path / "pid", tmp_path / "wall.jsonl"
+    calls = _record_popen(monkeypatch, _hang(pid_file))
+    dead_before_removal, real_rmtree = [], wall.shutil.rmtree
+
+    def rmtree(path, **kwargs):
+        if pid_file.exists():       # (not the run's own folders, emptied before it starts)
+            dead_before_removal.append(_gone(int(pid_file.read_text()), within=5.0))
+        return real_rmtree(path, **kwargs)
+
+    def terminate_once_started():
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(wall.shutil, "rmtree", rmtree)
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_once_started, daemon=True).start()
+    with pytest.raises(SystemExit) as exit_:
+        wall.main(["--out", str(out), "--run", "hang"])
+    monkeypatch.undo()
+    assert exit_.value.code == 128 + signal.SIGTERM and signal.getsignal(signal.SIGTERM) is before
+    work = Path(calls[0][1]["TRITON_CACHE_DIR"]).parent
+    # the job's group killed first, then the temporary folder removed, and no row written
+    assert dead_before_removal[-1] and not work.exists() and not out.exists()
 
 
 # -- train_step_variants ---------------------------------------------------------------------------------------
@@ -114,6 +198,8 @@ def base():
     ("graph", CUDA, "graph", None, "auto", False, "default"),
     ("graph_ref_compiled", CUDA, "graph", "default", "reference", False, "default"),
     ("graph_fu_mat", CUDA, "graph", "max-autotune-no-cudagraphs", "auto", True, "max-autotune-no-cudagraphs"),
+    ("graph_plain", CUDA, "graph", None, "reference", False, "default"),
+    ("graph_plain_fu", CUDA, "graph", None, "reference", True, "default"),
 ])
 def test_a_variant_name_sets_its_kind_kernels_update_and_mode(base, name, device, kind, mode, kernels, fused,
                                                               compile_mode):
@@ -134,10 +220,44 @@ def test_a_variant_name_sets_its_kind_kernels_update_and_mode(base, name, device
     ("graph_cg", CUDA, "both replay CUDA graphs.*use graph_compiled"),
     ("graph", CPU, "replays a CUDA graph, and this run is on cpu: run it on a GPU"),
     ("graph_ref_compiled", CPU, "this run is on cpu"),
+    ("plain_plain", CPU, "_plain is the trainer's eager captured step"),
+    ("graph_plain_compiled", CUDA, "_plain is the trainer's eager captured step"),
+    ("graph_plain_ref", CUDA, "unknown variant"),
 ])
 def test_a_variant_the_tool_cannot_time_is_refused_by_name(base, name, device, why):
     with pytest.raises(SystemExit, match=why):
         tsv.parse_variant(name, base, device)
+
+
+def test_graph_plain_is_the_config_the_trainer_builds_its_small_captured_step_from(base):
+    from archirf import trainer
+    from archirf.parallel import Env
+
+    cfg, _, _ = tsv.parse_variant("graph_plain", base, CUDA)
+    want, keys = trainer._plain_ops(base, Env(device=CUDA), step_graph=True, use_compile=False)
+    assert keys and (cfg.model, cfg.optim.fused_update) == (want.model, False)
+    assert (cfg.model.kernels, cfg.model.attn_impl, cfg.model.attn_backend) == ("reference", "sdpa", None)
+    # graph_ref keeps attn_impl as given (auto: the Triton QK-norm attention where the model has it)
+    assert tsv.parse_variant("graph_ref", base, CUDA)[0].model.attn_impl == "auto"
+    # explicit choices stay, as in the trainer; a step the trainer keeps fused is refused, not timed as graph
+    kept = load_config(str(ROOT / "configs" / "digits.yaml"), [*STEP, "model.kernels=triton", "model.attn_impl=sdpa"])
+    with pytest.raises(SystemExit, match="resolves nothing here.*time graph_fu"):
+        tsv.parse_variant("graph_plain_fu", kept, CUDA)
+    big = load_config(str(ROOT / "configs" / "dit_xl2_latent.yaml"), ["global_batch=64", "micro_batch=64"])
+    with pytest.raises(SystemExit, match="resolves nothing here"):
+        tsv.parse_variant("graph_plain", big, CUDA)
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_a_graph_rows_peak_memory_counts_from_before_its_capture(monkeypatch, capture):
+    calls = []
+    monkeypatch.setattr(tsv.torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
+    monkeypatch.setattr(tsv.torch.cuda, "max_memory_allocated", lambda: calls.append("peak") or 3 * 2**30)
+    variant = types.SimpleNamespace(device=CUDA, capture=capture, time=lambda steps: calls.append("time") or 0.01,
+                                    result=lambda sec, **extra: extra)
+    # a replay allocates nothing: a reset after the capture would leave its activations out of the peak
+    assert tsv.measure(variant, 3, None) == {"peak_mem_gib": 3.0}
+    assert calls == (["time", "peak"] if capture else ["reset", "time", "peak"])
 
 
 def test_variants_run_through_main_and_sum_up(capsys, monkeypatch):
@@ -183,14 +303,23 @@ def test_the_graph_variant_steps_through_the_capture_and_keeps_its_gradients(bas
     monkeypatch.setattr(tsv, "StepGraph", _EagerGraph)
     _EagerGraph.made.clear()
     cfg, _, _ = tsv.parse_variant("graph_fu" if fused else "graph", base, CUDA)
-    kept = {}
+    kept, weights, shadows = {}, {}, {}
     for capture in (False, True):
         torch.manual_seed(0)
         variant = tsv.Variant("graph", cfg, build_model(cfg).train(), CPU, None, 4, capture=capture)
         variant.time(1)
         kept[capture] = [p.grad for p in variant.model.parameters() if p.requires_grad]
+        weights[capture] = [p.detach().clone() for p in variant.model.parameters()]
+        shadows[capture] = {n: t.clone() for n, t in variant.ema.shadow.items()}
         if fused:       # (the first step makes the optimizer's state: unfused)
             assert variant.fused_steps == variant.steps - 1 == 4
     assert len(_EagerGraph.made) == 1 and _EagerGraph.made[0].calls == 1 + 3 + 1
     assert all(g is None for g in kept[False])                 # the eager step unsets them
     assert all(g is not None for g in kept[True])              # the graph's tensors: the next replay rewrites them
+    # the captured step clips, updates and averages as the eager one does: the same weights and EMA after 5 steps
+    assert all(torch.equal(a, b) for a, b in zip(weights[False], weights[True], strict=True))
+    assert shadows[False].keys() == shadows[True].keys()
+    assert all(torch.equal(shadows[False][n], shadows[True][n]) for n in shadows[False])
+    torch.manual_seed(0)        # (and the steps moved them: not a comparison of untouched weights)
+    first = [p.detach() for p in build_model(cfg).parameters()]
+    assert not all(torch.equal(a, b) for a, b in zip(first, weights[True], strict=True))
