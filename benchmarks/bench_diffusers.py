@@ -1,7 +1,7 @@
 """A diffusers fine-tuning step with and without archirf_kernels.integrations.diffusers, same process.
 
-    python -m benchmarks.bench_diffusers [--models sd35m] [--layers 12] [--batch 2] [--steps 10] [--res 1024]
-        [--sdpa default|flash|efficient|cudnn]
+    python -m benchmarks.bench_diffusers [--models sd35m] [--layers 12] [--batch 2|max] [--steps 10] [--res 1024]
+        [--sdpa default|flash|efficient|cudnn] [--tol T] [--out DIR] [--smoke]
 
 Models (random weights, fp32 parameters under bf16 autocast, shapes of the released configs with `--layers` blocks):
   sd35m   SD3.5-medium: 24 heads x 64, QK RMSNorm, dual attention in the first 13 blocks, 1024 px -> 128 x 128
@@ -11,7 +11,13 @@ Models (random weights, fp32 parameters under bf16 autocast, shapes of the relea
           packed image tokens of 64 channels, 512 text tokens of width 4096, rotary positions
 One step: forward, the flow-matching MSE against random targets, backward, AdamW (fused). Rows, each compiled
 whole with torch.compile (default mode): "diffusers" (the model as loaded), "patched" (after ak.apply). Prints
-one JSON line per row and the ratio; each row's first output is checked against the other's (bf16 tolerance).
+one JSON line per row and a summary line per model (the ratio). The two rows' first outputs (same weights, same
+inputs) are compared: their relative difference (L2 norm) beyond --tol (default 2e-2 under bf16 autocast, 1e-4 in
+fp32) marks the summary `first_output_ok: false` and makes the exit status 1.
+--batch max doubles the batch from 1 until a step of either row runs out of CUDA memory and measures both rows at
+the last batch that fitted (GPU only). --out DIR writes the lines to DIR/diffusers.jsonl and a table to
+DIR/diffusers.md. --smoke checks the code on the CPU in seconds: toy widths, 64 px, two blocks, fp32, eager, one
+step per row, no timing worth reading.
 --sdpa restricts both rows' PyTorch attention to one SDPA backend (default: PyTorch's own choice). On torch 2.11
 and an H100, compiled diffusers' own Flux (the baseline row) stopped at 1024 px in cuDNN attention's backward
 (4,608 tokens, head dim 128; "mha_graph.execute ... is_good()") and, with --sdpa flash, with an illegal memory
@@ -22,8 +28,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -38,35 +47,50 @@ CONFIGS = {
 }
 
 
-def build(name: str, layers: int, device):
+# (context tokens, context width, pooled width) of the text inputs: CLIP 77 + T5 256 for SD3, T5 512 for Flux
+TEXT = {"sd35m": (333, 4096, 2048), "sd3": (333, 4096, 2048), "flux": (512, 4096, 768)}
+# --smoke: the same classes at toy widths (2 heads x 16), so the CPU takes seconds
+SMOKE = dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16)
+SMOKE_TEXT = (7, 32, 16)
+
+
+def build(name: str, layers: int, device, smoke: bool = False):
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
     if name == "flux":
+        cfg = dict(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=2 * layers,
+                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                   pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
+        if smoke:
+            cfg.update(SMOKE, axes_dims_rope=(4, 6, 6))
         torch.manual_seed(0)
-        return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=layers, num_single_layers=2 * layers,
-                                      attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                      pooled_projection_dim=768, axes_dims_rope=(16, 56, 56)).to(device)
+        return FluxTransformer2DModel(**cfg).to(device)
 
     cfg = dict(CONFIGS[name], num_layers=layers)
+    if smoke:
+        cfg.update(SMOKE, caption_projection_dim=32, pos_embed_max_size=16)
     if "dual_attention_layers" in cfg:
         cfg["dual_attention_layers"] = tuple(i for i in cfg["dual_attention_layers"] if i < layers)
     torch.manual_seed(0)
     return SD3Transformer2DModel(**cfg).to(device)
 
 
-def make_inputs(name: str, batch: int, lat: int, device):
+def make_inputs(name: str, batch: int, lat: int, device, text=None):
+    n_txt, txt_width, pooled = text or TEXT[name]
     gen = torch.Generator(device=device).manual_seed(1)
     randn = lambda *shape: torch.randn(shape, device=device, generator=gen)
     if name == "flux":                  # 2x2 latent patches packed into 64 channels, as Flux's pipeline does
         side = lat // 2
         img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side * 1.0), torch.arange(side * 1.0),
                                              indexing="ij"), -1).reshape(-1, 3).to(device)
-        inputs = dict(hidden_states=randn(batch, side * side, 64), encoder_hidden_states=randn(batch, 512, 4096),
-                      pooled_projections=randn(batch, 768), timestep=torch.rand(batch, device=device, generator=gen),
-                      img_ids=img_ids, txt_ids=torch.zeros(512, 3, device=device))
+        inputs = dict(hidden_states=randn(batch, side * side, 64), encoder_hidden_states=randn(batch, n_txt, txt_width),
+                      pooled_projections=randn(batch, pooled),
+                      timestep=torch.rand(batch, device=device, generator=gen),
+                      img_ids=img_ids, txt_ids=torch.zeros(n_txt, 3, device=device))
         return inputs, randn(batch, side * side, 64)
-    inputs = dict(hidden_states=randn(batch, 16, lat, lat), encoder_hidden_states=randn(batch, 333, 4096),
-                  pooled_projections=randn(batch, 2048), timestep=torch.rand(batch, device=device, generator=gen) * 1000)
+    inputs = dict(hidden_states=randn(batch, 16, lat, lat), encoder_hidden_states=randn(batch, n_txt, txt_width),
+                  pooled_projections=randn(batch, pooled),
+                  timestep=torch.rand(batch, device=device, generator=gen) * 1000)
     return inputs, randn(batch, 16, lat, lat)
 
 
@@ -81,19 +105,30 @@ SDPA = {"default": contextlib.nullcontext, "flash": _sdpa("FLASH_ATTENTION"),
         "efficient": _sdpa("EFFICIENT_ATTENTION"), "cudnn": _sdpa("CUDNN_ATTENTION")}
 
 
-def measure(model, inputs, target, steps):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    step_fn = torch.compile(model)
+def make_step(model, smoke: bool):
+    """One fine-tuning step of `model` on (inputs, target); compiled whole under bf16 autocast, or for --smoke eager
+    in fp32 (the CPU's bf16 is emulated and slow)."""
+    cuda = next(model.parameters()).is_cuda
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
+    step_fn = model if smoke else torch.compile(model)
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    def step(inputs, target):
+        with torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=not smoke):
             out = step_fn(**inputs, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(out.float(), target)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return out.detach()
+    return step
 
+
+def measure(model, inputs, target, steps, smoke: bool = False):
+    step = functools.partial(make_step(model, smoke), inputs, target)
+    if smoke:                           # the code runs: one step, timed by the host clock
+        t0 = time.perf_counter()
+        first = step()
+        return first, (time.perf_counter() - t0) * 1e3, time.perf_counter() - t0
     t0 = time.perf_counter()
     first = step()
     torch.cuda.synchronize()
@@ -110,43 +145,128 @@ def measure(model, inputs, target, steps):
     return first, start.elapsed_time(end) / steps, first_s
 
 
+def max_batch(name: str, layers: int, lat: int, device, sdpa: str) -> int:
+    """The largest batch of 1, 2, 4, ... whose step fits in CUDA memory for both rows: each row's compiled step runs at
+    doubling batches (one model per row, so dynamo recompiles for shape once, not per batch) until it runs out."""
+    from archirf_kernels.integrations import diffusers as ak
+
+    fits = {}
+    for row in ("diffusers", "patched"):
+        torch._dynamo.reset()
+        model = build(name, layers, device)
+        if row == "patched":
+            ak.apply(model)
+        step, batch, fits[row] = make_step(model, smoke=False), 1, 0
+        while True:
+            try:
+                with SDPA[sdpa]():
+                    step(*make_inputs(name, batch, lat, device))
+                torch.cuda.synchronize()
+            except torch.OutOfMemoryError:
+                break
+            fits[row], batch = batch, 2 * batch
+            if row == "patched" and fits["diffusers"] < batch:   # past what diffusers fitted: both are measured at
+                break                                           # the smaller
+        del model, step
+        torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()                        # the rows' peaks are their own
+    print(json.dumps({"model": name, "max_batch": fits}), flush=True)
+    if not min(fits.values()):
+        raise SystemExit(f"{name}: batch 1 does not fit in CUDA memory; lower --layers or --res")
+    return min(fits.values())
+
+
+def table(lines: list[dict], command: str) -> str:
+    """The markdown record: the command, the rows, each model's ratio and first-output check."""
+    summaries = [x for x in lines if "patched_vs_compiled_diffusers" in x]
+    env = summaries[0] if summaries else {}
+    md = [f"# diffusers fine-tuning step, patched with archirf_kernels.integrations.diffusers ({env.get('gpu')})", "",
+          f"`{command}`, torch {env.get('torch')}, diffusers {env.get('diffusers')}.", "",
+          "| model | row | batch | ms / step | img/s | first step s | peak GiB | modules changed |",
+          "|---|---|---|---|---|---|---|---|"]
+    gib = lambda v: "-" if v is None else f"{v:.2f}"
+    md += [f"| {r['model']} | {r['row']} | {r['batch']} | {r['ms']:.2f} | {r['img_per_s']:.2f} | "
+           f"{r['first_step_s']:.1f} | {gib(r['peak_gib'])} | {r['changed']} |" for r in lines if "row" in r]
+    md.append("")
+    md += [f"- {x['model']}: patched vs {'compiled' if x['compiled'] else 'eager'} diffusers "
+           f"{x['patched_vs_compiled_diffusers']:.3f}x; first outputs' "
+           f"relative difference {x['first_output_rel_diff']:.2g} (tolerance {x['tol']:g}): "
+           f"{'ok' if x['first_output_ok'] else '**EXCEEDED**'}" for x in summaries]
+    return "\n".join(md) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="sd35m")
     ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", default="2", help="images per step, or max: the largest power of two that fits (GPU)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--res", type=int, default=1024, help="image pixels (latents are res / 8)")
     ap.add_argument("--sdpa", choices=sorted(SDPA), default="default",
                     help="SDPA backend for both rows' attention (default: PyTorch's dispatch)")
+    ap.add_argument("--tol", type=float, default=None,
+                    help="largest relative difference of the rows' first outputs (default 2e-2 in bf16, 1e-4 in fp32)")
+    ap.add_argument("--out", default=None, help="also write DIR/diffusers.jsonl and DIR/diffusers.md")
+    ap.add_argument("--smoke", action="store_true",
+                    help="on the CPU: toy widths, 64 px, two blocks, fp32, eager, one step per row (checks the code)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.layers, args.res, args.steps = 2, 64, 1
+    if args.batch == "max" and (args.smoke or not torch.cuda.is_available()):
+        ap.error("--batch max doubles the batch until CUDA runs out of memory: it needs a GPU (not --smoke); "
+                 "give a number of images")
+    if args.batch != "max" and not (args.batch.isdigit() and int(args.batch) > 0):
+        ap.error(f"--batch {args.batch}: give a positive number of images or max")
+    if args.sdpa != "default" and args.smoke:
+        ap.error("--sdpa picks a CUDA SDPA backend: leave it out with --smoke")
+    tol = args.tol if args.tol is not None else (1e-4 if args.smoke else 2e-2)
+    import diffusers
+
     from archirf_kernels.integrations import diffusers as ak
 
-    device = torch.device("cuda")
+    device = torch.device("cpu" if args.smoke else "cuda")
+    cuda = device.type == "cuda"
     lat = args.res // 8
+    text = SMOKE_TEXT if args.smoke else None
+    lines, ok = [], True
     for name in args.models.split(","):
-        inputs, target = make_inputs(name, args.batch, lat, device)
+        batch = max_batch(name, args.layers, lat, device, args.sdpa) if args.batch == "max" else int(args.batch)
+        inputs, target = make_inputs(name, batch, lat, device, text)
         rows = {}
         for row in ("diffusers", "patched"):
             torch._dynamo.reset()
-            model = build(name, args.layers, device)
+            model = build(name, args.layers, device, args.smoke)
             report = ak.apply(model) if row == "patched" else None
             with SDPA[args.sdpa]():
-                first, ms, first_s = measure(model, inputs, target, args.steps)
-            rows[row] = dict(model=name, row=row, layers=args.layers, batch=args.batch, res=args.res, sdpa=args.sdpa,
-                             ms=ms, img_per_s=args.batch / ms * 1e3, first_step_s=first_s,
-                             peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+                first, ms, first_s = measure(model, inputs, target, args.steps, args.smoke)
+            rows[row] = dict(model=name, row=row, layers=args.layers, batch=batch, res=args.res, sdpa=args.sdpa,
+                             ms=ms, img_per_s=batch / ms * 1e3, first_step_s=first_s,
+                             peak_gib=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
                              changed=len(report.changed) if report else 0, first=first)
             del model
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
         a, b = rows["diffusers"].pop("first"), rows["patched"].pop("first")
         rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
-        for r in rows.values():
-            print(json.dumps(r))
-        print(json.dumps({"model": name, "patched_vs_compiled_diffusers": rows["diffusers"]["ms"] / rows["patched"]["ms"],
-                          "first_output_rel_diff": rel, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}))
-    return 0
+        summary = {"model": name, "patched_vs_compiled_diffusers": rows["diffusers"]["ms"] / rows["patched"]["ms"],
+                   "first_output_rel_diff": rel, "tol": tol, "first_output_ok": rel <= tol,
+                   "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                   "diffusers": diffusers.__version__, "amp": "fp32" if args.smoke else "bf16",
+                   "compiled": not args.smoke}
+        ok &= summary["first_output_ok"]
+        for line in (*rows.values(), summary):
+            print(json.dumps(line), flush=True)
+            lines.append(line)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "diffusers.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        command = "python -m benchmarks.bench_diffusers " + " ".join(argv if argv is not None else sys.argv[1:])
+        (out / "diffusers.md").write_text(table(lines, command))
+    if not ok:
+        print(f"first outputs differ beyond --tol {tol:g}: see first_output_rel_diff above", file=sys.stderr)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """archirf_kernels.integrations.diffusers: small random-weight diffusers models (SD3.5-shaped with QK RMSNorm and
 dual attention, SD3.0-shaped without QK norm, DiT) patched with `apply` against unpatched copies: the output and
-every parameter's gradient; the report (what changed, what was left alone); `remove`; the per-call fallback (an
-attention mask); no diffusers class touched. fp32 in Triton's interpreter on a CPU (impl="triton"); on a GPU the
-same tests run the kernels for real, in bf16 autocast too."""
+every parameter's gradient (SD3 under each attention backend); the report (what changed, what was left alone
+and why); `remove`; the per-call fallback (an attention mask); no diffusers class touched; the benchmark's smoke
+run. fp32 in Triton's interpreter on a CPU (impl="triton"); on a GPU the same tests run the kernels for real, in
+bf16 autocast too."""
 
 import copy
 import subprocess
@@ -107,14 +108,25 @@ def _compare(ref, ours, tol=2e-5, grad_tol=2e-4):
         assert err(grads_o[n], grads_r[n]) < grad_tol * grads_r[n].norm().item() + floor, n
 
 
+def _spy_attention_backend(monkeypatch) -> list[str]:
+    """The backends the attention ops resolve to, call by call."""
+    from archirf_kernels import attention
+
+    chosen, choose = [], attention.choose_backend
+    monkeypatch.setattr(attention, "choose_backend", lambda *a: chosen.append(choose(*a)) or chosen[-1])
+    return chosen
+
+
+@pytest.mark.parametrize("backend", ["fused", "sdpa"])     # sdpa: the path every real SD3 size takes
 @pytest.mark.parametrize("qk_norm,dual", [("rms_norm", (0,)), (None, ())], ids=["sd35", "sd30"])
-def test_sd3_patched_matches_diffusers(qk_norm, dual):
+def test_sd3_patched_matches_diffusers(qk_norm, dual, backend, monkeypatch):
     model, inputs = _sd3(qk_norm, dual)
     patched = copy.deepcopy(model)
-    report = ak.apply(patched, impl=IMPL)
+    report = ak.apply(patched, impl=IMPL, backend=backend)
     kinds = [c.split(": ", 1)[1] for c in report.changed]
-    assert kinds.count("joint QK-norm attention") == 2                  # both blocks' joint attention
-    assert kinds.count("QK-norm attention") == len(dual)                 # SD3.5's second attention
+    what = "QK-norm attention" if qk_norm else "attention (no QK norm)"      # reported by what runs
+    assert kinds.count(f"joint {what}") == 2                            # both blocks' joint attention
+    assert kinds.count(what) == len(dual)                               # SD3.5's second attention
     # norm1 of the non-dual block and norm1_context of the first block; SD3.5's dual block's norm1; the last block's
     # norm1_context and norm_out (continuous)
     assert kinds.count("adaLN-Zero modulated LayerNorm") == 2 - len(dual) + 1
@@ -122,7 +134,9 @@ def test_sd3_patched_matches_diffusers(qk_norm, dual):
     assert kinds.count("continuous adaLN modulated LayerNorm") == 2
     assert not report.skipped, report.skipped
     assert patched.state_dict().keys() == model.state_dict().keys()
+    chosen = _spy_attention_backend(monkeypatch)
     _compare(_run(model, inputs), _run(patched, inputs))
+    assert chosen and set(chosen) == {backend}
     assert "modules use the fused ops" in str(report)
 
 
@@ -189,6 +203,98 @@ def test_unsupported_qk_norm_is_left_alone():
     report = ak.apply(model, impl=IMPL)
     attn_skips = {n: why for n, why in report.skipped.items() if n.endswith(".attn")}
     assert attn_skips and all("QK norm LayerNorm" in why for why in attn_skips.values())
+
+
+def test_sd3_context_qk_norm_eps_unlike_the_images_is_left_alone():
+    """The joint op takes one q eps and one k eps for both streams: decided at apply, reported, diffusers' processor
+    kept (not listed as changed and then falling back on every call)."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    model, _ = _sd3(dual=())
+    attn = model.transformer_blocks[0].attn
+    attn.norm_added_q.eps = attn.norm_added_k.eps = 1e-5
+    report = ak.apply(model, impl=IMPL)
+    assert report.skipped == {"transformer_blocks.0.attn": "context QK-norm eps 1e-05, 1e-05 unlike the image's "
+                              "1e-06, 1e-06 (the joint op takes one q eps and one k eps)"}
+    assert type(attn.processor) is JointAttnProcessor2_0
+    assert "transformer_blocks.1.attn: joint QK-norm attention" in report.changed
+
+
+def test_sd3_other_processor_classes_are_left_alone():
+    """fuse_qkv_projections' FusedJointAttnProcessor2_0, and a user's subclass of JointAttnProcessor2_0: their
+    computation may differ from the one we fuse."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    class Mine(JointAttnProcessor2_0):
+        pass
+
+    model, _ = _sd3(dual=())
+    model.fuse_qkv_projections()
+    model.transformer_blocks[1].attn.set_processor(Mine())
+    report = ak.apply(model, impl=IMPL)
+    assert report.skipped == {"transformer_blocks.0.attn": "attention processor FusedJointAttnProcessor2_0",
+                              "transformer_blocks.1.attn": "attention processor Mine"}
+    assert not [c for c in report.changed if "attention" in c.split(": ", 1)[1]]
+
+
+def test_apply_refuses_an_unknown_backend():
+    with pytest.raises(ValueError, match=r"^unknown backend 'flash'; choose one of auto, fused, sdpa$"):
+        ak.apply(torch.nn.Linear(2, 2), backend="flash")
+
+
+@pytest.mark.parametrize("change", ["layer-norm-qk", "ip-adapter", "subclass"])
+def test_flux_unsupported_attention_is_left_alone(change):
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
+
+    class Mine(FluxAttnProcessor):
+        pass
+
+    model, _ = _flux()
+    attn = model.transformer_blocks[0].attn
+    if change == "layer-norm-qk":
+        attn.norm_q = torch.nn.LayerNorm(8, device=DEVICE)
+        why = "QK norm LayerNorm (torch.nn.RMSNorm is supported)"
+    elif change == "ip-adapter":
+        attn.set_processor(FluxIPAdapterAttnProcessor(hidden_size=16, cross_attention_dim=16).to(DEVICE))
+        why = "attention processor FluxIPAdapterAttnProcessor"
+    else:
+        attn.set_processor(Mine())
+        why = "attention processor Mine"
+    processor = attn.processor
+    report = ak.apply(model, impl=IMPL)
+    assert report.skipped == {"transformer_blocks.0.attn": why}
+    assert attn.processor is processor
+    assert "single_transformer_blocks.0.attn: QK-norm + RoPE prep (Flux)" in report.changed
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "fused"])
+def test_flux_attention_runs_sdpa_and_is_left_alone_for_fused(backend):
+    """Flux's processor is the QK-norm + RoPE prep then SDPA: backend 'sdpa' is what it runs; the fused kernels have
+    no RoPE, so backend 'fused' leaves Flux's attention to diffusers, reported (the adaLN norms are patched still)."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    model, _ = _flux()
+    report = ak.apply(model, impl=IMPL, backend=backend)
+    procs = {type(p) for p in _flux_processors(model)}
+    attns = ["single_transformer_blocks.0.attn", "transformer_blocks.0.attn"]
+    if backend == "sdpa":
+        assert procs == {ak.FluxQKNormRopeProcessor} and not report.skipped
+        assert sorted(c.split(": ")[0] for c in report.changed if "RoPE" in c) == attns
+    else:
+        assert procs == {FluxAttnProcessor}
+        assert sorted(report.skipped) == attns
+        assert all(why.startswith("backend 'fused' (the fused kernels have no RoPE") for why in report.skipped.values())
+    assert sum("adaLN" in c for c in report.changed) == 4
+
+
+def test_flux_with_fused_qkv_projections_is_patched_and_matches():
+    model, inputs = _flux()
+    model.fuse_qkv_projections()
+    assert model.transformer_blocks[0].attn.fused_projections
+    patched = copy.deepcopy(model)
+    report = ak.apply(patched, impl=IMPL)
+    assert sum("RoPE" in c for c in report.changed) == 2 and not report.skipped
+    _compare(_run(model, inputs), _run(patched, inputs))
 
 
 @pytest.mark.parametrize("build,why", [
@@ -339,20 +445,23 @@ AMPS = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])   # the 
 
 
 @pytest.mark.parametrize("amp", AMPS, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("build", [_sd3, _flux], ids=["sd35", "flux"])
-def test_half_precision_autocast(build, amp):
+@pytest.mark.parametrize("build,backend", [(_sd3, "fused"), (_sd3, "sdpa"), (_flux, "auto")],
+                         ids=["sd35-fused", "sd35-sdpa", "flux"])
+def test_half_precision_autocast(build, backend, amp, monkeypatch):
     """The way people fine-tune: fp32 weights under fp16 / bf16 autocast. Two half-precision runs round at different
     places, and attention with sharp logits (these random QK-norm gains) amplifies it, so each is measured against
     the fp32 run: the patched model's error is at most 3x diffusers' own under the same autocast, plus 1e-3 of the
     tensor's norm (gradients that are rounding noise in both)."""
     model, inputs = build()
     patched = copy.deepcopy(model)
-    assert ak.apply(patched, impl=IMPL).changed
+    assert ak.apply(patched, impl=IMPL, backend=backend).changed
     # the cotangent scaled down (what a loss scaler's inverse does): fp16's backward through these random weights
     # overflows at scale 1 on a GPU, in diffusers' model as in ours
+    chosen = _spy_attention_backend(monkeypatch)
     with _without_cudnn_attention():
         runs = [_run(m, inputs, a, cotangent_scale=2.0 ** -10)
                 for m, a in ((model, None), (model, amp), (patched, amp))]
+    assert set(chosen) == ({backend} if build is _sd3 else set())        # Flux's attention is SDPA after its prep
     (out32, grads32), (out_theirs, grads_theirs), (out_ours, grads_ours) = runs
     err = lambda a, b: (a.float() - b.float()).norm().item()
     assert grads_ours.keys() == grads_theirs.keys() == grads32.keys() and grads32
@@ -403,3 +512,30 @@ def test_remove_keeps_a_processor_set_after_apply():
     block.attn.set_processor(mine)                          # the user's own choice after apply
     ak.remove(model)
     assert block.attn.processor is mine and not hasattr(block.attn, ak._ORIGINAL)
+
+
+def test_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/bench_diffusers.py --smoke: both rows of toy SD3.5- and Flux-shaped models, one fp32 step each on
+    the CPU, the rows recorded as jsonl and markdown; a first-output difference beyond --tol fails the run, flagged;
+    --batch max is refused without a GPU."""
+    import json
+
+    from benchmarks import bench_diffusers
+
+    assert bench_diffusers.main(["--smoke", "--models", "sd35m,flux", "--out", str(tmp_path)]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "diffusers.jsonl").read_text().splitlines()]
+    assert [(x["model"], x.get("row")) for x in lines] == [("sd35m", "diffusers"), ("sd35m", "patched"),
+                                                           ("sd35m", None), ("flux", "diffusers"),
+                                                           ("flux", "patched"), ("flux", None)]
+    assert [x["changed"] > 0 for x in lines if "row" in x] == [False, True] * 2
+    assert all(x["first_output_ok"] and x["first_output_rel_diff"] <= x["tol"] == 1e-4 for x in lines[2::3])
+    md = (tmp_path / "diffusers.md").read_text()
+    assert md.count("| patched |") == 2 and "EXCEEDED" not in md
+
+    assert bench_diffusers.main(["--smoke", "--models", "sd35m", "--tol", "0", "--out", str(tmp_path)]) == 1
+    assert not json.loads((tmp_path / "diffusers.jsonl").read_text().splitlines()[-1])["first_output_ok"]
+    assert "**EXCEEDED**" in (tmp_path / "diffusers.md").read_text()
+
+    with pytest.raises(SystemExit):
+        bench_diffusers.main(["--smoke", "--batch", "max"])
+    assert "--batch max doubles the batch until CUDA runs out of memory: it needs a GPU" in capsys.readouterr().err

@@ -9,18 +9,21 @@ What it swaps (per module instance: no diffusers class is patched, other models 
 and state dicts do not change):
 - `Attention` modules running `JointAttnProcessor2_0` (SD3 / SD3.5's joint attention, and SD3.5's second,
   image-only attention) get `QKNormAttnProcessor`: per-head RMSNorm of q and k (diffusers' `RMSNorm`, with or
-  without its weight) and the attention over [image, context] keys through `joint_qk_norm_attention` /
-  `qk_norm_attention` (backend "auto": the fused kernels up to 512 tokens, which never write the normalised or
-  concatenated operands; beyond, one prep pass writes them for PyTorch's SDPA).
+  without its weight; SD3.0 has none: the attention alone) and the attention over [image, context] keys through
+  `joint_qk_norm_attention` / `qk_norm_attention` (`backend`: "auto" takes the fused kernels up to 512 tokens,
+  which never write the normalised or concatenated operands, and beyond, "sdpa": one prep pass writes them for
+  PyTorch's SDPA).
 - `AdaLayerNormZero` (SD3's, DiT's and Flux's double blocks' adaLN-Zero), `AdaLayerNormZeroSingle` (Flux's
   single blocks), `SD35AdaLayerNormZeroX` (SD3.5's dual-attention blocks: one LayerNorm, two modulations) and
   `AdaLayerNormContinuous` (SD3's and Flux's norm_out) get a forward whose modulated LayerNorm is `ada_layer_norm`
   (one pass, fp32 statistics).
 - `FluxAttention` modules running `FluxAttnProcessor` (Flux's double and single blocks) get
   `FluxQKNormRopeProcessor`: each stream's q and k RMSNorm (torch.nn.RMSNorm) and rotary embedding in one pass
-  (`qk_norm_rope`), then PyTorch's SDPA over [context, image], as Flux's processor dispatches it.
-Left alone, and listed in the report with the reason: a processor of another class, a QK norm that is not an
-RMSNorm without bias (e.g. LayerNorm), a norm that is not a plain LayerNorm without affine, and an attention whose
+  (`qk_norm_rope`), then PyTorch's SDPA over [context, image], as Flux's processor dispatches it, whatever
+  `backend` says but "fused" (no RoPE in the fused kernels), which leaves Flux's attention alone.
+Left alone, and listed in the report with the reason: a processor of another class (a subclass, a fused-projection
+processor), a QK norm that is not an RMSNorm without bias (e.g. LayerNorm), SD3 context QK norms whose eps differ
+from the image's, a norm that is not a plain LayerNorm without affine, and an attention whose
 processor has a diffusers attention backend other than the native one or a context-parallel config (ours compute
 native SDPA on one device). A call with an attention mask, or a Flux attention call made while such a setting is in
 force (set after `apply`, or the attention_backend context), runs diffusers' own processor, with the setting.
@@ -81,6 +84,9 @@ def _attention_unsupported(attn) -> str | None:
         return next(why for *_, why in norms if why)
     if norms[0][0] != norms[1][0] or (attn.add_q_proj is not None and not norms[0][0] == norms[2][0] == norms[3][0]):
         return "QK norm on some of q, k and the context's q, k only"
+    if attn.add_q_proj is not None and norms[0][0] and (norms[2][2], norms[3][2]) != (norms[0][2], norms[1][2]):
+        return (f"context QK-norm eps {norms[2][2]}, {norms[3][2]} unlike the image's {norms[0][2]}, {norms[1][2]} "
+                "(the joint op takes one q eps and one k eps)")
     if getattr(attn, "residual_connection", False) or getattr(attn, "rescale_output_factor", 1.0) != 1.0:
         return "residual connection or output rescaling inside the attention"
     return None
@@ -111,10 +117,7 @@ class QKNormAttnProcessor:
         else:
             cq, ck, cv = (heads_view(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj,
                                                                           attn.add_v_proj))
-            _, cqw, cq_eps, _ = _qk_norm(attn.norm_added_q)
-            _, ckw, ck_eps, _ = _qk_norm(attn.norm_added_k)
-            if qk_norm and (cq_eps, ck_eps) != (q_eps, k_eps):
-                return self.original(attn, hidden_states, encoder_hidden_states, attention_mask)
+            cqw, ckw = _qk_norm(attn.norm_added_q)[1], _qk_norm(attn.norm_added_k)[1]   # eps: the image's (apply)
             out, ctx = K.joint_qk_norm_attention((q, k, v), (cq, ck, cv), qw, kw, cqw, ckw, eps=eps, qk_norm=qk_norm,
                                                  impl=self.impl, backend=self.backend)
             if not attn.context_pre_only:
@@ -251,7 +254,9 @@ def _plain_layer_norm(norm) -> str | None:
 
 def apply(model: nn.Module, *, impl: str = "auto", backend: str = "auto") -> Report:
     """Swaps the supported attention processors and adaLN norms of `model` for archirf_kernels' ops, in place;
-    returns what changed and what was left alone. Calling it twice changes nothing more."""
+    returns what changed and what was left alone. Calling it twice changes nothing more. `backend` is the attention
+    backend of SD3's processor ("auto", "fused", "sdpa"); Flux's always runs its prep then SDPA, so "fused" leaves
+    Flux's attention alone, reported."""
     from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
     from diffusers.models.normalization import (AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle,
                                                 SD35AdaLayerNormZeroX)
@@ -262,6 +267,8 @@ def apply(model: nn.Module, *, impl: str = "auto", backend: str = "auto") -> Rep
                     AdaLayerNormContinuous: (_ada_continuous_forward, "continuous adaLN modulated LayerNorm")}
     if impl not in K.IMPLS:
         raise ValueError(f"unknown impl '{impl}'; choose one of {', '.join(K.IMPLS)}")
+    if backend not in K.reference.ATTENTION_BACKENDS:
+        raise ValueError(f"unknown backend '{backend}'; choose one of {', '.join(K.reference.ATTENTION_BACKENDS)}")
     report = Report()
     flux = _flux_classes()
     for name, m in model.named_modules():
@@ -271,6 +278,9 @@ def apply(model: nn.Module, *, impl: str = "auto", backend: str = "auto") -> Rep
                 continue
             if type(proc) is not flux[1]:
                 report.skipped[name] = f"attention processor {type(proc).__name__}"
+            elif backend == "fused":
+                report.skipped[name] = ("backend 'fused' (the fused kernels have no RoPE; Flux's attention runs the "
+                                        "QK-norm + RoPE prep and SDPA: backend 'auto' or 'sdpa')")
             elif why := _attention_setting(proc) or _flux_unsupported(m):
                 report.skipped[name] = why
             else:
@@ -288,8 +298,8 @@ def apply(model: nn.Module, *, impl: str = "auto", backend: str = "auto") -> Rep
             else:
                 setattr(m, _ORIGINAL, proc)
                 m.set_processor(QKNormAttnProcessor(proc, impl, backend))
-                report.changed.append(f"{name}: joint QK-norm attention" if m.add_q_proj is not None
-                                      else f"{name}: QK-norm attention")
+                what = "QK-norm attention" if m.norm_q is not None else "attention (no QK norm)"
+                report.changed.append(f"{name}: joint {what}" if m.add_q_proj is not None else f"{name}: {what}")
         elif type(m).__name__.startswith(("AdaLayerNorm", "SD35AdaLayerNorm")) and type(m) not in ada_forwards:
             report.skipped[name] = (f"class {type(m).__name__} (adaLN-Zero, its single and SD3.5 forms and the "
                                     "continuous adaLN are supported)")
