@@ -60,6 +60,7 @@ short sequences (<= 512 tokens) with head dims up to 64, SDPA otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -1450,15 +1451,26 @@ def _prep_split_backward(ctx, dqhat, dkhat, dvhat, _drstats):
 _prep_split_op.register_autograd(_prep_split_backward, setup_context=_prep_setup_context(10))
 
 
+@torch._dynamo.assume_constant_result
+def _sdpa_enabled() -> tuple[bool, bool, bool, bool]:
+    """Which of cuDNN, flash, memory-efficient and math attention the caller leaves on (an outer sdpa_kernel or
+    torch.backends.cuda.enable_*_sdp). Under torch.compile it is read once, when the code is traced."""
+    c = torch.backends.cuda
+    return c.cudnn_sdp_enabled(), c.flash_sdp_enabled(), c.mem_efficient_sdp_enabled(), c.math_sdp_enabled()
+
+
 def _sdpa_order():
-    """SDPA's backends, cuDNN first: faster than flash in the attention benchmark (docs/kernels.md);
-    a backend that declines a shape passes it on to the next. Under torch.use_deterministic_algorithms flash comes first, as in
-    PyTorch's own order (its backward has a deterministic mode; cuDNN's is not documented to)."""
+    """The SDPA backends the caller leaves on, cuDNN first: faster than flash in the attention benchmark
+    (docs/kernels.md); a backend that declines a shape passes it on to the next. Under
+    torch.use_deterministic_algorithms flash comes first, as in PyTorch's own order (its backward has a
+    deterministic mode; cuDNN's is not documented to). A backend the caller turned off stays off."""
     from torch.nn.attention import SDPBackend
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
              SDPBackend.MATH]
-    if torch.are_deterministic_algorithms_enabled():
-        order = [order[1], order[0], *order[2:]]
+    order = [b for b, on in zip(order, _sdpa_enabled()) if on]
+    if torch.are_deterministic_algorithms_enabled() and SDPBackend.FLASH_ATTENTION in order:
+        order.remove(SDPBackend.FLASH_ATTENTION)
+        order.insert(0, SDPBackend.FLASH_ATTENTION)
     return order
 
 
@@ -1473,7 +1485,8 @@ def _sdpa_call(qkv, qkv_ctx, streams, weights, eps, scale: float, qk_norm):
         qc, kc, vc = ctx if ctx is not None else (None, None, None)
         qh, kh, vh, _ = torch.ops.archirf_kernels.qkv_prep_split(q, k, v, qc, kc, vc, *weights, *eps, qk_norm)
     B, N, H, D = qh.shape
-    with sdpa_kernel(_sdpa_order(), set_priority=True):
+    order = _sdpa_order()
+    with sdpa_kernel(order, set_priority=True) if order else contextlib.nullcontext():    # none on: SDPA says so
         out = F.scaled_dot_product_attention(qh.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2), scale=scale)
     out = out.transpose(1, 2).reshape(B, N, H * D)                     # (B, N0 + N1, H*D)
     if ctx is None:

@@ -12,8 +12,11 @@ On a CPU machine the kernels run in Triton's interpreter (tests/conftest.py) wit
 bf16 and DiT-sized shapes are in tests/test_kernels_gpu_attention.py.
 """
 
+import contextlib
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import archirf_kernels as K
 from archirf_kernels import attention, reference
@@ -398,6 +401,31 @@ def test_sdpa_backend_without_norm_or_weights():
                             torch.float32)
     check_against_reference(lambda x: K.qk_norm_attention(x, scale=0.3, impl="triton", backend="sdpa"),
                             lambda x: reference.qk_norm_attention(x, scale=0.3), [a], torch.float32)
+
+
+@pytest.mark.parametrize("outer", [None, "math", "flash+math"])
+def test_sdpa_backend_keeps_the_callers_sdpa_restriction(monkeypatch, outer):
+    """backend='sdpa' orders SDPA's backends (cuDNN first) among those the caller leaves on: one the caller turned
+    off (an outer sdpa_kernel) stays off inside the op (test_sdpa_backend_compiles_fullgraph traces the same read)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    c = torch.backends.cuda
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append((c.cudnn_sdp_enabled(), c.flash_sdp_enabled(), c.mem_efficient_sdp_enabled(),
+                     c.math_sdp_enabled()))
+        return sdpa(*args, **kwargs)
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    backends = {None: None, "math": [SDPBackend.MATH],
+                "flash+math": [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]}[outer]
+    want = {None: (True, True, True, True), "math": (False, False, False, True),
+            "flash+math": (False, True, False, True)}[outer]
+    a, b = qkv_input(1, 9, 2, 16, torch.float32, 0), qkv_input(1, 5, 2, 16, torch.float32, 1)
+    with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+        K.joint_qk_norm_attention(a, b, qk_norm=False, impl="triton", backend="sdpa")
+        assert attention._sdpa_order()[-1] == SDPBackend.MATH
+    assert seen == [want]
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # torch-internal

@@ -117,7 +117,10 @@ class QKNormAttnProcessor:
         else:
             cq, ck, cv = (heads_view(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj,
                                                                           attn.add_v_proj))
-            cqw, ckw = _qk_norm(attn.norm_added_q)[1], _qk_norm(attn.norm_added_k)[1]   # eps: the image's (apply)
+            _, cqw, cq_eps, _ = _qk_norm(attn.norm_added_q)
+            _, ckw, ck_eps, _ = _qk_norm(attn.norm_added_k)
+            if qk_norm and (cq_eps, ck_eps) != (q_eps, k_eps):   # apply leaves such a module alone; one changed since
+                return self.original(attn, hidden_states, encoder_hidden_states, attention_mask)
             out, ctx = K.joint_qk_norm_attention((q, k, v), (cq, ck, cv), qw, kw, cqw, ckw, eps=eps, qk_norm=qk_norm,
                                                  impl=self.impl, backend=self.backend)
             if not attn.context_pre_only:
