@@ -11,13 +11,26 @@ Models (random weights, fp32 parameters under bf16 autocast, shapes of the relea
           packed image tokens of 64 channels, 512 text tokens of width 4096, rotary positions
 One step: forward, the flow-matching MSE against random targets, backward, AdamW (fused). Rows, each compiled
 whole with torch.compile (default mode): "diffusers" (the model as loaded), "patched" (after ak.apply). Prints
-one JSON line per row and a summary line per model (the ratio). The two rows' first outputs (same weights, same
+one JSON line per row and a summary line per model (the ratio), after the --batch max line if any. The two rows' first outputs (same weights, same
 inputs) are compared: their relative difference (L2 norm) beyond --tol (default 2e-2 under bf16 autocast, 1e-4 in
 fp32) marks the summary `first_output_ok: false` and makes the exit status 1.
---batch max doubles the batch from 1 until a step of either row runs out of CUDA memory and measures both rows at
-the last batch that fitted (GPU only). --out DIR writes the lines to DIR/diffusers.jsonl and a table to
-DIR/diffusers.md. --smoke checks the code on the CPU in seconds: toy widths, 64 px, two blocks, fp32, eager, one
-step per row, no timing worth reading.
+--batch max (GPU only) finds, for each row, the largest power of two whose step fits in CUDA memory: it tries 2 first,
+with the batch dimension of the inputs marked dynamic, so each row compiles once for the whole search (dynamo
+specialises a size of 1, so 1 is tried, and compiled, only when 2 does not fit), then doubles; the patched row stops
+past diffusers' largest. Both rows are then measured at the smaller of the two, each with a fresh static compile,
+the graph `--batch N` measures; should that run out of memory, the batch is halved for both rows and the record says
+so. Out of memory is torch.OutOfMemoryError or a RuntimeError whose message says "out of memory" or "ALLOC_FAILED"
+(cuBLAS and cuDNN allocation failures). The search does not bisect between the last fit and the first failure.
+--out DIR appends the lines to DIR/diffusers.jsonl and rewrites DIR/diffusers.md from the whole of it, one section
+per run, oldest first. This is cleaner than naming the files by the models measured: runs into one folder (one model
+per command, say, or the same model again) each add to one file, none overwrites another, and the table can never
+disagree with the jsonl it is made from. Each line carries the run's id (its UTC start time and a random suffix), its
+date, the GPU, the torch, triton and diffusers versions and the command. Each model's lines are written as soon as
+that model is done, so a later failure loses nothing measured before it. With --batch max a model's lines start with
+one holding each row's largest batch (the patched row's capped at diffusers'), the batch the search chose and the
+batch measured.
+--smoke checks the code on the CPU in seconds: toy widths, 64 px, two blocks, fp32, eager, one step per row, no
+timing worth reading.
 --sdpa restricts both rows' PyTorch attention to one SDPA backend (default: PyTorch's own choice). On torch 2.11
 and an H100, compiled diffusers' own Flux (the baseline row) stopped at 1024 px in cuDNN attention's backward
 (4,608 tokens, head dim 128; "mha_graph.execute ... is_good()") and, with --sdpa flash, with an illegal memory
@@ -28,10 +41,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import functools
 import json
 import sys
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -145,54 +161,135 @@ def measure(model, inputs, target, steps, smoke: bool = False):
     return first, start.elapsed_time(end) / steps, first_s
 
 
-def max_batch(name: str, layers: int, lat: int, device, sdpa: str) -> int:
-    """The largest batch of 1, 2, 4, ... whose step fits in CUDA memory for both rows: each row's compiled step runs at
-    doubling batches (one model per row, so dynamo recompiles for shape once, not per batch) until it runs out."""
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says the device ran out of memory: torch.OutOfMemoryError, or a RuntimeError whose message says so
+    (cuBLAS's and cuDNN's allocation failures, errors that wrap one)."""
+    msg = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in msg.lower() or "ALLOC_FAILED" in msg))
+
+
+def largest_batch(step: Callable[[int], object], cap: int | None = None) -> int:
+    """The largest power of two at which `step(batch)` runs without running out of memory, or 0 if not even 1 does.
+    Tries 2 first (dynamo specialises a size of 1, so a first call at 2 can compile the batch as dynamic), 1 only if 2
+    does not fit, else doubles; tries nothing above `cap`. Errors other than out of memory propagate."""
+    def fits(batch: int) -> bool:
+        try:
+            step(batch)
+        except Exception as err:  # noqa: BLE001 -- re-raised unless it is out of memory
+            if not out_of_memory(err):
+                raise
+            return False
+        return True
+
+    cap = cap if cap is not None else float("inf")
+    if cap < 2 or not fits(2):
+        return 1 if cap >= 1 and fits(1) else 0
+    batch = 2
+    while 2 * batch <= cap and fits(2 * batch):
+        batch *= 2
+    return batch
+
+
+def halving(run: Callable[[int], object], batch: int) -> tuple[object, int]:
+    """`run(batch)`, the batch halved while it runs out of memory (at 1 the error stands): (its result, the batch it ran
+    at)."""
+    while True:
+        try:
+            return run(batch), batch
+        except Exception as err:  # noqa: BLE001 -- re-raised unless it is out of memory above batch 1
+            if batch == 1 or not out_of_memory(err):
+                raise
+        batch //= 2
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def max_batch(name: str, layers: int, lat: int, device, sdpa: str, smoke: bool = False) -> dict[str, int]:
+    """Each row's largest batch (`largest_batch`) whose compiled step fits in CUDA memory, the patched row's capped at
+    diffusers': one model per row, the inputs' batch dimension marked dynamic from the first call, so each row
+    compiles once (twice if only batch 1 fits)."""
     from archirf_kernels.integrations import diffusers as ak
 
-    fits = {}
+    cuda = device.type == "cuda"
+    fits: dict[str, int] = {}
     for row in ("diffusers", "patched"):
         torch._dynamo.reset()
-        model = build(name, layers, device)
+        model = build(name, layers, device, smoke)
         if row == "patched":
             ak.apply(model)
-        step, batch, fits[row] = make_step(model, smoke=False), 1, 0
-        while True:
-            try:
-                with SDPA[sdpa]():
-                    step(*make_inputs(name, batch, lat, device))
+        step = make_step(model, smoke)
+
+        def run(batch: int) -> None:
+            inputs, target = make_inputs(name, batch, lat, device, SMOKE_TEXT if smoke else None)
+            for key, value in inputs.items():
+                if not key.endswith("_ids"):                # Flux's position ids have no batch dimension
+                    torch._dynamo.mark_dynamic(value, 0)
+            with SDPA[sdpa]():
+                step(inputs, target)
+            if cuda:
                 torch.cuda.synchronize()
-            except torch.OutOfMemoryError:
-                break
-            fits[row], batch = batch, 2 * batch
-            if row == "patched" and fits["diffusers"] < batch:   # past what diffusers fitted: both are measured at
-                break                                           # the smaller
-        del model, step
-        torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()                        # the rows' peaks are their own
-    print(json.dumps({"model": name, "max_batch": fits}), flush=True)
+
+        fits[row] = largest_batch(run, cap=fits.get("diffusers"))
+        print(f"{name}: {row} fits batch {fits[row]}", file=sys.stderr, flush=True)
+        del model, step, run
+        if cuda:
+            torch.cuda.empty_cache()
     if not min(fits.values()):
         raise SystemExit(f"{name}: batch 1 does not fit in CUDA memory; lower --layers or --res")
-    return min(fits.values())
+    return fits
 
 
-def table(lines: list[dict], command: str) -> str:
-    """The markdown record: the command, the rows, each model's ratio and first-output check."""
-    summaries = [x for x in lines if "patched_vs_compiled_diffusers" in x]
-    env = summaries[0] if summaries else {}
-    md = [f"# diffusers fine-tuning step, patched with archirf_kernels.integrations.diffusers ({env.get('gpu')})", "",
-          f"`{command}`, torch {env.get('torch')}, diffusers {env.get('diffusers')}.", "",
-          "| model | row | batch | ms / step | img/s | first step s | peak GiB | modules changed |",
-          "|---|---|---|---|---|---|---|---|"]
+def table(lines: list[dict]) -> str:
+    """The markdown record of every run in `lines` (diffusers.jsonl), oldest first: each run's command and versions,
+    its rows, each model's ratio and first-output check, and with --batch max what fitted."""
+    runs: dict[object, list[dict]] = {}
+    for line in lines:
+        runs.setdefault(line.get("run"), []).append(line)
     gib = lambda v: "-" if v is None else f"{v:.2f}"
-    md += [f"| {r['model']} | {r['row']} | {r['batch']} | {r['ms']:.2f} | {r['img_per_s']:.2f} | "
-           f"{r['first_step_s']:.1f} | {gib(r['peak_gib'])} | {r['changed']} |" for r in lines if "row" in r]
-    md.append("")
-    md += [f"- {x['model']}: patched vs {'compiled' if x['compiled'] else 'eager'} diffusers "
-           f"{x['patched_vs_compiled_diffusers']:.3f}x; first outputs' "
-           f"relative difference {x['first_output_rel_diff']:.2g} (tolerance {x['tol']:g}): "
-           f"{'ok' if x['first_output_ok'] else '**EXCEEDED**'}" for x in summaries]
-    return "\n".join(md) + "\n"
+    md = ["# diffusers fine-tuning step, patched with archirf_kernels.integrations.diffusers", "",
+          "Generated from diffusers.jsonl in this folder, one section per run.", ""]
+    for run, group in runs.items():
+        env = group[0]
+        md += [f"## {env.get('date', '-')}, {env.get('gpu', '-')} (run {run})", "",
+               f"`{env.get('command', '-')}`, torch {env.get('torch')}, triton {env.get('triton')}, "
+               f"diffusers {env.get('diffusers')}.", "",
+               "| model | row | batch | ms / step | img/s | first step s | peak GiB | modules changed |",
+               "|---|---|---|---|---|---|---|---|"]
+        md += [f"| {r['model']} | {r['row']} | {r['batch']} | {r['ms']:.2f} | {r['img_per_s']:.2f} | "
+               f"{r['first_step_s']:.1f} | {gib(r['peak_gib'])} | {r['changed']} |" for r in group if "row" in r]
+        md.append("")
+        for x in group:
+            if "max_batch" in x:
+                halved = f", halved from {x['searched_batch']} (out of memory)" if x["batch"] != x["searched_batch"] \
+                    else ""
+                md.append(f"- {x['model']} --batch max: largest batch diffusers {x['max_batch']['diffusers']}, "
+                          f"patched {x['max_batch']['patched']} (capped at diffusers'); measured at {x['batch']}"
+                          f"{halved}")
+            elif "patched_vs_compiled_diffusers" in x:
+                md.append(f"- {x['model']}: patched vs {'compiled' if x['compiled'] else 'eager'} diffusers "
+                          f"{x['patched_vs_compiled_diffusers']:.3f}x; first outputs' relative difference "
+                          f"{x['first_output_rel_diff']:.2g} (tolerance {x['tol']:g}): "
+                          f"{'ok' if x['first_output_ok'] else '**EXCEEDED**'}")
+        md.append("")
+    return "\n".join(md)
+
+
+def record(out: Path, lines: list[dict]) -> None:
+    """Append `lines` to out/diffusers.jsonl and rewrite out/diffusers.md from the whole file."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "diffusers.jsonl").open("a") as f:
+        f.write("".join(json.dumps(x) + "\n" for x in lines))
+    every = [json.loads(x) for x in (out / "diffusers.jsonl").read_text().splitlines() if x.strip()]
+    (out / "diffusers.md").write_text(table(every))
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
 
 
 def main(argv=None) -> int:
@@ -206,7 +303,8 @@ def main(argv=None) -> int:
                     help="SDPA backend for both rows' attention (default: PyTorch's dispatch)")
     ap.add_argument("--tol", type=float, default=None,
                     help="largest relative difference of the rows' first outputs (default 2e-2 in bf16, 1e-4 in fp32)")
-    ap.add_argument("--out", default=None, help="also write DIR/diffusers.jsonl and DIR/diffusers.md")
+    ap.add_argument("--out", default=None,
+                    help="also append the lines to DIR/diffusers.jsonl and rewrite DIR/diffusers.md from it")
     ap.add_argument("--smoke", action="store_true",
                     help="on the CPU: toy widths, 64 px, two blocks, fp32, eager, one step per row (checks the code)")
     args = ap.parse_args(argv)
@@ -228,13 +326,19 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     lat = args.res // 8
     text = SMOKE_TEXT if args.smoke else None
-    lines, ok = [], True
-    for name in args.models.split(","):
-        batch = max_batch(name, args.layers, lat, device, args.sdpa) if args.batch == "max" else int(args.batch)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    run = dict(run=f"{now:%Y-%m-%dT%H:%M:%SZ}-{uuid.uuid4().hex[:6]}", date=f"{now:%Y-%m-%d}",
+               gpu=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+               triton=_triton_version(), diffusers=diffusers.__version__,
+               command="python -m benchmarks.bench_diffusers " + " ".join(argv if argv is not None else sys.argv[1:]))
+
+    def measure_rows(name: str, batch: int) -> dict:
         inputs, target = make_inputs(name, batch, lat, device, text)
         rows = {}
         for row in ("diffusers", "patched"):
             torch._dynamo.reset()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             model = build(name, args.layers, device, args.smoke)
             report = ak.apply(model) if row == "patched" else None
             with SDPA[args.sdpa]():
@@ -246,24 +350,31 @@ def main(argv=None) -> int:
             del model
             if cuda:
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+        return rows
+
+    ok = True
+    for name in args.models.split(","):
+        lines = []
+        if args.batch == "max":
+            fits = max_batch(name, args.layers, lat, device, args.sdpa)
+            if cuda:
+                torch.cuda.empty_cache()
+            rows, batch = halving(functools.partial(measure_rows, name), min(fits.values()))
+            lines.append({"model": name, "max_batch": fits, "patched_capped_at_diffusers": True,
+                          "searched_batch": min(fits.values()), "batch": batch})
+        else:
+            rows = measure_rows(name, int(args.batch))
         a, b = rows["diffusers"].pop("first"), rows["patched"].pop("first")
         rel = ((a.float() - b.float()).norm() / a.float().norm()).item()
         summary = {"model": name, "patched_vs_compiled_diffusers": rows["diffusers"]["ms"] / rows["patched"]["ms"],
                    "first_output_rel_diff": rel, "tol": tol, "first_output_ok": rel <= tol,
-                   "gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-                   "diffusers": diffusers.__version__, "amp": "fp32" if args.smoke else "bf16",
-                   "compiled": not args.smoke}
+                   "amp": "fp32" if args.smoke else "bf16", "compiled": not args.smoke}
         ok &= summary["first_output_ok"]
-        for line in (*rows.values(), summary):
+        lines = [{**x, **run} for x in (*lines, *rows.values(), summary)]
+        for line in lines:
             print(json.dumps(line), flush=True)
-            lines.append(line)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "diffusers.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-        command = "python -m benchmarks.bench_diffusers " + " ".join(argv if argv is not None else sys.argv[1:])
-        (out / "diffusers.md").write_text(table(lines, command))
+        if args.out:
+            record(Path(args.out), lines)
     if not ok:
         print(f"first outputs differ beyond --tol {tol:g}: see first_output_rel_diff above", file=sys.stderr)
     return 0 if ok else 1

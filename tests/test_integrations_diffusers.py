@@ -220,6 +220,18 @@ def test_sd3_context_qk_norm_eps_unlike_the_images_is_left_alone():
     assert "transformer_blocks.1.attn: joint QK-norm attention" in report.changed
 
 
+def test_sd3_context_eps_changed_after_apply_runs_diffusers_processor():
+    """An eps changed on a patched module after apply: each call then runs diffusers' own processor, never the
+    joint op with the image's eps for both streams."""
+    model, inputs = _sd3(dual=())
+    patched = copy.deepcopy(model)
+    assert ak.apply(patched, impl=IMPL).changed
+    for m in (model, patched):
+        attn = m.transformer_blocks[0].attn
+        attn.norm_added_q.eps = attn.norm_added_k.eps = 0.5       # large: the two eps give visibly other outputs
+    _compare(_run(model, inputs), _run(patched, inputs))
+
+
 def test_sd3_other_processor_classes_are_left_alone():
     """fuse_qkv_projections' FusedJointAttnProcessor2_0, and a user's subclass of JointAttnProcessor2_0: their
     computation may differ from the one we fuse."""
@@ -539,3 +551,107 @@ def test_benchmark_smoke(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_diffusers.main(["--smoke", "--batch", "max"])
     assert "--batch max doubles the batch until CUDA runs out of memory: it needs a GPU" in capsys.readouterr().err
+
+
+def test_benchmark_max_batch_search_stops_at_out_of_memory():
+    """bench_diffusers --batch max's search, with stub steps that run out of memory above a threshold: it tries 2
+    first, 1 only when 2 does not fit, then doubles up to the largest power of two that fits, never past the cap;
+    cuBLAS/cuDNN allocation failures count as out of memory, other errors propagate. The measurement's halving too."""
+    from benchmarks import bench_diffusers as bench
+
+    def stub(limit, error=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")):
+        calls = []
+
+        def step(batch):
+            calls.append(batch)
+            if batch > limit:
+                raise error
+            return batch
+        return step, calls
+
+    for limit, cap, fits, tried in [(5, None, 4, [2, 4, 8]), (8, None, 8, [2, 4, 8, 16]), (1, None, 1, [2, 1]),
+                                    (0, None, 0, [2, 1]), (100, 8, 8, [2, 4, 8]), (100, 6, 4, [2, 4]),
+                                    (100, 1, 1, [1])]:
+        step, calls = stub(limit)
+        assert (bench.largest_batch(step, cap), calls) == (fits, tried), (limit, cap)
+
+    for message in ["CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+                    "cuDNN error: CUDNN_STATUS_ALLOC_FAILED", "CUDA error: out of memory"]:
+        step, calls = stub(3, RuntimeError(message))
+        assert bench.largest_batch(step) == 2 and calls == [2, 4]
+    step, _ = stub(3, RuntimeError("mha_graph.execute(handle, variant_pack, workspace_ptr.get()).is_good()"))
+    with pytest.raises(RuntimeError, match="is_good"):
+        bench.largest_batch(step)
+    assert not bench.out_of_memory(ValueError("out of memory"))
+
+    step, calls = stub(5)
+    assert bench.halving(step, 16) == (4, 4) and calls == [16, 8, 4]
+    step, calls = stub(0)
+    with pytest.raises(torch.OutOfMemoryError):
+        bench.halving(step, 4)
+    assert calls == [4, 2, 1]
+
+
+def test_benchmark_max_batch_marks_the_batch_dynamic_and_caps_the_patched_row(monkeypatch):
+    """bench_diffusers.max_batch on the CPU with its steps stubbed: every input with a batch dimension is marked
+    dynamic from the first call (so each row compiles once), the patched row is searched only up to diffusers' largest
+    batch, and a model whose batch 1 does not fit stops the run."""
+    from benchmarks import bench_diffusers as bench
+
+    limits, seen = [], []
+
+    def make_step(model, smoke):
+        limit, row = limits.pop(0), []
+        seen.append(row)
+
+        def step(inputs, target):
+            row.append({k: 0 in getattr(v, "_dynamo_dynamic_indices", set()) for k, v in inputs.items()})
+            batch = inputs["hidden_states"].shape[0]
+            assert target.shape[0] == batch
+            if batch > limit:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+        return step
+
+    monkeypatch.setattr(bench, "make_step", make_step)
+    cpu = torch.device("cpu")
+    limits[:] = [9, 100]
+    assert bench.max_batch("sd35m", 1, 8, cpu, "default", smoke=True) == {"diffusers": 8, "patched": 8}
+    assert [len(row) for row in seen] == [4, 3]                 # 2, 4, 8, 16 | 2, 4, 8
+    assert all(all(marks.values()) for row in seen for marks in row)
+
+    limits[:], seen[:] = [100, 3], []
+    assert bench.max_batch("flux", 1, 8, cpu, "default", smoke=True) == {"diffusers": 64, "patched": 2}
+    marks = seen[0][0]
+    assert not marks["img_ids"] and not marks["txt_ids"]        # no batch dimension
+    assert all(v for k, v in marks.items() if not k.endswith("_ids"))
+
+    limits[:] = [0, 0]
+    with pytest.raises(SystemExit, match="batch 1 does not fit"):
+        bench.max_batch("sd35m", 1, 8, cpu, "default", smoke=True)
+
+
+def test_benchmark_out_keeps_every_run(tmp_path):
+    """bench_diffusers --out appends: two runs into one folder keep both runs' lines, each with its run id, date and
+    versions, and the markdown has a section per run; a --batch max record says what fitted and what was measured."""
+    import json
+
+    from benchmarks import bench_diffusers as bench
+
+    assert bench.main(["--smoke", "--models", "sd35m", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--smoke", "--models", "flux", "--out", str(tmp_path)]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "diffusers.jsonl").read_text().splitlines()]
+    assert [x["model"] for x in lines] == ["sd35m"] * 3 + ["flux"] * 3
+    runs = [x["run"] for x in lines]
+    assert runs[:3] == [runs[0]] * 3 and runs[3:] == [runs[3]] * 3 and runs[0] != runs[3]
+    assert all({"date", "triton", "torch", "diffusers", "gpu", "command"} <= set(x) for x in lines)
+    md = (tmp_path / "diffusers.md").read_text()
+    assert md.count("\n## ") == 2 and md.count("| patched |") == 2
+    assert md.index("--models sd35m") < md.index("--models flux")
+
+    run = {k: lines[0][k] for k in ("run", "date", "gpu", "torch", "triton", "diffusers", "command")}
+    bench.record(tmp_path, [{"model": "sd35m", "max_batch": {"diffusers": 16, "patched": 8},
+                             "patched_capped_at_diffusers": True, "searched_batch": 8, "batch": 4, **run}])
+    md = (tmp_path / "diffusers.md").read_text()
+    assert md.count("\n## ") == 2                               # the same run's section
+    assert ("largest batch diffusers 16, patched 8 (capped at diffusers'); measured at 4, halved from 8"
+            in md)
