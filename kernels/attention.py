@@ -1451,12 +1451,17 @@ def _prep_split_backward(ctx, dqhat, dkhat, dvhat, _drstats):
 _prep_split_op.register_autograd(_prep_split_backward, setup_context=_prep_setup_context(10))
 
 
-@torch._dynamo.assume_constant_result
 def _sdpa_enabled() -> tuple[bool, bool, bool, bool]:
     """Which of cuDNN, flash, memory-efficient and math attention the caller leaves on (an outer sdpa_kernel or
     torch.backends.cuda.enable_*_sdp). Under torch.compile it is read once, when the code is traced."""
     c = torch.backends.cuda
     return c.cudnn_sdp_enabled(), c.flash_sdp_enabled(), c.mem_efficient_sdp_enabled(), c.math_sdp_enabled()
+
+
+# torch.compiler.assume_constant_result(_sdpa_enabled), which sets only this flag, without importing dynamo (and
+# with it inductor) when the library is imported; a trace could not read the flags otherwise (fullgraph: the
+# sdpa backend's compile tests fail if this stops working)
+_sdpa_enabled._dynamo_marked_constant = True
 
 
 def _sdpa_order():
