@@ -99,7 +99,8 @@ class QKNormAttnProcessor:
         self.original, self.impl, self.backend = original, impl, backend
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        if attention_mask is not None or args or kwargs:
+        # a mask, or a module changed since apply into one apply leaves alone (e.g. a context QK-norm eps): diffusers'
+        if attention_mask is not None or args or kwargs or _attention_unsupported(attn):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         B, heads = hidden_states.shape[0], attn.heads
 
@@ -117,10 +118,7 @@ class QKNormAttnProcessor:
         else:
             cq, ck, cv = (heads_view(f(encoder_hidden_states)) for f in (attn.add_q_proj, attn.add_k_proj,
                                                                           attn.add_v_proj))
-            _, cqw, cq_eps, _ = _qk_norm(attn.norm_added_q)
-            _, ckw, ck_eps, _ = _qk_norm(attn.norm_added_k)
-            if qk_norm and (cq_eps, ck_eps) != (q_eps, k_eps):   # apply leaves such a module alone; one changed since
-                return self.original(attn, hidden_states, encoder_hidden_states, attention_mask)
+            cqw, ckw = _qk_norm(attn.norm_added_q)[1], _qk_norm(attn.norm_added_k)[1]   # eps: the image's (checked)
             out, ctx = K.joint_qk_norm_attention((q, k, v), (cq, ck, cv), qw, kw, cqw, ckw, eps=eps, qk_norm=qk_norm,
                                                  impl=self.impl, backend=self.backend)
             if not attn.context_pre_only:
